@@ -1,0 +1,87 @@
+//! The engine-neutral interface: [`Backend`], its options and its errors.
+
+use ferry_model::{NamedTensor, Signature};
+
+/// A model version ready to run.
+///
+/// Implementations are prepared once at load time; `predict` may be called from many threads at once.
+pub trait Backend: Send + Sync {
+    /// The inputs and outputs, as the model declares them.
+    fn signature(&self) -> &Signature;
+
+    /// Runs the model on validated inputs (every input present, types and shapes checked against the signature)
+    /// and returns every output, in signature order.
+    fn predict(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, EngineError>;
+
+    /// The engine's name, for logs and metadata (`onnxruntime`).
+    fn engine_name(&self) -> &'static str;
+}
+
+/// How much ONNX Runtime may rewrite the graph when it prepares a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OptimizationLevel {
+    /// No rewrites: the graph runs as written. Use it for models an optimization breaks.
+    Disable,
+    /// Constant folding and redundant-node elimination.
+    Basic,
+    /// Basic plus operator fusions.
+    Extended,
+    /// Everything, including layout changes.
+    #[default]
+    All,
+}
+
+impl std::str::FromStr for OptimizationLevel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<OptimizationLevel, String> {
+        match s {
+            "disable" => Ok(OptimizationLevel::Disable),
+            "basic" => Ok(OptimizationLevel::Basic),
+            "extended" => Ok(OptimizationLevel::Extended),
+            "all" => Ok(OptimizationLevel::All),
+            other => Err(format!("unknown graph optimization level `{other}` (expected disable, basic, extended or all)")),
+        }
+    }
+}
+
+/// What a backend is built with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// Threads one inference may use. One is fastest on small machines: scale with concurrent requests instead.
+    pub intra_op_threads: usize,
+    /// How many copies of the session run side by side (each serves one request at a time).
+    pub instances: usize,
+    /// Graph optimization level.
+    pub optimization: OptimizationLevel,
+}
+
+impl Default for EngineOptions {
+    fn default() -> EngineOptions {
+        EngineOptions {
+            intra_op_threads: 1,
+            instances: 2,
+            optimization: OptimizationLevel::All,
+        }
+    }
+}
+
+/// What can go wrong in an engine.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The engine library could not be found or loaded.
+    #[error("{0}")]
+    Library(String),
+    /// The model could not be prepared (corrupt file, unsupported operator, bad graph).
+    #[error("model failed to load: {0}")]
+    Load(String),
+    /// The model uses an input or output type Ferry cannot carry.
+    #[error("model is not servable: {0}")]
+    Unsupported(String),
+    /// An input was well-formed but the engine refused it.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// The engine failed while running the model.
+    #[error("inference failed: {0}")]
+    Run(String),
+}

@@ -1,0 +1,16 @@
+//! Ferry's inference engines behind one [`Backend`] trait.
+//!
+//! # Brief overview
+//! - [`Backend`]: a loaded model version that turns named input tensors into named output tensors.
+//! - [`OrtEngine`]: ONNX Runtime, loaded at run time from `libonnxruntime` ([`find_onnxruntime`] says where from).
+//! - [`EngineOptions`]: what every backend is built with (threads, instances, graph optimization).
+//!
+//! This crate knows nothing of async runtimes or protocols: callers run [`Backend::predict`] off their event loop.
+
+mod backend;
+mod library;
+mod onnxruntime;
+
+pub use backend::{Backend, EngineError, EngineOptions, OptimizationLevel};
+pub use library::{find_onnxruntime, ENV_ORT_DYLIB_PATH};
+pub use onnxruntime::{OrtBackend, OrtEngine};

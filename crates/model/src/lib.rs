@@ -1,0 +1,16 @@
+//! Ferry's model vocabulary: tensors, data types, signatures and the ONNX protobuf subset Ferry writes.
+//!
+//! # Brief overview
+//! - [`Tensor`] and [`TensorData`]: the neutral, row-major tensor every protocol decodes into and every engine consumes.
+//! - [`DataType`]: element types with their KServe v2, TensorFlow and ONNX names.
+//! - [`Signature`] and [`TensorSpec`]: a model's inputs and outputs.
+//! - [`onnx`]: protobuf messages and a [`onnx::GraphBuilder`] for writing standard ONNX files.
+//!
+//! This crate knows nothing of async runtimes, HTTP or engines.
+
+pub mod onnx;
+mod signature;
+mod tensor;
+
+pub use signature::{Signature, TensorSpec, ValueKind};
+pub use tensor::{element_count, DataType, NamedTensor, ShapeMismatch, Tensor, TensorData};
