@@ -1,1 +1,56 @@
-fn main() {}
+//! `ferry`: the single binary. Parses the command line (flags < env < config file merged in [`config`]),
+//! sets up logging, and runs the chosen subcommand.
+
+mod cli;
+mod config;
+mod telemetry;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+fn main() -> ExitCode {
+    let command = match config::parse(std::env::args_os().collect()) {
+        Ok(c) => c,
+        Err(config::ConfigError::Clap(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            // EX_USAGE, as linkerd does for a bad configuration.
+            return ExitCode::from(64);
+        }
+    };
+    match run(command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(command: cli::Command) -> anyhow::Result<()> {
+    match command {
+        cli::Command::Serve(args) => {
+            telemetry::init(args.log_format, &args.log_level).context("setting up logging")?;
+            let config = args
+                .into_config()
+                .context("checking the serve configuration")?;
+            tracing::info!(?config, "effective configuration");
+            let engine = ferry_engine::OrtEngine::init(config.onnxruntime_lib.as_deref())
+                .context("starting the inference engine")?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(async move {
+                let server = ferry_server::Server::start(config, engine)
+                    .await
+                    .context("starting the server")?;
+                server
+                    .run(ferry_server::shutdown_signal())
+                    .await
+                    .context("serving")
+            })
+        }
+    }
+}

@@ -1,1 +1,23 @@
-//! placeholder
+//! Ferry's serving layer: the model repository, the shared inference path and the protocol front doors.
+//!
+//! # Brief overview
+//! - [`repository`]: discovers `<root>/<model>/<version>/model.onnx`, loads versions in parallel, keeps their states.
+//! - [`infer`]: [`infer::Infer`], the one path every protocol takes (resolve, validate, run, select outputs).
+//! - [`protocol`]: KServe v2 REST (with the binary tensor extension) and TF Serving REST adapters.
+//! - [`http`]: the router and the server lifecycle (bind, serve, drain on shutdown).
+//! - [`error`]: the one error table, mapping each failure kind to its status.
+//! - [`metrics`]: the catalogue of metric names.
+//!
+//! This crate never runs inference on the async runtime: engines run on blocking threads.
+
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod infer;
+pub mod metrics;
+pub mod model_config;
+pub mod protocol;
+pub mod repository;
+
+pub use config::ServeConfig;
+pub use http::{app, shutdown_signal, AppState, Server};

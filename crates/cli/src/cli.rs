@@ -1,0 +1,162 @@
+//! The command line: every subcommand and flag, each flag also readable from a `FERRY_*` environment variable.
+//! `ferry --help` and `ferry serve --help` are the manual.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use ferry_engine::{EngineOptions, OptimizationLevel};
+use ferry_server::ServeConfig;
+
+/// Ferry carries ONNX models through production: serve them over KServe v2 and TF Serving APIs.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about, long_about = None, args_override_self = true)]
+pub struct Cli {
+    /// A TOML configuration file. Its `[serve]` table takes the same keys as the flags (`rest_port = 8501`);
+    /// precedence is file < environment < flags.
+    #[arg(long, env = "FERRY_CONFIG", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve every model in a repository over REST (KServe v2 / Open Inference Protocol and TF Serving APIs).
+    Serve(ServeArgs),
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Graph optimization levels, as flags spell them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OptLevelArg {
+    /// No graph rewrites.
+    Disable,
+    /// Constant folding, redundant-node elimination.
+    Basic,
+    /// Basic plus fusions.
+    Extended,
+    /// Everything.
+    All,
+}
+
+/// `ferry serve` flags.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The model repository: `<DIR>/<model>/<version>/model.onnx`, with an optional `<DIR>/<model>/config.toml`.
+    #[arg(long, env = "FERRY_MODEL_REPOSITORY", value_name = "DIR")]
+    pub model_repository: PathBuf,
+
+    /// The address to listen on.
+    #[arg(long, env = "FERRY_HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+
+    /// The REST port (KServe v2 under /v2, TF Serving under /v1). 0 picks a free port; the log says which.
+    #[arg(long, env = "FERRY_REST_PORT", default_value_t = 8501)]
+    pub rest_port: u16,
+
+    /// Request bodies larger than this many bytes are refused with 413.
+    #[arg(long, env = "FERRY_MAX_REQUEST_BYTES", default_value_t = 64 << 20)]
+    pub max_request_bytes: usize,
+
+    /// The longest one inference may take before the client gets 504 (`500ms`, `30s`, `2m`).
+    #[arg(long, env = "FERRY_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// After SIGTERM or SIGINT, how long in-flight requests may take to finish before the process exits anyway.
+    /// Keep Kubernetes' terminationGracePeriodSeconds longer than this.
+    #[arg(long, env = "FERRY_SHUTDOWN_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace_period: Duration,
+
+    /// Threads one inference may use. One is fastest on small machines: Ferry scales with concurrent requests.
+    /// A model's config.toml `intra_op_threads` overrides it.
+    #[arg(long, env = "FERRY_INTRA_OP_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub intra_op_threads: u16,
+
+    /// Engine sessions per model version that run side by side; each takes one request at a time and holds its
+    /// own copy of the model's working memory. A model's config.toml `instances` overrides it.
+    #[arg(long, env = "FERRY_INSTANCES", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+    pub instances: u16,
+
+    /// How much ONNX Runtime may rewrite graphs at load. Lower it for a model an optimization breaks
+    /// (or set `graph_optimization_level` in that model's config.toml).
+    #[arg(long, env = "FERRY_GRAPH_OPTIMIZATION_LEVEL", value_enum, default_value_t = OptLevelArg::All)]
+    pub graph_optimization_level: OptLevelArg,
+
+    /// The ONNX Runtime 1.32 library (`libonnxruntime.so.1.32.0`). Without it Ferry looks at $ORT_DYLIB_PATH,
+    /// beside its own binary, and in an installed Python `onnxruntime` package.
+    #[arg(long, env = "FERRY_ONNXRUNTIME_LIB", value_name = "FILE")]
+    pub onnxruntime_lib: Option<PathBuf>,
+
+    /// Log line format.
+    #[arg(long, env = "FERRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// What to log, as a tracing filter (`info`, `debug`, `ferry_server=debug,info`).
+    #[arg(long, env = "FERRY_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+impl ServeArgs {
+    /// The validated server configuration.
+    pub fn into_config(self) -> anyhow::Result<ServeConfig> {
+        anyhow::ensure!(
+            self.model_repository.is_dir(),
+            "--model-repository {} is not a directory",
+            self.model_repository.display()
+        );
+        Ok(ServeConfig {
+            model_repository: self.model_repository,
+            host: self.host,
+            rest_port: self.rest_port,
+            max_request_bytes: self.max_request_bytes,
+            request_timeout: self.request_timeout,
+            shutdown_grace_period: self.shutdown_grace_period,
+            engine: EngineOptions {
+                intra_op_threads: usize::from(self.intra_op_threads),
+                instances: usize::from(self.instances),
+                optimization: match self.graph_optimization_level {
+                    OptLevelArg::Disable => OptimizationLevel::Disable,
+                    OptLevelArg::Basic => OptimizationLevel::Basic,
+                    OptLevelArg::Extended => OptimizationLevel::Extended,
+                    OptLevelArg::All => OptimizationLevel::All,
+                },
+            },
+            onnxruntime_lib: self.onnxruntime_lib,
+        })
+    }
+}
+
+/// Parses `250ms`, `30s`, `2m` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration (try 500ms, 30s or 2m)"))?;
+    let seconds = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("`{text}` has an unknown unit (use ms, s or m)")),
+    };
+    if seconds <= 0.0 || !seconds.is_finite() {
+        return Err(format!("`{text}` must be longer than zero"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}

@@ -1,0 +1,47 @@
+//! The validated server configuration, built by the binary from flags, environment and file.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferry_engine::EngineOptions;
+
+/// Everything `ferry serve` needs, already validated.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The model repository root (`<root>/<model>/<version>/model.onnx`).
+    pub model_repository: PathBuf,
+    /// The address to listen on.
+    pub host: IpAddr,
+    /// The REST port; 0 picks a free one.
+    pub rest_port: u16,
+    /// Bodies larger than this are refused with 413.
+    pub max_request_bytes: usize,
+    /// A request that takes longer is answered with 504.
+    pub request_timeout: Duration,
+    /// How long in-flight requests may take to finish after SIGTERM before the process exits anyway.
+    pub shutdown_grace_period: Duration,
+    /// Engine settings for models whose `config.toml` does not override them.
+    pub engine: EngineOptions,
+    /// Where the ONNX Runtime library is, if given.
+    pub onnxruntime_lib: Option<PathBuf>,
+}
+
+impl ServeConfig {
+    /// A configuration for tests: loopback, a free port, short timeouts.
+    pub fn for_tests(model_repository: PathBuf) -> ServeConfig {
+        ServeConfig {
+            model_repository,
+            host: IpAddr::from([127, 0, 0, 1]),
+            rest_port: 0,
+            max_request_bytes: 64 << 20,
+            request_timeout: Duration::from_secs(30),
+            shutdown_grace_period: Duration::from_secs(10),
+            engine: EngineOptions {
+                instances: 1,
+                ..EngineOptions::default()
+            },
+            onnxruntime_lib: None,
+        }
+    }
+}

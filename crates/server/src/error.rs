@@ -1,0 +1,115 @@
+//! The one error table: every failure on the request path is an [`InferError`], and its [`ErrorKind`] decides the
+//! HTTP status (and, later, the gRPC code and metric label) in one place.
+
+use axum::http::StatusCode;
+
+/// The class of a failure, which decides how every protocol reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is malformed or does not fit the model: 400.
+    InvalidArgument,
+    /// No such model or version: 404.
+    NotFound,
+    /// The body exceeds `--max-request-bytes`: 413.
+    PayloadTooLarge,
+    /// The model (or server) exists but is not ready: 503.
+    Unavailable,
+    /// The request took longer than `--request-timeout`: 504.
+    DeadlineExceeded,
+    /// The request asks for something Ferry does not do (a content encoding, a method on a model kind): 501.
+    Unimplemented,
+    /// The engine failed on a request that passed validation: 500.
+    Internal,
+}
+
+impl ErrorKind {
+    /// The HTTP status for this kind.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorKind::InvalidArgument => StatusCode::BAD_REQUEST,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A stable snake_case label, for logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidArgument => "invalid_argument",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::PayloadTooLarge => "payload_too_large",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::DeadlineExceeded => "deadline_exceeded",
+            ErrorKind::Unimplemented => "unimplemented",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+/// A failed request: its kind and a message for the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct InferError {
+    /// The class of failure.
+    pub kind: ErrorKind,
+    /// What went wrong, in words the client can act on (no internal details).
+    pub message: String,
+}
+
+impl InferError {
+    /// An error of the given kind.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> InferError {
+        InferError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// A 400: the request is malformed or does not fit the model.
+    pub fn invalid(message: impl Into<String>) -> InferError {
+        InferError::new(ErrorKind::InvalidArgument, message)
+    }
+
+    /// A 404: no such model or version.
+    pub fn not_found(message: impl Into<String>) -> InferError {
+        InferError::new(ErrorKind::NotFound, message)
+    }
+
+    /// A 503: not ready.
+    pub fn unavailable(message: impl Into<String>) -> InferError {
+        InferError::new(ErrorKind::Unavailable, message)
+    }
+}
+
+impl From<ferry_engine::EngineError> for InferError {
+    fn from(e: ferry_engine::EngineError) -> InferError {
+        match e {
+            ferry_engine::EngineError::InvalidInput(m) => InferError::invalid(m),
+            other => InferError::new(ErrorKind::Internal, other.to_string()),
+        }
+    }
+}
+
+impl axum::response::IntoResponse for InferError {
+    fn into_response(self) -> axum::response::Response {
+        let status = self.kind.status();
+        let body = serde_json::json!({ "error": self.message }).to_string();
+        let mut response = (
+            status,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response();
+        if self.kind == ErrorKind::Unavailable {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
+    }
+}

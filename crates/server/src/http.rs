@@ -1,0 +1,224 @@
+//! The REST front door: one axum [`Router`] for both KServe v2 and TF Serving, and the server's lifecycle
+//! (bind, serve, drain on shutdown).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderValue, Request};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+use tracing::Instrument;
+
+use crate::config::ServeConfig;
+use crate::error::InferError;
+use crate::infer::{Health, Infer};
+use crate::protocol::{kserve_rest as ks, tfserving_rest as tf};
+use crate::repository::{load_repository, ModelStore};
+
+/// What every handler gets.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The shared inference path.
+    pub infer: Infer,
+}
+
+/// The REST router, without a listener: tests call it in-process.
+pub fn app(state: AppState, max_request_bytes: usize) -> Router {
+    Router::new()
+        .route("/v2", get(ks::server_metadata))
+        .route("/v2/health/live", get(ks::live))
+        .route("/v2/health/ready", get(ks::ready))
+        .route("/v2/models/{model}", get(ks::model_metadata))
+        .route("/v2/models/{model}/ready", get(ks::model_ready))
+        .route("/v2/models/{model}/infer", axum::routing::post(ks::infer))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(ks::version_metadata),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(ks::version_ready),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            axum::routing::post(ks::infer_version),
+        )
+        .route("/v1/models/{*rest}", get(tf::get).post(tf::post))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_request_bytes))
+        .layer(middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+async fn not_found() -> Response {
+    InferError::not_found("no such endpoint").into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    let mut r = InferError::invalid("method not allowed on this endpoint").into_response();
+    *r.status_mut() = axum::http::StatusCode::METHOD_NOT_ALLOWED;
+    r
+}
+
+/// Gives every request an id (the client's `x-request-id`, or a new one), logs one line per request under a span
+/// that carries it, and echoes it in the response.
+async fn request_id(request: Request<axum::body::Body>, next: Next) -> Response {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            format!(
+                "{:016x}",
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            )
+        });
+    let span = tracing::info_span!("request", id = %id, method = %request.method(), path = %request.uri().path());
+    let started = std::time::Instant::now();
+    let mut response = next.run(request).instrument(span.clone()).await;
+    span.in_scope(|| {
+        tracing::debug!(
+            status = response.status().as_u16(),
+            micros = started.elapsed().as_micros() as u64,
+            "request done"
+        )
+    });
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    response
+}
+
+/// A server that has loaded its repository and bound its port, ready to [`Server::run`].
+pub struct Server {
+    listener: TcpListener,
+    router: Router,
+    infer: Infer,
+    config: ServeConfig,
+}
+
+impl Server {
+    /// Loads every model (in parallel) and binds the REST port. Fails only when the repository root cannot be read
+    /// or the port cannot be bound; broken models are reported and served as UNAVAILABLE.
+    pub async fn start(
+        config: ServeConfig,
+        engine: ferry_engine::OrtEngine,
+    ) -> std::io::Result<Server> {
+        let store = Arc::new(ModelStore::default());
+        let health = Arc::new(Health::default());
+        let infer = Infer::new(store.clone(), health.clone(), config.request_timeout);
+        let listener = TcpListener::bind(SocketAddr::new(config.host, config.rest_port)).await?;
+        tracing::info!(address = %listener.local_addr()?, "REST (KServe v2 and TF Serving) listening");
+        load_repository(&config.model_repository, &store, &engine, &config.engine)
+            .await
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot read model repository {}: {e}",
+                        config.model_repository.display()
+                    ),
+                )
+            })?;
+        let names = store.model_names();
+        tracing::info!(models = names.len(), "model repository loaded");
+        health.set_loaded();
+        let router = app(
+            AppState {
+                infer: infer.clone(),
+            },
+            config.max_request_bytes,
+        );
+        Ok(Server {
+            listener,
+            router,
+            infer,
+            config,
+        })
+    }
+
+    /// The address the REST listener is bound to (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The shared inference handle.
+    pub fn infer(&self) -> &Infer {
+        &self.infer
+    }
+
+    /// Serves until `shutdown` completes, then turns not-ready, stops accepting, and lets in-flight requests finish
+    /// within the grace period.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let Server {
+            listener,
+            router,
+            infer,
+            config,
+        } = self;
+        let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+        let health = infer.health.clone();
+        let store = infer.store.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!(
+                "shutdown requested: readiness is now false, draining in-flight requests"
+            );
+            health.set_draining();
+            let _ = drain_tx.send(true);
+        });
+        let mut wait_drain = drain_rx.clone();
+        let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+            let _ = wait_drain.wait_for(|d| *d).await;
+        });
+        let mut grace_rx = drain_rx;
+        let grace = config.shutdown_grace_period;
+        let grace_timer = async move {
+            let _ = grace_rx.wait_for(|d| *d).await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            result = serve => result?,
+            () = grace_timer => tracing::warn!(grace_ms = grace.as_millis() as u64, "shutdown grace period ran out with requests still in flight"),
+        }
+        store.mark_all_unloading();
+        tracing::info!("server stopped");
+        Ok(())
+    }
+}
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

@@ -1,0 +1,265 @@
+//! The one inference path every protocol shares: resolve a version, validate inputs against its signature,
+//! run the engine off the async runtime under a deadline, select outputs.
+//!
+//! Protocol adapters only decode into [`NamedTensor`]s and encode what comes back; all checks live here.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_model::{NamedTensor, TensorSpec};
+
+use crate::error::{ErrorKind, InferError};
+use crate::repository::{validate_name, LoadedVersion, ModelStore, VersionState};
+
+/// Which version of a model a request wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VersionSelector {
+    /// The highest READY version.
+    Latest,
+    /// Exactly this version.
+    Specific(u64),
+    /// The version a label in `config.toml` points at.
+    Label(String),
+}
+
+/// Whether the server is live and ready, shared by the health endpoints and shutdown.
+#[derive(Debug, Default)]
+pub struct Health {
+    loaded: AtomicBool,
+    draining: AtomicBool,
+}
+
+impl Health {
+    /// Records that the startup load has finished.
+    pub fn set_loaded(&self) {
+        self.loaded.store(true, Ordering::SeqCst);
+    }
+
+    /// Records that shutdown has begun: readiness turns false at once.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Ready: the startup load has finished and shutdown has not begun.
+    pub fn is_ready(&self) -> bool {
+        self.loaded.load(Ordering::SeqCst) && !self.draining.load(Ordering::SeqCst)
+    }
+}
+
+/// Inputs that have been checked against a version's signature; only [`Infer::validate`] makes one.
+#[derive(Debug)]
+pub struct ValidRequest {
+    version: Arc<LoadedVersion>,
+    inputs: Vec<NamedTensor>,
+    outputs: Option<Vec<String>>,
+}
+
+impl ValidRequest {
+    /// The version the request runs on.
+    pub fn version(&self) -> &Arc<LoadedVersion> {
+        &self.version
+    }
+}
+
+/// The shared handle on models and the inference path.
+#[derive(Debug, Clone)]
+pub struct Infer {
+    /// The model table.
+    pub store: Arc<ModelStore>,
+    /// Readiness.
+    pub health: Arc<Health>,
+    timeout: Duration,
+}
+
+impl Infer {
+    /// A handle over `store` that gives each inference at most `timeout`.
+    pub fn new(store: Arc<ModelStore>, health: Arc<Health>, timeout: Duration) -> Infer {
+        Infer {
+            store,
+            health,
+            timeout,
+        }
+    }
+
+    /// Finds the version a request is for, or says why it cannot be served.
+    pub fn resolve(
+        &self,
+        model: &str,
+        selector: &VersionSelector,
+    ) -> Result<Arc<LoadedVersion>, InferError> {
+        validate_name(model).map_err(InferError::invalid)?;
+        let record = self
+            .store
+            .model(model)
+            .ok_or_else(|| InferError::not_found(format!("model `{model}` not found")))?;
+        let version = match selector {
+            VersionSelector::Latest => {
+                if let Some(loaded) = record
+                    .versions
+                    .values()
+                    .rev()
+                    .find_map(|s| s.loaded.clone().filter(|_| s.state == VersionState::Ready))
+                {
+                    return Ok(loaded);
+                }
+                let reasons: Vec<String> = record
+                    .versions
+                    .iter()
+                    .rev()
+                    .map(|(v, s)| match &s.state {
+                        VersionState::Unavailable(r) => format!("version {v} is unavailable: {r}"),
+                        other => format!("version {v} is {}", other.name()),
+                    })
+                    .collect();
+                return Err(InferError::unavailable(if reasons.is_empty() {
+                    format!("model `{model}` has no version to serve")
+                } else {
+                    format!(
+                        "model `{model}` has no ready version ({})",
+                        reasons.join("; ")
+                    )
+                }));
+            }
+            VersionSelector::Specific(v) => *v,
+            VersionSelector::Label(label) => *record.config.labels.get(label).ok_or_else(|| {
+                InferError::not_found(format!("model `{model}` has no version label `{label}`"))
+            })?,
+        };
+        let slot = record.versions.get(&version).ok_or_else(|| {
+            InferError::not_found(format!("model `{model}` has no version {version}"))
+        })?;
+        match (&slot.state, &slot.loaded) {
+            (VersionState::Ready, Some(loaded)) => Ok(loaded.clone()),
+            (VersionState::Unavailable(reason), _) => Err(InferError::unavailable(format!(
+                "version {version} of model `{model}` is unavailable: {reason}"
+            ))),
+            (state, _) => Err(InferError::unavailable(format!(
+                "version {version} of model `{model}` is not ready ({})",
+                state.name()
+            ))),
+        }
+    }
+
+    /// Checks inputs (names, types, shapes) and requested outputs against the version's signature.
+    pub fn validate(
+        version: Arc<LoadedVersion>,
+        mut inputs: Vec<NamedTensor>,
+        outputs: Option<Vec<String>>,
+    ) -> Result<ValidRequest, InferError> {
+        let sig = &version.signature;
+        for (i, input) in inputs.iter().enumerate() {
+            if inputs[..i].iter().any(|other| other.name == input.name) {
+                return Err(InferError::invalid(format!(
+                    "input `{}` is given more than once",
+                    input.name
+                )));
+            }
+            let spec = sig.input(&input.name).ok_or_else(|| {
+                InferError::invalid(format!(
+                    "unknown input `{}`; the model takes {}",
+                    input.name,
+                    describe(&sig.inputs)
+                ))
+            })?;
+            if spec.dtype != input.tensor.dtype() {
+                return Err(InferError::invalid(format!(
+                    "input `{}`: expected datatype {}, got {}",
+                    input.name,
+                    spec.dtype,
+                    input.tensor.dtype()
+                )));
+            }
+            if !spec.accepts_shape(&input.tensor.shape) {
+                return Err(InferError::invalid(format!(
+                    "input `{}`: expected shape {:?}, got {:?}",
+                    input.name,
+                    spec.display_shape(),
+                    input.tensor.shape
+                )));
+            }
+        }
+        if let Some(missing) = sig
+            .inputs
+            .iter()
+            .find(|s| !inputs.iter().any(|i| i.name == s.name))
+        {
+            return Err(InferError::invalid(format!(
+                "missing input `{}` ({}, shape {:?})",
+                missing.name,
+                missing.dtype,
+                missing.display_shape()
+            )));
+        }
+        if let Some(requested) = &outputs {
+            for name in requested {
+                if sig.output(name).is_none() {
+                    return Err(InferError::invalid(format!(
+                        "unknown output `{name}`; the model gives {}",
+                        describe(&sig.outputs)
+                    )));
+                }
+            }
+        }
+        // Feed the engine in signature order, whatever order the request used.
+        inputs.sort_by_key(|i| sig.inputs.iter().position(|s| s.name == i.name));
+        Ok(ValidRequest {
+            version,
+            inputs,
+            outputs,
+        })
+    }
+
+    /// Runs a validated request on a blocking thread under the request deadline.
+    pub async fn predict(&self, request: ValidRequest) -> Result<Vec<NamedTensor>, InferError> {
+        let ValidRequest {
+            version,
+            inputs,
+            outputs,
+        } = request;
+        let backend = version.backend.clone();
+        let task = tokio::task::spawn_blocking(move || backend.predict(inputs));
+        let result = match tokio::time::timeout(self.timeout, task).await {
+            Err(_) => {
+                return Err(InferError::new(
+                    ErrorKind::DeadlineExceeded,
+                    format!(
+                        "inference did not finish within {} ms",
+                        self.timeout.as_millis()
+                    ),
+                ))
+            }
+            Ok(Err(join)) => {
+                tracing::error!(model = %version.model, version = version.version, error = %join, "inference task panicked");
+                return Err(InferError::new(ErrorKind::Internal, "inference failed"));
+            }
+            Ok(Ok(result)) => result,
+        };
+        let all = result.map_err(|e| {
+            tracing::warn!(model = %version.model, version = version.version, error = %e, "inference failed");
+            InferError::from(e)
+        })?;
+        Ok(match outputs {
+            None => all,
+            Some(names) => {
+                let mut all = all;
+                names
+                    .iter()
+                    .filter_map(|n| {
+                        all.iter()
+                            .position(|o| &o.name == n)
+                            .map(|i| all.swap_remove(i))
+                    })
+                    .collect()
+            }
+        })
+    }
+}
+
+fn describe(specs: &[TensorSpec]) -> String {
+    specs
+        .iter()
+        .map(|s| format!("`{}`", s.name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

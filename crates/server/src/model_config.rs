@@ -1,0 +1,264 @@
+//! A model's optional `config.toml`: which versions to serve, version labels, engine settings and
+//! per-input/output shape overrides.
+//!
+//! ```toml
+//! version_policy = { latest = 2 }     # or "all", or { specific = [1, 3] }
+//! engine = "auto"                      # "auto" | "onnxruntime" | "tract"
+//! graph_optimization_level = "all"     # "disable" | "basic" | "extended" | "all"
+//! intra_op_threads = 1
+//! instances = 2
+//! [labels]
+//! stable = 1
+//! canary = 2
+//! [inputs.features]
+//! shape = [-1, 4]
+//! ```
+
+use std::collections::BTreeMap;
+
+use ferry_engine::{EngineOptions, OptimizationLevel};
+use serde::Deserialize;
+
+/// Which of the versions on disk are served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VersionPolicy {
+    /// The `n` highest version numbers.
+    Latest(usize),
+    /// Every version.
+    All,
+    /// Exactly these versions.
+    Specific(Vec<u64>),
+}
+
+impl VersionPolicy {
+    /// The versions to serve among those present, highest first.
+    pub fn select(&self, present: &[u64]) -> Vec<u64> {
+        let mut sorted = present.to_vec();
+        sorted.sort_unstable_by(|a, b| b.cmp(a));
+        match self {
+            VersionPolicy::Latest(n) => sorted.into_iter().take(*n).collect(),
+            VersionPolicy::All => sorted,
+            VersionPolicy::Specific(wanted) => {
+                sorted.into_iter().filter(|v| wanted.contains(v)).collect()
+            }
+        }
+    }
+}
+
+/// The engine a model runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EngineChoice {
+    /// The best engine this build has for the model (ONNX Runtime).
+    #[default]
+    Auto,
+    /// ONNX Runtime.
+    OnnxRuntime,
+    /// tract, the pure-Rust engine (only in builds with the `tract` feature).
+    Tract,
+}
+
+/// A shape override for one input or output.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorOverride {
+    /// The dimensions to use instead of the model's, `-1` for dynamic.
+    pub shape: Vec<i64>,
+}
+
+/// The parsed and checked `config.toml` of one model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelConfig {
+    /// Which versions are served.
+    pub version_policy: VersionPolicy,
+    /// Version labels (`stable = 3`).
+    pub labels: BTreeMap<String, u64>,
+    /// The engine.
+    pub engine: EngineChoice,
+    /// Engine options for this model.
+    pub engine_options: EngineOptions,
+    /// Input shape overrides by name.
+    pub inputs: BTreeMap<String, TensorOverride>,
+    /// Output shape overrides by name.
+    pub outputs: BTreeMap<String, TensorOverride>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    version_policy: Option<RawPolicy>,
+    #[serde(default)]
+    labels: BTreeMap<String, u64>,
+    engine: Option<String>,
+    graph_optimization_level: Option<String>,
+    intra_op_threads: Option<usize>,
+    instances: Option<usize>,
+    #[serde(default)]
+    inputs: BTreeMap<String, TensorOverride>,
+    #[serde(default)]
+    outputs: BTreeMap<String, TensorOverride>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawPolicy {
+    Word(String),
+    Table(RawPolicyTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicyTable {
+    latest: Option<usize>,
+    specific: Option<Vec<u64>>,
+}
+
+impl ModelConfig {
+    /// The configuration of a model without `config.toml`.
+    pub fn defaults(engine: &EngineOptions) -> ModelConfig {
+        ModelConfig {
+            version_policy: VersionPolicy::Latest(1),
+            labels: BTreeMap::new(),
+            engine: EngineChoice::Auto,
+            engine_options: engine.clone(),
+            inputs: BTreeMap::new(),
+            outputs: BTreeMap::new(),
+        }
+    }
+
+    /// Parses `config.toml` text; `engine` gives the server-wide defaults. Errors name the offending key.
+    pub fn parse(text: &str, engine: &EngineOptions) -> Result<ModelConfig, String> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| e.message().to_string() + &locate(&e, text))?;
+        let version_policy = match raw.version_policy {
+            None => VersionPolicy::Latest(1),
+            Some(RawPolicy::Word(w)) if w == "all" => VersionPolicy::All,
+            Some(RawPolicy::Word(w)) => {
+                return Err(format!("version_policy: expected \"all\", {{ latest = N }} or {{ specific = [..] }}, got \"{w}\""))
+            }
+            Some(RawPolicy::Table(RawPolicyTable { latest: Some(0), specific: None })) => {
+                return Err("version_policy.latest must be at least 1".into())
+            }
+            Some(RawPolicy::Table(RawPolicyTable { latest: Some(n), specific: None })) => VersionPolicy::Latest(n),
+            Some(RawPolicy::Table(RawPolicyTable { latest: None, specific: Some(v) })) => {
+                if v.is_empty() || v.contains(&0) {
+                    return Err("version_policy.specific must list version numbers of 1 or more".into());
+                }
+                VersionPolicy::Specific(v)
+            }
+            Some(RawPolicy::Table(_)) => {
+                return Err("version_policy: give exactly one of `latest` or `specific`".into())
+            }
+        };
+        let engine_choice = match raw.engine.as_deref() {
+            None | Some("auto") => EngineChoice::Auto,
+            Some("onnxruntime") => EngineChoice::OnnxRuntime,
+            Some("tract") => EngineChoice::Tract,
+            Some(other) => {
+                return Err(format!(
+                    "engine: unknown engine `{other}` (expected auto, onnxruntime or tract)"
+                ))
+            }
+        };
+        let mut engine_options = engine.clone();
+        if let Some(level) = raw.graph_optimization_level {
+            engine_options.optimization = level
+                .parse::<OptimizationLevel>()
+                .map_err(|e| format!("graph_optimization_level: {e}"))?;
+        }
+        if let Some(n) = raw.intra_op_threads {
+            if n == 0 {
+                return Err("intra_op_threads must be at least 1".into());
+            }
+            engine_options.intra_op_threads = n;
+        }
+        if let Some(n) = raw.instances {
+            if n == 0 {
+                return Err("instances must be at least 1".into());
+            }
+            engine_options.instances = n;
+        }
+        for (label, version) in &raw.labels {
+            if *version == 0 {
+                return Err(format!("labels.{label}: versions start at 1"));
+            }
+        }
+        Ok(ModelConfig {
+            version_policy,
+            labels: raw.labels,
+            engine: engine_choice,
+            engine_options,
+            inputs: raw.inputs,
+            outputs: raw.outputs,
+        })
+    }
+}
+
+/// " (line L)" for a TOML error that has a position.
+fn locate(e: &toml::de::Error, text: &str) -> String {
+    match e.span() {
+        Some(span) => format!(
+            " (line {})",
+            text[..span.start.min(text.len())].lines().count().max(1)
+        ),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ModelConfig, String> {
+        ModelConfig::parse(text, &EngineOptions::default())
+    }
+
+    #[test]
+    fn policies() {
+        assert_eq!(parse("").unwrap().version_policy, VersionPolicy::Latest(1));
+        assert_eq!(
+            parse("version_policy = \"all\"").unwrap().version_policy,
+            VersionPolicy::All
+        );
+        assert_eq!(
+            parse("version_policy = { latest = 2 }")
+                .unwrap()
+                .version_policy,
+            VersionPolicy::Latest(2)
+        );
+        assert_eq!(
+            parse("version_policy = { specific = [1, 3] }")
+                .unwrap()
+                .version_policy,
+            VersionPolicy::Specific(vec![1, 3])
+        );
+        assert_eq!(VersionPolicy::Latest(2).select(&[1, 5, 3]), vec![5, 3]);
+        assert_eq!(
+            VersionPolicy::Specific(vec![1, 9]).select(&[1, 5, 3]),
+            vec![1]
+        );
+        assert_eq!(VersionPolicy::All.select(&[1, 5, 3]), vec![5, 3, 1]);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse("instancs = 2").unwrap_err();
+        assert!(e.contains("instancs"), "{e}");
+        let e = parse("version_policy = \"newest\"").unwrap_err();
+        assert!(e.starts_with("version_policy"), "{e}");
+        let e = parse("graph_optimization_level = \"max\"").unwrap_err();
+        assert!(e.starts_with("graph_optimization_level"), "{e}");
+        let e = parse("[labels]\nstable = \"x\"").unwrap_err();
+        assert!(e.contains("line 2"), "{e}");
+        let e = parse("engine = \"tensorrt\"").unwrap_err();
+        assert!(e.starts_with("engine"), "{e}");
+    }
+
+    #[test]
+    fn overrides_and_labels() {
+        let c =
+            parse("instances = 3\n[labels]\nstable = 2\n[inputs.x]\nshape = [-1, 4]\n").unwrap();
+        assert_eq!(c.engine_options.instances, 3);
+        assert_eq!(c.labels["stable"], 2);
+        assert_eq!(c.inputs["x"].shape, vec![-1, 4]);
+    }
+}

@@ -1,0 +1,491 @@
+//! KServe v2 (Open Inference Protocol) over REST, with Triton's binary tensor data extension.
+//!
+//! The adapter decodes requests into [`NamedTensor`]s, hands them to [`Infer`], and encodes the answer.
+//! Binary framing: the body is the JSON header (its length in `Inference-Header-Content-Length`) followed by the
+//! raw data of every input that carries `parameters.binary_data_size`, in the order of the `inputs` list.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use ferry_model::{element_count, DataType, NamedTensor, Tensor, TensorData, ValueKind};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::body_error;
+use super::json::{decode_leaves, leaves, FlatJson};
+use crate::error::{ErrorKind, InferError};
+use crate::http::AppState;
+use crate::infer::{Infer, VersionSelector};
+use crate::repository::{parse_version, LoadedVersion, VersionState};
+
+/// The header that gives the length of the JSON part of a binary request or response.
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+#[derive(Debug, Deserialize)]
+struct InferRequestBody {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+    inputs: Vec<InputBody>,
+    #[serde(default)]
+    outputs: Option<Vec<OutputRequest>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InputBody {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+    #[serde(default)]
+    data: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct OutputRequest {
+    name: String,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+}
+
+#[derive(Serialize)]
+struct InferResponseBody<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    model_name: &'a str,
+    model_version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<Map<String, Value>>,
+    outputs: Vec<OutputBody<'a>>,
+}
+
+#[derive(Serialize)]
+struct OutputBody<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: &'a [usize],
+    #[serde(skip_serializing_if = "Map::is_empty")]
+    parameters: Map<String, Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<FlatJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct TensorMetadata {
+    name: String,
+    datatype: &'static str,
+    shape: Vec<i64>,
+}
+
+fn selector(version: Option<&str>) -> Result<VersionSelector, InferError> {
+    match version {
+        None => Ok(VersionSelector::Latest),
+        Some(v) => parse_version(v)
+            .map(VersionSelector::Specific)
+            .ok_or_else(|| {
+                InferError::invalid(format!("version must be a positive integer, got `{v}`"))
+            }),
+    }
+}
+
+/// `GET /v2`: server metadata.
+pub async fn server_metadata() -> Response {
+    axum::Json(serde_json::json!({
+        "name": "ferry",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data"],
+    }))
+    .into_response()
+}
+
+/// `GET /v2/health/live`: 200 while the process serves requests.
+pub async fn live() -> Response {
+    axum::Json(serde_json::json!({ "live": true })).into_response()
+}
+
+/// `GET /v2/health/ready`: 200 once the startup load has finished, until shutdown begins; 400 otherwise (the
+/// protocol's 4xx for "false").
+pub async fn ready(State(state): State<AppState>) -> Response {
+    if state.infer.health.is_ready() {
+        axum::Json(serde_json::json!({ "ready": true })).into_response()
+    } else {
+        InferError::invalid("server is not ready").into_response_with(StatusCode::BAD_REQUEST)
+    }
+}
+
+trait WithStatus {
+    fn into_response_with(self, status: StatusCode) -> Response;
+}
+
+impl WithStatus for InferError {
+    fn into_response_with(self, status: StatusCode) -> Response {
+        let mut r = self.into_response();
+        *r.status_mut() = status;
+        r
+    }
+}
+
+/// `GET /v2/models/{m}/ready`.
+pub async fn model_ready(State(state): State<AppState>, Path(model): Path<String>) -> Response {
+    model_ready_inner(&state.infer, &model, None)
+}
+
+/// `GET /v2/models/{m}/versions/{v}/ready`.
+pub async fn version_ready(
+    State(state): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Response {
+    model_ready_inner(&state.infer, &model, Some(&version))
+}
+
+fn model_ready_inner(infer: &Infer, model: &str, version: Option<&str>) -> Response {
+    let result = selector(version).and_then(|s| infer.resolve(model, &s));
+    match result {
+        Ok(v) => axum::Json(serde_json::json!({ "name": v.model, "ready": true })).into_response(),
+        // Not ready is the protocol's 4xx "false"; an unknown model stays a 404.
+        Err(e) if e.kind == ErrorKind::Unavailable => e.into_response_with(StatusCode::BAD_REQUEST),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `GET /v2/models/{m}`.
+pub async fn model_metadata(State(state): State<AppState>, Path(model): Path<String>) -> Response {
+    metadata_inner(&state.infer, &model, None).unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `GET /v2/models/{m}/versions/{v}`.
+pub async fn version_metadata(
+    State(state): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Response {
+    metadata_inner(&state.infer, &model, Some(&version)).unwrap_or_else(IntoResponse::into_response)
+}
+
+fn metadata_inner(
+    infer: &Infer,
+    model: &str,
+    version: Option<&str>,
+) -> Result<Response, InferError> {
+    let sel = selector(version)?;
+    let loaded = infer.resolve(model, &sel)?;
+    let versions: Vec<String> = match sel {
+        VersionSelector::Latest => infer
+            .store
+            .model(model)
+            .map(|r| {
+                r.versions
+                    .iter()
+                    .filter(|(_, s)| s.state == VersionState::Ready)
+                    .map(|(v, _)| v.to_string())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        _ => vec![loaded.version.to_string()],
+    };
+    let describe = |specs: &[ferry_model::TensorSpec]| -> Vec<TensorMetadata> {
+        specs
+            .iter()
+            .map(|s| TensorMetadata {
+                name: s.name.clone(),
+                datatype: s.dtype.kserve_name(),
+                shape: s.display_shape(),
+            })
+            .collect()
+    };
+    Ok(axum::Json(serde_json::json!({
+        "name": loaded.model,
+        "versions": versions,
+        "platform": "onnxruntime_onnx",
+        "inputs": describe(&loaded.signature.inputs),
+        "outputs": describe(&loaded.signature.outputs),
+    }))
+    .into_response())
+}
+
+/// `POST /v2/models/{m}/infer`.
+pub async fn infer(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    infer_inner(&state.infer, &model, None, &headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `POST /v2/models/{m}/versions/{v}/infer`.
+pub async fn infer_version(
+    State(state): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    infer_inner(&state.infer, &model, Some(&version), &headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn infer_inner(
+    infer: &Infer,
+    model: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, InferError> {
+    let body = body.map_err(body_error)?;
+    if let Some(enc) = headers.get(header::CONTENT_ENCODING) {
+        if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
+            return Err(InferError::new(
+                ErrorKind::Unimplemented,
+                format!(
+                    "Content-Encoding `{}` is not supported; send the body uncompressed",
+                    String::from_utf8_lossy(enc.as_bytes())
+                ),
+            ));
+        }
+    }
+    let (json, mut binary) = split_body(headers, &body)?;
+    let request: InferRequestBody = serde_json::from_slice(json)
+        .map_err(|e| InferError::invalid(format!("malformed inference request: {e}")))?;
+    let loaded = infer.resolve(model, &selector(version)?)?;
+
+    let mut inputs = Vec::with_capacity(request.inputs.len());
+    for input in &request.inputs {
+        inputs.push(decode_input(input, &mut binary)?);
+    }
+    if !binary.is_empty() {
+        return Err(InferError::invalid(format!(
+            "{} bytes of binary data follow the inference header but no input claims them (set parameters.binary_data_size)",
+            binary.len()
+        )));
+    }
+
+    let default_binary = flag(request.parameters.as_ref(), "binary_data_output")?.unwrap_or(false);
+    let mut requested: Option<Vec<(String, bool)>> = None;
+    if let Some(outputs) = &request.outputs {
+        let mut list = Vec::with_capacity(outputs.len());
+        for o in outputs {
+            list.push((
+                o.name.clone(),
+                flag(o.parameters.as_ref(), "binary_data")?.unwrap_or(default_binary),
+            ));
+        }
+        requested = Some(list);
+    }
+    let output_names = requested
+        .as_ref()
+        .map(|r| r.iter().map(|(n, _)| n.clone()).collect());
+    let valid = Infer::validate(loaded.clone(), inputs, output_names)?;
+    let outputs = infer.predict(valid).await?;
+    let binary_of = |name: &str| {
+        requested
+            .as_ref()
+            .and_then(|r| r.iter().find(|(n, _)| n == name).map(|(_, b)| *b))
+            .unwrap_or(default_binary)
+    };
+    Ok(encode_response(&request, &loaded, &outputs, binary_of))
+}
+
+/// Splits a body into its JSON header and the binary data after it.
+fn split_body<'a>(
+    headers: &HeaderMap,
+    body: &'a Bytes,
+) -> Result<(&'a [u8], &'a [u8]), InferError> {
+    match headers.get(HEADER_LENGTH) {
+        None => Ok((body, &[])),
+        Some(value) => {
+            let n: usize = value
+                .to_str()
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or_else(|| {
+                    InferError::invalid(
+                        "Inference-Header-Content-Length must be a non-negative integer",
+                    )
+                })?;
+            if n == 0 {
+                return Err(InferError::invalid(
+                    "Inference-Header-Content-Length 0 (a raw binary request without a JSON header) is not supported",
+                ));
+            }
+            if n > body.len() {
+                return Err(InferError::invalid(format!(
+                    "Inference-Header-Content-Length is {n} but the body has only {} bytes",
+                    body.len()
+                )));
+            }
+            Ok(body.split_at(n))
+        }
+    }
+}
+
+fn flag(parameters: Option<&Map<String, Value>>, key: &str) -> Result<Option<bool>, InferError> {
+    match parameters.and_then(|p| p.get(key)) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(InferError::invalid(format!(
+            "parameter `{key}` must be true or false, got {other}"
+        ))),
+    }
+}
+
+fn decode_input(input: &InputBody, binary: &mut &[u8]) -> Result<NamedTensor, InferError> {
+    let name = &input.name;
+    let dtype = DataType::from_kserve_name(&input.datatype).ok_or_else(|| {
+        InferError::invalid(format!(
+            "input `{name}`: unknown datatype `{}`",
+            input.datatype
+        ))
+    })?;
+    let shape = input
+        .shape
+        .iter()
+        .map(|d| usize::try_from(*d))
+        .collect::<Result<Vec<usize>, _>>()
+        .map_err(|_| {
+            InferError::invalid(format!(
+                "input `{name}`: shape {:?} has a negative dimension",
+                input.shape
+            ))
+        })?;
+    let expected = element_count(&shape).ok_or_else(|| {
+        InferError::invalid(format!("input `{name}`: shape {shape:?} is too large"))
+    })?;
+    let binary_size = match input
+        .parameters
+        .as_ref()
+        .and_then(|p| p.get("binary_data_size"))
+    {
+        None => None,
+        Some(v) => Some(v.as_u64().ok_or_else(|| {
+            InferError::invalid(format!(
+                "input `{name}`: binary_data_size must be a non-negative integer, got {v}"
+            ))
+        })? as usize),
+    };
+    let data = match (binary_size, &input.data) {
+        (Some(_), Some(_)) => {
+            return Err(InferError::invalid(format!(
+                "input `{name}`: give either `data` or parameters.binary_data_size, not both"
+            )))
+        }
+        (None, None) => {
+            return Err(InferError::invalid(format!(
+                "input `{name}`: no `data` and no binary_data_size"
+            )))
+        }
+        (Some(size), None) => {
+            if size > binary.len() {
+                return Err(InferError::invalid(format!(
+                    "input `{name}`: binary_data_size is {size} but only {} bytes of binary data remain",
+                    binary.len()
+                )));
+            }
+            let (mine, rest) = binary.split_at(size);
+            *binary = rest;
+            TensorData::from_le_bytes(dtype, mine).ok_or_else(|| {
+                InferError::invalid(format!(
+                    "input `{name}`: {size} bytes are not a whole number of {dtype} elements"
+                ))
+            })?
+        }
+        (None, Some(value)) => {
+            let mut items = Vec::new();
+            leaves(value, &mut items);
+            if items.len() != expected {
+                return Err(InferError::invalid(format!(
+                    "input `{name}`: shape {shape:?} needs {expected} elements but `data` has {}",
+                    items.len()
+                )));
+            }
+            decode_leaves(dtype, &items, false)
+                .map_err(|e| InferError::invalid(format!("input `{name}`: {e}")))?
+        }
+    };
+    let tensor = Tensor::new(shape, data)
+        .map_err(|e| InferError::invalid(format!("input `{name}`: {e}")))?;
+    Ok(NamedTensor::new(name.clone(), tensor))
+}
+
+fn encode_response(
+    request: &InferRequestBody,
+    loaded: &LoadedVersion,
+    outputs: &[NamedTensor],
+    binary_of: impl Fn(&str) -> bool,
+) -> Response {
+    let mut binary = Vec::new();
+    let mut bodies = Vec::with_capacity(outputs.len());
+    for out in outputs {
+        let mut parameters = Map::new();
+        if let Some(keys) = &out.keys {
+            parameters.insert("map_keys".into(), Value::from(keys.clone()));
+        }
+        let spec_kind = loaded.signature.output(&out.name).map(|s| &s.kind);
+        debug_assert!(
+            out.keys.is_none() || matches!(spec_kind, Some(ValueKind::MapSequence { .. }))
+        );
+        let data = if binary_of(&out.name) {
+            let before = binary.len();
+            out.tensor.data.write_le_bytes(&mut binary);
+            parameters.insert(
+                "binary_data_size".into(),
+                Value::from(binary.len() - before),
+            );
+            None
+        } else {
+            Some(FlatJson(&out.tensor.data))
+        };
+        bodies.push(OutputBody {
+            name: &out.name,
+            datatype: out.tensor.dtype().kserve_name(),
+            shape: &out.tensor.shape,
+            parameters,
+            data,
+        });
+    }
+    let parameters = request.parameters.as_ref().map(|p| {
+        let mut p = p.clone();
+        p.remove("binary_data_output");
+        p
+    });
+    let body = InferResponseBody {
+        id: request.id.as_deref(),
+        model_name: &loaded.model,
+        model_version: loaded.version.to_string(),
+        parameters: parameters.filter(|p| !p.is_empty()),
+        outputs: bodies,
+    };
+    let mut json =
+        serde_json::to_vec(&body).expect("serializing an inference response cannot fail");
+    if binary.is_empty() {
+        return (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            json,
+        )
+            .into_response();
+    }
+    let header_len = json.len();
+    json.extend_from_slice(&binary);
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            ),
+            (
+                header::HeaderName::from_static(HEADER_LENGTH),
+                HeaderValue::from(header_len),
+            ),
+        ],
+        json,
+    )
+        .into_response()
+}

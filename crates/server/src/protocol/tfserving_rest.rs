@@ -1,0 +1,626 @@
+//! TensorFlow Serving's REST API: model status, metadata, `:predict` (row and columnar formats), `:classify` and
+//! `:regress`, with responses shaped as TF Serving shapes them.
+//!
+//! Routes are parsed by hand from `/v1/models/{rest}` because TF Serving puts the method after a colon
+//! (`/v1/models/iris/versions/2:predict`).
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::Method;
+use axum::response::{IntoResponse, Response};
+use ferry_model::{DataType, NamedTensor, Tensor, TensorData, TensorSpec};
+use serde_json::{json, Map, Value};
+
+use super::body_error;
+use super::json::{decode_leaves, leaves, nested_shape, NestedJson};
+use crate::error::InferError;
+use crate::http::AppState;
+use crate::infer::{Infer, VersionSelector};
+use crate::repository::{parse_version, LoadedVersion, VersionState};
+
+/// What a `/v1/models/...` path asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// `GET .../{m}[/versions/{v}|/labels/{l}]`.
+    Status,
+    /// `GET .../metadata`.
+    Metadata,
+    /// `POST ...:predict`.
+    Predict,
+    /// `POST ...:classify`.
+    Classify,
+    /// `POST ...:regress`.
+    Regress,
+}
+
+/// Parses the part of the path after `/v1/models/` for the given method.
+pub fn parse_path(
+    method: &Method,
+    rest: &str,
+) -> Result<(String, VersionSelector, Action), InferError> {
+    let malformed =
+        || InferError::invalid(format!("Malformed request: {method} /v1/models/{rest}"));
+    let (path, verb) = match rest.rsplit_once(':') {
+        Some((p, v)) if !v.contains('/') => (p, Some(v)),
+        _ => (rest, None),
+    };
+    let mut segments: Vec<&str> = path.split('/').collect();
+    let mut action = match (method, verb) {
+        (&Method::POST, Some("predict")) => Action::Predict,
+        (&Method::POST, Some("classify")) => Action::Classify,
+        (&Method::POST, Some("regress")) => Action::Regress,
+        (&Method::GET, None) => Action::Status,
+        _ => return Err(malformed()),
+    };
+    if action == Action::Status && segments.len() > 1 && segments.last() == Some(&"metadata") {
+        segments.pop();
+        action = Action::Metadata;
+    }
+    let selector = match segments.as_slice() {
+        [_] => VersionSelector::Latest,
+        [_, "versions", v] => VersionSelector::Specific(parse_version(v).ok_or_else(|| {
+            InferError::invalid(format!("Failed to convert version: {v} to numeric."))
+        })?),
+        [_, "labels", l] if !l.is_empty() => VersionSelector::Label((*l).to_string()),
+        _ => return Err(malformed()),
+    };
+    if segments[0].is_empty() {
+        return Err(InferError::invalid("Missing model name in request."));
+    }
+    Ok((segments[0].to_string(), selector, action))
+}
+
+/// `GET /v1/models/{rest}`: status or metadata.
+pub async fn get(State(state): State<AppState>, Path(rest): Path<String>) -> Response {
+    let result = match parse_path(&Method::GET, &rest) {
+        Ok((model, selector, Action::Status)) => status(&state.infer, &model, &selector),
+        Ok((model, selector, _)) => metadata(&state.infer, &model, &selector),
+        Err(e) => Err(e),
+    };
+    result
+        .map(|v| axum::Json(v).into_response())
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `POST /v1/models/{rest}`: predict, classify or regress.
+pub async fn post(
+    State(state): State<AppState>,
+    Path(rest): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = async {
+        let (model, selector, action) = parse_path(&Method::POST, &rest)?;
+        let body = body.map_err(body_error)?;
+        let request: Value = serde_json::from_slice(&body)
+            .map_err(|e| InferError::invalid(format!("JSON Parse error: {e}")))?;
+        let Value::Object(request) = request else {
+            return Err(InferError::invalid("request body must be a JSON object"));
+        };
+        let loaded = state.infer.resolve(&model, &selector)?;
+        check_signature_name(&request)?;
+        match action {
+            Action::Predict => predict(&state.infer, loaded, &request).await,
+            Action::Classify | Action::Regress => {
+                classify_or_regress(&state.infer, loaded, &request, action).await
+            }
+            Action::Status | Action::Metadata => {
+                unreachable!("parse_path gives POST only predict, classify or regress")
+            }
+        }
+    }
+    .await;
+    result
+        .map(|v| axum::Json(v).into_response())
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+fn check_signature_name(request: &Map<String, Value>) -> Result<(), InferError> {
+    match request.get("signature_name") {
+        None => Ok(()),
+        Some(Value::String(s)) if s.is_empty() || s == "serving_default" => Ok(()),
+        Some(Value::String(s)) => Err(InferError::invalid(format!(
+            "Serving signature name: \"{s}\" not found in signature def (Ferry models have `serving_default`)"
+        ))),
+        Some(_) => Err(InferError::invalid("'signature_name' key must be a string value.")),
+    }
+}
+
+fn status(infer: &Infer, model: &str, selector: &VersionSelector) -> Result<Value, InferError> {
+    crate::repository::validate_name(model).map_err(InferError::invalid)?;
+    let record = infer.store.model(model).ok_or_else(|| {
+        InferError::not_found(format!("Could not find any versions of model {model}"))
+    })?;
+    let wanted = match selector {
+        VersionSelector::Latest => None,
+        VersionSelector::Specific(v) => Some(*v),
+        VersionSelector::Label(l) => Some(*record.config.labels.get(l).ok_or_else(|| {
+            InferError::invalid(format!("Unrecognized servable version label: {l}"))
+        })?),
+    };
+    let statuses: Vec<Value> = record
+        .versions
+        .iter()
+        .rev()
+        .filter(|(v, _)| wanted.is_none_or(|w| w == **v))
+        .map(|(v, slot)| {
+            let (state, code, message) = match &slot.state {
+                VersionState::Loading => ("LOADING", "OK", String::new()),
+                VersionState::Ready => ("AVAILABLE", "OK", String::new()),
+                VersionState::Unloading => ("UNLOADING", "OK", String::new()),
+                VersionState::Unavailable(reason) => ("END", "UNKNOWN", reason.clone()),
+            };
+            json!({"version": v.to_string(), "state": state, "status": {"error_code": code, "error_message": message}})
+        })
+        .collect();
+    if statuses.is_empty() {
+        return Err(InferError::not_found(match wanted {
+            Some(v) => format!("Could not find version {v} of model {model}"),
+            None => format!("Could not find any versions of model {model}"),
+        }));
+    }
+    Ok(json!({ "model_version_status": statuses }))
+}
+
+fn tensor_info(spec: &TensorSpec) -> Value {
+    let shape = match &spec.shape {
+        Some(dims) => {
+            json!({"dim": dims.iter().map(|d| json!({"size": d.to_string(), "name": ""})).collect::<Vec<_>>(), "unknown_rank": false})
+        }
+        None => json!({"dim": [], "unknown_rank": true}),
+    };
+    json!({"dtype": spec.dtype.tf_name(), "tensor_shape": shape, "name": spec.name})
+}
+
+fn metadata(infer: &Infer, model: &str, selector: &VersionSelector) -> Result<Value, InferError> {
+    let loaded = infer.resolve(model, selector)?;
+    let map = |specs: &[TensorSpec]| {
+        specs
+            .iter()
+            .map(|s| (s.name.clone(), tensor_info(s)))
+            .collect::<Map<_, _>>()
+    };
+    Ok(json!({
+        "model_spec": {"name": loaded.model, "signature_name": "", "version": loaded.version.to_string()},
+        "metadata": {"signature_def": {"signature_def": {"serving_default": {
+            "inputs": map(&loaded.signature.inputs),
+            "outputs": map(&loaded.signature.outputs),
+            "method_name": "tensorflow/serving/predict",
+        }}}}
+    }))
+}
+
+fn is_b64(v: &Value) -> bool {
+    matches!(v, Value::Object(m) if m.len() == 1 && m.contains_key("b64"))
+}
+
+/// Builds one input tensor from a value whose full shape is its nesting.
+fn tensor_from(spec: &TensorSpec, value: &Value) -> Result<NamedTensor, InferError> {
+    let err = |e: String| InferError::invalid(format!("input `{}`: {e}", spec.name));
+    let shape = nested_shape(value).map_err(err)?;
+    let mut items = Vec::new();
+    leaves(value, &mut items);
+    let data = decode_leaves(spec.dtype, &items, true).map_err(err)?;
+    Ok(NamedTensor::new(
+        spec.name.clone(),
+        Tensor::new(shape, data).map_err(|e| err(e.to_string()))?,
+    ))
+}
+
+/// Builds one input tensor by stacking per-instance values along a new first dimension.
+fn stack(spec: &TensorSpec, values: &[&Value]) -> Result<NamedTensor, InferError> {
+    let err = |e: String| InferError::invalid(format!("input `{}`: {e}", spec.name));
+    let first = nested_shape(values[0]).map_err(err)?;
+    let mut items = Vec::new();
+    for (i, v) in values.iter().enumerate() {
+        let shape = nested_shape(v).map_err(err)?;
+        if shape != first {
+            return Err(err(format!(
+                "instance {i} has shape {shape:?} but instance 0 has {first:?}"
+            )));
+        }
+        leaves(v, &mut items);
+    }
+    let data = decode_leaves(spec.dtype, &items, true).map_err(err)?;
+    let mut shape = vec![values.len()];
+    shape.extend(first);
+    Ok(NamedTensor::new(
+        spec.name.clone(),
+        Tensor::new(shape, data).map_err(|e| err(e.to_string()))?,
+    ))
+}
+
+async fn predict(
+    infer: &Infer,
+    loaded: std::sync::Arc<LoadedVersion>,
+    request: &Map<String, Value>,
+) -> Result<Value, InferError> {
+    let specs = &loaded.signature.inputs;
+    let names = || {
+        specs
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let (inputs, row_format) = match (request.get("instances"), request.get("inputs")) {
+        (Some(_), Some(_)) => return Err(InferError::invalid(
+            "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist",
+        )),
+        (None, None) => return Err(InferError::invalid("Missing 'inputs' or 'instances' key")),
+        (Some(instances), None) => {
+            let Value::Array(instances) = instances else {
+                return Err(InferError::invalid(
+                    "Excepting 'instances' to be an list/array",
+                ));
+            };
+            if instances.is_empty() {
+                return Err(InferError::invalid("No values in 'instances' array"));
+            }
+            let named = matches!(&instances[0], Value::Object(_)) && !is_b64(&instances[0]);
+            let inputs = if !named {
+                if specs.len() != 1 {
+                    return Err(InferError::invalid(format!(
+                        "instances is a plain list, but expecting list of objects as multiple input tensors required ({})",
+                        names()
+                    )));
+                }
+                let values: Vec<&Value> = instances.iter().collect();
+                if let Some(i) = values
+                    .iter()
+                    .position(|v| matches!(v, Value::Object(_)) && !is_b64(v))
+                {
+                    return Err(InferError::invalid(format!(
+                        "Expecting value/list but got object at item {i} of input list"
+                    )));
+                }
+                vec![stack(&specs[0], &values)?]
+            } else {
+                for (i, instance) in instances.iter().enumerate() {
+                    let Value::Object(obj) = instance else {
+                        return Err(InferError::invalid(format!(
+                            "Expecting object but got list at item {i} of input list"
+                        )));
+                    };
+                    if let Some(unknown) = obj.keys().find(|k| !specs.iter().any(|s| &s.name == *k))
+                    {
+                        return Err(InferError::invalid(format!(
+                            "Failed to process element: {i} key: {unknown} of 'instances' list: the model has no input named {unknown} (inputs: {})",
+                            names()
+                        )));
+                    }
+                    if obj.len() != specs.len() {
+                        return Err(InferError::invalid(format!(
+                            "Failed to process element: {i} of 'instances' list. JSON object must have keys: {}",
+                            names()
+                        )));
+                    }
+                }
+                specs
+                    .iter()
+                    .map(|spec| {
+                        let values: Vec<&Value> =
+                            instances.iter().map(|i| &i[&spec.name]).collect();
+                        stack(spec, &values)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            };
+            (inputs, true)
+        }
+        (None, Some(columns)) => {
+            let inputs = match columns {
+                Value::Object(obj) if !is_b64(columns) => specs
+                    .iter()
+                    .map(|spec| {
+                        let value = obj.get(&spec.name).ok_or_else(|| {
+                            InferError::invalid(format!(
+                                "Missing named input: {} in 'inputs' object.",
+                                spec.name
+                            ))
+                        })?;
+                        tensor_from(spec, value)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+                value => {
+                    if specs.len() != 1 {
+                        return Err(InferError::invalid(format!(
+                            "inputs is a plain value/list, but expecting an object as multiple input tensors required ({})",
+                            names()
+                        )));
+                    }
+                    vec![tensor_from(&specs[0], value)?]
+                }
+            };
+            (inputs, false)
+        }
+    };
+    let valid = Infer::validate(loaded.clone(), inputs, None)?;
+    let outputs = infer.predict(valid).await?;
+    if row_format {
+        let batch = outputs
+            .first()
+            .and_then(|o| o.tensor.shape.first().copied())
+            .unwrap_or(0);
+        for o in &outputs {
+            match o.tensor.shape.first() {
+                None => {
+                    return Err(InferError::invalid(format!(
+                        "Tensor name: {} has no shape information",
+                        o.name
+                    )))
+                }
+                Some(n) if *n != batch => {
+                    return Err(InferError::invalid(format!(
+                        "Tensor name: {} has inconsistent batch size: {n} expecting: {batch}",
+                        o.name
+                    )))
+                }
+                _ => {}
+            }
+        }
+        let row = |o: &NamedTensor, i: usize| {
+            let rest = &o.tensor.shape[1..];
+            let stride: usize = rest.iter().product();
+            serde_json::to_value(NestedJson {
+                data: &o.tensor.data,
+                shape: rest,
+                start: i * stride,
+                b64: o.name.ends_with("_bytes"),
+            })
+        };
+        let mut predictions = Vec::with_capacity(batch);
+        for i in 0..batch {
+            if outputs.len() == 1 {
+                predictions.push(row(&outputs[0], i).map_err(internal)?);
+            } else {
+                let mut obj = Map::new();
+                for o in &outputs {
+                    obj.insert(o.name.clone(), row(o, i).map_err(internal)?);
+                }
+                predictions.push(Value::Object(obj));
+            }
+        }
+        Ok(json!({ "predictions": predictions }))
+    } else {
+        let whole = |o: &NamedTensor| {
+            serde_json::to_value(NestedJson {
+                data: &o.tensor.data,
+                shape: &o.tensor.shape,
+                start: 0,
+                b64: o.name.ends_with("_bytes"),
+            })
+        };
+        if outputs.len() == 1 {
+            Ok(json!({ "outputs": whole(&outputs[0]).map_err(internal)? }))
+        } else {
+            let mut obj = Map::new();
+            for o in &outputs {
+                obj.insert(o.name.clone(), whole(o).map_err(internal)?);
+            }
+            Ok(json!({ "outputs": obj }))
+        }
+    }
+}
+
+fn internal(e: serde_json::Error) -> InferError {
+    InferError::new(
+        crate::error::ErrorKind::Internal,
+        format!("cannot encode the response: {e}"),
+    )
+}
+
+/// Reads a feature value: a number, or a list holding exactly one number.
+fn feature_value<'a>(name: &str, v: &'a Value) -> Result<&'a Value, InferError> {
+    match v {
+        Value::Array(items) if items.len() == 1 => Ok(&items[0]),
+        Value::Number(_) | Value::Bool(_) => Ok(v),
+        other => Err(InferError::invalid(format!(
+            "feature `{name}`: expected a number, got {other}"
+        ))),
+    }
+}
+
+async fn classify_or_regress(
+    infer: &Infer,
+    loaded: std::sync::Arc<LoadedVersion>,
+    request: &Map<String, Value>,
+    action: Action,
+) -> Result<Value, InferError> {
+    let method = if action == Action::Classify {
+        "classify"
+    } else {
+        "regress"
+    };
+    let spec = match loaded.signature.inputs.as_slice() {
+        [spec] if spec.shape.as_ref().is_some_and(|s| s.len() == 2) && spec.dtype != DataType::Bytes && spec.dtype != DataType::Bool => spec,
+        _ => {
+            return Err(InferError::invalid(format!(
+                "{method} needs a model with one numeric input of shape [batch, features]; use :predict for model `{}`",
+                loaded.model
+            )))
+        }
+    };
+    let examples = match request.get("examples") {
+        None => {
+            return Err(InferError::invalid(format!(
+                "When method is {method}, key 'examples' is expected and was not found"
+            )))
+        }
+        Some(Value::Array(e)) if e.is_empty() => {
+            return Err(InferError::invalid("'examples' value is an empty array"))
+        }
+        Some(Value::Array(e)) => e,
+        Some(_) => {
+            return Err(InferError::invalid(
+                "Expecting 'examples' value to be an list/array",
+            ))
+        }
+    };
+    let context = match request.get("context") {
+        None => Map::new(),
+        Some(Value::Object(c)) => c.clone(),
+        Some(_) => return Err(InferError::invalid("'context' must be a JSON object")),
+    };
+    let width = spec
+        .shape
+        .as_ref()
+        .and_then(|s| s.get(1))
+        .copied()
+        .filter(|w| *w > 0);
+    let mut rows: Vec<Value> = Vec::with_capacity(examples.len());
+    for (i, example) in examples.iter().enumerate() {
+        let Value::Object(example) = example else {
+            return Err(InferError::invalid(format!(
+                "example {i}: Example must be JSON object"
+            )));
+        };
+        let mut features = context.clone();
+        features.extend(example.clone());
+        let row: Vec<Value> = match &loaded.meta.features {
+            Some(names) if !(features.len() == 1 && features.contains_key(&spec.name)) => {
+                if let Some(unknown) = features.keys().find(|k| !names.contains(k)) {
+                    return Err(InferError::invalid(format!(
+                        "example {i}: unknown feature `{unknown}`; the model takes {}",
+                        names.join(", ")
+                    )));
+                }
+                names
+                    .iter()
+                    .map(|n| {
+                        let v = features
+                            .get(n)
+                            .ok_or_else(|| InferError::invalid(format!("example {i}: missing feature `{n}`")))?;
+                        feature_value(n, v).cloned()
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+            _ => match features.iter().next() {
+                Some((_, Value::Array(values))) if features.len() == 1 => values.clone(),
+                _ => {
+                    return Err(InferError::invalid(format!(
+                        "example {i}: this model has no feature names (ferry.json); give each example one feature, `{}`, holding the list of {} values",
+                        spec.name,
+                        width.map_or("all".to_string(), |w| w.to_string())
+                    )))
+                }
+            },
+        };
+        rows.push(Value::Array(row));
+    }
+    let values: Vec<&Value> = rows.iter().collect();
+    let input = stack(spec, &values)?;
+    let valid = Infer::validate(loaded.clone(), vec![input], None)?;
+    let outputs = infer.predict(valid).await?;
+    let n = examples.len();
+    let floats = |o: &NamedTensor| -> Option<Vec<f64>> {
+        match &o.tensor.data {
+            TensorData::F32(v) => Some(v.iter().map(|x| f64::from(*x)).collect()),
+            TensorData::F64(v) => Some(v.clone()),
+            TensorData::F16(v) => Some(v.iter().map(|x| x.to_f64()).collect()),
+            _ => None,
+        }
+    };
+    if action == Action::Regress {
+        let out = outputs
+            .iter()
+            .filter(|o| o.tensor.dtype().is_float() && o.tensor.data.len() == n)
+            .min_by_key(|o| (o.name != "prediction") as u8)
+            .ok_or_else(|| {
+                InferError::invalid(format!(
+                    "model `{}` is not a regressor: no output with one number per example",
+                    loaded.model
+                ))
+            })?;
+        return Ok(json!({ "results": floats(out).expect("filtered on float outputs") }));
+    }
+    let is_scores = |o: &&NamedTensor| {
+        o.tensor.dtype().is_float()
+            && o.tensor.shape.len() == 2
+            && o.tensor.shape[0] == n
+            && o.tensor.shape[1] >= 2
+    };
+    let out = outputs
+        .iter()
+        .filter(is_scores)
+        .min_by_key(|o| (o.name != "probabilities") as u8)
+        .ok_or_else(|| {
+            InferError::invalid(format!(
+                "model `{}` is not a classifier: no [batch, classes] score output",
+                loaded.model
+            ))
+        })?;
+    let classes = out.tensor.shape[1];
+    let labels: Vec<String> = match (&out.keys, &loaded.meta.classes) {
+        (Some(keys), _) => keys.clone(),
+        (None, Some(classes_meta)) if classes_meta.len() == classes => classes_meta.clone(),
+        _ => (0..classes).map(|c| c.to_string()).collect(),
+    };
+    let scores = floats(out).expect("filtered on float outputs");
+    let results: Vec<Value> = scores
+        .chunks(classes)
+        .map(|row| Value::Array(labels.iter().zip(row).map(|(l, s)| json!([l, s])).collect()))
+        .collect();
+    Ok(json!({ "results": results }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        let get = Method::GET;
+        let post = Method::POST;
+        assert_eq!(
+            parse_path(&get, "iris").unwrap(),
+            ("iris".into(), VersionSelector::Latest, Action::Status)
+        );
+        assert_eq!(
+            parse_path(&get, "iris/versions/2").unwrap(),
+            ("iris".into(), VersionSelector::Specific(2), Action::Status)
+        );
+        assert_eq!(
+            parse_path(&get, "iris/labels/stable/metadata").unwrap(),
+            (
+                "iris".into(),
+                VersionSelector::Label("stable".into()),
+                Action::Metadata
+            )
+        );
+        assert_eq!(
+            parse_path(&get, "iris/metadata").unwrap(),
+            ("iris".into(), VersionSelector::Latest, Action::Metadata)
+        );
+        assert_eq!(
+            parse_path(&post, "iris:predict").unwrap(),
+            ("iris".into(), VersionSelector::Latest, Action::Predict)
+        );
+        assert_eq!(
+            parse_path(&post, "iris/versions/3:classify").unwrap(),
+            (
+                "iris".into(),
+                VersionSelector::Specific(3),
+                Action::Classify
+            )
+        );
+        assert_eq!(
+            parse_path(&post, "iris/labels/canary:regress").unwrap(),
+            (
+                "iris".into(),
+                VersionSelector::Label("canary".into()),
+                Action::Regress
+            )
+        );
+        for (m, bad) in [
+            (&get, "iris:predict"),
+            (&post, "iris"),
+            (&post, "iris:explode"),
+            (&get, "iris/versions/x"),
+            (&get, "iris/version/1"),
+            (&get, "iris/versions/1/labels/x"),
+            (&get, ""),
+        ] {
+            assert!(parse_path(m, bad).is_err(), "{m} {bad}");
+        }
+    }
+}

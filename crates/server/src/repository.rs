@@ -1,0 +1,400 @@
+//! The model repository on disk and the table of loaded versions.
+//!
+//! Layout (the one TF Serving and Triton users know): `<root>/<model>/<version>/model.onnx`, versions are
+//! positive integers, an optional `<root>/<model>/config.toml` ([`ModelConfig`]) and an optional
+//! `<root>/<model>/<version>/ferry.json` (feature names and class labels, written by `ferry train`).
+//!
+//! [`ModelStore`] owns the state of every version (LOADING, READY, UNAVAILABLE with its reason, UNLOADING).
+//! Its lock is held only to read or swap entries, never across loading or inference.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use ferry_engine::{Backend, OrtEngine};
+use ferry_model::Signature;
+
+use crate::model_config::{EngineChoice, ModelConfig};
+
+/// The state of one model version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VersionState {
+    /// Being prepared by the engine.
+    Loading,
+    /// Serving requests.
+    Ready,
+    /// Could not be loaded; the reason says why.
+    Unavailable(String),
+    /// Being taken out of service.
+    Unloading,
+}
+
+impl VersionState {
+    /// The upper-case name used by both APIs' status responses.
+    pub fn name(&self) -> &'static str {
+        match self {
+            VersionState::Loading => "LOADING",
+            VersionState::Ready => "READY",
+            VersionState::Unavailable(_) => "UNAVAILABLE",
+            VersionState::Unloading => "UNLOADING",
+        }
+    }
+}
+
+/// What `ferry.json` beside a model says about it (only the parts serving uses).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelMeta {
+    /// Feature names, in the column order of the model's single input.
+    pub features: Option<Vec<String>>,
+    /// Class labels, in the column order of the probabilities output.
+    pub classes: Option<Vec<String>>,
+}
+
+/// A version that is ready: its engine backend and what it takes and gives.
+pub struct LoadedVersion {
+    /// The model name.
+    pub model: String,
+    /// The version number.
+    pub version: u64,
+    /// The signature after `config.toml` overrides.
+    pub signature: Signature,
+    /// Feature names and class labels, when known.
+    pub meta: ModelMeta,
+    /// The prepared model.
+    pub backend: Arc<dyn Backend>,
+}
+
+impl std::fmt::Debug for LoadedVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedVersion")
+            .field("model", &self.model)
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+/// One version's slot in the table.
+#[derive(Debug, Clone)]
+pub struct VersionSlot {
+    /// Its state.
+    pub state: VersionState,
+    /// The loaded version, when READY.
+    pub loaded: Option<Arc<LoadedVersion>>,
+}
+
+/// One model's entry in the table.
+#[derive(Debug, Clone)]
+pub struct ModelRecord {
+    /// The model's configuration (defaults when it has no `config.toml`, or when that file is broken).
+    pub config: Arc<ModelConfig>,
+    /// Its versions by number.
+    pub versions: BTreeMap<u64, VersionSlot>,
+}
+
+/// The table of models and their versions, shared by every front door.
+#[derive(Debug, Default)]
+pub struct ModelStore {
+    models: RwLock<BTreeMap<String, ModelRecord>>,
+}
+
+impl ModelStore {
+    /// A snapshot of one model's record.
+    pub fn model(&self, name: &str) -> Option<ModelRecord> {
+        self.models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// The names of all models.
+    pub fn model_names(&self) -> Vec<String> {
+        self.models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    fn insert_model(&self, name: &str, record: ModelRecord) {
+        self.models
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), record);
+    }
+
+    fn set_version(&self, name: &str, version: u64, slot: VersionSlot) {
+        match &slot.state {
+            VersionState::Unavailable(reason) => {
+                tracing::warn!(model = name, version, state = slot.state.name(), %reason, "model version state changed")
+            }
+            state => tracing::info!(
+                model = name,
+                version,
+                state = state.name(),
+                "model version state changed"
+            ),
+        }
+        let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(record) = models.get_mut(name) {
+            record.versions.insert(version, slot);
+        }
+    }
+
+    /// Marks every ready version as unloading (during shutdown), so status reports tell the truth.
+    pub fn mark_all_unloading(&self) {
+        let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
+        for record in models.values_mut() {
+            for slot in record.versions.values_mut() {
+                if slot.state == VersionState::Ready {
+                    slot.state = VersionState::Unloading;
+                }
+            }
+        }
+    }
+}
+
+/// Checks a model or label name: it must not be able to name anything outside the repository root.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid model name `{}`: use letters, digits, `-`, `_` and `.`, not starting with `.`",
+            name.escape_debug()
+        ))
+    }
+}
+
+/// Parses a version directory or URL segment: a positive integer.
+pub fn parse_version(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse::<u64>().ok().filter(|v| *v > 0)
+}
+
+/// Loads every model of a repository, all versions in parallel, and records their states in `store`.
+///
+/// Returns an error only when the root itself cannot be read; a model that fails is recorded as UNAVAILABLE.
+pub async fn load_repository(
+    root: &Path,
+    store: &Arc<ModelStore>,
+    engine: &OrtEngine,
+    defaults: &ferry_engine::EngineOptions,
+) -> std::io::Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut entries: Vec<_> = std::fs::read_dir(root)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || !entry.path().is_dir() {
+            continue;
+        }
+        if let Err(reason) = validate_name(&name) {
+            tracing::warn!(path = %entry.path().display(), %reason, "skipping directory in the model repository");
+            continue;
+        }
+        let dir = entry.path();
+        let (config, config_error) = match std::fs::read_to_string(dir.join("config.toml")) {
+            Ok(text) => match ModelConfig::parse(&text, defaults) {
+                Ok(c) => (c, None),
+                Err(e) => (
+                    ModelConfig::defaults(defaults),
+                    Some(format!("config.toml: {e}")),
+                ),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                (ModelConfig::defaults(defaults), None)
+            }
+            Err(e) => (
+                ModelConfig::defaults(defaults),
+                Some(format!("config.toml: {e}")),
+            ),
+        };
+        let present = version_dirs(&dir);
+        let selected = config
+            .version_policy
+            .select(&present.iter().map(|(v, _)| *v).collect::<Vec<_>>());
+        let config = Arc::new(config);
+        store.insert_model(
+            &name,
+            ModelRecord {
+                config: config.clone(),
+                versions: BTreeMap::new(),
+            },
+        );
+        if selected.is_empty() {
+            tracing::warn!(model = %name, "no version directory to serve (expected <model>/<version>/model.onnx)");
+        }
+        for version in selected {
+            let path = present
+                .iter()
+                .find(|(v, _)| *v == version)
+                .map(|(_, p)| p.clone())
+                .expect("selected from present");
+            if let Some(reason) = &config_error {
+                store.set_version(
+                    &name,
+                    version,
+                    VersionSlot {
+                        state: VersionState::Unavailable(reason.clone()),
+                        loaded: None,
+                    },
+                );
+                continue;
+            }
+            store.set_version(
+                &name,
+                version,
+                VersionSlot {
+                    state: VersionState::Loading,
+                    loaded: None,
+                },
+            );
+            let (store, engine, config, name) =
+                (store.clone(), engine.clone(), config.clone(), name.clone());
+            tasks.spawn_blocking(move || {
+                let slot = match load_version(&name, version, &path, &config, &engine) {
+                    Ok(loaded) => VersionSlot {
+                        state: VersionState::Ready,
+                        loaded: Some(Arc::new(loaded)),
+                    },
+                    Err(reason) => VersionSlot {
+                        state: VersionState::Unavailable(reason),
+                        loaded: None,
+                    },
+                };
+                store.set_version(&name, version, slot);
+            });
+        }
+    }
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(e) = joined {
+            // A panic inside the engine while loading must not take the server down; the version stays LOADING
+            // in that case, which the log line below explains.
+            tracing::error!(error = %e, "a model load task failed");
+        }
+    }
+    Ok(())
+}
+
+/// The version directories of a model, as (version, path).
+fn version_dirs(model_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(model_dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| parse_version(&e.file_name().to_string_lossy()).map(|v| (v, e.path())))
+        .collect()
+}
+
+/// Prepares one version; the error is the reason shown in its UNAVAILABLE state.
+fn load_version(
+    name: &str,
+    version: u64,
+    dir: &Path,
+    config: &ModelConfig,
+    engine: &OrtEngine,
+) -> Result<LoadedVersion, String> {
+    if config.engine == EngineChoice::Tract {
+        return Err("engine = \"tract\" needs a build with the `tract` feature; this build has ONNX Runtime only".into());
+    }
+    let model_path = dir.join("model.onnx");
+    let bytes = std::fs::read(&model_path)
+        .map_err(|e| format!("cannot read {}: {e}", model_path.display()))?;
+    let backend = engine
+        .load(&bytes, &config.engine_options)
+        .map_err(|e| e.to_string())?;
+    let mut signature = backend.signature().clone();
+    for (overrides, specs, what) in [
+        (&config.inputs, &mut signature.inputs, "inputs"),
+        (&config.outputs, &mut signature.outputs, "outputs"),
+    ] {
+        for (tensor, o) in overrides {
+            let spec = specs
+                .iter_mut()
+                .find(|s| &s.name == tensor)
+                .ok_or_else(|| {
+                    format!(
+                        "config.toml: {what}.{tensor}: the model has no such {}",
+                        &what[..what.len() - 1]
+                    )
+                })?;
+            spec.shape = Some(o.shape.clone());
+        }
+    }
+    let meta = read_meta(dir)?;
+    Ok(LoadedVersion {
+        model: name.to_string(),
+        version,
+        signature,
+        meta,
+        backend: Arc::new(backend),
+    })
+}
+
+fn read_meta(dir: &Path) -> Result<ModelMeta, String> {
+    let path = dir.join("ferry.json");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ModelMeta::default()),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("ferry.json: {e}"))?;
+    let strings = |key: &str| -> Result<Option<Vec<String>>, String> {
+        match value.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::Array(items)) => items
+                .iter()
+                .map(|i| match i {
+                    serde_json::Value::String(s) => Ok(s.clone()),
+                    other => Ok(other.to_string()),
+                })
+                .collect::<Result<Vec<_>, String>>()
+                .map(Some),
+            Some(_) => Err(format!("ferry.json: `{key}` must be a list")),
+        }
+    };
+    Ok(ModelMeta {
+        features: strings("features")?,
+        classes: strings("classes")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_escape_the_root_are_refused() {
+        for bad in [
+            "", "..", ".", "../x", "a/b", "/abs", "a\\b", ".hidden", "a b", "ü",
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+        for good in ["iris", "my-model_2", "v1.2"] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn versions_are_positive_integers() {
+        assert_eq!(parse_version("3"), Some(3));
+        assert_eq!(parse_version("0"), None);
+        assert_eq!(parse_version("-1"), None);
+        assert_eq!(parse_version("1a"), None);
+        assert_eq!(parse_version("+1"), None);
+        assert_eq!(parse_version("99999999999999999999999"), None);
+    }
+}
