@@ -102,7 +102,9 @@ pub async fn post(
         match action {
             Action::Predict => predict(&state.infer, loaded, &request).await,
             Action::Classify | Action::Regress => {
-                classify_or_regress(&state.infer, loaded, &request, action).await
+                classify_or_regress(&state.infer, loaded, &request, action)
+                    .await
+                    .map(|v| axum::Json(v).into_response())
             }
             Action::Status | Action::Metadata => {
                 unreachable!("parse_path gives POST only predict, classify or regress")
@@ -110,9 +112,7 @@ pub async fn post(
         }
     }
     .await;
-    result
-        .map(|v| axum::Json(v).into_response())
-        .unwrap_or_else(IntoResponse::into_response)
+    result.unwrap_or_else(IntoResponse::into_response)
 }
 
 fn check_signature_name(request: &Map<String, Value>) -> Result<(), InferError> {
@@ -234,7 +234,7 @@ async fn predict(
     infer: &Infer,
     loaded: std::sync::Arc<LoadedVersion>,
     request: &Map<String, Value>,
-) -> Result<Value, InferError> {
+) -> Result<Response, InferError> {
     let specs = &loaded.signature.inputs;
     let names = || {
         specs
@@ -358,47 +358,110 @@ async fn predict(
                 _ => {}
             }
         }
-        let row = |o: &NamedTensor, i: usize| {
-            let rest = &o.tensor.shape[1..];
-            let stride: usize = rest.iter().product();
-            serde_json::to_value(NestedJson {
-                data: &o.tensor.data,
-                shape: rest,
-                start: i * stride,
-                b64: o.name.ends_with("_bytes"),
-            })
-        };
-        let mut predictions = Vec::with_capacity(batch);
-        for i in 0..batch {
-            if outputs.len() == 1 {
-                predictions.push(row(&outputs[0], i).map_err(internal)?);
-            } else {
-                let mut obj = Map::new();
-                for o in &outputs {
-                    obj.insert(o.name.clone(), row(o, i).map_err(internal)?);
-                }
-                predictions.push(Value::Object(obj));
-            }
-        }
-        Ok(json!({ "predictions": predictions }))
+        encode(&Predictions {
+            outputs: &outputs,
+            batch,
+        })
     } else {
-        let whole = |o: &NamedTensor| {
-            serde_json::to_value(NestedJson {
-                data: &o.tensor.data,
-                shape: &o.tensor.shape,
-                start: 0,
-                b64: o.name.ends_with("_bytes"),
-            })
-        };
-        if outputs.len() == 1 {
-            Ok(json!({ "outputs": whole(&outputs[0]).map_err(internal)? }))
-        } else {
-            let mut obj = Map::new();
-            for o in &outputs {
-                obj.insert(o.name.clone(), whole(o).map_err(internal)?);
+        encode(&Outputs(&outputs))
+    }
+}
+
+/// Serializes a response body straight from the tensors (no intermediate JSON tree, so FP32 values keep their
+/// shortest form).
+fn encode(body: &impl serde::Serialize) -> Result<Response, InferError> {
+    let bytes = serde_json::to_vec(body).map_err(internal)?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        bytes,
+    )
+        .into_response())
+}
+
+/// One batch row of an output, as nested lists.
+fn row(o: &NamedTensor, i: usize) -> NestedJson<'_> {
+    let rest = &o.tensor.shape[1..];
+    let stride: usize = rest.iter().product();
+    NestedJson {
+        data: &o.tensor.data,
+        shape: rest,
+        start: i * stride,
+        b64: o.name.ends_with("_bytes"),
+    }
+}
+
+/// The whole of an output, as nested lists.
+fn whole(o: &NamedTensor) -> NestedJson<'_> {
+    NestedJson {
+        data: &o.tensor.data,
+        shape: &o.tensor.shape,
+        start: 0,
+        b64: o.name.ends_with("_bytes"),
+    }
+}
+
+/// `{"predictions": [...]}`: one entry per batch row, the row itself when there is one output, else an object.
+struct Predictions<'a> {
+    outputs: &'a [NamedTensor],
+    batch: usize,
+}
+
+impl serde::Serialize for Predictions<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        struct Rows<'a>(&'a Predictions<'a>);
+        struct RowObject<'a>(&'a [NamedTensor], usize);
+        impl serde::Serialize for RowObject<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut map = s.serialize_map(Some(self.0.len()))?;
+                for o in self.0 {
+                    map.serialize_entry(&o.name, &row(o, self.1))?;
+                }
+                map.end()
             }
-            Ok(json!({ "outputs": obj }))
         }
+        impl serde::Serialize for Rows<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let p = self.0;
+                let mut seq = s.serialize_seq(Some(p.batch))?;
+                for i in 0..p.batch {
+                    if let [single] = p.outputs {
+                        seq.serialize_element(&row(single, i))?;
+                    } else {
+                        seq.serialize_element(&RowObject(p.outputs, i))?;
+                    }
+                }
+                seq.end()
+            }
+        }
+        let mut map = s.serialize_map(Some(1))?;
+        map.serialize_entry("predictions", &Rows(self))?;
+        map.end()
+    }
+}
+
+/// `{"outputs": ...}`: the single output's whole tensor, or an object of every output.
+struct Outputs<'a>(&'a [NamedTensor]);
+
+impl serde::Serialize for Outputs<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        struct All<'a>(&'a [NamedTensor]);
+        impl serde::Serialize for All<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut map = s.serialize_map(Some(self.0.len()))?;
+                for o in self.0 {
+                    map.serialize_entry(&o.name, &whole(o))?;
+                }
+                map.end()
+            }
+        }
+        let mut map = s.serialize_map(Some(1))?;
+        match self.0 {
+            [single] => map.serialize_entry("outputs", &whole(single))?,
+            many => map.serialize_entry("outputs", &All(many))?,
+        }
+        map.end()
     }
 }
 
@@ -514,7 +577,12 @@ async fn classify_or_regress(
     let n = examples.len();
     let floats = |o: &NamedTensor| -> Option<Vec<f64>> {
         match &o.tensor.data {
-            TensorData::F32(v) => Some(v.iter().map(|x| f64::from(*x)).collect()),
+            // Through text, so an FP32 score keeps its shortest form (0.99762803, not 0.9976280331611633).
+            TensorData::F32(v) => Some(
+                v.iter()
+                    .map(|x| x.to_string().parse().unwrap_or(f64::NAN))
+                    .collect(),
+            ),
             TensorData::F64(v) => Some(v.clone()),
             TensorData::F16(v) => Some(v.iter().map(|x| x.to_f64()).collect()),
             _ => None,

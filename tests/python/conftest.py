@@ -1,0 +1,136 @@
+"""Starts a real `ferry serve` (the binary named by $FERRY_BIN) on a free port over a repository that holds the
+bundled examples, scikit-learn models exported with skl2onnx, identity models for every datatype, and a broken
+model; tests talk to it with third-party clients."""
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import numpy as np
+import onnx
+import pytest
+import requests
+from onnx import TensorProto, helper
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+
+# numpy dtype -> (KServe datatype, ONNX element type)
+DTYPES = {
+    "bool": ("BOOL", TensorProto.BOOL),
+    "uint8": ("UINT8", TensorProto.UINT8),
+    "uint16": ("UINT16", TensorProto.UINT16),
+    "uint32": ("UINT32", TensorProto.UINT32),
+    "uint64": ("UINT64", TensorProto.UINT64),
+    "int8": ("INT8", TensorProto.INT8),
+    "int16": ("INT16", TensorProto.INT16),
+    "int32": ("INT32", TensorProto.INT32),
+    "int64": ("INT64", TensorProto.INT64),
+    "float16": ("FP16", TensorProto.FLOAT16),
+    "float32": ("FP32", TensorProto.FLOAT),
+    "float64": ("FP64", TensorProto.DOUBLE),
+    "object": ("BYTES", TensorProto.STRING),
+}
+
+
+def identity_model(elem_type):
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "identity",
+        [helper.make_tensor_value_info("x", elem_type, ["N", 3])],
+        [helper.make_tensor_value_info("y", elem_type, ["N", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def sklearn_models():
+    """Real scikit-learn models as their users export them with skl2onnx, trained on the bundled data."""
+    from skl2onnx import to_onnx
+    from sklearn.ensemble import GradientBoostingRegressor, RandomForestClassifier
+    from sklearn.linear_model import LinearRegression, LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def load(name):
+        data = np.genfromtxt(os.path.join(ROOT, "examples", "data", name), delimiter=",", skip_header=1, dtype=str)
+        return data[:, :-1].astype(np.float32), data[:, -1]
+
+    x_iris, y_iris = load("iris.csv")
+    x_diab, y_diab = load("diabetes.csv")
+    y_diab = y_diab.astype(np.float64)
+    models = {
+        # String class labels: a STRING label output and a ZipMap with string keys.
+        "sk_logreg": make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(x_iris, y_iris),
+        # Integer labels: ZipMap with int64 keys, a tree ensemble.
+        "sk_forest": RandomForestClassifier(n_estimators=10, max_depth=4, random_state=0).fit(
+            x_iris, np.unique(y_iris, return_inverse=True)[1]
+        ),
+        "sk_gbr": GradientBoostingRegressor(n_estimators=20, random_state=0).fit(x_diab, y_diab),
+        "sk_linear": make_pipeline(StandardScaler(), LinearRegression()).fit(x_diab, y_diab),
+    }
+    samples = {"sk_logreg": x_iris, "sk_forest": x_iris, "sk_gbr": x_diab, "sk_linear": x_diab}
+    return {name: to_onnx(m, samples[name][:1]).SerializeToString() for name, m in models.items()}
+
+
+def build_repository(root):
+    shutil.copytree(os.path.join(ROOT, "examples", "models"), root, dirs_exist_ok=True)
+    for name, data in sklearn_models().items():
+        os.makedirs(os.path.join(root, name, "1"))
+        with open(os.path.join(root, name, "1", "model.onnx"), "wb") as f:
+            f.write(data)
+    for np_name, (kserve, elem) in DTYPES.items():
+        path = os.path.join(root, f"id_{kserve.lower()}", "1")
+        os.makedirs(path)
+        with open(os.path.join(path, "model.onnx"), "wb") as f:
+            f.write(identity_model(elem))
+    os.makedirs(os.path.join(root, "broken", "1"))
+    with open(os.path.join(root, "broken", "1", "model.onnx"), "wb") as f:
+        f.write(b"\x08\x07garbage that is not a model")
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("repo"))
+    build_repository(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(repository, tmp_path_factory):
+    binary = os.environ.get("FERRY_BIN") or os.path.join(ROOT, "target", "debug", "ferry")
+    log_path = str(tmp_path_factory.mktemp("log") / "ferry.log")
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [binary, "serve", "--model-repository", repository, "--host", "127.0.0.1", "--rest-port", "0"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = None
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        text = open(log_path).read()
+        m = re.search(r"address=127\.0\.0\.1:(\d+)", text)
+        if m:
+            base = f"http://127.0.0.1:{m.group(1)}"
+            try:
+                if requests.get(base + "/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        raise RuntimeError("ferry did not become ready:\n" + open(log_path).read())
+
+    class Server:
+        url = base
+        host = base[len("http://"):]
+        process = proc
+        log = log_path
+
+    yield Server
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
