@@ -855,3 +855,27 @@ async fn shutdown_drains_in_flight_requests() {
     // The listener is closed: new connections fail.
     assert!(reqwest::get(s.url("/v2/health/live")).await.is_err());
 }
+
+#[tokio::test]
+async fn requests_past_the_timeout_get_504() {
+    let repo = TempDir::new("timeout");
+    put_model(&repo.0, "heavy", 1, &heavy(24));
+    put_model(&repo.0, "affine", 1, &affine());
+    let s = TestServer::start_with(repo, |c| ferry_server::ServeConfig {
+        request_timeout: std::time::Duration::from_millis(5),
+        ..c
+    })
+    .await;
+    let rows = 256;
+    let body = json!({"inputs": [{"name": "x", "shape": [rows, 512], "datatype": "FP32", "data": vec![0.5f32; rows * 512]}],
+                      "outputs": [{"name": "h24", "parameters": {"binary_data": true}}]});
+    let (status, answer) = s.post("/v2/models/heavy/infer", body).await;
+    assert_error(status, &answer, 504, &["did not finish within 5 ms"]);
+    let (status, _) = s
+        .post(
+            "/v2/models/affine/infer",
+            json!({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "other models keep serving");
+}
