@@ -249,10 +249,11 @@ async fn infer_inner(
             ));
         }
     }
+    // Resolve first: an unknown or unready model is reported as such whatever the body holds.
+    let loaded = infer.resolve(model, &selector(version)?)?;
     let (json, mut binary) = split_body(headers, &body)?;
     let request: InferRequestBody = serde_json::from_slice(json)
         .map_err(|e| InferError::invalid(format!("malformed inference request: {e}")))?;
-    let loaded = infer.resolve(model, &selector(version)?)?;
 
     let mut inputs = Vec::with_capacity(request.inputs.len());
     for input in &request.inputs {

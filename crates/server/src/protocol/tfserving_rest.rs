@@ -92,12 +92,13 @@ pub async fn post(
     let result = async {
         let (model, selector, action) = parse_path(&Method::POST, &rest)?;
         let body = body.map_err(body_error)?;
+        // Resolve first: an unknown or unready model is reported as such whatever the body holds.
+        let loaded = state.infer.resolve(&model, &selector)?;
         let request: Value = serde_json::from_slice(&body)
             .map_err(|e| InferError::invalid(format!("JSON Parse error: {e}")))?;
         let Value::Object(request) = request else {
             return Err(InferError::invalid("request body must be a JSON object"));
         };
-        let loaded = state.infer.resolve(&model, &selector)?;
         check_signature_name(&request)?;
         match action {
             Action::Predict => predict(&state.infer, loaded, &request).await,
