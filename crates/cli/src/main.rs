@@ -36,8 +36,15 @@ fn run(command: cli::Command) -> anyhow::Result<()> {
                 .into_config()
                 .context("checking the serve configuration")?;
             tracing::info!(?config, "effective configuration");
-            let engine = ferry_engine::OrtEngine::init(config.onnxruntime_lib.as_deref())
-                .context("starting the inference engine")?;
+            let engine = ferry_engine::OrtEngine::init(config.onnxruntime_lib.as_deref());
+            if let Err(e) = &engine {
+                // A build with tract can serve without ONNX Runtime; a build without it cannot serve at all.
+                anyhow::ensure!(
+                    cfg!(feature = "tract"),
+                    "starting the inference engine: {e}"
+                );
+                tracing::warn!(error = %e, "ONNX Runtime is not available: models with engine = \"auto\" use tract");
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

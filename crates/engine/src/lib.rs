@@ -3,6 +3,7 @@
 //! # Brief overview
 //! - [`Backend`]: a loaded model version that turns named input tensors into named output tensors.
 //! - [`OrtEngine`]: ONNX Runtime, loaded at run time from `libonnxruntime` ([`find_onnxruntime`] says where from).
+//! - `TractBackend` (with the `tract` feature): tract, the pure-Rust engine.
 //! - [`EngineOptions`]: what every backend is built with (threads, instances, graph optimization).
 //!
 //! This crate knows nothing of async runtimes or protocols: callers run [`Backend::predict`] off their event loop.
@@ -10,7 +11,11 @@
 mod backend;
 mod library;
 mod onnxruntime;
+#[cfg(feature = "tract")]
+mod tract;
 
 pub use backend::{Backend, EngineError, EngineOptions, OptimizationLevel};
 pub use library::{find_onnxruntime, ENV_ORT_DYLIB_PATH};
 pub use onnxruntime::{OrtBackend, OrtEngine};
+#[cfg(feature = "tract")]
+pub use tract::TractBackend;

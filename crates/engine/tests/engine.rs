@@ -118,3 +118,68 @@ fn corrupt_model_is_a_load_error() {
         .unwrap_err();
     assert!(err.to_string().starts_with("model failed to load"), "{err}");
 }
+
+/// tract and ONNX Runtime give the same answers on the same models.
+#[cfg(feature = "tract")]
+mod tract {
+    use super::*;
+    use ferry_engine::TractBackend;
+
+    #[test]
+    fn affine_matches_onnxruntime() {
+        let model = GraphBuilder::new("affine")
+            .input("x", DataType::F32, Some(&[-1, 2]))
+            .output("y", DataType::F32, Some(&[-1, 1]))
+            .initializer(TensorProto::f32("w", &[2, 1], vec![2.0, -1.0]))
+            .initializer(TensorProto::f32("b", &[1], vec![0.5]))
+            .node("MatMul", &["x", "w"], &["xw"], vec![])
+            .node("Add", &["xw", "b"], &["y"], vec![])
+            .to_bytes();
+        let tract = TractBackend::load(&model, &EngineOptions::default()).unwrap();
+        let ort = engine().load(&model, &EngineOptions::default()).unwrap();
+        assert_eq!(tract.signature(), ort.signature());
+        assert_eq!(tract.engine_name(), "tract");
+        let x = Tensor::new(
+            vec![3, 2],
+            TensorData::F32(vec![1.0, 2.0, 3.0, 4.0, -5.0, 0.25]),
+        )
+        .unwrap();
+        let a = tract
+            .predict(vec![NamedTensor::new("x", x.clone())])
+            .unwrap();
+        let b = ort.predict(vec![NamedTensor::new("x", x)]).unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn identity_on_every_numeric_type() {
+        for data in [
+            TensorData::Bool(vec![true, false]),
+            TensorData::U8(vec![1, 255]),
+            TensorData::I16(vec![-1, 300]),
+            TensorData::I64(vec![-1, i64::MAX]),
+            TensorData::F64(vec![0.1, 1e300]),
+        ] {
+            let dtype = data.dtype();
+            let model = GraphBuilder::new("identity")
+                .input("x", dtype, Some(&[-1]))
+                .output("y", dtype, Some(&[-1]))
+                .node("Identity", &["x"], &["y"], vec![])
+                .to_bytes();
+            let tract = TractBackend::load(&model, &EngineOptions::default()).unwrap();
+            let out = tract
+                .predict(vec![NamedTensor::new(
+                    "x",
+                    Tensor::new(vec![2], data.clone()).unwrap(),
+                )])
+                .unwrap();
+            assert_eq!(out[0].tensor.data, data, "{dtype}");
+        }
+    }
+
+    #[test]
+    fn corrupt_model_is_a_load_error() {
+        let err = TractBackend::load(b"garbage", &EngineOptions::default()).unwrap_err();
+        assert!(err.to_string().starts_with("model failed to load"), "{err}");
+    }
+}

@@ -109,26 +109,34 @@ pub struct Server {
 impl Server {
     /// Loads every model (in parallel) and binds the REST port. Fails only when the repository root cannot be read
     /// or the port cannot be bound; broken models are reported and served as UNAVAILABLE.
+    ///
+    /// `onnxruntime` is the loaded ONNX Runtime, or why it could not be loaded: models that need it are then
+    /// UNAVAILABLE with that reason (builds with tract serve `engine = "auto"` models with tract instead).
     pub async fn start(
         config: ServeConfig,
-        engine: ferry_engine::OrtEngine,
+        onnxruntime: Result<ferry_engine::OrtEngine, ferry_engine::EngineError>,
     ) -> std::io::Result<Server> {
         let store = Arc::new(ModelStore::default());
         let health = Arc::new(Health::default());
         let infer = Infer::new(store.clone(), health.clone(), config.request_timeout);
         let listener = TcpListener::bind(SocketAddr::new(config.host, config.rest_port)).await?;
         tracing::info!(address = %listener.local_addr()?, "REST (KServe v2 and TF Serving) listening");
-        load_repository(&config.model_repository, &store, &engine, &config.engine)
-            .await
-            .map_err(|e| {
-                std::io::Error::new(
-                    e.kind(),
-                    format!(
-                        "cannot read model repository {}: {e}",
-                        config.model_repository.display()
-                    ),
-                )
-            })?;
+        load_repository(
+            &config.model_repository,
+            &store,
+            &onnxruntime,
+            &config.engine,
+        )
+        .await
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot read model repository {}: {e}",
+                    config.model_repository.display()
+                ),
+            )
+        })?;
         let names = store.model_names();
         tracing::info!(models = names.len(), "model repository loaded");
         health.set_loaded();

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use ferry_engine::{Backend, OrtEngine};
+use ferry_engine::{Backend, EngineError, EngineOptions, OrtEngine};
 use ferry_model::Signature;
 
 use crate::model_config::{EngineChoice, ModelConfig};
@@ -187,8 +187,8 @@ pub fn parse_version(text: &str) -> Option<u64> {
 pub async fn load_repository(
     root: &Path,
     store: &Arc<ModelStore>,
-    engine: &OrtEngine,
-    defaults: &ferry_engine::EngineOptions,
+    engine: &Result<OrtEngine, EngineError>,
+    defaults: &EngineOptions,
 ) -> std::io::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     let mut entries: Vec<_> = std::fs::read_dir(root)?.collect::<Result<_, _>>()?;
@@ -304,17 +304,21 @@ fn load_version(
     version: u64,
     dir: &Path,
     config: &ModelConfig,
-    engine: &OrtEngine,
+    onnxruntime: &Result<OrtEngine, EngineError>,
 ) -> Result<LoadedVersion, String> {
-    if config.engine == EngineChoice::Tract {
-        return Err("engine = \"tract\" needs a build with the `tract` feature; this build has ONNX Runtime only".into());
-    }
     let model_path = dir.join("model.onnx");
     let bytes = std::fs::read(&model_path)
         .map_err(|e| format!("cannot read {}: {e}", model_path.display()))?;
-    let backend = engine
-        .load(&bytes, &config.engine_options)
-        .map_err(|e| e.to_string())?;
+    let options = &config.engine_options;
+    let backend: Arc<dyn Backend> = match (config.engine, onnxruntime) {
+        (EngineChoice::Tract, _) => tract_backend(&bytes, options)?,
+        (EngineChoice::OnnxRuntime | EngineChoice::Auto, Ok(ort)) => {
+            Arc::new(ort.load(&bytes, options).map_err(|e| e.to_string())?)
+        }
+        // Without ONNX Runtime, `auto` falls back to tract in builds that have it.
+        (EngineChoice::Auto, Err(_)) if cfg!(feature = "tract") => tract_backend(&bytes, options)?,
+        (_, Err(e)) => return Err(format!("ONNX Runtime is not available: {e}")),
+    };
     let mut signature = backend.signature().clone();
     for (overrides, specs, what) in [
         (&config.inputs, &mut signature.inputs, "inputs"),
@@ -339,8 +343,20 @@ fn load_version(
         version,
         signature,
         meta,
-        backend: Arc::new(backend),
+        backend,
     })
+}
+
+#[cfg(feature = "tract")]
+fn tract_backend(bytes: &[u8], options: &EngineOptions) -> Result<Arc<dyn Backend>, String> {
+    Ok(Arc::new(
+        ferry_engine::TractBackend::load(bytes, options).map_err(|e| e.to_string())?,
+    ))
+}
+
+#[cfg(not(feature = "tract"))]
+fn tract_backend(_: &[u8], _: &EngineOptions) -> Result<Arc<dyn Backend>, String> {
+    Err("engine = \"tract\" needs a build with the `tract` feature; this build has ONNX Runtime only".into())
 }
 
 fn read_meta(dir: &Path) -> Result<ModelMeta, String> {

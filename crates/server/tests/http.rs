@@ -879,3 +879,44 @@ async fn requests_past_the_timeout_get_504() {
         .await;
     assert_eq!(status, 200, "other models keep serving");
 }
+
+#[tokio::test]
+async fn engine_choice_per_model() {
+    let repo = TempDir::new("engines");
+    put_model(&repo.0, "on_ort", 1, &affine());
+    put_file(
+        &repo.0,
+        "on_ort",
+        "config.toml",
+        "engine = \"onnxruntime\"\ngraph_optimization_level = \"disable\"\n",
+    );
+    put_model(&repo.0, "on_tract", 1, &affine());
+    put_file(&repo.0, "on_tract", "config.toml", "engine = \"tract\"\n");
+    let s = TestServer::start(repo).await;
+    let x = json!({"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1, 2, 3, 4]}]});
+    let (status, ort) = s.post("/v2/models/on_ort/infer", x.clone()).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        s.get("/v2/models/on_ort").await.1["platform"],
+        "onnxruntime_onnx"
+    );
+    let (status, tract) = s.post("/v2/models/on_tract/infer", x).await;
+    if cfg!(feature = "tract") {
+        assert_eq!(status, 200, "{tract}");
+        assert_eq!(
+            tract["outputs"], ort["outputs"],
+            "tract and ONNX Runtime agree"
+        );
+        assert_eq!(
+            s.get("/v2/models/on_tract").await.1["platform"],
+            "tract_onnx"
+        );
+    } else {
+        assert_error(
+            status,
+            &tract,
+            503,
+            &["needs a build with the `tract` feature"],
+        );
+    }
+}

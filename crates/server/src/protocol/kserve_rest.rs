@@ -199,7 +199,7 @@ fn metadata_inner(
     Ok(axum::Json(serde_json::json!({
         "name": loaded.model,
         "versions": versions,
-        "platform": "onnxruntime_onnx",
+        "platform": format!("{}_onnx", loaded.backend.engine_name()),
         "inputs": describe(&loaded.signature.inputs),
         "outputs": describe(&loaded.signature.outputs),
     }))

@@ -159,7 +159,7 @@ impl TestServer {
         let engine =
             ferry_engine::OrtEngine::init(None).expect("ONNX Runtime (run through scripts/test)");
         let config = tweak(ServeConfig::for_tests(repo.0.clone()));
-        let server = Server::start(config, engine).await.unwrap();
+        let server = Server::start(config, Ok(engine)).await.unwrap();
         let base = format!("http://{}", server.local_addr());
         let infer = server.infer().clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
