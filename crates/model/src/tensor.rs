@@ -314,6 +314,33 @@ impl TensorData {
         }
     }
 
+    /// Joins tensors' elements end to end (the data of a concatenation along the first dimension).
+    /// Returns `None` when the parts have different types.
+    pub fn concat(parts: &[&TensorData]) -> Option<TensorData> {
+        let first = parts.first()?;
+        let total = parts.iter().map(|p| p.len()).sum();
+        let mut out = TensorData::with_capacity(first.dtype(), total);
+        for part in parts {
+            match (&mut out, part) {
+                (TensorData::Bool(o), TensorData::Bool(p)) => o.extend_from_slice(p),
+                (TensorData::U8(o), TensorData::U8(p)) => o.extend_from_slice(p),
+                (TensorData::U16(o), TensorData::U16(p)) => o.extend_from_slice(p),
+                (TensorData::U32(o), TensorData::U32(p)) => o.extend_from_slice(p),
+                (TensorData::U64(o), TensorData::U64(p)) => o.extend_from_slice(p),
+                (TensorData::I8(o), TensorData::I8(p)) => o.extend_from_slice(p),
+                (TensorData::I16(o), TensorData::I16(p)) => o.extend_from_slice(p),
+                (TensorData::I32(o), TensorData::I32(p)) => o.extend_from_slice(p),
+                (TensorData::I64(o), TensorData::I64(p)) => o.extend_from_slice(p),
+                (TensorData::F16(o), TensorData::F16(p)) => o.extend_from_slice(p),
+                (TensorData::F32(o), TensorData::F32(p)) => o.extend_from_slice(p),
+                (TensorData::F64(o), TensorData::F64(p)) => o.extend_from_slice(p),
+                (TensorData::Bytes(o), TensorData::Bytes(p)) => o.extend_from_slice(p),
+                _ => return None,
+            }
+        }
+        Some(out)
+    }
+
     /// Keeps the elements in `range` (element indices), dropping the rest.
     pub fn slice(&self, range: std::ops::Range<usize>) -> TensorData {
         match self {
@@ -425,6 +452,17 @@ mod tests {
             data.write_le_bytes(&mut raw);
             assert_eq!(TensorData::from_le_bytes(data.dtype(), &raw), Some(data));
         }
+    }
+
+    #[test]
+    fn concat_then_slice_round_trips() {
+        let a = TensorData::F32(vec![1.0, 2.0]);
+        let b = TensorData::F32(vec![3.0]);
+        let joined = TensorData::concat(&[&a, &b]).unwrap();
+        assert_eq!(joined, TensorData::F32(vec![1.0, 2.0, 3.0]));
+        assert_eq!(joined.slice(0..2), a);
+        assert_eq!(joined.slice(2..3), b);
+        assert_eq!(TensorData::concat(&[&a, &TensorData::I8(vec![1])]), None);
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub enum ErrorKind {
     PayloadTooLarge,
     /// The model (or server) exists but is not ready: 503.
     Unavailable,
+    /// The model's queue is full: 429, answered at once.
+    Overloaded,
     /// The request took longer than `--request-timeout`: 504.
     DeadlineExceeded,
     /// The request asks for something Ferry does not do (a content encoding, a method on a model kind): 501.
@@ -30,6 +32,7 @@ impl ErrorKind {
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Unimplemented => StatusCode::NOT_IMPLEMENTED,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -43,6 +46,7 @@ impl ErrorKind {
             ErrorKind::NotFound => "not_found",
             ErrorKind::PayloadTooLarge => "payload_too_large",
             ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Overloaded => "overloaded",
             ErrorKind::DeadlineExceeded => "deadline_exceeded",
             ErrorKind::Unimplemented => "unimplemented",
             ErrorKind::Internal => "internal",
@@ -104,7 +108,7 @@ impl axum::response::IntoResponse for InferError {
             body,
         )
             .into_response();
-        if self.kind == ErrorKind::Unavailable {
+        if matches!(self.kind, ErrorKind::Unavailable | ErrorKind::Overloaded) {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
                 axum::http::HeaderValue::from_static("1"),

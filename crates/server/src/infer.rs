@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_model::{NamedTensor, TensorSpec};
 
@@ -210,35 +210,41 @@ impl Infer {
         })
     }
 
-    /// Runs a validated request on a blocking thread under the request deadline.
-    pub async fn predict(&self, request: ValidRequest) -> Result<Vec<NamedTensor>, InferError> {
+    /// Queues a validated request on its version's scheduler and awaits the answer, at most until the earlier of
+    /// `--request-timeout` and the client's own `deadline`.
+    pub async fn predict(
+        &self,
+        request: ValidRequest,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<NamedTensor>, InferError> {
         let ValidRequest {
             version,
             inputs,
             outputs,
         } = request;
-        let backend = version.backend.clone();
-        let task = tokio::task::spawn_blocking(move || backend.predict(inputs));
-        let result = match tokio::time::timeout(self.timeout, task).await {
-            Err(_) => {
-                return Err(InferError::new(
-                    ErrorKind::DeadlineExceeded,
-                    format!(
-                        "inference did not finish within {} ms",
-                        self.timeout.as_millis()
-                    ),
-                ))
-            }
-            Ok(Err(join)) => {
-                tracing::error!(model = %version.model, version = version.version, error = %join, "inference task panicked");
+        let start = Instant::now();
+        let deadline = deadline.map_or(start + self.timeout, |d| d.min(start + self.timeout));
+        let receiver = version.scheduler.submit(inputs, Some(deadline))?;
+        let late = || {
+            let budget = deadline.saturating_duration_since(start).as_millis();
+            InferError::new(
+                ErrorKind::DeadlineExceeded,
+                format!("inference did not finish within {budget} ms"),
+            )
+        };
+        let all = match tokio::time::timeout_at(deadline.into(), receiver).await {
+            Err(_) => return Err(late()),
+            Ok(Err(_)) => {
+                tracing::error!(model = %version.model, version = version.version, "inference task ended without an answer");
                 return Err(InferError::new(ErrorKind::Internal, "inference failed"));
             }
-            Ok(Ok(result)) => result,
+            Ok(Ok(Err(e))) if e.kind == ErrorKind::DeadlineExceeded => return Err(late()),
+            Ok(Ok(answer)) => answer.inspect_err(|e| {
+                if e.kind == ErrorKind::Internal {
+                    tracing::warn!(model = %version.model, version = version.version, error = %e, "inference failed");
+                }
+            })?,
         };
-        let all = result.map_err(|e| {
-            tracing::warn!(model = %version.model, version = version.version, error = %e, "inference failed");
-            InferError::from(e)
-        })?;
         Ok(match outputs {
             None => all,
             Some(names) => {

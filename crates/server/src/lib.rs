@@ -2,6 +2,7 @@
 //!
 //! # Brief overview
 //! - [`repository`]: discovers `<root>/<model>/<version>/model.onnx`, loads versions in parallel, keeps their states.
+//! - [`batching`]: per-version queues, dynamic batching and backpressure.
 //! - [`infer`]: [`infer::Infer`], the one path every protocol takes (resolve, validate, run, select outputs).
 //! - [`protocol`]: KServe v2 REST (with the binary tensor extension) and TF Serving REST adapters.
 //! - [`http`]: the router and the server lifecycle (bind, serve, drain on shutdown).
@@ -10,6 +11,7 @@
 //!
 //! This crate never runs inference on the async runtime: engines run on blocking threads.
 
+pub mod batching;
 pub mod config;
 pub mod error;
 pub mod http;

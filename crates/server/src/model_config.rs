@@ -10,6 +10,10 @@
 //! [labels]
 //! stable = 1
 //! canary = 2
+//! max_batch_size = 32                 # dynamic batching: 0 (default) runs each request alone
+//! max_queue_delay_us = 500             # how long the oldest request waits for others
+//! preferred_batch_sizes = [8, 16]      # cut at once at these sizes
+//! max_queue_size = 1024                # more waiting requests are refused with 429
 //! [inputs.features]
 //! shape = [-1, 4]
 //! ```
@@ -80,6 +84,8 @@ pub struct ModelConfig {
     pub inputs: BTreeMap<String, TensorOverride>,
     /// Output shape overrides by name.
     pub outputs: BTreeMap<String, TensorOverride>,
+    /// Dynamic batching and queue limits.
+    pub batching: crate::batching::queue::Limits,
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,6 +102,21 @@ struct RawConfig {
     inputs: BTreeMap<String, TensorOverride>,
     #[serde(default)]
     outputs: BTreeMap<String, TensorOverride>,
+    max_batch_size: Option<usize>,
+    max_queue_delay_us: Option<u64>,
+    #[serde(default)]
+    preferred_batch_sizes: Vec<usize>,
+    max_queue_size: Option<usize>,
+}
+
+/// The queue limits of a model without batching settings: no batching, at most 1024 waiting requests.
+pub fn default_limits() -> crate::batching::queue::Limits {
+    crate::batching::queue::Limits {
+        max_batch_size: 1,
+        max_queue_delay: std::time::Duration::from_micros(500),
+        preferred_batch_sizes: Vec::new(),
+        max_queue_size: 1024,
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -122,6 +143,7 @@ impl ModelConfig {
             engine_options: engine.clone(),
             inputs: BTreeMap::new(),
             outputs: BTreeMap::new(),
+            batching: default_limits(),
         }
     }
 
@@ -182,7 +204,33 @@ impl ModelConfig {
                 return Err(format!("labels.{label}: versions start at 1"));
             }
         }
+        let mut batching = default_limits();
+        if let Some(n) = raw.max_batch_size {
+            // 0 (Triton's spelling) and 1 both mean every request runs alone.
+            batching.max_batch_size = n.max(1);
+        }
+        if let Some(us) = raw.max_queue_delay_us {
+            batching.max_queue_delay = std::time::Duration::from_micros(us);
+        }
+        if let Some(bad) = raw
+            .preferred_batch_sizes
+            .iter()
+            .find(|p| **p == 0 || **p > batching.max_batch_size)
+        {
+            return Err(format!(
+                "preferred_batch_sizes: {bad} is not between 1 and max_batch_size ({})",
+                batching.max_batch_size
+            ));
+        }
+        batching.preferred_batch_sizes = raw.preferred_batch_sizes;
+        if let Some(n) = raw.max_queue_size {
+            if n == 0 {
+                return Err("max_queue_size must be at least 1".into());
+            }
+            batching.max_queue_size = n;
+        }
         Ok(ModelConfig {
+            batching,
             version_policy,
             labels: raw.labels,
             engine: engine_choice,
@@ -251,6 +299,28 @@ mod tests {
         assert!(e.contains("line 2"), "{e}");
         let e = parse("engine = \"tensorrt\"").unwrap_err();
         assert!(e.starts_with("engine"), "{e}");
+    }
+
+    #[test]
+    fn batching_settings() {
+        let c = parse("max_batch_size = 16\nmax_queue_delay_us = 250\npreferred_batch_sizes = [4, 8]\nmax_queue_size = 64\n").unwrap();
+        assert_eq!(c.batching.max_batch_size, 16);
+        assert_eq!(
+            c.batching.max_queue_delay,
+            std::time::Duration::from_micros(250)
+        );
+        assert_eq!(c.batching.preferred_batch_sizes, vec![4, 8]);
+        assert_eq!(c.batching.max_queue_size, 64);
+        assert_eq!(
+            parse("max_batch_size = 0").unwrap().batching.max_batch_size,
+            1
+        );
+        assert!(parse("max_batch_size = 4\npreferred_batch_sizes = [8]")
+            .unwrap_err()
+            .starts_with("preferred_batch_sizes"));
+        assert!(parse("max_queue_size = 0")
+            .unwrap_err()
+            .starts_with("max_queue_size"));
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub struct LoadedVersion {
     pub meta: ModelMeta,
     /// The prepared model.
     pub backend: Arc<dyn Backend>,
+    /// Its queue and batcher; every request goes through it.
+    pub scheduler: crate::batching::Scheduler,
 }
 
 impl std::fmt::Debug for LoadedVersion {
@@ -261,12 +263,33 @@ pub async fn load_repository(
             );
             let (store, engine, config, name) =
                 (store.clone(), engine.clone(), config.clone(), name.clone());
-            tasks.spawn_blocking(move || {
-                let slot = match load_version(&name, version, &path, &config, &engine) {
-                    Ok(loaded) => VersionSlot {
-                        state: VersionState::Ready,
-                        loaded: Some(Arc::new(loaded)),
-                    },
+            tasks.spawn(async move {
+                let load_config = config.clone();
+                let loaded =
+                    tokio::task::spawn_blocking(move || load_version(&path, &load_config, &engine))
+                        .await
+                        .unwrap_or_else(|e| Err(format!("loading panicked: {e}")));
+                let slot = match loaded {
+                    Ok(parts) => {
+                        let scheduler = crate::batching::Scheduler::start(
+                            parts.backend.clone(),
+                            config.batching.clone(),
+                            config.engine_options.instances,
+                            format!("{name}/{version}"),
+                        );
+                        let loaded = LoadedVersion {
+                            model: name.clone(),
+                            version,
+                            signature: parts.signature,
+                            meta: parts.meta,
+                            backend: parts.backend,
+                            scheduler,
+                        };
+                        VersionSlot {
+                            state: VersionState::Ready,
+                            loaded: Some(Arc::new(loaded)),
+                        }
+                    }
                     Err(reason) => VersionSlot {
                         state: VersionState::Unavailable(reason),
                         loaded: None,
@@ -298,14 +321,19 @@ fn version_dirs(model_dir: &Path) -> Vec<(u64, PathBuf)> {
         .collect()
 }
 
+/// What loading a version produces before its scheduler starts.
+struct Prepared {
+    signature: Signature,
+    meta: ModelMeta,
+    backend: Arc<dyn Backend>,
+}
+
 /// Prepares one version; the error is the reason shown in its UNAVAILABLE state.
 fn load_version(
-    name: &str,
-    version: u64,
     dir: &Path,
     config: &ModelConfig,
     onnxruntime: &Result<OrtEngine, EngineError>,
-) -> Result<LoadedVersion, String> {
+) -> Result<Prepared, String> {
     let model_path = dir.join("model.onnx");
     let bytes = std::fs::read(&model_path)
         .map_err(|e| format!("cannot read {}: {e}", model_path.display()))?;
@@ -338,9 +366,7 @@ fn load_version(
         }
     }
     let meta = read_meta(dir)?;
-    Ok(LoadedVersion {
-        model: name.to_string(),
-        version,
+    Ok(Prepared {
         signature,
         meta,
         backend,

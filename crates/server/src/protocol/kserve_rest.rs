@@ -13,8 +13,8 @@ use ferry_model::{element_count, DataType, NamedTensor, Tensor, TensorData, Valu
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::body_error;
 use super::json::{decode_leaves, leaves, FlatJson};
+use super::{body_error, client_deadline};
 use crate::error::{ErrorKind, InferError};
 use crate::http::AppState;
 use crate::infer::{Infer, VersionSelector};
@@ -266,6 +266,15 @@ async fn infer_inner(
         )));
     }
 
+    let mut deadline = client_deadline(headers)?;
+    // Triton's per-request `timeout` parameter, in microseconds.
+    if let Some(t) = request.parameters.as_ref().and_then(|p| p.get("timeout")) {
+        let us = t.as_u64().ok_or_else(|| {
+            InferError::invalid(format!("parameter `timeout` must be microseconds, got {t}"))
+        })?;
+        let theirs = std::time::Instant::now() + std::time::Duration::from_micros(us);
+        deadline = Some(deadline.map_or(theirs, |d| d.min(theirs)));
+    }
     let default_binary = flag(request.parameters.as_ref(), "binary_data_output")?.unwrap_or(false);
     let mut requested: Option<Vec<(String, bool)>> = None;
     if let Some(outputs) = &request.outputs {
@@ -282,7 +291,7 @@ async fn infer_inner(
         .as_ref()
         .map(|r| r.iter().map(|(n, _)| n.clone()).collect());
     let valid = Infer::validate(loaded.clone(), inputs, output_names)?;
-    let outputs = infer.predict(valid).await?;
+    let outputs = infer.predict(valid, deadline).await?;
     let binary_of = |name: &str| {
         requested
             .as_ref()

@@ -7,7 +7,31 @@ pub mod tfserving_rest;
 
 use axum::extract::rejection::BytesRejection;
 
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderMap;
+
 use crate::error::{ErrorKind, InferError};
+
+/// The header a REST client sets to give its own deadline, in milliseconds.
+pub const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
+
+/// The client's deadline from the `x-request-timeout-ms` header, if it sent one.
+pub(crate) fn client_deadline(headers: &HeaderMap) -> Result<Option<Instant>, InferError> {
+    let Some(value) = headers.get(TIMEOUT_HEADER) else {
+        return Ok(None);
+    };
+    let ms: u64 = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| {
+            InferError::invalid(format!(
+                "{TIMEOUT_HEADER} must be a whole number of milliseconds"
+            ))
+        })?;
+    Ok(Some(Instant::now() + Duration::from_millis(ms)))
+}
 
 /// Turns a body that could not be read (too large, broken connection) into our error format.
 pub(crate) fn body_error(rejection: BytesRejection) -> InferError {

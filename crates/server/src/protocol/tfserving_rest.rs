@@ -12,8 +12,8 @@ use axum::response::{IntoResponse, Response};
 use ferry_model::{DataType, NamedTensor, Tensor, TensorData, TensorSpec};
 use serde_json::{json, Map, Value};
 
-use super::body_error;
 use super::json::{decode_leaves, leaves, nested_shape, NestedJson};
+use super::{body_error, client_deadline};
 use crate::error::InferError;
 use crate::http::AppState;
 use crate::infer::{Infer, VersionSelector};
@@ -87,10 +87,12 @@ pub async fn get(State(state): State<AppState>, Path(rest): Path<String>) -> Res
 pub async fn post(
     State(state): State<AppState>,
     Path(rest): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
         let (model, selector, action) = parse_path(&Method::POST, &rest)?;
+        let deadline = client_deadline(&headers)?;
         let body = body.map_err(body_error)?;
         // Resolve first: an unknown or unready model is reported as such whatever the body holds.
         let loaded = state.infer.resolve(&model, &selector)?;
@@ -101,9 +103,9 @@ pub async fn post(
         };
         check_signature_name(&request)?;
         match action {
-            Action::Predict => predict(&state.infer, loaded, &request).await,
+            Action::Predict => predict(&state.infer, loaded, &request, deadline).await,
             Action::Classify | Action::Regress => {
-                classify_or_regress(&state.infer, loaded, &request, action)
+                classify_or_regress(&state.infer, loaded, &request, action, deadline)
                     .await
                     .map(|v| axum::Json(v).into_response())
             }
@@ -235,6 +237,7 @@ async fn predict(
     infer: &Infer,
     loaded: std::sync::Arc<LoadedVersion>,
     request: &Map<String, Value>,
+    deadline: Option<std::time::Instant>,
 ) -> Result<Response, InferError> {
     let specs = &loaded.signature.inputs;
     let names = || {
@@ -336,7 +339,7 @@ async fn predict(
         }
     };
     let valid = Infer::validate(loaded.clone(), inputs, None)?;
-    let outputs = infer.predict(valid).await?;
+    let outputs = infer.predict(valid, deadline).await?;
     if row_format {
         let batch = outputs
             .first()
@@ -489,6 +492,7 @@ async fn classify_or_regress(
     loaded: std::sync::Arc<LoadedVersion>,
     request: &Map<String, Value>,
     action: Action,
+    deadline: Option<std::time::Instant>,
 ) -> Result<Value, InferError> {
     let method = if action == Action::Classify {
         "classify"
@@ -574,7 +578,7 @@ async fn classify_or_regress(
     let values: Vec<&Value> = rows.iter().collect();
     let input = stack(spec, &values)?;
     let valid = Infer::validate(loaded.clone(), vec![input], None)?;
-    let outputs = infer.predict(valid).await?;
+    let outputs = infer.predict(valid, deadline).await?;
     let n = examples.len();
     let floats = |o: &NamedTensor| -> Option<Vec<f64>> {
         match &o.tensor.data {

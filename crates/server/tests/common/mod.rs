@@ -242,3 +242,27 @@ impl RawResponse {
         (self.status, v)
     }
 }
+
+/// y = x + (rows in the batch the engine ran): shows from the answer whether requests were batched together.
+/// x: FP32 [-1, -1].
+pub fn counts_rows() -> Vec<u8> {
+    GraphBuilder::new("counts_rows")
+        .input("x", DataType::F32, Some(&[-1, -1]))
+        .output("y", DataType::F32, Some(&[-1, -1]))
+        .initializer(TensorProto::i64("zero", &[], vec![0]))
+        .node("Shape", &["x"], &["shape"], vec![])
+        .node(
+            "Gather",
+            &["shape", "zero"],
+            &["rows"],
+            vec![ferry_model::onnx::AttributeProto::int("axis", 0)],
+        )
+        .node(
+            "Cast",
+            &["rows"],
+            &["rows_f"],
+            vec![ferry_model::onnx::AttributeProto::int("to", 1)],
+        )
+        .node("Add", &["x", "rows_f"], &["y"], vec![])
+        .to_bytes()
+}

@@ -1,0 +1,289 @@
+//! Dynamic batching and backpressure for one model version.
+//!
+//! Every request for a version goes through its [`Scheduler`]: a bounded queue ([`queue::State`], the pure policy)
+//! drained by one `batching_task`. The task first waits for a free instance (a semaphore with one permit per engine
+//! session), then cuts a batch, so batches grow exactly while every instance is busy. The batch runs on a blocking
+//! thread: inputs are concatenated along the first dimension, the engine runs once, outputs are split back by rows
+//! and each request's oneshot is answered. With `max_batch_size` 0 or 1 every request runs alone through the same
+//! queue, which still gives backpressure: a full queue is refused at once (429), and work whose deadline passed or
+//! whose client left is dropped before it reaches the engine.
+
+pub mod queue;
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ferry_engine::Backend;
+use ferry_model::{NamedTensor, Tensor, TensorData};
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::error::{ErrorKind, InferError};
+use queue::{Decision, Entry, Limits, State};
+
+/// The answer to one queued request.
+pub type Answer = Result<Vec<NamedTensor>, InferError>;
+
+/// One queued request.
+#[derive(Debug)]
+pub struct Job {
+    inputs: Vec<NamedTensor>,
+    respond: oneshot::Sender<Answer>,
+}
+
+struct Shared {
+    state: Mutex<State<Job>>,
+    notify: Notify,
+    workers: Arc<Semaphore>,
+    backend: Arc<dyn Backend>,
+    batchable: bool,
+    label: String,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+/// The queue and batcher of one model version. Dropping it stops its task once the queue is empty.
+pub struct Scheduler {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("model", &self.shared.label)
+            .field("batchable", &self.shared.batchable)
+            .finish()
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.shared
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.shared.notify.notify_one();
+    }
+}
+
+/// Whether a backend can take several requests stacked along the first dimension: every input and output has a
+/// dynamic first dimension.
+pub fn can_batch(backend: &dyn Backend) -> bool {
+    let sig = backend.signature();
+    let dynamic_first =
+        |s: &ferry_model::TensorSpec| s.shape.as_ref().is_some_and(|d| d.first() == Some(&-1));
+    !sig.inputs.is_empty()
+        && sig.inputs.iter().all(dynamic_first)
+        && sig.outputs.iter().all(dynamic_first)
+}
+
+impl Scheduler {
+    /// Starts the batcher of one version on the current tokio runtime. `instances` is how many batches may run at
+    /// once (the engine's session count). Batching is turned off when the model cannot batch.
+    pub fn start(
+        backend: Arc<dyn Backend>,
+        mut limits: Limits,
+        instances: usize,
+        label: String,
+    ) -> Scheduler {
+        let batchable = can_batch(backend.as_ref());
+        if limits.max_batch_size > 1 && !batchable {
+            tracing::warn!(model = %label, "dynamic batching is off: the model's inputs and outputs need a dynamic first dimension");
+            limits.max_batch_size = 1;
+        }
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::new(limits)),
+            notify: Notify::new(),
+            workers: Arc::new(Semaphore::new(instances.max(1))),
+            backend,
+            batchable,
+            label,
+            closed: std::sync::atomic::AtomicBool::new(false),
+        });
+        tokio::spawn(batching_task(shared.clone()));
+        Scheduler { shared }
+    }
+
+    /// Queues validated inputs; the receiver gets the answer. Refused at once when the queue is full.
+    pub fn submit(
+        &self,
+        inputs: Vec<NamedTensor>,
+        deadline: Option<Instant>,
+    ) -> Result<oneshot::Receiver<Answer>, InferError> {
+        let (respond, receiver) = oneshot::channel();
+        let rows = if self.shared.batchable {
+            inputs
+                .first()
+                .and_then(|i| i.tensor.shape.first().copied())
+                .unwrap_or(1)
+        } else {
+            1
+        };
+        let key = inputs
+            .iter()
+            .map(|i| {
+                (
+                    i.tensor.dtype(),
+                    i.tensor.shape.get(1..).unwrap_or(&[]).to_vec(),
+                )
+            })
+            .collect();
+        let entry = Entry {
+            item: Job { inputs, respond },
+            rows,
+            key,
+            enqueued: Instant::now(),
+            deadline,
+        };
+        let pushed = self
+            .shared
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(entry);
+        if pushed.is_err() {
+            return Err(InferError::new(
+                ErrorKind::Overloaded,
+                format!(
+                    "model `{}` is overloaded: its queue is full, retry later",
+                    self.shared.label
+                ),
+            ));
+        }
+        self.shared.notify.notify_one();
+        Ok(receiver)
+    }
+
+    /// How many requests wait.
+    pub fn queue_len(&self) -> usize {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+}
+
+async fn batching_task(shared: Arc<Shared>) {
+    loop {
+        let Ok(permit) = shared.workers.clone().acquire_owned().await else {
+            return;
+        };
+        let batch = loop {
+            let now = Instant::now();
+            let (stale, decision) = {
+                let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+                let stale = state.remove_stale(now, |job| !job.respond.is_closed());
+                (stale, state.next_batch(now))
+            };
+            for e in stale {
+                // Whoever is still waiting past the deadline hears why; a client that left hears nothing.
+                let _ = e.item.respond.send(Err(InferError::new(
+                    ErrorKind::DeadlineExceeded,
+                    "the request's deadline passed while it waited in the queue",
+                )));
+            }
+            match decision {
+                Decision::Batch(entries, reason) => {
+                    tracing::trace!(model = %shared.label, size = entries.len(), ?reason, "batch cut");
+                    break entries;
+                }
+                Decision::Idle => {
+                    if shared.closed.load(std::sync::atomic::Ordering::SeqCst) {
+                        return;
+                    }
+                    shared.notify.notified().await;
+                }
+                Decision::WaitUntil(at) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at.into()) => {}
+                        () = shared.notify.notified() => {}
+                    }
+                }
+            }
+        };
+        let backend = shared.backend.clone();
+        tokio::task::spawn_blocking(move || run_batch(backend.as_ref(), batch, permit));
+    }
+}
+
+/// Runs one batch on the engine and answers every request in it. Holds the instance permit until done.
+fn run_batch(backend: &dyn Backend, mut batch: Vec<Entry<Job>>, _permit: OwnedSemaphorePermit) {
+    if batch.len() == 1 {
+        let e = batch.pop().expect("one entry");
+        let answer = backend.predict(e.item.inputs).map_err(InferError::from);
+        let _ = e.item.respond.send(answer);
+        return;
+    }
+    let rows: Vec<usize> = batch.iter().map(|e| e.rows).collect();
+    let total: usize = rows.iter().sum();
+    let mut jobs: Vec<Job> = batch.into_iter().map(|e| e.item).collect();
+    let answer = concat_inputs(&mut jobs, total)
+        .and_then(|inputs| backend.predict(inputs).map_err(InferError::from));
+    match answer.and_then(|outputs| split_outputs(outputs, &rows, total)) {
+        Ok(parts) => {
+            for (job, part) in jobs.into_iter().zip(parts) {
+                let _ = job.respond.send(Ok(part));
+            }
+        }
+        Err(e) => {
+            for job in jobs {
+                let _ = job.respond.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+fn concat_inputs(jobs: &mut [Job], total: usize) -> Result<Vec<NamedTensor>, InferError> {
+    let count = jobs[0].inputs.len();
+    let mut inputs = Vec::with_capacity(count);
+    for i in 0..count {
+        let parts: Vec<&TensorData> = jobs.iter().map(|j| &j.inputs[i].tensor.data).collect();
+        let data = TensorData::concat(&parts)
+            .expect("entries in one batch share input types (same batch key)");
+        let mut shape = jobs[0].inputs[i].tensor.shape.clone();
+        shape[0] = total;
+        let tensor = Tensor::new(shape, data)
+            .map_err(|e| InferError::new(ErrorKind::Internal, e.to_string()))?;
+        inputs.push(NamedTensor::new(jobs[0].inputs[i].name.clone(), tensor));
+    }
+    // The requests' own tensors are no longer needed; free them before inference.
+    for job in jobs.iter_mut() {
+        job.inputs.clear();
+    }
+    Ok(inputs)
+}
+
+/// Splits each output's rows back to the requests, in order.
+fn split_outputs(
+    outputs: Vec<NamedTensor>,
+    rows: &[usize],
+    total: usize,
+) -> Result<Vec<Vec<NamedTensor>>, InferError> {
+    let mut parts: Vec<Vec<NamedTensor>> = rows
+        .iter()
+        .map(|_| Vec::with_capacity(outputs.len()))
+        .collect();
+    for out in outputs {
+        if out.tensor.shape.first() != Some(&total) {
+            return Err(InferError::new(
+                ErrorKind::Internal,
+                format!(
+                    "output `{}` has shape {:?}, which cannot be split into {total} batched rows",
+                    out.name, out.tensor.shape
+                ),
+            ));
+        }
+        let stride: usize = out.tensor.shape[1..].iter().product();
+        let mut start = 0;
+        for (part, n) in parts.iter_mut().zip(rows) {
+            let mut shape = out.tensor.shape.clone();
+            shape[0] = *n;
+            let data = out.tensor.data.slice(start * stride..(start + n) * stride);
+            start += n;
+            part.push(NamedTensor {
+                name: out.name.clone(),
+                tensor: Tensor { shape, data },
+                keys: out.keys.clone(),
+            });
+        }
+    }
+    Ok(parts)
+}
