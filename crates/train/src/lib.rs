@@ -1,0 +1,26 @@
+//! Ferry's training side: from a CSV file to a servable ONNX model with its `ferry.json`.
+//!
+//! # Brief overview
+//! - [`data`]: [`load_csv`] reads a CSV file into a [`Dataset`] (numeric features, a numeric or label target, a
+//!   sha256 of the bytes) and [`split`] makes seeded, stratified train/validation splits.
+//! - [`network`]: the one model all families share (dense layers and an output head) with its losses and exact
+//!   gradients; [`optim`]: gradient descent, SGD, momentum, Adam and the learning-rate schedule.
+//! - [`fit`]: the training loop with early stopping, turning [`TrainOptions`] into a [`Trained`] model.
+//! - [`export`]: the ONNX graph (standardization folded in) and the `ferry.json` metadata, written to a
+//!   directory or published as the next version in a model repository.
+//! - [`evaluate`](mod@evaluate): runs an exported model through the serving engine and scores it ([`metrics`]).
+//!
+//! This crate knows nothing of async runtimes, HTTP or the command line.
+
+pub mod data;
+mod error;
+
+pub mod fit;
+pub mod metrics;
+pub mod network;
+pub mod optim;
+pub mod stats;
+
+pub use data::{load_csv, split, Dataset, Impute, LoadOptions};
+pub use error::TrainError;
+pub use fit::{fit, HyperParameters, ModelKind, Task, TrainOptions, Trained};
