@@ -67,7 +67,12 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_REST_PORT", default_value_t = 8501)]
     pub rest_port: u16,
 
-    /// Request bodies larger than this many bytes are refused with 413.
+    /// The gRPC port (KServe v2 `inference.GRPCInferenceService`, TF Serving `PredictionService` and
+    /// `ModelService`). 0 picks a free port; the log says which.
+    #[arg(long, env = "FERRY_GRPC_PORT", default_value_t = 8500)]
+    pub grpc_port: u16,
+
+    /// Request bodies (and gRPC messages) larger than this many bytes are refused (413 / RESOURCE_EXHAUSTED).
     #[arg(long, env = "FERRY_MAX_REQUEST_BYTES", default_value_t = 64 << 20)]
     pub max_request_bytes: usize,
 
@@ -121,6 +126,7 @@ impl ServeArgs {
             model_repository: self.model_repository,
             host: self.host,
             rest_port: self.rest_port,
+            grpc_port: self.grpc_port,
             max_request_bytes: self.max_request_bytes,
             request_timeout: self.request_timeout,
             shutdown_grace_period: self.shutdown_grace_period,

@@ -15,6 +15,8 @@ pub struct ServeConfig {
     pub host: IpAddr,
     /// The REST port; 0 picks a free one.
     pub rest_port: u16,
+    /// The gRPC port; 0 picks a free one.
+    pub grpc_port: u16,
     /// Bodies larger than this are refused with 413.
     pub max_request_bytes: usize,
     /// A request that takes longer is answered with 504.
@@ -34,6 +36,7 @@ impl ServeConfig {
             model_repository,
             host: IpAddr::from([127, 0, 0, 1]),
             rest_port: 0,
+            grpc_port: 0,
             max_request_bytes: 64 << 20,
             request_timeout: Duration::from_secs(30),
             shutdown_grace_period: Duration::from_secs(10),

@@ -39,6 +39,19 @@ impl ErrorKind {
         }
     }
 
+    /// The gRPC status code for this kind.
+    pub fn grpc_code(self) -> tonic::Code {
+        match self {
+            ErrorKind::InvalidArgument => tonic::Code::InvalidArgument,
+            ErrorKind::NotFound => tonic::Code::NotFound,
+            ErrorKind::PayloadTooLarge | ErrorKind::Overloaded => tonic::Code::ResourceExhausted,
+            ErrorKind::Unavailable => tonic::Code::Unavailable,
+            ErrorKind::DeadlineExceeded => tonic::Code::DeadlineExceeded,
+            ErrorKind::Unimplemented => tonic::Code::Unimplemented,
+            ErrorKind::Internal => tonic::Code::Internal,
+        }
+    }
+
     /// A stable snake_case label, for logs and metrics.
     pub fn label(self) -> &'static str {
         match self {
@@ -95,6 +108,12 @@ impl From<ferry_engine::EngineError> for InferError {
             ferry_engine::EngineError::InvalidInput(m) => InferError::invalid(m),
             other => InferError::new(ErrorKind::Internal, other.to_string()),
         }
+    }
+}
+
+impl From<InferError> for tonic::Status {
+    fn from(e: InferError) -> tonic::Status {
+        tonic::Status::new(e.kind.grpc_code(), e.message)
     }
 }
 

@@ -1,5 +1,5 @@
-//! The REST front door: one axum [`Router`] for both KServe v2 and TF Serving, and the server's lifecycle
-//! (bind, serve, drain on shutdown).
+//! The front doors: one axum [`Router`] for REST (KServe v2 and TF Serving), one tonic router for gRPC (the same
+//! two protocols), and the server's lifecycle (bind, serve both, drain on shutdown).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -98,9 +98,10 @@ async fn request_id(request: Request<axum::body::Body>, next: Next) -> Response 
     response
 }
 
-/// A server that has loaded its repository and bound its port, ready to [`Server::run`].
+/// A server that has loaded its repository and bound its ports, ready to [`Server::run`].
 pub struct Server {
     listener: TcpListener,
+    grpc_listener: TcpListener,
     router: Router,
     infer: Infer,
     config: ServeConfig,
@@ -121,6 +122,9 @@ impl Server {
         let infer = Infer::new(store.clone(), health.clone(), config.request_timeout);
         let listener = TcpListener::bind(SocketAddr::new(config.host, config.rest_port)).await?;
         tracing::info!(address = %listener.local_addr()?, "REST (KServe v2 and TF Serving) listening");
+        let grpc_listener =
+            TcpListener::bind(SocketAddr::new(config.host, config.grpc_port)).await?;
+        tracing::info!(address = %grpc_listener.local_addr()?, "gRPC (KServe v2 and TF Serving) listening");
         load_repository(
             &config.model_repository,
             &store,
@@ -148,6 +152,7 @@ impl Server {
         );
         Ok(Server {
             listener,
+            grpc_listener,
             router,
             infer,
             config,
@@ -157,6 +162,13 @@ impl Server {
     /// The address the REST listener is bound to (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The address the gRPC listener is bound to.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_listener
             .local_addr()
             .expect("a bound listener has an address")
     }
@@ -174,6 +186,7 @@ impl Server {
     ) -> std::io::Result<()> {
         let Server {
             listener,
+            grpc_listener,
             router,
             infer,
             config,
@@ -193,6 +206,18 @@ impl Server {
         let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
             let _ = wait_drain.wait_for(|d| *d).await;
         });
+        let mut grpc_drain = drain_rx.clone();
+        let grpc = grpc_router(&infer, config.max_request_bytes).serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            async move {
+                let _ = grpc_drain.wait_for(|d| *d).await;
+            },
+        );
+        let serve = async move {
+            let (rest, grpc) = tokio::join!(serve, grpc);
+            rest?;
+            grpc.map_err(std::io::Error::other)
+        };
         let mut grace_rx = drain_rx;
         let grace = config.shutdown_grace_period;
         let grace_timer = async move {
@@ -207,6 +232,31 @@ impl Server {
         tracing::info!("server stopped");
         Ok(())
     }
+}
+
+/// The gRPC services (KServe v2 and TF Serving) over the shared inference path.
+fn grpc_router(infer: &Infer, max_message_bytes: usize) -> tonic::transport::server::Router {
+    use crate::protocol::grpc::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+    use crate::protocol::grpc::tensorflow::serving::{
+        model_service_server::ModelServiceServer,
+        prediction_service_server::PredictionServiceServer,
+    };
+    use crate::protocol::{kserve_grpc::KserveGrpc, tfserving_grpc::TfServingGrpc};
+    let kserve = KserveGrpc {
+        infer: infer.clone(),
+    };
+    let tf = TfServingGrpc {
+        infer: infer.clone(),
+    };
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            GrpcInferenceServiceServer::new(kserve).max_decoding_message_size(max_message_bytes),
+        )
+        .add_service(
+            PredictionServiceServer::new(tf.clone()).max_decoding_message_size(max_message_bytes),
+        )
+        .add_service(ModelServiceServer::new(tf).max_decoding_message_size(max_message_bytes))
 }
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C).

@@ -1,8 +1,11 @@
 //! Protocol adapters: each decodes its wire format into the internal request, calls [`crate::infer::Infer`],
 //! and encodes the answer. No business logic lives here.
 
+pub mod grpc;
 pub mod json;
+pub mod kserve_grpc;
 pub mod kserve_rest;
+pub mod tfserving_grpc;
 pub mod tfserving_rest;
 
 use axum::extract::rejection::BytesRejection;

@@ -140,6 +140,7 @@ pub fn heavy(layers: usize) -> Vec<u8> {
 /// A running server and a client for it.
 pub struct TestServer {
     pub base: String,
+    pub grpc: String,
     pub client: reqwest::Client,
     pub infer: ferry_server::infer::Infer,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -161,6 +162,7 @@ impl TestServer {
         let config = tweak(ServeConfig::for_tests(repo.0.clone()));
         let server = Server::start(config, Ok(engine)).await.unwrap();
         let base = format!("http://{}", server.local_addr());
+        let grpc = format!("http://{}", server.grpc_addr());
         let infer = server.infer().clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(server.run(async move {
@@ -168,6 +170,7 @@ impl TestServer {
         }));
         TestServer {
             base,
+            grpc,
             client: reqwest::Client::new(),
             infer,
             shutdown: Some(tx),

@@ -1,0 +1,67 @@
+//! Code generated from `proto/` by `build.rs` (KServe v2 and TF Serving gRPC), and what both gRPC adapters share.
+
+#![allow(missing_docs, clippy::all, unreachable_pub)]
+
+use std::time::{Duration, Instant};
+
+use crate::error::InferError;
+
+/// KServe v2 / Open Inference Protocol messages and service (`package inference`).
+pub mod inference {
+    tonic::include_proto!("inference");
+}
+
+/// TensorFlow framework messages (`package tensorflow`).
+pub mod tensorflow {
+    tonic::include_proto!("tensorflow");
+
+    /// TF Serving messages and services (`package tensorflow.serving`).
+    pub mod serving {
+        tonic::include_proto!("tensorflow.serving");
+    }
+}
+
+/// The client's deadline from the `grpc-timeout` header (`100m` is 100 ms; units H, M, S, m, u, n).
+pub(crate) fn grpc_deadline(
+    metadata: &tonic::metadata::MetadataMap,
+) -> Result<Option<Instant>, InferError> {
+    let Some(value) = metadata.get("grpc-timeout") else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or_default();
+    let bad = || InferError::invalid(format!("malformed grpc-timeout `{text}`"));
+    if text.len() < 2 {
+        return Err(bad());
+    }
+    let (digits, unit) = text.split_at(text.len() - 1);
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let duration = match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return Err(bad()),
+    };
+    Ok(Instant::now().checked_add(duration))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts() {
+        let mut m = tonic::metadata::MetadataMap::new();
+        assert_eq!(grpc_deadline(&m).unwrap(), None);
+        m.insert("grpc-timeout", "250m".parse().unwrap());
+        let d = grpc_deadline(&m).unwrap().unwrap();
+        assert!(
+            d > Instant::now() + Duration::from_millis(200)
+                && d <= Instant::now() + Duration::from_millis(250)
+        );
+        m.insert("grpc-timeout", "5x".parse().unwrap());
+        assert!(grpc_deadline(&m).is_err());
+    }
+}
