@@ -103,7 +103,7 @@ def server(repository, tmp_path_factory):
     log_path = str(tmp_path_factory.mktemp("log") / "ferry.log")
     log = open(log_path, "w")
     proc = subprocess.Popen(
-        [binary, "serve", "--model-repository", repository, "--host", "127.0.0.1", "--rest-port", "0"],
+        [binary, "serve", "--model-repository", repository, "--host", "127.0.0.1", "--rest-port", "0", "--grpc-port", "0"],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -111,9 +111,11 @@ def server(repository, tmp_path_factory):
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
         text = open(log_path).read()
-        m = re.search(r"address=127\.0\.0\.1:(\d+)", text)
-        if m:
+        m = re.search(r"REST .* listening address=127\.0\.0\.1:(\d+)", text)
+        g = re.search(r"gRPC .* listening address=127\.0\.0\.1:(\d+)", text)
+        if m and g:
             base = f"http://127.0.0.1:{m.group(1)}"
+            grpc_host = f"127.0.0.1:{g.group(1)}"
             try:
                 if requests.get(base + "/v2/health/ready", timeout=1).status_code == 200:
                     break
@@ -127,6 +129,7 @@ def server(repository, tmp_path_factory):
     class Server:
         url = base
         host = base[len("http://"):]
+        grpc = grpc_host
         process = proc
         log = log_path
 
