@@ -28,6 +28,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve every model in a repository over REST (KServe v2 / Open Inference Protocol and TF Serving APIs).
     Serve(ServeArgs),
+    /// Measure a KServe v2 server's throughput and latency (REST or gRPC, a concurrency sweep or a fixed rate).
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Log line format.

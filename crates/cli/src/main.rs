@@ -1,6 +1,7 @@
 //! `ferry`: the single binary. Parses the command line (flags < env < config file merged in [`config`]),
 //! sets up logging, and runs the chosen subcommand.
 
+mod bench;
 mod cli;
 mod config;
 mod telemetry;
@@ -30,6 +31,7 @@ fn main() -> ExitCode {
 
 fn run(command: cli::Command) -> anyhow::Result<()> {
     match command {
+        cli::Command::Bench(args) => bench::run(args),
         cli::Command::Serve(args) => {
             telemetry::init(args.log_format, &args.log_level).context("setting up logging")?;
             let config = args
