@@ -28,6 +28,10 @@ pub struct Cli {
 pub enum Command {
     /// Serve every model in a repository over REST (KServe v2 / Open Inference Protocol and TF Serving APIs).
     Serve(ServeArgs),
+    /// Train a model on a CSV file by gradient descent and write it as ONNX with its ferry.json.
+    Train(crate::train::TrainArgs),
+    /// Score an exported model on a CSV file, running it through ONNX Runtime as `ferry serve` does.
+    Evaluate(crate::evaluate::EvaluateArgs),
     /// Measure a KServe v2 server's throughput and latency (REST or gRPC, a concurrency sweep or a fixed rate).
     Bench(crate::bench::BenchArgs),
 }

@@ -4,7 +4,9 @@
 mod bench;
 mod cli;
 mod config;
+mod evaluate;
 mod telemetry;
+mod train;
 
 use std::process::ExitCode;
 
@@ -31,6 +33,8 @@ fn main() -> ExitCode {
 
 fn run(command: cli::Command) -> anyhow::Result<()> {
     match command {
+        cli::Command::Train(args) => train::run(args),
+        cli::Command::Evaluate(args) => evaluate::run(args),
         cli::Command::Bench(args) => bench::run(args),
         cli::Command::Serve(args) => {
             telemetry::init(args.log_format, &args.log_level).context("setting up logging")?;

@@ -62,15 +62,16 @@ pub struct TrainOptions {
     pub learning_rate: Option<f64>,
     /// Rows per mini-batch (default 32 for the linear families, 200 for `mlp`; ignored by `gd`).
     pub batch_size: Option<usize>,
-    /// The most epochs (default 5000 for `gd`, 200 otherwise).
+    /// The most epochs (default 5000 for `gd`, 1000 for the linear families on mini-batches, 500 for `mlp`).
     pub epochs: Option<usize>,
-    /// L2 strength (default: 1/m for logistic and softmax, scikit-learn's C = 1; 0 for linear; 1e-4 for mlp).
+    /// L2 strength (default: 1/m for logistic and softmax, scikit-learn's C = 1; 0 for linear; 1e-3 for mlp).
     pub l2: Option<f64>,
     /// L1 strength.
     pub l1: f64,
     /// Learning-rate schedule.
     pub schedule: Schedule,
-    /// Epochs without improvement of the validation loss before stopping (default 20 for `gd`, 10 otherwise).
+    /// Epochs without improvement of the validation loss before stopping (default 100 for `gd`, 50 for the
+    /// linear families on mini-batches, 20 for `mlp`).
     pub patience: Option<usize>,
     /// The least improvement that counts (default 1e-9 for `gd`, 1e-4 otherwise).
     pub tolerance: Option<f64>,
@@ -307,18 +308,26 @@ fn resolve(options: &TrainOptions, dataset: &Dataset) -> Result<HyperParameters,
         )?,
         epochs: positive(
             "--epochs",
-            options.epochs.unwrap_or(if gd { 5000 } else { 200 }),
+            options.epochs.unwrap_or(match (gd, linear_family) {
+                (true, _) => 5000,
+                (false, true) => 1000,
+                (false, false) => 500,
+            }),
         )?,
         l2: options.l2.unwrap_or(match options.model {
             ModelKind::Linear => 0.0,
             ModelKind::Logistic | ModelKind::Softmax => 1.0 / train_rows,
-            ModelKind::Mlp => 1e-4,
+            ModelKind::Mlp => 1e-3,
         }),
         l1: options.l1,
         schedule: options.schedule,
         patience: positive(
             "--patience",
-            options.patience.unwrap_or(if gd { 20 } else { 10 }),
+            options.patience.unwrap_or(match (gd, linear_family) {
+                (true, _) => 100,
+                (false, true) => 50,
+                (false, false) => 20,
+            }),
         )?,
         tolerance: options.tolerance.unwrap_or(if gd { 1e-9 } else { 1e-4 }),
         validation_fraction: options.validation_fraction,

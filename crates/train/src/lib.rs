@@ -14,7 +14,8 @@
 
 pub mod data;
 mod error;
-
+pub mod evaluate;
+pub mod export;
 pub mod fit;
 pub mod metrics;
 pub mod network;

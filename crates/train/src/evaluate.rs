@@ -1,0 +1,174 @@
+//! Evaluation through the serving engine: an exported model directory is loaded with ONNX Runtime (the engine
+//! `ferry serve` uses), run on a CSV file's rows, and scored. What is scored is therefore what is served.
+
+use std::path::Path;
+
+use ferry_engine::{Backend, EngineOptions, OrtBackend, OrtEngine};
+use ferry_model::{NamedTensor, Tensor, TensorData};
+use ndarray::{Array2, ArrayView2, Axis};
+
+use crate::data::{load_csv, LoadOptions, Target};
+use crate::export::{read_metadata, Metadata, MODEL_FILE};
+use crate::fit::{Report, Task};
+use crate::{metrics, TrainError};
+
+/// Rows sent to the engine at once, to bound memory on big files.
+const CHUNK_ROWS: usize = 8192;
+
+/// An exported model loaded in ONNX Runtime.
+pub struct OnnxModel {
+    backend: OrtBackend,
+}
+
+/// What an exported model returns for a batch of rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OnnxOutputs {
+    /// `probabilities` [N, C] (classifiers) or `prediction` [N, 1] (regressors), widened to f64.
+    pub values: Array2<f64>,
+    /// `label` (classifiers).
+    pub labels: Option<Vec<String>>,
+}
+
+fn engine_error(message: String) -> TrainError {
+    TrainError::Engine(ferry_engine::EngineError::Run(message))
+}
+
+impl OnnxModel {
+    /// Loads serialized ONNX bytes.
+    pub fn load(engine: &OrtEngine, bytes: &[u8]) -> Result<OnnxModel, TrainError> {
+        let options = EngineOptions {
+            instances: 1,
+            ..EngineOptions::default()
+        };
+        Ok(OnnxModel {
+            backend: engine.load(bytes, &options)?,
+        })
+    }
+
+    /// Runs the model on raw feature rows.
+    pub fn run(&self, x: ArrayView2<'_, f64>) -> Result<OnnxOutputs, TrainError> {
+        let mut values: Option<Array2<f64>> = None;
+        let mut labels: Option<Vec<String>> = None;
+        for chunk in x.axis_chunks_iter(Axis(0), CHUNK_ROWS) {
+            let data: Vec<f32> = chunk.iter().map(|&v| v as f32).collect();
+            let input = Tensor::new(vec![chunk.nrows(), chunk.ncols()], TensorData::F32(data))
+                .expect("one value per cell");
+            let outputs = self
+                .backend
+                .predict(vec![NamedTensor::new("features", input)])?;
+            for out in outputs {
+                match (out.name.as_str(), out.tensor.data) {
+                    ("probabilities" | "prediction", TensorData::F32(v)) => {
+                        let cols = out.tensor.shape.get(1).copied().unwrap_or(1);
+                        let part = Array2::from_shape_vec(
+                            (chunk.nrows(), cols),
+                            v.into_iter().map(f64::from).collect(),
+                        )
+                        .map_err(|e| engine_error(format!("output `{}`: {e}", out.name)))?;
+                        values = Some(match values.take() {
+                            None => part,
+                            Some(prev) => {
+                                ndarray::concatenate(Axis(0), &[prev.view(), part.view()])
+                                    .map_err(|e| engine_error(e.to_string()))?
+                            }
+                        });
+                    }
+                    ("label", TensorData::Bytes(v)) => labels.get_or_insert_with(Vec::new).extend(
+                        v.into_iter()
+                            .map(|b| String::from_utf8_lossy(&b).into_owned()),
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        let values = values.ok_or_else(|| {
+            engine_error("the model has no FP32 `probabilities` or `prediction` output".into())
+        })?;
+        Ok(OnnxOutputs { values, labels })
+    }
+}
+
+/// Loads `model_dir` (its `model.onnx` and `ferry.json`), runs it on `data`, and scores it.
+pub fn evaluate(
+    engine: &OrtEngine,
+    model_dir: &Path,
+    data: &Path,
+) -> Result<(Metadata, Report), TrainError> {
+    let meta = read_metadata(model_dir)?;
+    let model_path = model_dir.join(MODEL_FILE);
+    let bytes = std::fs::read(&model_path).map_err(|e| TrainError::io(&model_path, e))?;
+    let model = OnnxModel::load(engine, &bytes)?;
+    let options = LoadOptions {
+        target: Some(meta.target.clone()),
+        features: Some(meta.features.clone()),
+        impute: meta.imputation.as_ref().map(|i| i.strategy),
+        ..LoadOptions::default()
+    };
+    let dataset = load_csv(data, &options)?;
+    let outputs = model.run(dataset.x.view())?;
+    let report = match meta.task {
+        Task::Regression => {
+            let truth = dataset.values()?;
+            Report::Regression(metrics::regression(
+                truth,
+                &outputs.values.column(0).to_vec(),
+            ))
+        }
+        Task::Classification => {
+            let classes = meta.classes.clone().ok_or_else(|| TrainError::Metadata {
+                path: model_dir.join(crate::export::METADATA_FILE),
+                message: "a classifier's ferry.json must list its classes".into(),
+            })?;
+            let truth =
+                class_indices(&dataset.target, &classes).map_err(|message| TrainError::Data {
+                    path: data.to_path_buf(),
+                    message,
+                })?;
+            Report::Classification(metrics::classification(
+                &classes,
+                &truth,
+                outputs.values.view(),
+            ))
+        }
+    };
+    Ok((meta, report))
+}
+
+/// Maps a target column onto a model's classes: by label, or by numeric value for numeric classes.
+fn class_indices(target: &Target, classes: &[String]) -> Result<Vec<usize>, String> {
+    let unknown = |label: &str| {
+        format!(
+            "target value `{label}` is not one of the model's classes ({})",
+            classes.join(", ")
+        )
+    };
+    match target {
+        Target::Labels {
+            classes: names,
+            index,
+        } => {
+            let map: Vec<usize> = names
+                .iter()
+                .map(|n| {
+                    classes
+                        .iter()
+                        .position(|c| c == n)
+                        .ok_or_else(|| unknown(n))
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(index.iter().map(|&i| map[i]).collect())
+        }
+        Target::Numeric { values, .. } => {
+            let numeric: Vec<Option<f64>> = classes.iter().map(|c| c.parse::<f64>().ok()).collect();
+            values
+                .iter()
+                .map(|v| {
+                    numeric
+                        .iter()
+                        .position(|c| *c == Some(*v))
+                        .ok_or_else(|| unknown(&v.to_string()))
+                })
+                .collect()
+        }
+    }
+}
