@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferry_model::{DataType, TensorData};
 use ferry_server::batching::queue::{Decision, Entry, Limits, State};
-use ferry_server::protocol::json::{decode_leaves, leaves, FlatJson, NestedJson};
+use ferry_server::protocol::json::{decode_data, decode_leaves, leaves, FlatJson, NestedJson};
 
 const ROWS: usize = 32;
 const COLS: usize = 64;
@@ -26,7 +26,11 @@ fn json_decode(c: &mut Criterion) {
     .unwrap();
     let mut g = c.benchmark_group("json");
     g.throughput(Throughput::Elements((ROWS * COLS) as u64));
-    g.bench_function("decode_fp32_32x64", |b| {
+    let raw = serde_json::to_string(&sample()).unwrap();
+    g.bench_function("decode_fp32_32x64_streaming", |b| {
+        b.iter(|| decode_data(DataType::F32, black_box(&raw), ROWS * COLS).unwrap())
+    });
+    g.bench_function("decode_fp32_32x64_tree", |b| {
         b.iter(|| {
             let v: serde_json::Value = serde_json::from_slice(black_box(&body)).unwrap();
             let mut items = Vec::with_capacity(ROWS * COLS);

@@ -312,7 +312,7 @@ async fn kserve_bad_requests_get_clear_errors() {
             "/v2/models/affine/infer",
             x(json!([1, 2]), "FP32", json!([1, 2, 3])),
             400,
-            vec!["`x`", "needs 2 elements but `data` has 3"],
+            vec!["`x`", "the shape needs 2 elements but `data` has 3"],
         ),
         (
             "/v2/models/affine/infer",

@@ -277,3 +277,271 @@ mod tests {
         );
     }
 }
+
+/// Decodes a KServe `data` field (flat or nested lists) straight into elements of `dtype`, without building a JSON
+/// tree: the hot path for large JSON tensors. Elements beyond `expected` are counted, not stored.
+pub fn decode_data(dtype: DataType, raw: &str, expected: usize) -> Result<TensorData, String> {
+    let mut sink = Sink {
+        data: TensorData::with_capacity(dtype, expected.min(1 << 20)),
+        expected,
+        extra: 0,
+    };
+    let mut de = serde_json::Deserializer::from_str(raw);
+    serde::de::DeserializeSeed::deserialize(&mut sink, &mut de).map_err(|e| {
+        // serde_json appends the position inside `data`, which means nothing to the client.
+        let text = e.to_string();
+        match text.rfind(" at line ") {
+            Some(i) => text[..i].to_string(),
+            None => text,
+        }
+    })?;
+    let given = sink.data.len() + sink.extra;
+    if given != expected {
+        return Err(format!(
+            "the shape needs {expected} elements but `data` has {given}"
+        ));
+    }
+    Ok(sink.data)
+}
+
+/// Collects scalars into a typed vector while a deserializer walks nested arrays.
+struct Sink {
+    data: TensorData,
+    expected: usize,
+    extra: usize,
+}
+
+impl Sink {
+    fn fail<E: serde::de::Error>(&self, want: &str, got: &str) -> E {
+        E::custom(format!(
+            "element {}: expected {want}, got {got}",
+            self.data.len()
+        ))
+    }
+
+    /// Whether the next element should be stored; past `expected` it is only counted.
+    fn room(&mut self) -> bool {
+        if self.data.len() >= self.expected {
+            self.extra += 1;
+            return false;
+        }
+        true
+    }
+
+    fn int<E: serde::de::Error>(
+        &mut self,
+        v: i128,
+        shown: &dyn std::fmt::Display,
+    ) -> Result<(), E> {
+        if !self.room() {
+            return Ok(());
+        }
+        fn put<T: TryFrom<i128>, E: serde::de::Error>(
+            out: &mut Vec<T>,
+            v: i128,
+            want: &str,
+            i: usize,
+            shown: &dyn std::fmt::Display,
+        ) -> Result<(), E> {
+            out.push(T::try_from(v).map_err(|_| {
+                E::custom(format!(
+                    "element {i}: expected {want}, got a number ({shown})"
+                ))
+            })?);
+            Ok(())
+        }
+        let i = self.data.len();
+        match &mut self.data {
+            TensorData::U8(o) => put(o, v, "an integer in 0..=255", i, shown),
+            TensorData::U16(o) => put(o, v, "an integer in 0..=65535", i, shown),
+            TensorData::U32(o) => put(o, v, "a UINT32 integer", i, shown),
+            TensorData::U64(o) => put(o, v, "a UINT64 integer", i, shown),
+            TensorData::I8(o) => put(o, v, "an integer in -128..=127", i, shown),
+            TensorData::I16(o) => put(o, v, "an INT16 integer", i, shown),
+            TensorData::I32(o) => put(o, v, "an INT32 integer", i, shown),
+            TensorData::I64(o) => put(o, v, "an INT64 integer", i, shown),
+            _ => self.put_float(v as f64, shown),
+        }
+    }
+
+    fn float<E: serde::de::Error>(
+        &mut self,
+        v: f64,
+        shown: &dyn std::fmt::Display,
+    ) -> Result<(), E> {
+        if !self.room() {
+            return Ok(());
+        }
+        self.put_float(v, shown)
+    }
+
+    fn put_float<E: serde::de::Error>(
+        &mut self,
+        v: f64,
+        shown: &dyn std::fmt::Display,
+    ) -> Result<(), E> {
+        match &mut self.data {
+            TensorData::F16(o) => o.push(f16::from_f64(v)),
+            TensorData::F32(o) => o.push(v as f32),
+            TensorData::F64(o) => o.push(v),
+            TensorData::Bool(_) => {
+                return Err(self.fail("true or false", &format!("a number ({shown})")))
+            }
+            TensorData::Bytes(_) => {
+                return Err(self.fail("a string", &format!("a number ({shown})")))
+            }
+            other => {
+                let want = match other.dtype() {
+                    DataType::U8 => "an integer in 0..=255",
+                    DataType::U16 => "an integer in 0..=65535",
+                    DataType::U32 => "a UINT32 integer",
+                    DataType::U64 => "a UINT64 integer",
+                    DataType::I8 => "an integer in -128..=127",
+                    DataType::I16 => "an INT16 integer",
+                    DataType::I32 => "an INT32 integer",
+                    _ => "an INT64 integer",
+                };
+                return Err(self.fail(want, &format!("a number ({shown})")));
+            }
+        }
+        Ok(())
+    }
+
+    fn want(&self) -> &'static str {
+        match self.data.dtype() {
+            DataType::Bool => "true or false",
+            DataType::Bytes => "a string",
+            t if t.is_float() => "a number",
+            _ => "an integer",
+        }
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for &mut Sink {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for &mut Sink {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a list of tensor elements")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(&mut *self)?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<(), E> {
+        if !self.room() {
+            return Ok(());
+        }
+        match &mut self.data {
+            TensorData::Bool(o) => {
+                o.push(v);
+                Ok(())
+            }
+            _ => Err(self.fail(self.want(), "a boolean")),
+        }
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
+        self.int(i128::from(v), &v)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
+        self.int(i128::from(v), &v)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        self.float(v, &v)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        if !self.room() {
+            return Ok(());
+        }
+        match &mut self.data {
+            TensorData::Bytes(o) => {
+                o.push(v.as_bytes().to_vec());
+                Ok(())
+            }
+            _ => {
+                let shown = if v.len() > 40 {
+                    format!("{}...", &v[..v.floor_char_boundary(40)])
+                } else {
+                    v.to_string()
+                };
+                Err(self.fail(self.want(), &format!("a string ({shown:?})")))
+            }
+        }
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        Err(self.fail(self.want(), "null"))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        Err(self.fail(self.want(), "an object"))
+    }
+}
+
+#[cfg(test)]
+mod data_tests {
+    use super::*;
+
+    #[test]
+    fn streaming_decode_matches_the_tree_decoder() {
+        for (dtype, raw) in [
+            (DataType::F32, "[[1, 2.5], [-3e2, 4]]"),
+            (
+                DataType::I64,
+                "[1, -9223372036854775808, 9223372036854775807, 0]",
+            ),
+            (DataType::U8, "[[0, 255], [1, 2]]"),
+            (DataType::Bool, "[true, false, true, true]"),
+            (DataType::Bytes, r#"["a", "", "é", "x"]"#),
+            (DataType::F16, "[0.5, 1, 2, 3]"),
+        ] {
+            let v: Value = serde_json::from_str(raw).unwrap();
+            let mut items = Vec::new();
+            leaves(&v, &mut items);
+            assert_eq!(
+                decode_data(dtype, raw, 4).unwrap(),
+                decode_leaves(dtype, &items, false).unwrap(),
+                "{dtype}"
+            );
+        }
+    }
+
+    #[test]
+    fn streaming_errors_name_the_element() {
+        let e = decode_data(DataType::F32, r#"[1, "two"]"#, 2).unwrap_err();
+        assert_eq!(e, r#"element 1: expected a number, got a string ("two")"#);
+        let e = decode_data(DataType::U8, "[1, 300]", 2).unwrap_err();
+        assert_eq!(
+            e,
+            "element 1: expected an integer in 0..=255, got a number (300)"
+        );
+        let e = decode_data(DataType::I32, "[1.5]", 1).unwrap_err();
+        assert_eq!(
+            e,
+            "element 0: expected an INT32 integer, got a number (1.5)"
+        );
+        let e = decode_data(DataType::F32, "[1, 2, 3]", 2).unwrap_err();
+        assert_eq!(e, "the shape needs 2 elements but `data` has 3");
+        let e = decode_data(DataType::F32, "[[1], [2]]", 3).unwrap_err();
+        assert_eq!(e, "the shape needs 3 elements but `data` has 2");
+        assert!(decode_data(DataType::F32, "[null]", 1)
+            .unwrap_err()
+            .contains("got null"));
+        assert!(decode_data(DataType::Bool, "[1]", 1)
+            .unwrap_err()
+            .contains("expected true or false"));
+    }
+}

@@ -13,7 +13,7 @@ use ferry_model::{element_count, DataType, NamedTensor, Tensor, TensorData, Valu
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::json::{decode_leaves, leaves, FlatJson};
+use super::json::{decode_data, FlatJson};
 use super::{body_error, client_deadline};
 use crate::error::{ErrorKind, InferError};
 use crate::http::AppState;
@@ -42,7 +42,7 @@ struct InputBody {
     #[serde(default)]
     parameters: Option<Map<String, Value>>,
     #[serde(default)]
-    data: Option<Value>,
+    data: Option<Box<serde_json::value::RawValue>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -404,18 +404,8 @@ fn decode_input(input: &InputBody, binary: &mut &[u8]) -> Result<NamedTensor, In
                 ))
             })?
         }
-        (None, Some(value)) => {
-            let mut items = Vec::new();
-            leaves(value, &mut items);
-            if items.len() != expected {
-                return Err(InferError::invalid(format!(
-                    "input `{name}`: shape {shape:?} needs {expected} elements but `data` has {}",
-                    items.len()
-                )));
-            }
-            decode_leaves(dtype, &items, false)
-                .map_err(|e| InferError::invalid(format!("input `{name}`: {e}")))?
-        }
+        (None, Some(raw)) => decode_data(dtype, raw.get(), expected)
+            .map_err(|e| InferError::invalid(format!("input `{name}`: {e}")))?,
     };
     let tensor = Tensor::new(shape, data)
         .map_err(|e| InferError::invalid(format!("input `{name}`: {e}")))?;
