@@ -74,8 +74,21 @@ def sklearn_models():
     return {name: to_onnx(m, samples[name][:1]).SerializeToString() for name, m in models.items()}
 
 
+def torch_models():
+    """Models exported from PyTorch with torch.onnx, as shipped in the silero-vad wheel (found without importing
+    the package, whose code needs torch)."""
+    import importlib.util
+
+    data = os.path.join(importlib.util.find_spec("silero_vad").submodule_search_locations[0], "data")
+    return {"torch_vad_op15": os.path.join(data, "silero_vad_16k_op15.onnx"),
+            "torch_vad_op18": os.path.join(data, "silero_vad_op18_ifless.onnx")}
+
+
 def build_repository(root):
     shutil.copytree(os.path.join(ROOT, "examples", "models"), root, dirs_exist_ok=True)
+    for name, path in torch_models().items():
+        os.makedirs(os.path.join(root, name, "1"))
+        shutil.copy(path, os.path.join(root, name, "1", "model.onnx"))
     for name, data in sklearn_models().items():
         os.makedirs(os.path.join(root, name, "1"))
         with open(os.path.join(root, name, "1", "model.onnx"), "wb") as f:

@@ -191,3 +191,25 @@ def test_broken_model_does_not_stop_the_others(server):
     assert r.status_code == 503 and "error" in r.json()
     r = requests.post(server.url + "/v1/models/iris:predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]})
     assert r.status_code == 200
+
+
+@pytest.mark.parametrize("model", ["torch_vad_op15", "torch_vad_op18"])
+def test_torch_onnx_exports_serve_out_of_the_box(client, repository, model):
+    """Voice-activity models exported by torch.onnx (3-D state, a scalar INT64 input), through tritonclient."""
+    rng = np.random.default_rng(11)
+    feeds = {
+        "input": rng.normal(0, 0.1, size=(2, 512)).astype(np.float32),
+        "state": np.zeros((2, 2, 128), dtype=np.float32),
+        "sr": np.array(16000, dtype=np.int64),
+    }
+    meta = client.get_model_metadata(model)
+    assert {i["name"] for i in meta["inputs"]} == set(feeds)
+    inputs = []
+    for name, value in feeds.items():
+        inp = httpclient.InferInput(name, list(value.shape), {"float32": "FP32", "int64": "INT64"}[value.dtype.name])
+        inp.set_data_from_numpy(value)
+        inputs.append(inp)
+    result = client.infer(model, inputs)
+    want = reference(repository, model, feeds)
+    for name in ("output", "stateN"):
+        np.testing.assert_allclose(result.as_numpy(name), want[name], rtol=1e-5, atol=1e-6, err_msg=name)
