@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use ferry_engine::{Backend, EngineOptions, OrtBackend, OrtEngine};
+use ferry_engine::{Backend, EngineOptions, OrtEngine};
 use ferry_model::{NamedTensor, Tensor, TensorData};
 use ndarray::{Array2, ArrayView2, Axis};
 
@@ -15,9 +15,9 @@ use crate::{metrics, TrainError};
 /// Rows sent to the engine at once, to bound memory on big files.
 const CHUNK_ROWS: usize = 8192;
 
-/// An exported model loaded in ONNX Runtime.
+/// An exported model loaded in an engine (ONNX Runtime unless built from another [`Backend`]).
 pub struct OnnxModel {
-    backend: OrtBackend,
+    backend: Box<dyn Backend>,
 }
 
 /// What an exported model returns for a batch of rows.
@@ -40,9 +40,14 @@ impl OnnxModel {
             instances: 1,
             ..EngineOptions::default()
         };
-        Ok(OnnxModel {
-            backend: engine.load(bytes, &options)?,
-        })
+        Ok(OnnxModel::from_backend(Box::new(
+            engine.load(bytes, &options)?,
+        )))
+    }
+
+    /// Wraps a model already loaded in any engine (tract, for instance).
+    pub fn from_backend(backend: Box<dyn Backend>) -> OnnxModel {
+        OnnxModel { backend }
     }
 
     /// Runs the model on raw feature rows.

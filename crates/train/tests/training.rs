@@ -189,6 +189,38 @@ fn exported_onnx_gives_the_in_memory_predictions() {
     }
 }
 
+/// tract, the pure-Rust engine, gives the same outputs as the in-memory model for every family.
+#[cfg(feature = "tract")]
+#[test]
+fn exported_onnx_runs_in_tract() {
+    use ferry_engine::{EngineOptions, TractBackend};
+    let iris = load_csv(&example("iris.csv"), &LoadOptions::default()).unwrap();
+    let cancer = load_csv(&example("breast_cancer.csv"), &LoadOptions::default()).unwrap();
+    let diabetes = load_csv(&example("diabetes.csv"), &LoadOptions::default()).unwrap();
+    let mut mlp = TrainOptions::new(ModelKind::Mlp);
+    mlp.hidden = Some(vec![8, 4]);
+    mlp.epochs = Some(20);
+    let cases = [
+        (&diabetes, TrainOptions::new(ModelKind::Linear)),
+        (&cancer, TrainOptions::new(ModelKind::Logistic)),
+        (&iris, TrainOptions::new(ModelKind::Softmax)),
+        (&iris, mlp),
+    ];
+    for (data, options) in &cases {
+        let t = train(data, options);
+        let backend = TractBackend::load(&onnx_model(&t, None), &EngineOptions::default()).unwrap();
+        let out = OnnxModel::from_backend(Box::new(backend))
+            .run(data.x.view())
+            .unwrap();
+        let memory = t.predict(data.x.view());
+        let scale = memory.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+        for (a, b) in out.values.iter().zip(memory.iter()) {
+            assert!((a - b).abs() <= 1e-4 * scale, "tract {a} vs memory {b}");
+        }
+        assert_eq!(out.labels.is_some(), t.classes.is_some());
+    }
+}
+
 #[test]
 fn imputation_travels_with_the_model() {
     let path = write_csv(
