@@ -49,11 +49,26 @@ pub fn app(state: AppState, max_request_bytes: usize) -> Router {
             axum::routing::post(ks::infer_version),
         )
         .route("/v1/models/{*rest}", get(tf::get).post(tf::post))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_request_bytes))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
+}
+
+/// `GET /metrics`: the Prometheus text exposition.
+async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
+    let infer = &state.infer;
+    let text = infer.metrics.render(&infer.versions_for_metrics());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 async fn not_found() -> Response {
@@ -119,7 +134,13 @@ impl Server {
     ) -> std::io::Result<Server> {
         let store = Arc::new(ModelStore::default());
         let health = Arc::new(Health::default());
-        let infer = Infer::new(store.clone(), health.clone(), config.request_timeout);
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let infer = Infer::new(
+            store.clone(),
+            health.clone(),
+            metrics.clone(),
+            config.request_timeout,
+        );
         let listener = TcpListener::bind(SocketAddr::new(config.host, config.rest_port)).await?;
         tracing::info!(address = %listener.local_addr()?, "REST (KServe v2 and TF Serving) listening");
         let grpc_listener =
@@ -130,6 +151,7 @@ impl Server {
             &store,
             &onnxruntime,
             &config.engine,
+            &metrics,
         )
         .await
         .map_err(|e| {

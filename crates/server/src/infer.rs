@@ -69,17 +69,51 @@ pub struct Infer {
     pub store: Arc<ModelStore>,
     /// Readiness.
     pub health: Arc<Health>,
+    /// The metrics registry.
+    pub metrics: Arc<crate::metrics::Metrics>,
     timeout: Duration,
 }
 
 impl Infer {
     /// A handle over `store` that gives each inference at most `timeout`.
-    pub fn new(store: Arc<ModelStore>, health: Arc<Health>, timeout: Duration) -> Infer {
+    pub fn new(
+        store: Arc<ModelStore>,
+        health: Arc<Health>,
+        metrics: Arc<crate::metrics::Metrics>,
+        timeout: Duration,
+    ) -> Infer {
         Infer {
             store,
             health,
+            metrics,
             timeout,
         }
+    }
+
+    /// Labels a request's metrics with the model it named, when the repository knows that model (so unknown names
+    /// sent by clients never become label values).
+    pub fn label(&self, record: &mut crate::metrics::RequestRecord<'_>, model: &str) {
+        if self.store.model(model).is_some() {
+            record.model(model, None);
+        }
+    }
+
+    /// The state of every version, with its queue depth when loaded, for the metrics exposition.
+    pub fn versions_for_metrics(&self) -> Vec<(String, u64, &'static str, Option<usize>)> {
+        let mut out = Vec::new();
+        for name in self.store.model_names() {
+            if let Some(record) = self.store.model(&name) {
+                for (v, slot) in &record.versions {
+                    out.push((
+                        name.clone(),
+                        *v,
+                        slot.state.name(),
+                        slot.loaded.as_ref().map(|l| l.scheduler.queue_len()),
+                    ));
+                }
+            }
+        }
+        out
     }
 
     /// Finds the version a request is for, or says why it cannot be served.

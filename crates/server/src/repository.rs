@@ -191,6 +191,7 @@ pub async fn load_repository(
     store: &Arc<ModelStore>,
     engine: &Result<OrtEngine, EngineError>,
     defaults: &EngineOptions,
+    metrics: &Arc<crate::metrics::Metrics>,
 ) -> std::io::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     let mut entries: Vec<_> = std::fs::read_dir(root)?.collect::<Result<_, _>>()?;
@@ -261,21 +262,29 @@ pub async fn load_repository(
                     loaded: None,
                 },
             );
-            let (store, engine, config, name) =
-                (store.clone(), engine.clone(), config.clone(), name.clone());
+            let (store, engine, config, name, metrics) = (
+                store.clone(),
+                engine.clone(),
+                config.clone(),
+                name.clone(),
+                metrics.clone(),
+            );
             tasks.spawn(async move {
                 let load_config = config.clone();
+                let started = std::time::Instant::now();
                 let loaded =
                     tokio::task::spawn_blocking(move || load_version(&path, &load_config, &engine))
                         .await
                         .unwrap_or_else(|e| Err(format!("loading panicked: {e}")));
+                metrics.load(&name, started.elapsed(), loaded.is_ok());
                 let slot = match loaded {
                     Ok(parts) => {
                         let scheduler = crate::batching::Scheduler::start(
                             parts.backend.clone(),
                             config.batching.clone(),
                             config.engine_options.instances,
-                            format!("{name}/{version}"),
+                            (name.clone(), version),
+                            metrics.clone(),
                         );
                         let loaded = LoadedVersion {
                             model: name.clone(),

@@ -920,3 +920,64 @@ async fn engine_choice_per_model() {
         );
     }
 }
+
+#[tokio::test]
+async fn metrics_count_what_was_sent() {
+    let s = server().await;
+    let ok =
+        json!({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]});
+    let bad =
+        json!({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]});
+    for _ in 0..3 {
+        assert_eq!(s.post("/v2/models/affine/infer", ok.clone()).await.0, 200);
+    }
+    assert_eq!(s.post("/v2/models/affine/infer", bad).await.0, 400);
+    assert_eq!(
+        s.post("/v2/models/no_such_model/infer", ok.clone()).await.0,
+        404
+    );
+    assert_eq!(
+        s.post(
+            "/v1/models/affine:predict",
+            json!({"instances": [[1.0, 2.0]]})
+        )
+        .await
+        .0,
+        200
+    );
+    let r = s.client.get(s.url("/metrics")).send().await.unwrap();
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let text = r.text().await.unwrap();
+    let has = |line: &str| {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing `{line}` in\n{text}"
+        )
+    };
+    has(
+        r#"ferry_requests_total{model="affine",version="1",protocol="rest_kserve",outcome="success"} 3"#,
+    );
+    has(
+        r#"ferry_requests_total{model="affine",version="1",protocol="rest_kserve",outcome="invalid_argument"} 1"#,
+    );
+    has(
+        r#"ferry_requests_total{model="",version="",protocol="rest_kserve",outcome="not_found"} 1"#,
+    );
+    has(
+        r#"ferry_requests_total{model="affine",version="1",protocol="rest_tfserving",outcome="success"} 1"#,
+    );
+    has(
+        r#"ferry_request_duration_seconds_count{model="affine",version="1",protocol="rest_kserve"} 4"#,
+    );
+    has(r#"ferry_batch_size_count{model="affine",version="1"} 4"#);
+    has(r#"ferry_model_state{model="broken",version="1",state="UNAVAILABLE"} 1"#);
+    has(r#"ferry_model_state{model="affine",version="1",state="READY"} 1"#);
+    has(r#"ferry_model_load_failures_total{model="broken"} 1"#);
+    assert!(
+        !text.contains("no_such_model"),
+        "unknown names never become label values"
+    );
+}

@@ -37,6 +37,8 @@ struct Shared {
     backend: Arc<dyn Backend>,
     batchable: bool,
     label: String,
+    model: (String, u64),
+    metrics: Arc<crate::metrics::Metrics>,
     closed: std::sync::atomic::AtomicBool,
 }
 
@@ -81,8 +83,10 @@ impl Scheduler {
         backend: Arc<dyn Backend>,
         mut limits: Limits,
         instances: usize,
-        label: String,
+        model: (String, u64),
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Scheduler {
+        let label = format!("{}/{}", model.0, model.1);
         let batchable = can_batch(backend.as_ref());
         if limits.max_batch_size > 1 && !batchable {
             tracing::warn!(model = %label, "dynamic batching is off: the model's inputs and outputs need a dynamic first dimension");
@@ -95,6 +99,8 @@ impl Scheduler {
             backend,
             batchable,
             label,
+            model,
+            metrics,
             closed: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(batching_task(shared.clone()));
@@ -199,8 +205,18 @@ async fn batching_task(shared: Arc<Shared>) {
                 }
             }
         };
-        let backend = shared.backend.clone();
-        tokio::task::spawn_blocking(move || run_batch(backend.as_ref(), batch, permit));
+        let shared = shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let now = Instant::now();
+            let waits: Vec<_> = batch
+                .iter()
+                .map(|e| now.saturating_duration_since(e.enqueued))
+                .collect();
+            run_batch(shared.backend.as_ref(), batch, permit);
+            shared
+                .metrics
+                .batch(&shared.model.0, shared.model.1, &waits, now.elapsed());
+        });
     }
 }
 

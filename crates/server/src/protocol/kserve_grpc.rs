@@ -4,6 +4,7 @@
 //! outputs are always answered as `raw_output_contents`, as Triton does, which its clients read directly.
 
 use ferry_model::{element_count, DataType, NamedTensor, Tensor, TensorData};
+use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::grpc::grpc_deadline;
@@ -214,19 +215,38 @@ impl GrpcInferenceService for KserveGrpc {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
+        let mut record = self.infer.metrics.request("grpc_kserve");
+        let result = self.model_infer_inner(request, &mut record).await;
+        record.finish(
+            result
+                .as_ref()
+                .map_or_else(|e| e.kind.label(), |_| "success"),
+        );
+        result.map(Response::new).map_err(Status::from)
+    }
+}
+
+impl KserveGrpc {
+    async fn model_infer_inner(
+        &self,
+        request: Request<ModelInferRequest>,
+        record: &mut crate::metrics::RequestRecord<'_>,
+    ) -> Result<ModelInferResponse, InferError> {
         let deadline = grpc_deadline(request.metadata())?;
         let r = request.into_inner();
+        self.infer.label(record, &r.model_name);
         let loaded = self
             .infer
             .resolve(&r.model_name, &selector(&r.model_version)?)?;
+        record.model(&loaded.model, Some(loaded.version));
+        record.body_bytes(r.encoded_len());
         let raw = r.raw_input_contents;
         if !raw.is_empty() && raw.len() != r.inputs.len() {
             return Err(InferError::invalid(format!(
                 "raw_input_contents has {} entries for {} inputs; give one per input or none",
                 raw.len(),
                 r.inputs.len()
-            ))
-            .into());
+            )));
         }
         let mut raw = raw.into_iter();
         let mut inputs = Vec::with_capacity(r.inputs.len());
@@ -262,14 +282,14 @@ impl GrpcInferenceService for KserveGrpc {
                 contents: None,
             });
         }
-        Ok(Response::new(ModelInferResponse {
+        Ok(ModelInferResponse {
             model_name: loaded.model.clone(),
             model_version: loaded.version.to_string(),
             id: r.id,
             parameters: Default::default(),
             outputs: tensors,
             raw_output_contents,
-        }))
+        })
     }
 }
 

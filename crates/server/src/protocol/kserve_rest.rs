@@ -14,10 +14,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::json::{decode_data, FlatJson};
-use super::{body_error, client_deadline};
+use super::{body_error, client_deadline, finish};
 use crate::error::{ErrorKind, InferError};
 use crate::http::AppState;
 use crate::infer::{Infer, VersionSelector};
+use crate::metrics::RequestRecord;
 use crate::repository::{parse_version, LoadedVersion, VersionState};
 
 /// The header that gives the length of the JSON part of a binary request or response.
@@ -213,9 +214,10 @@ pub async fn infer(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    infer_inner(&state.infer, &model, None, &headers, body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    let mut record = state.infer.metrics.request("rest_kserve");
+    state.infer.label(&mut record, &model);
+    let result = infer_inner(&state.infer, &model, None, &headers, body, &mut record).await;
+    finish(record, result)
 }
 
 /// `POST /v2/models/{m}/versions/{v}/infer`.
@@ -225,9 +227,18 @@ pub async fn infer_version(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    infer_inner(&state.infer, &model, Some(&version), &headers, body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    let mut record = state.infer.metrics.request("rest_kserve");
+    state.infer.label(&mut record, &model);
+    let result = infer_inner(
+        &state.infer,
+        &model,
+        Some(&version),
+        &headers,
+        body,
+        &mut record,
+    )
+    .await;
+    finish(record, result)
 }
 
 async fn infer_inner(
@@ -236,6 +247,7 @@ async fn infer_inner(
     version: Option<&str>,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
+    record: &mut RequestRecord<'_>,
 ) -> Result<Response, InferError> {
     let body = body.map_err(body_error)?;
     if let Some(enc) = headers.get(header::CONTENT_ENCODING) {
@@ -251,6 +263,8 @@ async fn infer_inner(
     }
     // Resolve first: an unknown or unready model is reported as such whatever the body holds.
     let loaded = infer.resolve(model, &selector(version)?)?;
+    record.model(&loaded.model, Some(loaded.version));
+    record.body_bytes(body.len());
     let (json, mut binary) = split_body(headers, &body)?;
     let request: InferRequestBody = serde_json::from_slice(json)
         .map_err(|e| InferError::invalid(format!("malformed inference request: {e}")))?;

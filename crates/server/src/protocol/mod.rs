@@ -16,6 +16,24 @@ use axum::http::HeaderMap;
 
 use crate::error::{ErrorKind, InferError};
 
+/// Records a request's outcome in the metrics and turns its result into a response.
+pub(crate) fn finish(
+    record: crate::metrics::RequestRecord<'_>,
+    result: Result<axum::response::Response, InferError>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match result {
+        Ok(response) => {
+            record.finish("success");
+            response
+        }
+        Err(e) => {
+            record.finish(e.kind.label());
+            e.into_response()
+        }
+    }
+}
+
 /// The header a REST client sets to give its own deadline, in milliseconds.
 pub const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
 

@@ -214,16 +214,19 @@ fn resolved_spec(model: &str, version: u64) -> ModelSpec {
     }
 }
 
-#[tonic::async_trait]
-impl PredictionService for TfServingGrpc {
-    async fn predict(
+impl TfServingGrpc {
+    async fn predict_inner(
         &self,
         request: Request<PredictRequest>,
-    ) -> Result<Response<PredictResponse>, Status> {
+        record: &mut crate::metrics::RequestRecord<'_>,
+    ) -> Result<PredictResponse, InferError> {
         let deadline = grpc_deadline(request.metadata())?;
         let r = request.into_inner();
-        let (model, selector, _) = spec_of(r.model_spec)?;
+        let (model, selector, _) = spec_of(r.model_spec.clone())?;
+        self.infer.label(record, &model);
         let loaded = self.infer.resolve(&model, &selector)?;
+        record.model(&loaded.model, Some(loaded.version));
+        record.body_bytes(r.encoded_len());
         let mut inputs = Vec::with_capacity(r.inputs.len());
         for (name, tensor) in r.inputs {
             let spec = loaded.signature.input(&name).ok_or_else(|| {
@@ -237,13 +240,30 @@ impl PredictionService for TfServingGrpc {
         let filter = (!r.output_filter.is_empty()).then_some(r.output_filter);
         let valid = Infer::validate(loaded.clone(), inputs, filter)?;
         let outputs = self.infer.predict(valid, deadline).await?;
-        Ok(Response::new(PredictResponse {
+        Ok(PredictResponse {
             model_spec: Some(resolved_spec(&loaded.model, loaded.version)),
             outputs: outputs
                 .iter()
                 .map(|o| (o.name.clone(), encode(&o.tensor)))
                 .collect(),
-        }))
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl PredictionService for TfServingGrpc {
+    async fn predict(
+        &self,
+        request: Request<PredictRequest>,
+    ) -> Result<Response<PredictResponse>, Status> {
+        let mut record = self.infer.metrics.request("grpc_tfserving");
+        let result = self.predict_inner(request, &mut record).await;
+        record.finish(
+            result
+                .as_ref()
+                .map_or_else(|e| e.kind.label(), |_| "success"),
+        );
+        result.map(Response::new).map_err(Status::from)
     }
 
     async fn get_model_metadata(

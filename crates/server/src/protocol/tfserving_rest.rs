@@ -13,7 +13,7 @@ use ferry_model::{DataType, NamedTensor, Tensor, TensorData, TensorSpec};
 use serde_json::{json, Map, Value};
 
 use super::json::{decode_leaves, leaves, nested_shape, NestedJson};
-use super::{body_error, client_deadline};
+use super::{body_error, client_deadline, finish};
 use crate::error::InferError;
 use crate::http::AppState;
 use crate::infer::{Infer, VersionSelector};
@@ -90,12 +90,16 @@ pub async fn post(
     headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let mut record = state.infer.metrics.request("rest_tfserving");
     let result = async {
         let (model, selector, action) = parse_path(&Method::POST, &rest)?;
+        state.infer.label(&mut record, &model);
         let deadline = client_deadline(&headers)?;
         let body = body.map_err(body_error)?;
         // Resolve first: an unknown or unready model is reported as such whatever the body holds.
         let loaded = state.infer.resolve(&model, &selector)?;
+        record.model(&loaded.model, Some(loaded.version));
+        record.body_bytes(body.len());
         let request: Value = serde_json::from_slice(&body)
             .map_err(|e| InferError::invalid(format!("JSON Parse error: {e}")))?;
         let Value::Object(request) = request else {
@@ -115,7 +119,7 @@ pub async fn post(
         }
     }
     .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+    finish(record, result)
 }
 
 fn check_signature_name(request: &Map<String, Value>) -> Result<(), InferError> {
