@@ -73,7 +73,7 @@ def run_case(data_dir, tmp, file, family, estimator, skip_sklearn, extra, repeat
         y_fit = np.array(y)
         folds = StratifiedKFold(5, shuffle=True, random_state=0).split(x, y_fit)
         key = "accuracy"
-    scores, sk_scores, fit_s, wall_s, sk_s = [], [], [], [], []
+    scores, sk_scores, fit_s, wall_s, sk_s, epochs = [], [], [], [], [], []
     for k, (train, test) in enumerate(folds):
         train_csv = os.path.join(tmp, f"{file}-{k}-train.csv")
         test_csv = os.path.join(tmp, f"{file}-{k}-test.csv")
@@ -89,6 +89,7 @@ def run_case(data_dir, tmp, file, family, estimator, skip_sklearn, extra, repeat
             trained = ferry(["train", train_csv, "--model", family, "--out", model_dir, "--json", *extra])
             walls.append(time.perf_counter() - start)
             fits.append(trained["training_seconds"])
+        epochs.append(trained["epochs_run"])
         wall_s.append(min(walls))
         fit_s.append(min(fits))
         scores.append(ferry(["evaluate", model_dir, test_csv, "--json"])[key])
@@ -101,7 +102,7 @@ def run_case(data_dir, tmp, file, family, estimator, skip_sklearn, extra, repeat
                 times.append(time.perf_counter() - start)
             sk_s.append(min(times))
             sk_scores.append(model.score(x[test], y_fit[test]))
-    return key, scores, sk_scores, fit_s, wall_s, sk_s
+    return key, scores, sk_scores, fit_s, wall_s, sk_s, epochs
 
 
 def main():
@@ -117,19 +118,19 @@ def main():
     if not os.path.exists(FERRY):
         sys.exit(f"{FERRY} not found: cargo build --release -p ferry")
     print("| data | ferry model | metric | ferry 5-fold | scikit-learn 5-fold (here) | REFERENCE.md | "
-          "ferry fit s | ferry command s | scikit-learn fit s | fit speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "ferry epochs | ferry fit s | ferry command s | scikit-learn fit s | fit speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for file, family, estimator, sk_name, reference in CASES:
             if args.only and family != args.only:
                 continue
-            key, scores, sk_scores, fit_s, wall_s, sk_s = run_case(
+            key, scores, sk_scores, fit_s, wall_s, sk_s, epochs = run_case(
                 args.data, tmp, file, family, estimator, args.skip_sklearn, args.ferry_args.split(), args.repeat)
             sk = f"{np.mean(sk_scores):.4f} ({sk_name})" if sk_scores else "-"
             sk_time = f"{statistics.median(sk_s):.3f}" if sk_s else "-"
             ratio = f"{statistics.median(sk_s) / statistics.median(fit_s):.1f}x" if sk_s else "-"
             print(f"| {file} | {family} | {key} | {np.mean(scores):.4f} ± {np.std(scores):.4f} | {sk} | "
-                  f"{reference:.4f} | {statistics.median(fit_s):.3f} | {statistics.median(wall_s):.3f} | "
+                  f"{reference:.4f} | {statistics.median(epochs):.0f} | {statistics.median(fit_s):.3f} | {statistics.median(wall_s):.3f} | "
                   f"{sk_time} | {ratio} |", flush=True)
 
 

@@ -32,6 +32,8 @@ pub enum Command {
     Train(crate::train::TrainArgs),
     /// Score an exported model on a CSV file, running it through ONNX Runtime as `ferry serve` does.
     Evaluate(crate::evaluate::EvaluateArgs),
+    /// Search hyper-parameters (grid or random, k-fold or validation split), then train and write the best.
+    Optimize(crate::optimize::OptimizeArgs),
     /// Measure a KServe v2 server's throughput and latency (REST or gRPC, a concurrency sweep or a fixed rate).
     Bench(crate::bench::BenchArgs),
 }

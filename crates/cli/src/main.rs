@@ -5,6 +5,7 @@ mod bench;
 mod cli;
 mod config;
 mod evaluate;
+mod optimize;
 mod telemetry;
 mod train;
 
@@ -35,6 +36,7 @@ fn run(command: cli::Command) -> anyhow::Result<()> {
     match command {
         cli::Command::Train(args) => train::run(args),
         cli::Command::Evaluate(args) => evaluate::run(args),
+        cli::Command::Optimize(args) => optimize::run(args),
         cli::Command::Bench(args) => bench::run(args),
         cli::Command::Serve(args) => {
             telemetry::init(args.log_format, &args.log_level).context("setting up logging")?;

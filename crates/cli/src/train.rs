@@ -98,7 +98,7 @@ pub struct TrainArgs {
     pub l1: f64,
 
     /// Stop after this many epochs without the validation loss improving by the tolerance (default 100 for
-    /// gd, 50 for logistic and softmax, 20 for mlp); the best epoch's weights are kept.
+    /// gd, 20 otherwise); the best epoch's weights are kept.
     #[arg(long, env = "FERRY_TRAIN_PATIENCE")]
     pub patience: Option<usize>,
 
@@ -135,7 +135,8 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    fn options(&self) -> TrainOptions {
+    /// The training settings the flags give.
+    pub fn options(&self) -> TrainOptions {
         TrainOptions {
             model: self.model,
             task: self.task,
@@ -211,6 +212,13 @@ fn epoch_message(log: &EpochLog) -> String {
 
 /// Runs `ferry train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let dataset = load(&args)?;
+    let options = args.options();
+    train_and_write(&args, &dataset, &options)
+}
+
+/// Checks the destination and loads the training data as the flags say.
+pub fn load(args: &TrainArgs) -> anyhow::Result<ferry_train::Dataset> {
     if let Some(p) = &args.publish {
         check_model_name(p)?;
     }
@@ -220,8 +228,16 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         features: None,
         impute: args.impute,
     };
-    let dataset = ferry_train::load_csv(&args.data, &load).context("loading the training data")?;
-    let bar = progress_bar(&args);
+    ferry_train::load_csv(&args.data, &load).context("loading the training data")
+}
+
+/// Trains with `options` (a progress bar unless quiet), writes or publishes the model, and prints the summary.
+pub fn train_and_write(
+    args: &TrainArgs,
+    dataset: &ferry_train::Dataset,
+    options: &TrainOptions,
+) -> anyhow::Result<()> {
+    let bar = progress_bar(args);
     let mut on_epoch = |log: &EpochLog| {
         if let Some(bar) = &bar {
             if bar.length() != Some(log.max_epochs as u64) {
@@ -231,11 +247,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             bar.set_message(epoch_message(log));
         }
     };
-    let trained = ferry_train::fit(&dataset, &args.options(), &mut on_epoch).context("training")?;
+    let trained = ferry_train::fit(dataset, options, &mut on_epoch).context("training")?;
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    let meta = metadata(&trained, &dataset, args.impute);
+    let meta = metadata(&trained, dataset, args.impute);
     let onnx = onnx_model(&trained, dataset.imputed.as_deref());
     let destination = match (&args.out, &args.publish) {
         (Some(dir), _) => {

@@ -129,3 +129,45 @@ fn a_bad_file_fails_with_line_and_column() {
     assert_eq!(out.status.code(), Some(2));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn optimize_prints_the_table_and_publishes_the_best() {
+    let repo = scratch("optimize");
+    let model = repo.join("iris");
+    let out = ferry(&[
+        "optimize",
+        &example("iris.csv"),
+        "--model",
+        "softmax",
+        "--try-learning-rate",
+        "0.01,0.000001",
+        "--try-epochs",
+        "1,300",
+        "--folds",
+        "3",
+        "--publish",
+        model.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.contains("scored by 3-fold cross-validation"),
+        "{stdout}"
+    );
+    let best: Vec<&str> = stdout.lines().filter(|l| l.starts_with('*')).collect();
+    assert_eq!(best.len(), 1, "{stdout}");
+    assert!(
+        best[0].contains("learning_rate=0.01 epochs=300"),
+        "{stdout}"
+    );
+    assert!(model.join("1").join("model.onnx").exists());
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model.join("1").join("ferry.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["hyper_parameters"]["learning_rate"], 0.01);
+    std::fs::remove_dir_all(repo).unwrap();
+}

@@ -131,6 +131,29 @@ impl Dataset {
         }
     }
 
+    /// The rows `rows` of this dataset (same columns and class labels), for cross-validation.
+    pub fn subset(&self, rows: &[usize]) -> Dataset {
+        let target = match &self.target {
+            Target::Numeric { values, labels } => Target::Numeric {
+                values: rows.iter().map(|&i| values[i]).collect(),
+                labels: labels.clone(),
+            },
+            Target::Labels { classes, index } => Target::Labels {
+                classes: classes.clone(),
+                index: rows.iter().map(|&i| index[i]).collect(),
+            },
+        };
+        Dataset {
+            path: self.path.clone(),
+            features: self.features.clone(),
+            target_name: self.target_name.clone(),
+            x: self.x.select(ndarray::Axis(0), rows),
+            target,
+            sha256: self.sha256.clone(),
+            imputed: self.imputed.clone(),
+        }
+    }
+
     /// The target as numbers, for regression.
     pub fn values(&self) -> Result<&[f64], TrainError> {
         match &self.target {

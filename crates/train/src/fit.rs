@@ -70,8 +70,7 @@ pub struct TrainOptions {
     pub l1: f64,
     /// Learning-rate schedule.
     pub schedule: Schedule,
-    /// Epochs without improvement of the validation loss before stopping (default 100 for `gd`, 50 for the
-    /// linear families on mini-batches, 20 for `mlp`).
+    /// Epochs without improvement of the validation loss before stopping (default 100 for `gd`, 20 otherwise).
     pub patience: Option<usize>,
     /// The least improvement that counts (default 1e-9 for `gd`, 1e-4 otherwise).
     pub tolerance: Option<f64>,
@@ -217,8 +216,10 @@ impl Trained {
     }
 }
 
-fn resolve(options: &TrainOptions, dataset: &Dataset) -> Result<HyperParameters, TrainError> {
-    let task = match (options.model, options.task) {
+/// The task a model family and the data make: only `mlp` can do both, and without `--task` it classifies labels
+/// and small sets of integers (at most 20 distinct values).
+pub fn resolve_task(options: &TrainOptions, dataset: &Dataset) -> Result<Task, TrainError> {
+    Ok(match (options.model, options.task) {
         (ModelKind::Linear, Some(Task::Classification)) => {
             return Err(TrainError::Config(
                 "linear is a regressor: use logistic, softmax or mlp to classify".into(),
@@ -241,7 +242,11 @@ fn resolve(options: &TrainOptions, dataset: &Dataset) -> Result<HyperParameters,
                 _ => Task::Regression,
             },
         },
-    };
+    })
+}
+
+fn resolve(options: &TrainOptions, dataset: &Dataset) -> Result<HyperParameters, TrainError> {
+    let task = resolve_task(options, dataset)?;
     let linear_family = options.model != ModelKind::Mlp;
     let optimizer = options
         .optimizer
@@ -323,11 +328,7 @@ fn resolve(options: &TrainOptions, dataset: &Dataset) -> Result<HyperParameters,
         schedule: options.schedule,
         patience: positive(
             "--patience",
-            options.patience.unwrap_or(match (gd, linear_family) {
-                (true, _) => 100,
-                (false, true) => 50,
-                (false, false) => 20,
-            }),
+            options.patience.unwrap_or(if gd { 100 } else { 20 }),
         )?,
         tolerance: options.tolerance.unwrap_or(if gd { 1e-9 } else { 1e-4 }),
         validation_fraction: options.validation_fraction,

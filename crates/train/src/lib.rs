@@ -9,6 +9,7 @@
 //! - [`export`]: the ONNX graph (standardization folded in) and the `ferry.json` metadata, written to a
 //!   directory or published as the next version in a model repository.
 //! - [`evaluate`](mod@evaluate): runs an exported model through the serving engine and scores it ([`metrics`]).
+//! - [`search`]: grid and random hyper-parameter search scored by k-fold cross-validation.
 //!
 //! This crate knows nothing of async runtimes, HTTP or the command line.
 
@@ -20,6 +21,7 @@ pub mod fit;
 pub mod metrics;
 pub mod network;
 pub mod optim;
+pub mod search;
 pub mod stats;
 
 pub use data::{load_csv, split, Dataset, Impute, LoadOptions};

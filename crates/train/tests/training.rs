@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 
 use ferry_engine::OrtEngine;
-use ferry_train::data::Target;
 use ferry_train::evaluate::OnnxModel;
 use ferry_train::export::onnx_model;
 use ferry_train::fit::Report;
@@ -273,8 +272,8 @@ fn five_fold(data: &Dataset, model: ModelKind) -> f64 {
     for k in 0..5 {
         let train_rows: Vec<usize> = (0..data.rows()).filter(|&i| fold_of[i] != k).collect();
         let test_rows: Vec<usize> = (0..data.rows()).filter(|&i| fold_of[i] == k).collect();
-        let t = train(&subset(data, &train_rows), &TrainOptions::new(model));
-        let test = subset(data, &test_rows);
+        let t = train(&data.subset(&train_rows), &TrainOptions::new(model));
+        let test = data.subset(&test_rows);
         let predicted = t.predict(test.x.view());
         scores.push(match t.hyper.task {
             Task::Regression => {
@@ -282,13 +281,7 @@ fn five_fold(data: &Dataset, model: ModelKind) -> f64 {
                 ferry_train::metrics::regression(test.values().unwrap(), &p).r2
             }
             Task::Classification => {
-                let truth: Vec<usize> = test
-                    .classes()
-                    .unwrap()
-                    .index
-                    .iter()
-                    .map(|&i| remap(&test, &t, i))
-                    .collect();
+                let truth = test.classes().unwrap().index;
                 ferry_train::metrics::classification(
                     t.classes.as_ref().unwrap(),
                     &truth,
@@ -299,36 +292,6 @@ fn five_fold(data: &Dataset, model: ModelKind) -> f64 {
         });
     }
     scores.iter().sum::<f64>() / 5.0
-}
-
-/// A test fold's class index mapped to the trained model's class order (labels keep first-appearance order, so
-/// a fold can see them in another order than the full file).
-fn remap(test: &Dataset, t: &Trained, i: usize) -> usize {
-    let name = &test.classes().unwrap().names[i];
-    t.classes
-        .as_ref()
-        .unwrap()
-        .iter()
-        .position(|c| c == name)
-        .unwrap()
-}
-
-fn subset(data: &Dataset, rows: &[usize]) -> Dataset {
-    let target = match &data.target {
-        Target::Numeric { values, labels } => Target::Numeric {
-            values: rows.iter().map(|&i| values[i]).collect(),
-            labels: labels.clone(),
-        },
-        Target::Labels { classes, index } => Target::Labels {
-            classes: classes.clone(),
-            index: rows.iter().map(|&i| index[i]).collect(),
-        },
-    };
-    Dataset {
-        x: data.x.select(Axis(0), rows),
-        target,
-        ..data.clone()
-    }
 }
 
 /// Default settings reach scikit-learn's 5-fold scores (shared/datasets/REFERENCE.md) on the bundled data, for
@@ -362,4 +325,23 @@ fn probabilities_are_a_distribution() {
     for row in p.rows() {
         assert!((row.sum() - 1.0).abs() < 1e-9);
     }
+}
+
+#[test]
+fn cross_validation_scores_every_row_once_and_is_reproducible() {
+    use ferry_train::search::{cross_validate, grid, SearchSpace};
+    let data = load_csv(&example("iris.csv"), &LoadOptions::default()).unwrap();
+    let options = TrainOptions::new(ModelKind::Softmax);
+    let score = cross_validate(&data, &options, 5).unwrap();
+    assert!(score > 0.93, "{score}");
+    assert_eq!(cross_validate(&data, &options, 5).unwrap(), score);
+    assert!(cross_validate(&data, &options, 1).is_err());
+    // A worse candidate scores worse: one epoch of a tiny learning rate barely moves from zero weights.
+    let space = SearchSpace {
+        learning_rate: vec![1e-6],
+        epochs: vec![1],
+        ..SearchSpace::default()
+    };
+    let weak = grid(&space)[0].apply(&options);
+    assert!(cross_validate(&data, &weak, 5).unwrap() < score);
 }

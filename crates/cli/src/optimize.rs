@@ -1,0 +1,185 @@
+//! `ferry optimize`: hyper-parameter search (grid or random) over candidate values, scored by k-fold
+//! cross-validation or the validation split; prints the table, then trains the best candidate on the whole file
+//! and writes or publishes it as `ferry train` does.
+
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use anyhow::Context;
+use ferry_train::search::{cross_validate, grid, random, score, Candidate, SearchSpace};
+
+use crate::train::{parse_name, train_and_write, TrainArgs};
+
+/// How candidates are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SearchKind {
+    /// Every combination of the candidate values.
+    Grid,
+    /// `--trials` distinct combinations drawn with the seed.
+    Random,
+}
+
+/// `ferry optimize` flags: every `ferry train` flag (the base settings and the destination), plus the search.
+#[derive(Debug, clap::Args)]
+pub struct OptimizeArgs {
+    /// The base settings, as for `ferry train`.
+    #[command(flatten)]
+    pub train: TrainArgs,
+
+    /// `grid` (every combination) or `random` (`--trials` distinct combinations drawn with `--seed`).
+    #[arg(long, env = "FERRY_OPTIMIZE_SEARCH", value_parser = parse_name::<SearchKind>, default_value = "grid")]
+    pub search: SearchKind,
+
+    /// Combinations a random search scores.
+    #[arg(long, env = "FERRY_OPTIMIZE_TRIALS", default_value_t = 10)]
+    pub trials: usize,
+
+    /// Score each candidate by k-fold cross-validation (stratified for classes) with this many folds; 0 scores
+    /// it on the validation split of one fit (faster, noisier).
+    #[arg(long, env = "FERRY_OPTIMIZE_FOLDS", default_value_t = 0)]
+    pub folds: usize,
+
+    /// Learning rates to try, comma-separated.
+    #[arg(
+        long,
+        env = "FERRY_OPTIMIZE_TRY_LEARNING_RATE",
+        value_delimiter = ',',
+        value_name = "ALPHAS"
+    )]
+    pub try_learning_rate: Vec<f64>,
+
+    /// L2 strengths to try, comma-separated.
+    #[arg(
+        long,
+        env = "FERRY_OPTIMIZE_TRY_L2",
+        value_delimiter = ',',
+        value_name = "VALUES"
+    )]
+    pub try_l2: Vec<f64>,
+
+    /// Mini-batch sizes to try, comma-separated.
+    #[arg(
+        long,
+        env = "FERRY_OPTIMIZE_TRY_BATCH_SIZE",
+        value_delimiter = ',',
+        value_name = "SIZES"
+    )]
+    pub try_batch_size: Vec<usize>,
+
+    /// Hidden layer sizes to try (mlp): candidates separated by `;`, layers by `,` (`64;128,64`).
+    #[arg(long, env = "FERRY_OPTIMIZE_TRY_HIDDEN", value_delimiter = ';', value_parser = parse_sizes, value_name = "LAYERS")]
+    pub try_hidden: Vec<Vec<usize>>,
+
+    /// Epoch limits to try, comma-separated.
+    #[arg(
+        long,
+        env = "FERRY_OPTIMIZE_TRY_EPOCHS",
+        value_delimiter = ',',
+        value_name = "COUNTS"
+    )]
+    pub try_epochs: Vec<usize>,
+}
+
+fn parse_sizes(s: &str) -> Result<Vec<usize>, String> {
+    s.split(',')
+        .map(|p| p.trim().parse::<usize>().map_err(|e| format!("`{p}`: {e}")))
+        .collect()
+}
+
+fn describe(c: &Candidate) -> String {
+    let mut parts = Vec::new();
+    if let Some(v) = c.learning_rate {
+        parts.push(format!("learning_rate={v}"));
+    }
+    if let Some(v) = c.l2 {
+        parts.push(format!("l2={v}"));
+    }
+    if let Some(v) = c.batch_size {
+        parts.push(format!("batch_size={v}"));
+    }
+    if let Some(v) = &c.hidden {
+        let v: Vec<String> = v.iter().map(usize::to_string).collect();
+        parts.push(format!("hidden={}", v.join(",")));
+    }
+    if let Some(v) = c.epochs {
+        parts.push(format!("epochs={v}"));
+    }
+    if parts.is_empty() {
+        "defaults".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+/// Runs `ferry optimize`.
+pub fn run(args: OptimizeArgs) -> anyhow::Result<()> {
+    let space = SearchSpace {
+        learning_rate: args.try_learning_rate.clone(),
+        l2: args.try_l2.clone(),
+        batch_size: args.try_batch_size.clone(),
+        hidden: args.try_hidden.clone(),
+        epochs: args.try_epochs.clone(),
+    };
+    let candidates = match args.search {
+        SearchKind::Grid => grid(&space),
+        SearchKind::Random => random(&space, args.trials, args.train.seed),
+    };
+    let dataset = crate::train::load(&args.train)?;
+    let base = args.train.options();
+    let talk = !args.train.quiet && !args.train.json;
+    let mut rows = Vec::with_capacity(candidates.len());
+    for (i, candidate) in candidates.iter().enumerate() {
+        let options = candidate.apply(&base);
+        let started = Instant::now();
+        let value = if args.folds > 0 {
+            cross_validate(&dataset, &options, args.folds)
+        } else {
+            ferry_train::fit(&dataset, &options, &mut |_| {}).map(|t| score(&t.validation))
+        }
+        .with_context(|| format!("trial {} ({})", i + 1, describe(candidate)))?;
+        let seconds = started.elapsed().as_secs_f64();
+        if talk {
+            eprintln!(
+                "trial {}/{}: {} → {value:.4} ({seconds:.2}s)",
+                i + 1,
+                candidates.len(),
+                describe(candidate)
+            );
+        }
+        rows.push((candidate.clone(), value, seconds));
+    }
+    let best = rows
+        .iter()
+        .enumerate()
+        .fold(0, |b, (i, r)| if r.1 > rows[b].1 { i } else { b });
+    let scored_by = if args.folds > 0 {
+        format!("{}-fold cross-validation", args.folds)
+    } else {
+        "the validation split".to_string()
+    };
+    if args.train.json {
+        let trials: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(c, v, s)| serde_json::json!({"candidate": c, "score": v, "seconds": s}))
+            .collect();
+        eprintln!(
+            "{}",
+            serde_json::json!({"scored_by": scored_by, "trials": trials, "best": rows[best].0})
+        );
+    } else if !args.train.quiet {
+        let mut table = format!("trial  score   seconds  settings (scored by {scored_by})\n");
+        for (i, (c, v, s)) in rows.iter().enumerate() {
+            let mark = if i == best { "*" } else { " " };
+            let _ = writeln!(
+                table,
+                "{mark}{:>4}  {v:.4}  {s:>7.2}  {}",
+                i + 1,
+                describe(c)
+            );
+        }
+        print!("{table}");
+    }
+    // The winner, trained on the whole file with its own validation split, is what gets written.
+    train_and_write(&args.train, &dataset, &rows[best].0.apply(&base))
+}
