@@ -274,6 +274,46 @@ impl TensorData {
         })
     }
 
+    /// A tensor of `n` copies of this tensor's single element; `None` unless it holds exactly one element.
+    pub fn repeat_single(&self, n: usize) -> Option<TensorData> {
+        if self.len() != 1 {
+            return None;
+        }
+        macro_rules! rep {
+            ($($variant:ident),*) => {
+                match self {
+                    $(TensorData::$variant(v) => TensorData::$variant(std::iter::repeat_n(v[0].clone(), n).collect()),)*
+                }
+            };
+        }
+        Some(rep!(
+            Bool, U8, U16, U32, U64, I8, I16, I32, I64, F16, F32, F64, Bytes
+        ))
+    }
+
+    /// Like [`TensorData::from_le_bytes`], but refuses (`None`) a buffer holding more than `max` elements, counting
+    /// `BYTES` elements as it goes so a flood of empty strings never allocates.
+    pub fn from_le_bytes_at_most(dtype: DataType, raw: &[u8], max: usize) -> Option<TensorData> {
+        match dtype.element_size() {
+            Some(size) if raw.len() / size > max => None,
+            Some(_) => TensorData::from_le_bytes(dtype, raw),
+            None => {
+                let mut out = Vec::with_capacity(max.min(raw.len() / 4));
+                let mut rest = raw;
+                while !rest.is_empty() {
+                    if out.len() == max {
+                        return None;
+                    }
+                    let len_bytes: [u8; 4] = rest.get(..4)?.try_into().ok()?;
+                    let len = u32::from_le_bytes(len_bytes) as usize;
+                    out.push(rest.get(4..4 + len)?.to_vec());
+                    rest = &rest[4 + len..];
+                }
+                Some(TensorData::Bytes(out))
+            }
+        }
+    }
+
     /// Appends the elements as little-endian bytes (the inverse of [`TensorData::from_le_bytes`]).
     pub fn write_le_bytes(&self, out: &mut Vec<u8>) {
         match self {
@@ -452,6 +492,23 @@ mod tests {
             data.write_le_bytes(&mut raw);
             assert_eq!(TensorData::from_le_bytes(data.dtype(), &raw), Some(data));
         }
+    }
+
+    #[test]
+    fn repeat_and_limited_decode() {
+        assert_eq!(
+            TensorData::F32(vec![2.0]).repeat_single(3),
+            Some(TensorData::F32(vec![2.0; 3]))
+        );
+        assert_eq!(TensorData::F32(vec![2.0, 1.0]).repeat_single(3), None);
+        let mut raw = Vec::new();
+        TensorData::Bytes(vec![vec![]; 5]).write_le_bytes(&mut raw);
+        assert!(TensorData::from_le_bytes_at_most(DataType::Bytes, &raw, 4).is_none());
+        assert_eq!(
+            TensorData::from_le_bytes_at_most(DataType::Bytes, &raw, 5).map(|d| d.len()),
+            Some(5)
+        );
+        assert!(TensorData::from_le_bytes_at_most(DataType::F32, &[0; 12], 2).is_none());
     }
 
     #[test]

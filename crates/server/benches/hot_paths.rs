@@ -114,6 +114,7 @@ fn queue(c: &mut Criterion) {
                     key,
                     enqueued: now,
                     deadline: None,
+                    solo: false,
                 });
             }
             let mut batches = 0;

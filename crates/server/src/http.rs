@@ -269,6 +269,7 @@ fn grpc_router(infer: &Infer, max_message_bytes: usize) -> tonic::transport::ser
     };
     let tf = TfServingGrpc {
         infer: infer.clone(),
+        max_request_bytes: max_message_bytes,
     };
     tonic::transport::Server::builder()
         .tcp_nodelay(true)

@@ -12,6 +12,9 @@ use ferry_model::{NamedTensor, TensorSpec};
 use crate::error::{ErrorKind, InferError};
 use crate::repository::{validate_name, LoadedVersion, ModelStore, VersionState};
 
+/// The largest dimension a tensor may have (2³¹ − 1, as ONNX Runtime and most clients assume).
+const MAX_DIMENSION: usize = i32::MAX as usize;
+
 /// Which version of a model a request wants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VersionSelector {
@@ -53,13 +56,6 @@ pub struct ValidRequest {
     version: Arc<LoadedVersion>,
     inputs: Vec<NamedTensor>,
     outputs: Option<Vec<String>>,
-}
-
-impl ValidRequest {
-    /// The version the request runs on.
-    pub fn version(&self) -> &Arc<LoadedVersion> {
-        &self.version
-    }
 }
 
 /// The shared handle on models and the inference path.
@@ -157,7 +153,8 @@ impl Infer {
             }
             VersionSelector::Specific(v) => *v,
             VersionSelector::Label(label) => *record.config.labels.get(label).ok_or_else(|| {
-                InferError::not_found(format!("model `{model}` has no version label `{label}`"))
+                // TF Serving answers an unknown label as INVALID_ARGUMENT; so does Ferry, on every route.
+                InferError::invalid(format!("model `{model}` has no version label `{label}`"))
             })?,
         };
         let slot = record.versions.get(&version).ok_or_else(|| {
@@ -183,6 +180,25 @@ impl Infer {
     ) -> Result<ValidRequest, InferError> {
         let sig = &version.signature;
         for (i, input) in inputs.iter().enumerate() {
+            // Even a tensor with no elements must not carry dimensions whose product overflows: strides and
+            // batch splits multiply them.
+            let shape = &input.tensor.shape;
+            if let Some(d) = shape.iter().find(|d| **d > MAX_DIMENSION) {
+                return Err(InferError::invalid(format!(
+                    "input `{}`: dimension {d} is too large",
+                    input.name
+                )));
+            }
+            if shape
+                .iter()
+                .try_fold(1usize, |acc, d| acc.checked_mul((*d).max(1)))
+                .is_none()
+            {
+                return Err(InferError::invalid(format!(
+                    "input `{}`: shape {shape:?} is too large",
+                    input.name
+                )));
+            }
             if inputs[..i].iter().any(|other| other.name == input.name) {
                 return Err(InferError::invalid(format!(
                     "input `{}` is given more than once",
@@ -257,7 +273,10 @@ impl Infer {
             outputs,
         } = request;
         let start = Instant::now();
-        let deadline = deadline.map_or(start + self.timeout, |d| d.min(start + self.timeout));
+        let ours = start
+            .checked_add(self.timeout)
+            .unwrap_or(start + Duration::from_secs(86_400 * 365));
+        let deadline = deadline.map_or(ours, |d| d.min(ours));
         let receiver = version.scheduler.submit(inputs, Some(deadline))?;
         let late = || {
             let budget = deadline.saturating_duration_since(start).as_millis();

@@ -281,6 +281,7 @@ pub async fn load_repository(
                     Ok(parts) => {
                         let scheduler = crate::batching::Scheduler::start(
                             parts.backend.clone(),
+                            &parts.signature,
                             config.batching.clone(),
                             config.engine_options.instances,
                             (name.clone(), version),

@@ -296,6 +296,19 @@ async fn tfserving_predict_metadata_and_status() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("alias not found"), "{}", e.message());
 
+    // A single value may fill a shape, but not one larger than --max-request-bytes: refused before allocating.
+    let huge = PredictRequest {
+        model_spec: spec("affine"),
+        inputs: [("x".to_string(), tf_floats(&[1 << 40, 2], vec![1.0]))].into(),
+        ..Default::default()
+    };
+    let e = p.predict(huge).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("larger than --max-request-bytes"),
+        "{}",
+        e.message()
+    );
     let meta = p
         .get_model_metadata(GetModelMetadataRequest {
             model_spec: spec("affine"),

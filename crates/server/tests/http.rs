@@ -122,7 +122,7 @@ async fn kserve_infer_json_flat_and_nested() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         body,
-        json!({"id": "req-7", "model_name": "affine", "model_version": "1", "parameters": {"trace": "yes"},
+        json!({"id": "req-7", "model_name": "affine", "model_version": "1",
                "outputs": [{"name": "y", "datatype": "FP32", "shape": [2, 1], "data": [0.5, 2.5]}]})
     );
     let (status, nested) = s
@@ -363,6 +363,19 @@ async fn kserve_bad_requests_get_clear_errors() {
             vec!["unknown output `q`"],
         ),
         (
+            "/v2/models/affine/infer",
+            json!({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}],
+                   "outputs": [{"name": "y", "parameters": {"classification": 2}}]}),
+            400,
+            vec!["`classification` is not supported"],
+        ),
+        (
+            "/v2/models/affine/infer",
+            x(json!([0, 4294967296u64]), "FP32", json!([])),
+            400,
+            vec!["`x`", "dimension 4294967296 is too large"],
+        ),
+        (
             "/v2/models/broken/infer",
             x(json!([1, 2]), "FP32", json!([1, 2])),
             503,
@@ -514,7 +527,7 @@ async fn versions_labels_and_policies() {
             json!({"instances": [[1.0, 0.0]]}),
         )
         .await;
-    assert_error(status, &body, 404, &["no version label `beta`"]);
+    assert_error(status, &body, 400, &["no version label `beta`"]);
 }
 
 #[tokio::test]

@@ -67,8 +67,7 @@ impl Drop for Scheduler {
 
 /// Whether a backend can take several requests stacked along the first dimension: every input and output has a
 /// dynamic first dimension.
-pub fn can_batch(backend: &dyn Backend) -> bool {
-    let sig = backend.signature();
+pub fn can_batch(sig: &ferry_model::Signature) -> bool {
     let dynamic_first =
         |s: &ferry_model::TensorSpec| s.shape.as_ref().is_some_and(|d| d.first() == Some(&-1));
     !sig.inputs.is_empty()
@@ -81,13 +80,14 @@ impl Scheduler {
     /// once (the engine's session count). Batching is turned off when the model cannot batch.
     pub fn start(
         backend: Arc<dyn Backend>,
+        signature: &ferry_model::Signature,
         mut limits: Limits,
         instances: usize,
         model: (String, u64),
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Scheduler {
         let label = format!("{}/{}", model.0, model.1);
-        let batchable = can_batch(backend.as_ref());
+        let batchable = can_batch(signature);
         if limits.max_batch_size > 1 && !batchable {
             tracing::warn!(model = %label, "dynamic batching is off: the model's inputs and outputs need a dynamic first dimension");
             limits.max_batch_size = 1;
@@ -114,14 +114,14 @@ impl Scheduler {
         deadline: Option<Instant>,
     ) -> Result<oneshot::Receiver<Answer>, InferError> {
         let (respond, receiver) = oneshot::channel();
+        let first = |i: &NamedTensor| i.tensor.shape.first().copied();
         let rows = if self.shared.batchable {
-            inputs
-                .first()
-                .and_then(|i| i.tensor.shape.first().copied())
-                .unwrap_or(1)
+            inputs.first().and_then(first).unwrap_or(1)
         } else {
             1
         };
+        // Inputs that disagree on the first dimension (possible with broadcasting models) cannot be split by rows.
+        let solo = self.shared.batchable && inputs.iter().any(|i| first(i) != Some(rows));
         let key = inputs
             .iter()
             .map(|i| {
@@ -137,14 +137,22 @@ impl Scheduler {
             key,
             enqueued: Instant::now(),
             deadline,
+            solo,
         };
-        let pushed = self
-            .shared
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(entry);
-        if pushed.is_err() {
+        let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let refused = match state.push(entry) {
+            Ok(()) => false,
+            Err((_, entry)) => {
+                // Before refusing, drop entries whose clients have gone (they may have timed out while the engine
+                // was busy), then try once more.
+                let gone = state.remove_stale(Instant::now(), |job| !job.respond.is_closed());
+                let refused = state.push(entry).is_err();
+                drop(gone);
+                refused
+            }
+        };
+        drop(state);
+        if refused {
             return Err(InferError::new(
                 ErrorKind::Overloaded,
                 format!(
@@ -231,8 +239,13 @@ fn run_batch(backend: &dyn Backend, mut batch: Vec<Entry<Job>>, _permit: OwnedSe
     let rows: Vec<usize> = batch.iter().map(|e| e.rows).collect();
     let total: usize = rows.iter().sum();
     let mut jobs: Vec<Job> = batch.into_iter().map(|e| e.item).collect();
-    let answer = concat_inputs(&mut jobs, total)
+    let answer = concat_inputs(&jobs, total)
         .and_then(|inputs| backend.predict(inputs).map_err(InferError::from));
+    // Each request's own inputs stay until the batch has succeeded, in case it must be re-run request by request.
+    let originals: Vec<Vec<NamedTensor>> = jobs
+        .iter_mut()
+        .map(|j| std::mem::take(&mut j.inputs))
+        .collect();
     match answer.and_then(|outputs| split_outputs(outputs, &rows, total)) {
         Ok(parts) => {
             for (job, part) in jobs.into_iter().zip(parts) {
@@ -240,14 +253,18 @@ fn run_batch(backend: &dyn Backend, mut batch: Vec<Entry<Job>>, _permit: OwnedSe
             }
         }
         Err(e) => {
-            for job in jobs {
-                let _ = job.respond.send(Err(e.clone()));
+            // One request's bad data must not fail its neighbours: answer each request from its own run.
+            tracing::debug!(error = %e, "batch failed; running its requests one by one");
+            for (job, inputs) in jobs.into_iter().zip(originals) {
+                let _ = job
+                    .respond
+                    .send(backend.predict(inputs).map_err(InferError::from));
             }
         }
     }
 }
 
-fn concat_inputs(jobs: &mut [Job], total: usize) -> Result<Vec<NamedTensor>, InferError> {
+fn concat_inputs(jobs: &[Job], total: usize) -> Result<Vec<NamedTensor>, InferError> {
     let count = jobs[0].inputs.len();
     let mut inputs = Vec::with_capacity(count);
     for i in 0..count {
@@ -259,10 +276,6 @@ fn concat_inputs(jobs: &mut [Job], total: usize) -> Result<Vec<NamedTensor>, Inf
         let tensor = Tensor::new(shape, data)
             .map_err(|e| InferError::new(ErrorKind::Internal, e.to_string()))?;
         inputs.push(NamedTensor::new(jobs[0].inputs[i].name.clone(), tensor));
-    }
-    // The requests' own tensors are no longer needed; free them before inference.
-    for job in jobs.iter_mut() {
-        job.inputs.clear();
     }
     Ok(inputs)
 }
@@ -287,7 +300,12 @@ fn split_outputs(
                 ),
             ));
         }
-        let stride: usize = out.tensor.shape[1..].iter().product();
+        let stride = ferry_model::element_count(&out.tensor.shape[1..]).ok_or_else(|| {
+            InferError::new(
+                ErrorKind::Internal,
+                format!("output `{}` has an impossible shape", out.name),
+            )
+        })?;
         let mut start = 0;
         for (part, n) in parts.iter_mut().zip(rows) {
             let mut shape = out.tensor.shape.clone();

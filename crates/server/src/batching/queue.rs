@@ -43,6 +43,8 @@ pub struct Entry<T> {
     pub enqueued: Instant,
     /// When its answer stops being useful.
     pub deadline: Option<Instant>,
+    /// Must run alone (its inputs disagree on the first dimension, so its rows cannot be told apart in a batch).
+    pub solo: bool,
 }
 
 /// Why a batch was cut.
@@ -133,7 +135,7 @@ impl<T> State<T> {
             let e = self.entries.pop_front().expect("checked non-empty");
             return Decision::Batch(vec![e], StopReason::Single);
         }
-        if oldest.rows >= limits.max_batch_size {
+        if oldest.rows >= limits.max_batch_size || oldest.solo {
             let e = self.entries.pop_front().expect("checked non-empty");
             return Decision::Batch(vec![e], StopReason::Full);
         }
@@ -142,8 +144,10 @@ impl<T> State<T> {
         let mut rows = 0;
         let mut chosen = Vec::new();
         let mut reason = None;
+        // The longest prefix of `chosen` that reached a preferred size, if any.
+        let mut preferred_prefix = None;
         for (i, e) in self.entries.iter().enumerate() {
-            if &e.key != key || rows + e.rows > limits.max_batch_size {
+            if &e.key != key || e.solo || rows + e.rows > limits.max_batch_size {
                 continue;
             }
             rows += e.rows;
@@ -152,9 +156,16 @@ impl<T> State<T> {
                 reason = Some(StopReason::Full);
                 break;
             }
+            if limits.preferred_batch_sizes.contains(&rows) {
+                preferred_prefix = Some(chosen.len());
+            }
         }
-        if reason.is_none() && limits.preferred_batch_sizes.contains(&rows) {
-            reason = Some(StopReason::Preferred);
+        if reason.is_none() {
+            if let Some(n) = preferred_prefix {
+                // Cut at the largest preferred size reached; the rest waits for the next batch.
+                chosen.truncate(n);
+                reason = Some(StopReason::Preferred);
+            }
         }
         let ready_at = oldest.enqueued + limits.max_queue_delay;
         if reason.is_none() && now >= ready_at {
@@ -197,6 +208,7 @@ mod tests {
             key: vec![(DataType::F32, vec![width])],
             enqueued: at,
             deadline: None,
+            solo: false,
         }
     }
 
@@ -260,6 +272,24 @@ mod tests {
         check(&mut s, t0, t0, "wait +100ms");
         s.push(entry(2, 1, 2, t0)).unwrap();
         check(&mut s, t0, t0, "Preferred [1, 2]");
+    }
+
+    #[test]
+    fn preferred_size_cuts_at_the_largest_reached_and_solo_entries_run_alone() {
+        let t0 = Instant::now();
+        let mut s = State::new(limits(16, 100, &[2, 4], 100));
+        for id in 1..=5 {
+            s.push(entry(id, 1, 2, t0)).unwrap();
+        }
+        check(&mut s, t0, t0, "Preferred [1, 2, 3, 4]");
+        s.push(Entry {
+            solo: true,
+            ..entry(6, 1, 2, t0)
+        })
+        .unwrap();
+        s.push(entry(7, 1, 2, t0)).unwrap();
+        check(&mut s, t0, t0, "Preferred [5, 7]");
+        check(&mut s, t0, t0, "Full [6]");
     }
 
     #[test]

@@ -281,8 +281,10 @@ mod tests {
 /// Decodes a KServe `data` field (flat or nested lists) straight into elements of `dtype`, without building a JSON
 /// tree: the hot path for large JSON tensors. Elements beyond `expected` are counted, not stored.
 pub fn decode_data(dtype: DataType, raw: &str, expected: usize) -> Result<TensorData, String> {
+    // Size the buffer from the data actually sent (each element takes at least two bytes of JSON), not from the
+    // client's shape alone.
     let mut sink = Sink {
-        data: TensorData::with_capacity(dtype, expected.min(1 << 20)),
+        data: TensorData::with_capacity(dtype, expected.min(raw.len() / 2 + 1)),
         expected,
         extra: 0,
     };

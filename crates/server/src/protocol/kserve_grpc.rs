@@ -62,11 +62,6 @@ fn decode_contents(
     dtype: DataType,
     c: InferTensorContents,
 ) -> Result<TensorData, InferError> {
-    let wrong = |field: &str| {
-        InferError::invalid(format!(
-            "input `{name}`: {dtype} data goes in contents.{field} (or raw_input_contents)"
-        ))
-    };
     Ok(match dtype {
         DataType::Bool => TensorData::Bool(c.bool_contents),
         DataType::I8 => TensorData::I8(narrow(name, "INT8", c.int_contents)?),
@@ -80,7 +75,11 @@ fn decode_contents(
         DataType::F32 => TensorData::F32(c.fp32_contents),
         DataType::F64 => TensorData::F64(c.fp64_contents),
         DataType::Bytes => TensorData::Bytes(c.bytes_contents),
-        DataType::F16 => return Err(wrong("(none: FP16 must be raw)")),
+        DataType::F16 => {
+            return Err(InferError::invalid(format!(
+                "input `{name}`: FP16 has no typed contents field; send it in raw_input_contents"
+            )))
+        }
     })
 }
 
@@ -107,12 +106,19 @@ fn decode_input(input: InferInputTensor, raw: Option<Vec<u8>>) -> Result<NamedTe
         InferError::invalid(format!("input `{name}`: shape {shape:?} is too large"))
     })?;
     let data = match (raw, input.contents) {
-        (Some(raw), _) => TensorData::from_le_bytes(dtype, &raw).ok_or_else(|| {
-            InferError::invalid(format!(
-                "input `{name}`: {} raw bytes are not a whole number of {dtype} elements",
-                raw.len()
-            ))
-        })?,
+        (Some(_), Some(_)) => {
+            return Err(InferError::invalid(format!(
+                "input `{name}`: give either contents or raw_input_contents, not both"
+            )))
+        }
+        (Some(raw), None) => {
+            TensorData::from_le_bytes_at_most(dtype, &raw, expected).ok_or_else(|| {
+                InferError::invalid(format!(
+                    "input `{name}`: {} raw bytes are not a whole number of {dtype} elements",
+                    raw.len()
+                ))
+            })?
+        }
         (None, Some(contents)) => decode_contents(&name, dtype, contents)?,
         (None, None) => {
             return Err(InferError::invalid(format!(

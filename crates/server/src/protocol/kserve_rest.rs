@@ -59,8 +59,6 @@ struct InferResponseBody<'a> {
     id: Option<&'a str>,
     model_name: &'a str,
     model_version: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<Map<String, Value>>,
     outputs: Vec<OutputBody<'a>>,
 }
 
@@ -294,6 +292,19 @@ async fn infer_inner(
     if let Some(outputs) = &request.outputs {
         let mut list = Vec::with_capacity(outputs.len());
         for o in outputs {
+            // Triton's `classification` (top-k labels) and other output parameters would change the answer's
+            // shape; refusing them is better than silently answering something else.
+            if let Some(other) = o
+                .parameters
+                .iter()
+                .flat_map(|p| p.keys())
+                .find(|k| *k != "binary_data")
+            {
+                return Err(InferError::invalid(format!(
+                    "output `{}`: parameter `{other}` is not supported (only binary_data)",
+                    o.name
+                )));
+            }
             list.push((
                 o.name.clone(),
                 flag(o.parameters.as_ref(), "binary_data")?.unwrap_or(default_binary),
@@ -412,9 +423,9 @@ fn decode_input(input: &InputBody, binary: &mut &[u8]) -> Result<NamedTensor, In
             }
             let (mine, rest) = binary.split_at(size);
             *binary = rest;
-            TensorData::from_le_bytes(dtype, mine).ok_or_else(|| {
+            TensorData::from_le_bytes_at_most(dtype, mine, expected).ok_or_else(|| {
                 InferError::invalid(format!(
-                    "input `{name}`: {size} bytes are not a whole number of {dtype} elements"
+                    "input `{name}`: {size} bytes are not the {expected} {dtype} elements shape {shape:?} needs"
                 ))
             })?
         }
@@ -462,16 +473,10 @@ fn encode_response(
             data,
         });
     }
-    let parameters = request.parameters.as_ref().map(|p| {
-        let mut p = p.clone();
-        p.remove("binary_data_output");
-        p
-    });
     let body = InferResponseBody {
         id: request.id.as_deref(),
         model_name: &loaded.model,
         model_version: loaded.version.to_string(),
-        parameters: parameters.filter(|p| !p.is_empty()),
         outputs: bodies,
     };
     let mut json =

@@ -32,6 +32,8 @@ use crate::repository::{validate_name, VersionState};
 pub struct TfServingGrpc {
     /// The shared inference path.
     pub infer: Infer,
+    /// The largest tensor a request may make, in bytes (`--max-request-bytes`).
+    pub max_request_bytes: usize,
 }
 
 fn tf_type(t: DataType) -> TfType {
@@ -93,7 +95,12 @@ fn shape_proto(dims: &[i64]) -> TensorShapeProto {
 }
 
 /// Decodes one input `TensorProto`; the model's declared type must match.
-fn decode(name: &str, spec: &TensorSpec, t: TensorProto) -> Result<NamedTensor, InferError> {
+fn decode(
+    name: &str,
+    spec: &TensorSpec,
+    t: TensorProto,
+    max_bytes: usize,
+) -> Result<NamedTensor, InferError> {
     let err = |m: String| InferError::invalid(format!("input `{name}`: {m}"));
     let dtype =
         from_tf_type(t.dtype).ok_or_else(|| err(format!("unsupported dtype {}", t.dtype)))?;
@@ -118,6 +125,21 @@ fn decode(name: &str, spec: &TensorSpec, t: TensorProto) -> Result<NamedTensor, 
         .unwrap_or_default();
     let count =
         element_count(&shape).ok_or_else(|| err(format!("shape {shape:?} is too large")))?;
+    if !spec.accepts_shape(&shape) {
+        return Err(err(format!(
+            "expected shape {:?}, got {shape:?}",
+            spec.display_shape()
+        )));
+    }
+    // A single value may fill the whole shape, so the shape alone decides the size: bound it before allocating.
+    if count
+        .checked_mul(dtype.element_size().unwrap_or(1))
+        .is_none_or(|bytes| bytes > max_bytes)
+    {
+        return Err(err(format!(
+            "shape {shape:?} is larger than --max-request-bytes allows"
+        )));
+    }
     let data = if !t.tensor_content.is_empty() && dtype != DataType::Bytes {
         TensorData::from_le_bytes(dtype, &t.tensor_content).ok_or_else(|| {
             err(format!(
@@ -162,8 +184,8 @@ fn decode(name: &str, spec: &TensorSpec, t: TensorProto) -> Result<NamedTensor, 
         }
     };
     // TensorFlow fills a whole tensor from a single value.
-    let data = if data.len() == 1 && count > 1 {
-        TensorData::concat(&vec![&data; count]).expect("same type")
+    let data = if count > 1 {
+        data.repeat_single(count).unwrap_or(data)
     } else {
         data
     };
@@ -235,7 +257,7 @@ impl TfServingGrpc {
                     loaded.signature.inputs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(",")
                 ))
             })?;
-            inputs.push(decode(&name, spec, tensor)?);
+            inputs.push(decode(&name, spec, tensor, self.max_request_bytes)?);
         }
         let filter = (!r.output_filter.is_empty()).then_some(r.output_filter);
         let valid = Infer::validate(loaded.clone(), inputs, filter)?;
