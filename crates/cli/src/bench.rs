@@ -258,7 +258,7 @@ async fn metadata(args: &BenchArgs) -> anyhow::Result<Vec<InputSpec>> {
             let meta = client
                 .model_metadata(ModelMetadataRequest {
                     name: args.model.clone(),
-                    version: String::new(),
+                    version: args.model_version.clone().unwrap_or_default(),
                 })
                 .await
                 .context("fetching model metadata")?
@@ -451,7 +451,10 @@ async fn closed_loop(
 
 /// Open loop: one request every 1/rate seconds, whatever the answers do.
 async fn open_loop(args: &BenchArgs, template: &Caller, rate: f64) -> anyhow::Result<Report> {
-    anyhow::ensure!(rate > 0.0, "--rate must be positive");
+    anyhow::ensure!(
+        rate.is_finite() && (0.01..=1_000_000.0).contains(&rate),
+        "--rate must be between 0.01 and 1000000 requests per second"
+    );
     let interval = Duration::from_secs_f64(1.0 / rate);
     let start = Instant::now();
     let measure_from = start + args.warmup;

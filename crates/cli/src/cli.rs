@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ferry_engine::{EngineOptions, OptimizationLevel};
 use ferry_server::ServeConfig;
 
-/// Ferry carries ONNX models through production: serve them over KServe v2 and TF Serving APIs.
+/// Ferry carries ONNX models through production: train them, serve them over KServe v2 and TF Serving APIs (REST and
+/// gRPC), and measure them.
 #[derive(Debug, Parser)]
 #[command(name = "ferry", version, about, long_about = None, args_override_self = true)]
 pub struct Cli {
@@ -26,7 +27,7 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve every model in a repository over REST (KServe v2 / Open Inference Protocol and TF Serving APIs).
+    /// Serve every model in a repository over REST and gRPC (KServe v2 / Open Inference Protocol and TF Serving APIs).
     Serve(ServeArgs),
     /// Train a model on a CSV file by gradient descent and write it as ONNX with its ferry.json.
     Train(crate::train::TrainArgs),
@@ -171,6 +172,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     };
     if seconds <= 0.0 || !seconds.is_finite() {
         return Err(format!("`{text}` must be longer than zero"));
+    }
+    // Anything past a day is a mistake (and far past it would overflow deadline arithmetic).
+    if seconds > 86_400.0 {
+        return Err(format!("`{text}` is longer than a day"));
     }
     Ok(Duration::from_secs_f64(seconds))
 }

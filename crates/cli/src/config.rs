@@ -47,11 +47,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, ConfigError> {
         return Ok(cli.command);
     }
     // Insert the file's flags right after the subcommand name; flags from the command line still follow.
-    let position = args
-        .iter()
-        .position(|a| a == sub_name)
-        .expect("the subcommand was parsed from these args")
-        + 1;
+    let position = subcommand_position(&args, sub_name) + 1;
     let mut merged = args[..position].to_vec();
     merged.extend(extra);
     merged.extend_from_slice(&args[position..]);
@@ -65,6 +61,24 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, ConfigError> {
     Cli::from_arg_matches(&matches)
         .map(|c| c.command)
         .map_err(ConfigError::Clap)
+}
+
+/// Where the subcommand's name stands among the arguments: the first argument equal to it that is not the value of
+/// the global `--config` option (`ferry --config serve serve` names a file called `serve`).
+fn subcommand_position(args: &[OsString], sub_name: &str) -> usize {
+    let mut skip_next = false;
+    for (i, a) in args.iter().enumerate().skip(1) {
+        if skip_next {
+            skip_next = false;
+            continue;
+        }
+        if a == "--config" {
+            skip_next = true;
+        } else if a == sub_name {
+            return i;
+        }
+    }
+    unreachable!("clap parsed `{sub_name}` as the subcommand, so it is among the arguments")
 }
 
 fn file_args(
@@ -229,6 +243,18 @@ mod tests {
     }
 
     #[test]
+    fn a_config_file_named_like_the_subcommand_is_not_the_subcommand() {
+        assert_eq!(
+            subcommand_position(&args(&["ferry", "--config", "serve", "serve"]), "serve"),
+            3
+        );
+        assert_eq!(
+            subcommand_position(&args(&["ferry", "serve", "--config", "x"]), "serve"),
+            1
+        );
+    }
+
+    #[test]
     fn durations() {
         use crate::cli::parse_duration;
         use std::time::Duration;
@@ -239,5 +265,6 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("3h").is_err());
         assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("99999999999999999999m").is_err());
     }
 }

@@ -57,7 +57,8 @@ fn run(command: cli::Command) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(async move {
+            let grace = config.shutdown_grace_period;
+            let result = runtime.block_on(async move {
                 let server = ferry_server::Server::start(config, engine)
                     .await
                     .context("starting the server")?;
@@ -65,7 +66,10 @@ fn run(command: cli::Command) -> anyhow::Result<()> {
                     .run(ferry_server::shutdown_signal())
                     .await
                     .context("serving")
-            })
+            });
+            // Inference still running on blocking threads gets the grace period, not forever.
+            runtime.shutdown_timeout(grace);
+            result
         }
     }
 }
