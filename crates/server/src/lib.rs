@@ -4,10 +4,11 @@
 //! - [`repository`]: discovers `<root>/<model>/<version>/model.onnx`, loads versions in parallel, keeps their states.
 //! - [`batching`]: per-version queues, dynamic batching and backpressure.
 //! - [`infer`]: [`infer::Infer`], the one path every protocol takes (resolve, validate, run, select outputs).
-//! - [`protocol`]: KServe v2 REST (with the binary tensor extension) and TF Serving REST adapters.
-//! - [`http`]: the router and the server lifecycle (bind, serve, drain on shutdown).
+//! - [`protocol`]: KServe v2 (REST with the binary tensor extension, and gRPC) and TF Serving (REST and gRPC)
+//!   adapters.
+//! - [`http`]: the REST and gRPC routers and the server lifecycle (bind, serve, drain on shutdown).
 //! - [`error`]: the one error table, mapping each failure kind to its status.
-//! - [`metrics`]: the catalogue of metric names.
+//! - [`metrics`]: the metric catalogue, registry and Prometheus exposition.
 //!
 //! This crate never runs inference on the async runtime: engines run on blocking threads.
 

@@ -7,13 +7,13 @@
 //! graph_optimization_level = "all"     # "disable" | "basic" | "extended" | "all"
 //! intra_op_threads = 1
 //! instances = 2
-//! [labels]
-//! stable = 1
-//! canary = 2
-//! max_batch_size = 32                 # dynamic batching: 0 (default) runs each request alone
+//! max_batch_size = 32                  # dynamic batching: 0 (default) runs each request alone
 //! max_queue_delay_us = 500             # how long the oldest request waits for others
 //! preferred_batch_sizes = [8, 16]      # cut at once at these sizes
 //! max_queue_size = 1024                # more waiting requests are refused with 429
+//! [labels]
+//! stable = 1
+//! canary = 2
 //! [inputs.features]
 //! shape = [-1, 4]
 //! ```

@@ -372,6 +372,24 @@ fn load_version(
                         &what[..what.len() - 1]
                     )
                 })?;
+            let bad =
+                |why: String| format!("config.toml: {what}.{tensor}.shape {:?}: {why}", o.shape);
+            if o.shape.iter().any(|d| *d < -1) {
+                return Err(bad("dimensions are sizes or -1".into()));
+            }
+            if let Some(model) = &spec.shape {
+                if model.len() != o.shape.len() {
+                    return Err(bad(format!("the model's rank is {}", model.len())));
+                }
+                // An override may fix a dynamic size, never contradict a fixed one.
+                if let Some((m, _)) = model
+                    .iter()
+                    .zip(&o.shape)
+                    .find(|(m, o)| **m >= 0 && **o >= 0 && m != o)
+                {
+                    return Err(bad(format!("the model fixes a dimension at {m}")));
+                }
+            }
             spec.shape = Some(o.shape.clone());
         }
     }

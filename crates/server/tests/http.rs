@@ -994,3 +994,34 @@ async fn metrics_count_what_was_sent() {
         "unknown names never become label values"
     );
 }
+
+#[tokio::test]
+async fn shape_overrides_are_checked_at_load() {
+    let repo = TempDir::new("overrides");
+    put_model(&repo.0, "rank", 1, &affine());
+    put_file(&repo.0, "rank", "config.toml", "[inputs.x]\nshape = [4]\n");
+    put_model(&repo.0, "fixed", 1, &affine());
+    put_file(
+        &repo.0,
+        "fixed",
+        "config.toml",
+        "[inputs.x]\nshape = [-1, 3]\n",
+    );
+    put_model(&repo.0, "narrowed", 1, &affine());
+    put_file(
+        &repo.0,
+        "narrowed",
+        "config.toml",
+        "[inputs.x]\nshape = [1, 2]\n",
+    );
+    let s = TestServer::start(repo).await;
+    let x = json!({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]});
+    let (status, body) = s.post("/v2/models/rank/infer", x.clone()).await;
+    assert_error(status, &body, 503, &["inputs.x.shape [4]", "rank is 2"]);
+    let (status, body) = s.post("/v2/models/fixed/infer", x.clone()).await;
+    assert_error(status, &body, 503, &["fixes a dimension at 2"]);
+    assert_eq!(s.post("/v2/models/narrowed/infer", x).await.0, 200);
+    let two_rows = json!({"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1, 2, 3, 4]}]});
+    let (status, body) = s.post("/v2/models/narrowed/infer", two_rows).await;
+    assert_error(status, &body, 400, &["expected shape [1, 2], got [2, 2]"]);
+}
