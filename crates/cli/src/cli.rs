@@ -85,6 +85,11 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_MAX_REQUEST_BYTES", default_value_t = 64 << 20)]
     pub max_request_bytes: usize,
 
+    /// REST requests handled at once; more wait, unread, in their connections until one finishes. With
+    /// --max-request-bytes this bounds the memory spent on request bodies. gRPC allows 256 calls per connection.
+    #[arg(long, env = "FERRY_MAX_CONCURRENT_REQUESTS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_requests: u32,
+
     /// The longest one inference may take before the client gets 504 (`500ms`, `30s`, `2m`).
     #[arg(long, env = "FERRY_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub request_timeout: Duration,
@@ -137,6 +142,7 @@ impl ServeArgs {
             rest_port: self.rest_port,
             grpc_port: self.grpc_port,
             max_request_bytes: self.max_request_bytes,
+            max_concurrent_requests: self.max_concurrent_requests as usize,
             request_timeout: self.request_timeout,
             shutdown_grace_period: self.shutdown_grace_period,
             engine: EngineOptions {

@@ -19,6 +19,8 @@ pub struct ServeConfig {
     pub grpc_port: u16,
     /// Bodies larger than this are refused with 413.
     pub max_request_bytes: usize,
+    /// Requests handled at once; more wait (unread) until one finishes, which bounds decoding memory.
+    pub max_concurrent_requests: usize,
     /// A request that takes longer is answered with 504.
     pub request_timeout: Duration,
     /// How long in-flight requests may take to finish after SIGTERM before the process exits anyway.
@@ -38,6 +40,7 @@ impl ServeConfig {
             rest_port: 0,
             grpc_port: 0,
             max_request_bytes: 64 << 20,
+            max_concurrent_requests: 1024,
             request_timeout: Duration::from_secs(30),
             shutdown_grace_period: Duration::from_secs(10),
             engine: EngineOptions {

@@ -29,6 +29,12 @@ pub struct AppState {
 
 /// The REST router, without a listener: tests call it in-process.
 pub fn app(state: AppState, max_request_bytes: usize) -> Router {
+    app_with_limit(state, max_request_bytes, usize::MAX >> 4)
+}
+
+/// The REST router, handling at most `max_concurrent` requests at once (the others wait, unread, in their
+/// connections), so the memory spent decoding bodies is bounded by `max_concurrent × max_request_bytes`.
+pub fn app_with_limit(state: AppState, max_request_bytes: usize, max_concurrent: usize) -> Router {
     Router::new()
         .route("/v2", get(ks::server_metadata))
         .route("/v2/health/live", get(ks::live))
@@ -53,6 +59,7 @@ pub fn app(state: AppState, max_request_bytes: usize) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_request_bytes))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(max_concurrent))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
 }
@@ -166,11 +173,12 @@ impl Server {
         let names = store.model_names();
         tracing::info!(models = names.len(), "model repository loaded");
         health.set_loaded();
-        let router = app(
+        let router = app_with_limit(
             AppState {
                 infer: infer.clone(),
             },
             config.max_request_bytes,
+            config.max_concurrent_requests,
         );
         Ok(Server {
             listener,
@@ -273,6 +281,9 @@ fn grpc_router(infer: &Infer, max_message_bytes: usize) -> tonic::transport::ser
     };
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        // Bound the calls decoded at once per connection, as the REST router does across connections.
+        .concurrency_limit_per_connection(256)
+        .max_concurrent_streams(Some(256))
         .add_service(
             GrpcInferenceServiceServer::new(kserve).max_decoding_message_size(max_message_bytes),
         )
