@@ -58,6 +58,30 @@ pub struct ValidRequest {
     outputs: Option<Vec<String>>,
 }
 
+/// What [`Infer::predict`] gives back: the outputs and where the time went.
+#[derive(Debug)]
+pub struct Prediction {
+    /// The selected outputs, in the order asked for (signature order when none were named).
+    pub outputs: Vec<NamedTensor>,
+    /// Time spent waiting in the version's queue.
+    pub queue: Duration,
+    /// Engine time of the batch the request ran in.
+    pub compute: Duration,
+    /// Time from submitting to the queue to the answer.
+    pub total: Duration,
+}
+
+impl Prediction {
+    /// The timing as response headers (microseconds): `x-queue-time-us`, `x-compute-time-us`, `x-total-time-us`.
+    pub fn timing_headers(&self) -> [(&'static str, String); 3] {
+        [
+            ("x-queue-time-us", self.queue.as_micros().to_string()),
+            ("x-compute-time-us", self.compute.as_micros().to_string()),
+            ("x-total-time-us", self.total.as_micros().to_string()),
+        ]
+    }
+}
+
 /// The shared handle on models and the inference path.
 #[derive(Debug, Clone)]
 pub struct Infer {
@@ -266,7 +290,7 @@ impl Infer {
         &self,
         request: ValidRequest,
         deadline: Option<Instant>,
-    ) -> Result<Vec<NamedTensor>, InferError> {
+    ) -> Result<Prediction, InferError> {
         let ValidRequest {
             version,
             inputs,
@@ -298,7 +322,12 @@ impl Infer {
                 }
             })?,
         };
-        Ok(match outputs {
+        let crate::batching::Answered {
+            outputs: all,
+            queue,
+            compute,
+        } = all;
+        let outputs = match outputs {
             None => all,
             Some(names) => {
                 let mut all = all;
@@ -311,6 +340,12 @@ impl Infer {
                     })
                     .collect()
             }
+        };
+        Ok(Prediction {
+            outputs,
+            queue,
+            compute,
+            total: start.elapsed(),
         })
     }
 }

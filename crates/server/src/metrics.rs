@@ -283,6 +283,7 @@ pub struct RequestRecord<'a> {
     started: Instant,
     model: String,
     version: String,
+    timing: Option<[(&'static str, String); 3]>,
 }
 
 impl Drop for RequestRecord<'_> {
@@ -297,6 +298,16 @@ impl RequestRecord<'_> {
     pub fn model(&mut self, model: &str, version: Option<u64>) {
         self.model = model.to_string();
         self.version = version.map(|v| v.to_string()).unwrap_or_default();
+    }
+
+    /// Keeps a successful prediction's timing, for the response headers (`x-queue-time-us` and friends).
+    pub fn timing(&mut self, prediction: &crate::infer::Prediction) {
+        self.timing = Some(prediction.timing_headers());
+    }
+
+    /// The timing headers kept by [`RequestRecord::timing`], if any.
+    pub fn timing_headers(&self) -> Option<&[(&'static str, String); 3]> {
+        self.timing.as_ref()
     }
 
     /// Counts the request body.
@@ -341,6 +352,7 @@ impl Metrics {
             started: Instant::now(),
             model: String::new(),
             version: String::new(),
+            timing: None,
         }
     }
 

@@ -111,7 +111,12 @@ async fn kserve_health_metadata_and_infer() {
         inputs: vec![x_input(vec![1.0, 2.0, 3.0, 4.0])],
         ..Default::default()
     };
-    let r = c.model_infer(request).await.unwrap().into_inner();
+    let r = c.model_infer(request).await.unwrap();
+    assert!(
+        r.metadata().get("x-compute-time-us").is_some(),
+        "timing travels as response metadata"
+    );
+    let r = r.into_inner();
     assert_eq!((r.id.as_str(), r.model_version.as_str()), ("g-1", "1"));
     assert_eq!(r.outputs[0].shape, vec![2, 1]);
     let y: Vec<f32> = r.raw_output_contents[0]

@@ -20,8 +20,20 @@ use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use crate::error::{ErrorKind, InferError};
 use queue::{Decision, Entry, Limits, State};
 
+/// A successful answer: the outputs, how long the request waited in the queue, and the engine time of the batch
+/// it ran in.
+#[derive(Debug)]
+pub struct Answered {
+    /// The outputs, in signature order.
+    pub outputs: Vec<NamedTensor>,
+    /// Time from entering the queue to the start of its batch.
+    pub queue: std::time::Duration,
+    /// Engine time of its batch (joining, running, splitting).
+    pub compute: std::time::Duration,
+}
+
 /// The answer to one queued request.
-pub type Answer = Result<Vec<NamedTensor>, InferError>;
+pub type Answer = Result<Answered, InferError>;
 
 /// One queued request.
 #[derive(Debug)]
@@ -220,7 +232,7 @@ async fn batching_task(shared: Arc<Shared>) {
                 .iter()
                 .map(|e| now.saturating_duration_since(e.enqueued))
                 .collect();
-            run_batch(shared.backend.as_ref(), batch, permit);
+            run_batch(shared.backend.as_ref(), batch, &waits, permit);
             shared
                 .metrics
                 .batch(&shared.model.0, shared.model.1, &waits, now.elapsed());
@@ -228,12 +240,24 @@ async fn batching_task(shared: Arc<Shared>) {
     }
 }
 
-/// Runs one batch on the engine and answers every request in it. Holds the instance permit until done.
-fn run_batch(backend: &dyn Backend, mut batch: Vec<Entry<Job>>, _permit: OwnedSemaphorePermit) {
+/// Runs one batch on the engine and answers every request in it (`waits[i]` is how long request `i` queued).
+/// Holds the instance permit until done.
+fn run_batch(
+    backend: &dyn Backend,
+    mut batch: Vec<Entry<Job>>,
+    waits: &[std::time::Duration],
+    _permit: OwnedSemaphorePermit,
+) {
+    let started = Instant::now();
+    let answered = |outputs, queue| Answered {
+        outputs,
+        queue,
+        compute: started.elapsed(),
+    };
     if batch.len() == 1 {
         let e = batch.pop().expect("one entry");
         let answer = backend.predict(e.item.inputs).map_err(InferError::from);
-        let _ = e.item.respond.send(answer);
+        let _ = e.item.respond.send(answer.map(|o| answered(o, waits[0])));
         return;
     }
     let rows: Vec<usize> = batch.iter().map(|e| e.rows).collect();
@@ -248,17 +272,16 @@ fn run_batch(backend: &dyn Backend, mut batch: Vec<Entry<Job>>, _permit: OwnedSe
         .collect();
     match answer.and_then(|outputs| split_outputs(outputs, &rows, total)) {
         Ok(parts) => {
-            for (job, part) in jobs.into_iter().zip(parts) {
-                let _ = job.respond.send(Ok(part));
+            for ((job, part), wait) in jobs.into_iter().zip(parts).zip(waits) {
+                let _ = job.respond.send(Ok(answered(part, *wait)));
             }
         }
         Err(e) => {
             // One request's bad data must not fail its neighbours: answer each request from its own run.
             tracing::debug!(error = %e, "batch failed; running its requests one by one");
-            for (job, inputs) in jobs.into_iter().zip(originals) {
-                let _ = job
-                    .respond
-                    .send(backend.predict(inputs).map_err(InferError::from));
+            for ((job, inputs), wait) in jobs.into_iter().zip(originals).zip(waits) {
+                let answer = backend.predict(inputs).map_err(InferError::from);
+                let _ = job.respond.send(answer.map(|o| answered(o, *wait)));
             }
         }
     }

@@ -262,7 +262,9 @@ impl KserveGrpc {
         let requested: Option<Vec<String>> =
             (!r.outputs.is_empty()).then(|| r.outputs.iter().map(|o| o.name.clone()).collect());
         let valid = Infer::validate(loaded.clone(), inputs, requested)?;
-        let outputs = self.infer.predict(valid, deadline).await?;
+        let prediction = self.infer.predict(valid, deadline).await?;
+        record.timing(&prediction);
+        let outputs = prediction.outputs;
         let mut raw_output_contents = Vec::with_capacity(outputs.len());
         let mut tensors = Vec::with_capacity(outputs.len());
         for out in outputs {

@@ -316,7 +316,9 @@ async fn infer_inner(
         .as_ref()
         .map(|r| r.iter().map(|(n, _)| n.clone()).collect());
     let valid = Infer::validate(loaded.clone(), inputs, output_names)?;
-    let outputs = infer.predict(valid, deadline).await?;
+    let prediction = infer.predict(valid, deadline).await?;
+    record.timing(&prediction);
+    let outputs = prediction.outputs;
     let binary_of = |name: &str| {
         requested
             .as_ref()

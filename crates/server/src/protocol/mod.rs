@@ -23,7 +23,14 @@ pub(crate) fn finish(
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     match result {
-        Ok(response) => {
+        Ok(mut response) => {
+            if let Some(headers) = record.timing_headers() {
+                for (name, value) in headers {
+                    if let Ok(v) = axum::http::HeaderValue::from_str(value) {
+                        response.headers_mut().insert(*name, v);
+                    }
+                }
+            }
             record.finish("success");
             response
         }

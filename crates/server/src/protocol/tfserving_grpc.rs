@@ -261,7 +261,9 @@ impl TfServingGrpc {
         }
         let filter = (!r.output_filter.is_empty()).then_some(r.output_filter);
         let valid = Infer::validate(loaded.clone(), inputs, filter)?;
-        let outputs = self.infer.predict(valid, deadline).await?;
+        let prediction = self.infer.predict(valid, deadline).await?;
+        record.timing(&prediction);
+        let outputs = prediction.outputs;
         Ok(PredictResponse {
             model_spec: Some(resolved_spec(&loaded.model, loaded.version)),
             outputs: outputs

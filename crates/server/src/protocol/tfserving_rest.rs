@@ -107,12 +107,17 @@ pub async fn post(
         };
         check_signature_name(&request)?;
         match action {
-            Action::Predict => predict(&state.infer, loaded, &request, deadline).await,
-            Action::Classify | Action::Regress => {
-                classify_or_regress(&state.infer, loaded, &request, action, deadline)
-                    .await
-                    .map(|v| axum::Json(v).into_response())
-            }
+            Action::Predict => predict(&state.infer, loaded, &request, deadline, &mut record).await,
+            Action::Classify | Action::Regress => classify_or_regress(
+                &state.infer,
+                loaded,
+                &request,
+                action,
+                deadline,
+                &mut record,
+            )
+            .await
+            .map(|v| axum::Json(v).into_response()),
             Action::Status | Action::Metadata => {
                 unreachable!("parse_path gives POST only predict, classify or regress")
             }
@@ -242,6 +247,7 @@ async fn predict(
     loaded: std::sync::Arc<LoadedVersion>,
     request: &Map<String, Value>,
     deadline: Option<std::time::Instant>,
+    record: &mut crate::metrics::RequestRecord<'_>,
 ) -> Result<Response, InferError> {
     let specs = &loaded.signature.inputs;
     let names = || {
@@ -343,7 +349,9 @@ async fn predict(
         }
     };
     let valid = Infer::validate(loaded.clone(), inputs, None)?;
-    let outputs = infer.predict(valid, deadline).await?;
+    let prediction = infer.predict(valid, deadline).await?;
+    record.timing(&prediction);
+    let outputs = prediction.outputs;
     if row_format {
         let batch = outputs
             .first()
@@ -497,6 +505,7 @@ async fn classify_or_regress(
     request: &Map<String, Value>,
     action: Action,
     deadline: Option<std::time::Instant>,
+    record: &mut crate::metrics::RequestRecord<'_>,
 ) -> Result<Value, InferError> {
     let method = if action == Action::Classify {
         "classify"
@@ -582,7 +591,9 @@ async fn classify_or_regress(
     let values: Vec<&Value> = rows.iter().collect();
     let input = stack(spec, &values)?;
     let valid = Infer::validate(loaded.clone(), vec![input], None)?;
-    let outputs = infer.predict(valid, deadline).await?;
+    let prediction = infer.predict(valid, deadline).await?;
+    record.timing(&prediction);
+    let outputs = prediction.outputs;
     let n = examples.len();
     let floats = |o: &NamedTensor| -> Option<Vec<f64>> {
         match &o.tensor.data {
