@@ -21,6 +21,27 @@ pub mod tensorflow {
     }
 }
 
+/// Records a gRPC call's outcome in the metrics and turns its result into a response, with the timing as metadata
+/// (`x-queue-time-us`, `x-compute-time-us`, `x-total-time-us`).
+pub(crate) fn finish<T>(
+    record: crate::metrics::RequestRecord<'_>,
+    result: Result<T, InferError>,
+) -> Result<tonic::Response<T>, tonic::Status> {
+    let timing = record.timing_headers().cloned();
+    record.finish(
+        result
+            .as_ref()
+            .map_or_else(|e| e.kind.label(), |_| "success"),
+    );
+    let mut response = tonic::Response::new(result?);
+    for (name, value) in timing.iter().flatten() {
+        if let Ok(v) = value.parse() {
+            response.metadata_mut().insert(*name, v);
+        }
+    }
+    Ok(response)
+}
+
 /// The client's deadline from the `grpc-timeout` header (`100m` is 100 ms; units H, M, S, m, u, n).
 pub(crate) fn grpc_deadline(
     metadata: &tonic::metadata::MetadataMap,

@@ -223,12 +223,7 @@ impl GrpcInferenceService for KserveGrpc {
     ) -> Result<Response<ModelInferResponse>, Status> {
         let mut record = self.infer.metrics.request("grpc_kserve");
         let result = self.model_infer_inner(request, &mut record).await;
-        record.finish(
-            result
-                .as_ref()
-                .map_or_else(|e| e.kind.label(), |_| "success"),
-        );
-        result.map(Response::new).map_err(Status::from)
+        super::grpc::finish(record, result)
     }
 }
 

@@ -282,12 +282,7 @@ impl PredictionService for TfServingGrpc {
     ) -> Result<Response<PredictResponse>, Status> {
         let mut record = self.infer.metrics.request("grpc_tfserving");
         let result = self.predict_inner(request, &mut record).await;
-        record.finish(
-            result
-                .as_ref()
-                .map_or_else(|e| e.kind.label(), |_| "success"),
-        );
-        result.map(Response::new).map_err(Status::from)
+        super::grpc::finish(record, result)
     }
 
     async fn get_model_metadata(
