@@ -112,9 +112,14 @@ def main():
     parser.add_argument("--data", default=os.path.join(ROOT, "examples", "data"))
     parser.add_argument("--only", help="run only this ferry family (linear, logistic, softmax, mlp)")
     parser.add_argument("--ferry-args", default="", help="extra `ferry train` flags (default settings otherwise)")
+    parser.add_argument("--blas-threads", type=int,
+                        help="limit scikit-learn's BLAS/OpenMP threads (default: its own choice, every core)")
     parser.add_argument("--repeat", type=int, default=3, help="fits per fold; the fastest counts")
     parser.add_argument("--skip-sklearn", action="store_true", help="score ferry only (no scikit-learn fits)")
     args = parser.parse_args()
+    if args.blas_threads:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(args.blas_threads)
     if not os.path.exists(FERRY):
         sys.exit(f"{FERRY} not found: cargo build --release -p ferry")
     print("| data | ferry model | metric | ferry 5-fold | scikit-learn 5-fold (here) | REFERENCE.md | "

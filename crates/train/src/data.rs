@@ -307,19 +307,28 @@ pub fn load_csv(path: &Path, options: &LoadOptions) -> Result<Dataset, TrainErro
     }
     let f = feature_cols.len();
 
-    // Reserve for the expected number of rows (from the file size and the header's share of it) so that the
-    // matrix is not reallocated, and copied, a dozen times on a big file.
-    let header_bytes = header.iter().map(|h| h.len() + 1).sum::<usize>().max(1);
-    let guess_rows = (file_len as usize / (header_bytes.max(f * 4))).min(1 << 26);
-    let mut x: Vec<f64> = Vec::with_capacity(guess_rows * f);
+    // After the first rows, reserve for the rows the rest of the file should hold (its size over the bytes per
+    // row so far, plus 5 %), so that a big matrix is not reallocated and copied a dozen times while it grows.
+    const SAMPLE_ROWS: usize = 256;
+    let mut x: Vec<f64> = Vec::with_capacity(SAMPLE_ROWS * f);
     let mut missing: Vec<Vec<usize>> = vec![Vec::new(); f];
-    let mut numeric: Option<Vec<f64>> = Some(Vec::with_capacity(guess_rows));
+    let mut numeric: Option<Vec<f64>> = Some(Vec::with_capacity(SAMPLE_ROWS));
     let mut dict: Option<HashMap<String, usize>> = Some(HashMap::new());
     let mut dict_order: Vec<String> = Vec::new();
-    let mut codes: Vec<usize> = Vec::with_capacity(guess_rows);
+    let mut codes: Vec<usize> = Vec::with_capacity(SAMPLE_ROWS);
     let mut record = csv::StringRecord::new();
     let mut row = 0usize;
     loop {
+        if row == SAMPLE_ROWS {
+            let per_row = (reader.position().byte() as f64 / row as f64).max(1.0);
+            let expected = (file_len as f64 / per_row * 1.05) as usize;
+            let more = expected.saturating_sub(row);
+            x.reserve(more * f);
+            if let Some(values) = &mut numeric {
+                values.reserve(more);
+            }
+            codes.reserve(more);
+        }
         match reader.read_record(&mut record) {
             Ok(true) => {}
             Ok(false) => break,
