@@ -126,5 +126,30 @@ fn queue(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, json_decode, binary, batch, queue);
+fn drift(c: &mut Criterion) {
+    use ferry_model::{NamedTensor, Tensor};
+    use ferry_server::drift::{Drift, FeatureBaseline};
+    let baseline: Vec<FeatureBaseline> = (0..10)
+        .map(|f| FeatureBaseline {
+            name: format!("f{f}"),
+            edges: (0..=10).map(f64::from).collect(),
+            shares: vec![0.1; 10],
+        })
+        .collect();
+    let d = Drift::new(baseline, "x".into(), 2000, 1);
+    let one_row = vec![NamedTensor::new(
+        "x",
+        Tensor::new(
+            vec![1, 10],
+            TensorData::F32((0..10).map(|i| i as f32).collect()),
+        )
+        .unwrap(),
+    )];
+    c.bench_function("drift/observe_1x10", |b| {
+        b.iter(|| d.observe(black_box(&one_row)))
+    });
+    c.bench_function("drift/report_10_features", |b| b.iter(|| d.report()));
+}
+
+criterion_group!(benches, json_decode, binary, batch, queue, drift);
 criterion_main!(benches);

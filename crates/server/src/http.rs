@@ -41,6 +41,11 @@ pub fn app_with_limit(state: AppState, max_request_bytes: usize, max_concurrent:
         .route("/v2/health/ready", get(ks::ready))
         .route("/v2/models/{model}", get(ks::model_metadata))
         .route("/v2/models/{model}/ready", get(ks::model_ready))
+        .route("/v2/models/{model}/drift", get(ks::model_drift))
+        .route(
+            "/v2/models/{model}/versions/{version}/drift",
+            get(ks::version_drift),
+        )
         .route("/v2/models/{model}/infer", axum::routing::post(ks::infer))
         .route(
             "/v2/models/{model}/versions/{version}",
@@ -67,7 +72,9 @@ pub fn app_with_limit(state: AppState, max_request_bytes: usize, max_concurrent:
 /// `GET /metrics`: the Prometheus text exposition.
 async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
     let infer = &state.infer;
-    let text = infer.metrics.render(&infer.versions_for_metrics());
+    let text = infer
+        .metrics
+        .render(&infer.versions_for_metrics(), &infer.drift_for_metrics());
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -118,6 +118,21 @@ impl Infer {
         }
     }
 
+    /// The drift report of every loaded version that has a baseline, for the metrics exposition.
+    pub fn drift_for_metrics(&self) -> Vec<(String, u64, Vec<crate::drift::FeatureDrift>)> {
+        let mut out = Vec::new();
+        for name in self.store.model_names() {
+            if let Some(record) = self.store.model(&name) {
+                for (v, slot) in &record.versions {
+                    if let Some(drift) = slot.loaded.as_ref().and_then(|l| l.drift.as_ref()) {
+                        out.push((name.clone(), *v, drift.report()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// The state of every version, with its queue depth when loaded, for the metrics exposition.
     pub fn versions_for_metrics(&self) -> Vec<(String, u64, &'static str, Option<usize>)> {
         let mut out = Vec::new();
@@ -301,6 +316,9 @@ impl Infer {
             .checked_add(self.timeout)
             .unwrap_or(start + Duration::from_secs(86_400 * 365));
         let deadline = deadline.map_or(ours, |d| d.min(ours));
+        if let Some(drift) = &version.drift {
+            drift.observe(&inputs);
+        }
         let receiver = version.scheduler.submit(inputs, Some(deadline))?;
         let late = || {
             let budget = deadline.saturating_duration_since(start).as_millis();

@@ -7,6 +7,7 @@
 //! - [`protocol`]: KServe v2 (REST with the binary tensor extension, and gRPC) and TF Serving (REST and gRPC)
 //!   adapters.
 //! - [`http`]: the REST and gRPC routers and the server lifecycle (bind, serve, drain on shutdown).
+//! - [`drift`]: per-feature drift (PSI, KS) of live inputs against the training data.
 //! - [`error`]: the one error table, mapping each failure kind to its status.
 //! - [`metrics`]: the metric catalogue, registry and Prometheus exposition.
 //!
@@ -14,6 +15,7 @@
 
 pub mod batching;
 pub mod config;
+pub mod drift;
 pub mod error;
 pub mod http;
 pub mod infer;

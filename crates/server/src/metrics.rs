@@ -115,6 +115,20 @@ pub const LOAD_FAILURES: MetricDef = def(
     "Model versions that failed to load",
     &["model"],
 );
+/// Feature drift, PSI.
+pub const DRIFT_PSI: MetricDef = def(
+    "ferry_feature_drift_psi",
+    "gauge",
+    "Population stability index of a feature's recent inputs against the training data",
+    &["model", "version", "feature"],
+);
+/// Feature drift, KS.
+pub const DRIFT_KS: MetricDef = def(
+    "ferry_feature_drift_ks",
+    "gauge",
+    "Kolmogorov-Smirnov statistic of a feature's recent inputs against the training data",
+    &["model", "version", "feature"],
+);
 /// Process CPU time.
 pub const CPU: MetricDef = def(
     "process_cpu_seconds_total",
@@ -383,7 +397,11 @@ impl Metrics {
 
     /// The Prometheus text exposition (format 0.0.4). `versions` lists (model, version, state, queue depth) at the
     /// moment of the scrape.
-    pub fn render(&self, versions: &[(String, u64, &'static str, Option<usize>)]) -> String {
+    pub fn render(
+        &self,
+        versions: &[(String, u64, &'static str, Option<usize>)],
+        drift: &[(String, u64, Vec<crate::drift::FeatureDrift>)],
+    ) -> String {
         let mut out = String::with_capacity(8192);
         let header = |out: &mut String, d: &MetricDef| {
             let _ = writeln!(
@@ -495,6 +513,27 @@ impl Metrics {
             DURATION_BUCKETS,
         );
         counters(&mut out, &LOAD_FAILURES, &self.load_failures);
+        for (d, value) in [
+            (
+                &DRIFT_PSI,
+                (|f: &crate::drift::FeatureDrift| f.psi) as fn(&crate::drift::FeatureDrift) -> f64,
+            ),
+            (&DRIFT_KS, |f| f.ks),
+        ] {
+            header(&mut out, d);
+            for (model, version, features) in drift {
+                for f in features {
+                    let labels = [model.clone(), version.to_string(), f.name.clone()];
+                    let _ = writeln!(
+                        out,
+                        "{}{} {}",
+                        d.name,
+                        label_text(d.labels, &labels, None),
+                        value(f)
+                    );
+                }
+            }
+        }
         let process = process_stats();
         for (d, v) in [
             (&CPU, process.cpu_seconds),
@@ -617,7 +656,19 @@ mod tests {
             &[Duration::from_micros(80), Duration::from_micros(120)],
             Duration::from_micros(300),
         );
-        let text = m.render(&[("iris".into(), 1, "READY", Some(0))]);
+        let drift = vec![(
+            "iris".to_string(),
+            1,
+            vec![crate::drift::FeatureDrift {
+                name: "f0".into(),
+                psi: 0.5,
+                ks: 0.25,
+                drifted: true,
+            }],
+        )];
+        let text = m.render(&[("iris".into(), 1, "READY", Some(0))], &drift);
+        assert!(text
+            .contains("ferry_feature_drift_psi{model=\"iris\",version=\"1\",feature=\"f0\"} 0.5"));
         assert!(text.contains("ferry_requests_total{model=\"iris\",version=\"1\",protocol=\"rest_kserve\",outcome=\"success\"} 1"), "{text}");
         assert!(text.contains("ferry_requests_total{model=\"we\\\"ird\",version=\"\",protocol=\"rest_kserve\",outcome=\"not_found\"} 1"));
         assert!(text.contains("ferry_batch_size_bucket{model=\"iris\",version=\"1\",le=\"2\"} 1"));

@@ -11,6 +11,8 @@
 //! max_queue_delay_us = 500             # how long the oldest request waits for others
 //! preferred_batch_sizes = [8, 16]      # cut at once at these sizes
 //! max_queue_size = 1024                # more waiting requests are refused with 429
+//! drift_window = 2000                  # rows kept to compare with the training data (ferry.json)
+//! drift_sample_every = 1               # sample one request in N for drift
 //! [labels]
 //! stable = 1
 //! canary = 2
@@ -86,6 +88,10 @@ pub struct ModelConfig {
     pub outputs: BTreeMap<String, TensorOverride>,
     /// Dynamic batching and queue limits.
     pub batching: crate::batching::queue::Limits,
+    /// Rows kept in the drift window.
+    pub drift_window: usize,
+    /// Sample one request in this many for drift.
+    pub drift_sample_every: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -107,6 +113,8 @@ struct RawConfig {
     #[serde(default)]
     preferred_batch_sizes: Vec<usize>,
     max_queue_size: Option<usize>,
+    drift_window: Option<usize>,
+    drift_sample_every: Option<u64>,
 }
 
 /// The queue limits of a model without batching settings: no batching, at most 1024 waiting requests.
@@ -144,6 +152,8 @@ impl ModelConfig {
             inputs: BTreeMap::new(),
             outputs: BTreeMap::new(),
             batching: default_limits(),
+            drift_window: 2000,
+            drift_sample_every: 1,
         }
     }
 
@@ -229,8 +239,18 @@ impl ModelConfig {
             }
             batching.max_queue_size = n;
         }
+        let drift_window = raw.drift_window.unwrap_or(2000);
+        if drift_window == 0 || drift_window > 1_000_000 {
+            return Err("drift_window must be between 1 and 1000000 rows".into());
+        }
+        let drift_sample_every = raw.drift_sample_every.unwrap_or(1);
+        if drift_sample_every == 0 {
+            return Err("drift_sample_every must be at least 1".into());
+        }
         Ok(ModelConfig {
             batching,
+            drift_window,
+            drift_sample_every,
             version_policy,
             labels: raw.labels,
             engine: engine_choice,

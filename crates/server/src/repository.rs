@@ -42,12 +42,14 @@ impl VersionState {
 }
 
 /// What `ferry.json` beside a model says about it (only the parts serving uses).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ModelMeta {
     /// Feature names, in the column order of the model's single input.
     pub features: Option<Vec<String>>,
     /// Class labels, in the column order of the probabilities output.
     pub classes: Option<Vec<String>>,
+    /// Per-feature training histograms (`feature_stats`), the baseline for drift.
+    pub baseline: Option<Vec<crate::drift::FeatureBaseline>>,
 }
 
 /// A version that is ready: its engine backend and what it takes and gives.
@@ -64,6 +66,8 @@ pub struct LoadedVersion {
     pub backend: Arc<dyn Backend>,
     /// Its queue and batcher; every request goes through it.
     pub scheduler: crate::batching::Scheduler,
+    /// Its drift window, when `ferry.json` has a training baseline that fits its single input.
+    pub drift: Option<crate::drift::Drift>,
 }
 
 impl std::fmt::Debug for LoadedVersion {
@@ -287,6 +291,7 @@ pub async fn load_repository(
                             (name.clone(), version),
                             metrics.clone(),
                         );
+                        let drift = drift_window(&parts.signature, &parts.meta, &config);
                         let loaded = LoadedVersion {
                             model: name.clone(),
                             version,
@@ -294,6 +299,7 @@ pub async fn load_repository(
                             meta: parts.meta,
                             backend: parts.backend,
                             scheduler,
+                            drift,
                         };
                         VersionSlot {
                             state: VersionState::Ready,
@@ -401,6 +407,31 @@ fn load_version(
     })
 }
 
+/// A drift window for a version whose single input is a `[rows, features]` float matrix matching its baseline.
+fn drift_window(
+    signature: &Signature,
+    meta: &ModelMeta,
+    config: &ModelConfig,
+) -> Option<crate::drift::Drift> {
+    let baseline = meta.baseline.clone()?;
+    let [input] = signature.inputs.as_slice() else {
+        return None;
+    };
+    let fits = input.dtype.is_float()
+        && input
+            .shape
+            .as_ref()
+            .is_some_and(|s| s.len() == 2 && s[1] == baseline.len() as i64);
+    fits.then(|| {
+        crate::drift::Drift::new(
+            baseline,
+            input.name.clone(),
+            config.drift_window,
+            config.drift_sample_every,
+        )
+    })
+}
+
 #[cfg(feature = "tract")]
 fn tract_backend(bytes: &[u8], options: &EngineOptions) -> Result<Arc<dyn Backend>, String> {
     Ok(Arc::new(
@@ -439,6 +470,7 @@ fn read_meta(dir: &Path) -> Result<ModelMeta, String> {
     Ok(ModelMeta {
         features: strings("features")?,
         classes: strings("classes")?,
+        baseline: crate::drift::FeatureBaseline::from_ferry_json(&value),
     })
 }
 

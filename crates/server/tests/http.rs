@@ -1025,3 +1025,67 @@ async fn shape_overrides_are_checked_at_load() {
     let (status, body) = s.post("/v2/models/narrowed/infer", two_rows).await;
     assert_error(status, &body, 400, &["expected shape [1, 2], got [2, 2]"]);
 }
+
+#[tokio::test]
+async fn drift_against_the_training_baseline() {
+    let repo = TempDir::new("drift");
+    put_model(&repo.0, "affine", 1, &affine());
+    // Training data: both features uniform over [0, 10).
+    let stats = |name: &str| json!({"name": name, "histogram": {"edges": (0..=10).collect::<Vec<_>>(), "counts": vec![10; 10]}});
+    put_file(
+        &repo.0,
+        "affine",
+        "1/ferry.json",
+        &json!({"feature_stats": [stats("a"), stats("b")]}).to_string(),
+    );
+    put_file(&repo.0, "affine", "config.toml", "drift_window = 500\n");
+    put_model(&repo.0, "plain", 1, &affine());
+    let s = TestServer::start(repo).await;
+    let send = |shift: f32| {
+        let data: Vec<f32> = (0..100)
+            .flat_map(|i| [(i % 10) as f32 + 0.5, (i % 10) as f32 + 0.5 + shift])
+            .collect();
+        json!({"inputs": [{"name": "x", "shape": [100, 2], "datatype": "FP32", "data": data}]})
+    };
+    for _ in 0..5 {
+        assert_eq!(s.post("/v2/models/affine/infer", send(0.0)).await.0, 200);
+    }
+    let (status, report) = s.get("/v2/models/affine/drift").await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["window_rows"], 500);
+    for f in report["features"].as_array().unwrap() {
+        assert!(
+            f["psi"].as_f64().unwrap() < 0.01 && f["drifted"] == false,
+            "{report}"
+        );
+    }
+    // Feature b moves by +6: most of its values now fall in the training data's top bin.
+    for _ in 0..5 {
+        assert_eq!(s.post("/v2/models/affine/infer", send(6.0)).await.0, 200);
+    }
+    let (_, report) = s.get("/v2/models/affine/versions/1/drift").await;
+    let features = report["features"].as_array().unwrap();
+    assert_eq!(features[0]["name"], "a");
+    assert_eq!(features[0]["drifted"], false, "{report}");
+    assert_eq!(features[1]["drifted"], true, "{report}");
+    assert!(features[1]["psi"].as_f64().unwrap() > 0.2);
+    let text = s
+        .client
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let psi_b = text
+        .lines()
+        .find(|l| {
+            l.starts_with(r#"ferry_feature_drift_psi{model="affine",version="1",feature="b"}"#)
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .expect("a PSI gauge for feature b");
+    assert!(psi_b > 0.2);
+    let (status, body) = s.get("/v2/models/plain/drift").await;
+    assert_error(status, &body, 404, &["no drift baseline"]);
+}

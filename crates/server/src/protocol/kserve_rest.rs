@@ -151,6 +151,37 @@ fn model_ready_inner(infer: &Infer, model: &str, version: Option<&str>) -> Respo
     }
 }
 
+/// `GET /v2/models/{m}/drift`: per-feature drift of the latest version against its training data.
+pub async fn model_drift(State(state): State<AppState>, Path(model): Path<String>) -> Response {
+    drift_inner(&state.infer, &model, None).unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `GET /v2/models/{m}/versions/{v}/drift`.
+pub async fn version_drift(
+    State(state): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Response {
+    drift_inner(&state.infer, &model, Some(&version)).unwrap_or_else(IntoResponse::into_response)
+}
+
+fn drift_inner(infer: &Infer, model: &str, version: Option<&str>) -> Result<Response, InferError> {
+    let loaded = infer.resolve(model, &selector(version)?)?;
+    let drift = loaded.drift.as_ref().ok_or_else(|| {
+        InferError::not_found(format!(
+            "version {} of model `{model}` has no drift baseline (feature_stats in ferry.json, for one [rows, features] input)",
+            loaded.version
+        ))
+    })?;
+    Ok(axum::Json(serde_json::json!({
+        "model_name": loaded.model,
+        "model_version": loaded.version.to_string(),
+        "window_rows": drift.rows(),
+        "psi_threshold": crate::drift::PSI_THRESHOLD,
+        "features": drift.report(),
+    }))
+    .into_response())
+}
+
 /// `GET /v2/models/{m}`.
 pub async fn model_metadata(State(state): State<AppState>, Path(model): Path<String>) -> Response {
     metadata_inner(&state.infer, &model, None).unwrap_or_else(IntoResponse::into_response)
