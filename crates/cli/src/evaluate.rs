@@ -19,7 +19,7 @@ pub struct EvaluateArgs {
     pub data: PathBuf,
 
     /// Print one JSON object (`accuracy` or `r2` among its keys) instead of the tables.
-    #[arg(long, env = "FERRY_EVALUATE_JSON")]
+    #[arg(long, env = "FERRY_EVALUATE_JSON", num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
     pub json: bool,
 
     /// The ONNX Runtime 1.32 library. Without it Ferry looks at $ORT_DYLIB_PATH, beside its own binary, and in

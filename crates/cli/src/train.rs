@@ -126,11 +126,11 @@ pub struct TrainArgs {
     pub publish: Option<PathBuf>,
 
     /// No progress bar and no summary.
-    #[arg(long, env = "FERRY_TRAIN_QUIET")]
+    #[arg(long, env = "FERRY_TRAIN_QUIET", num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
     pub quiet: bool,
 
     /// Print one JSON object (where the model went, its validation scores, `accuracy` or `r2`) and nothing else.
-    #[arg(long, env = "FERRY_TRAIN_JSON")]
+    #[arg(long, env = "FERRY_TRAIN_JSON", num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
     pub json: bool,
 }
 

@@ -171,3 +171,34 @@ fn optimize_prints_the_table_and_publishes_the_best() {
     assert_eq!(meta["hyper_parameters"]["learning_rate"], 0.01);
     std::fs::remove_dir_all(repo).unwrap();
 }
+
+#[test]
+fn settings_come_from_the_config_file_and_the_environment() {
+    let dir = scratch("config");
+    let config = dir.join("ferry.toml");
+    std::fs::write(&config, "[train]\nepochs = 3\njson = true\nseed = 7\n").unwrap();
+    let out = json(&ferry(&[
+        "--config",
+        config.to_str().unwrap(),
+        "train",
+        &example("iris.csv"),
+        "--model",
+        "softmax",
+        "--seed",
+        "9",
+        "--out",
+        dir.join("m").to_str().unwrap(),
+    ]));
+    assert_eq!(out["hyper_parameters"]["epochs"], 3);
+    // A flag wins over the file.
+    assert_eq!(out["hyper_parameters"]["seed"], 9);
+    let env = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["train", &example("iris.csv"), "--model", "softmax", "--out"])
+        .arg(dir.join("m"))
+        .env("FERRY_TRAIN_EPOCHS", "2")
+        .env("FERRY_TRAIN_JSON", "true")
+        .output()
+        .unwrap();
+    assert_eq!(json(&env)["hyper_parameters"]["epochs"], 2);
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -12,7 +12,7 @@ use ferry_train::network::Activation;
 use ferry_train::{
     fit, load_csv, Dataset, Impute, LoadOptions, ModelKind, Task, TrainOptions, Trained,
 };
-use ndarray::{Array2, Axis};
+use ndarray::Array2;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
