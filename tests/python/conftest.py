@@ -86,6 +86,10 @@ def torch_models():
 
 def build_repository(root):
     shutil.copytree(os.path.join(ROOT, "examples", "models"), root, dirs_exist_ok=True)
+    # A copy of the iris example with its own small drift window, so other tests' traffic does not mix in.
+    shutil.copytree(os.path.join(ROOT, "examples", "models", "iris"), os.path.join(root, "iris_drift"))
+    with open(os.path.join(root, "iris_drift", "config.toml"), "w") as f:
+        f.write("drift_window = 150\n")
     for name, path in torch_models().items():
         os.makedirs(os.path.join(root, name, "1"))
         shutil.copy(path, os.path.join(root, name, "1", "model.onnx"))
