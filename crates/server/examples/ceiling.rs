@@ -64,22 +64,25 @@ fn read_layers(path: &str) -> Vec<Layer> {
     layers
 }
 
-/// Plain loops: for each row, x ← relu(x·W + b) for hidden layers, x·W + b for the last.
+/// Plain loops: for each row, x ← relu(x·W + b) for hidden layers, x·W + b for the last. The loops run in the order
+/// that walks W row by row (y += x_i · W_i), as a careful hand-written service would; the compiler vectorises the
+/// inner loop. No BLAS, no engine.
 fn mlp(layers: &[Layer], input: &[f32], batch: usize) -> Vec<f32> {
     let mut x = input.to_vec();
     for (l, layer) in layers.iter().enumerate() {
         let mut y = vec![0f32; batch * layer.cols];
         for r in 0..batch {
-            for j in 0..layer.cols {
-                let mut acc = layer.bias[j];
-                for i in 0..layer.rows {
-                    acc += x[r * layer.rows + i] * layer.weights[i * layer.cols + j];
+            let out = &mut y[r * layer.cols..(r + 1) * layer.cols];
+            out.copy_from_slice(&layer.bias);
+            for i in 0..layer.rows {
+                let xi = x[r * layer.rows + i];
+                let w = &layer.weights[i * layer.cols..(i + 1) * layer.cols];
+                for (o, wij) in out.iter_mut().zip(w) {
+                    *o += xi * wij;
                 }
-                y[r * layer.cols + j] = if l + 1 < layers.len() {
-                    acc.max(0.0)
-                } else {
-                    acc
-                };
+            }
+            if l + 1 < layers.len() {
+                out.iter_mut().for_each(|v| *v = v.max(0.0));
             }
         }
         x = y;

@@ -1,12 +1,15 @@
 //! Dynamic batching and backpressure for one model version.
 //!
 //! Every request for a version goes through its [`Scheduler`]: a bounded queue ([`queue::State`], the pure policy)
-//! drained by one `batching_task`. The task first waits for a free instance (a semaphore with one permit per engine
-//! session), then cuts a batch, so batches grow exactly while every instance is busy. The batch runs on a blocking
-//! thread: inputs are concatenated along the first dimension, the engine runs once, outputs are split back by rows
-//! and each request's oneshot is answered. With `max_batch_size` 0 or 1 every request runs alone through the same
-//! queue, which still gives backpressure: a full queue is refused at once (429), and work whose deadline passed or
-//! whose client left is dropped before it reaches the engine.
+//! drained by `instances` worker threads, one per engine session (TEI's `BackendThread`, TGI's queue actor). A worker
+//! that is free locks the queue, asks the policy for a batch, and runs it; so batches grow exactly while every worker
+//! is busy. A batch's inputs are concatenated along the first dimension, the engine runs once, outputs are split
+//! back by rows and each request's oneshot is answered. With `max_batch_size` 0 or 1 every request runs alone
+//! through the same queue, which still gives backpressure: a full queue is refused at once (429), and work whose
+//! deadline passed or whose client left is dropped before it reaches the engine.
+//!
+//! Workers are plain OS threads blocked on a condition variable, not tasks on the async runtime: inference never
+//! runs on the runtime, and a request crosses threads only twice (handler to worker, worker to handler).
 
 pub mod queue;
 
@@ -15,7 +18,9 @@ use std::time::Instant;
 
 use ferry_engine::Backend;
 use ferry_model::{NamedTensor, Tensor, TensorData};
-use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+use std::sync::Condvar;
+
+use tokio::sync::oneshot;
 
 use crate::error::{ErrorKind, InferError};
 use queue::{Decision, Entry, Limits, State};
@@ -44,8 +49,7 @@ pub struct Job {
 
 struct Shared {
     state: Mutex<State<Job>>,
-    notify: Notify,
-    workers: Arc<Semaphore>,
+    wake: Condvar,
     backend: Arc<dyn Backend>,
     batchable: bool,
     label: String,
@@ -54,7 +58,7 @@ struct Shared {
     closed: std::sync::atomic::AtomicBool,
 }
 
-/// The queue and batcher of one model version. Dropping it stops its task once the queue is empty.
+/// The queue and workers of one model version. Dropping it stops the workers once the queue is empty.
 pub struct Scheduler {
     shared: Arc<Shared>,
 }
@@ -73,7 +77,7 @@ impl Drop for Scheduler {
         self.shared
             .closed
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        self.shared.notify.notify_one();
+        self.shared.wake.notify_all();
     }
 }
 
@@ -88,8 +92,8 @@ pub fn can_batch(sig: &ferry_model::Signature) -> bool {
 }
 
 impl Scheduler {
-    /// Starts the batcher of one version on the current tokio runtime. `instances` is how many batches may run at
-    /// once (the engine's session count). Batching is turned off when the model cannot batch.
+    /// Starts the workers of one version: `instances` threads, as many as the engine has sessions, so that many
+    /// batches run at once. Batching is turned off when the model cannot batch.
     pub fn start(
         backend: Arc<dyn Backend>,
         signature: &ferry_model::Signature,
@@ -106,8 +110,7 @@ impl Scheduler {
         }
         let shared = Arc::new(Shared {
             state: Mutex::new(State::new(limits)),
-            notify: Notify::new(),
-            workers: Arc::new(Semaphore::new(instances.max(1))),
+            wake: Condvar::new(),
             backend,
             batchable,
             label,
@@ -115,7 +118,16 @@ impl Scheduler {
             metrics,
             closed: std::sync::atomic::AtomicBool::new(false),
         });
-        tokio::spawn(batching_task(shared.clone()));
+        for i in 0..instances.max(1) {
+            let shared = shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("ferry-worker-{}-{i}", shared.label))
+                .spawn(move || worker(&shared));
+            if let Err(e) = spawned {
+                // With at least one worker the version still serves; with none, requests time out with 504.
+                tracing::error!(error = %e, "cannot start a worker thread");
+            }
+        }
         Scheduler { shared }
     }
 
@@ -173,7 +185,7 @@ impl Scheduler {
                 ),
             ));
         }
-        self.shared.notify.notify_one();
+        self.shared.wake.notify_one();
         Ok(receiver)
     }
 
@@ -187,67 +199,60 @@ impl Scheduler {
     }
 }
 
-async fn batching_task(shared: Arc<Shared>) {
+/// One worker thread: take a batch when the policy says so, run it, repeat; exit once closed and empty.
+fn worker(shared: &Shared) {
+    let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
     loop {
-        let Ok(permit) = shared.workers.clone().acquire_owned().await else {
-            return;
-        };
-        let batch = loop {
-            let now = Instant::now();
-            let (stale, decision) = {
-                let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
-                let stale = state.remove_stale(now, |job| !job.respond.is_closed());
-                (stale, state.next_batch(now))
-            };
-            for e in stale {
-                // Whoever is still waiting past the deadline hears why; a client that left hears nothing.
-                let _ = e.item.respond.send(Err(InferError::new(
-                    ErrorKind::DeadlineExceeded,
-                    "the request's deadline passed while it waited in the queue",
-                )));
+        let now = Instant::now();
+        for e in state.remove_stale(now, |job| !job.respond.is_closed()) {
+            // Whoever is still waiting past the deadline hears why; a client that left hears nothing.
+            let _ = e.item.respond.send(Err(InferError::new(
+                ErrorKind::DeadlineExceeded,
+                "the request's deadline passed while it waited in the queue",
+            )));
+        }
+        match state.next_batch(now) {
+            Decision::Batch(batch, reason) => {
+                drop(state);
+                tracing::trace!(model = %shared.label, size = batch.len(), ?reason, "batch cut");
+                let waits: Vec<_> = batch
+                    .iter()
+                    .map(|e| now.saturating_duration_since(e.enqueued))
+                    .collect();
+                let started = Instant::now();
+                // A panic inside the engine must not take the worker with it: its requests get an error (their
+                // oneshots are dropped) and the worker goes on.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_batch(shared.backend.as_ref(), batch, &waits);
+                }));
+                if ran.is_err() {
+                    tracing::error!(model = %shared.label, "the engine panicked while running a batch");
+                }
+                shared
+                    .metrics
+                    .batch(&shared.model.0, shared.model.1, &waits, started.elapsed());
+                state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
             }
-            match decision {
-                Decision::Batch(entries, reason) => {
-                    tracing::trace!(model = %shared.label, size = entries.len(), ?reason, "batch cut");
-                    break entries;
+            Decision::Idle => {
+                if shared.closed.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
                 }
-                Decision::Idle => {
-                    if shared.closed.load(std::sync::atomic::Ordering::SeqCst) {
-                        return;
-                    }
-                    shared.notify.notified().await;
-                }
-                Decision::WaitUntil(at) => {
-                    tokio::select! {
-                        () = tokio::time::sleep_until(at.into()) => {}
-                        () = shared.notify.notified() => {}
-                    }
-                }
+                state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
             }
-        };
-        let shared = shared.clone();
-        tokio::task::spawn_blocking(move || {
-            let now = Instant::now();
-            let waits: Vec<_> = batch
-                .iter()
-                .map(|e| now.saturating_duration_since(e.enqueued))
-                .collect();
-            run_batch(shared.backend.as_ref(), batch, &waits, permit);
-            shared
-                .metrics
-                .batch(&shared.model.0, shared.model.1, &waits, now.elapsed());
-        });
+            Decision::WaitUntil(at) => {
+                let wait = at.saturating_duration_since(now);
+                state = shared
+                    .wake
+                    .wait_timeout(state, wait)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
     }
 }
 
 /// Runs one batch on the engine and answers every request in it (`waits[i]` is how long request `i` queued).
-/// Holds the instance permit until done.
-fn run_batch(
-    backend: &dyn Backend,
-    mut batch: Vec<Entry<Job>>,
-    waits: &[std::time::Duration],
-    _permit: OwnedSemaphorePermit,
-) {
+fn run_batch(backend: &dyn Backend, mut batch: Vec<Entry<Job>>, waits: &[std::time::Duration]) {
     let started = Instant::now();
     let answered = |outputs, queue| Answered {
         outputs,
