@@ -113,7 +113,7 @@ impl Infer {
     /// Labels a request's metrics with the model it named, when the repository knows that model (so unknown names
     /// sent by clients never become label values).
     pub fn label(&self, record: &mut crate::metrics::RequestRecord<'_>, model: &str) {
-        if self.store.model(model).is_some() {
+        if self.store.contains(model) {
             record.model(model, None);
         }
     }
@@ -158,57 +158,9 @@ impl Infer {
         selector: &VersionSelector,
     ) -> Result<Arc<LoadedVersion>, InferError> {
         validate_name(model).map_err(InferError::invalid)?;
-        let record = self
-            .store
-            .model(model)
-            .ok_or_else(|| InferError::not_found(format!("model `{model}` not found")))?;
-        let version = match selector {
-            VersionSelector::Latest => {
-                if let Some(loaded) = record
-                    .versions
-                    .values()
-                    .rev()
-                    .find_map(|s| s.loaded.clone().filter(|_| s.state == VersionState::Ready))
-                {
-                    return Ok(loaded);
-                }
-                let reasons: Vec<String> = record
-                    .versions
-                    .iter()
-                    .rev()
-                    .map(|(v, s)| match &s.state {
-                        VersionState::Unavailable(r) => format!("version {v} is unavailable: {r}"),
-                        other => format!("version {v} is {}", other.name()),
-                    })
-                    .collect();
-                return Err(InferError::unavailable(if reasons.is_empty() {
-                    format!("model `{model}` has no version to serve")
-                } else {
-                    format!(
-                        "model `{model}` has no ready version ({})",
-                        reasons.join("; ")
-                    )
-                }));
-            }
-            VersionSelector::Specific(v) => *v,
-            VersionSelector::Label(label) => *record.config.labels.get(label).ok_or_else(|| {
-                // TF Serving answers an unknown label as INVALID_ARGUMENT; so does Ferry, on every route.
-                InferError::invalid(format!("model `{model}` has no version label `{label}`"))
-            })?,
-        };
-        let slot = record.versions.get(&version).ok_or_else(|| {
-            InferError::not_found(format!("model `{model}` has no version {version}"))
-        })?;
-        match (&slot.state, &slot.loaded) {
-            (VersionState::Ready, Some(loaded)) => Ok(loaded.clone()),
-            (VersionState::Unavailable(reason), _) => Err(InferError::unavailable(format!(
-                "version {version} of model `{model}` is unavailable: {reason}"
-            ))),
-            (state, _) => Err(InferError::unavailable(format!(
-                "version {version} of model `{model}` is not ready ({})",
-                state.name()
-            ))),
-        }
+        self.store
+            .with_model(model, |record| resolve_in(record, model, selector))
+            .unwrap_or_else(|| Err(InferError::not_found(format!("model `{model}` not found"))))
     }
 
     /// Checks inputs (names, types, shapes) and requested outputs against the version's signature.
@@ -365,6 +317,62 @@ impl Infer {
             compute,
             total: start.elapsed(),
         })
+    }
+}
+
+/// Finds the version `selector` names in one model's record (the body of [`Infer::resolve`], run under the store's
+/// read lock).
+fn resolve_in(
+    record: &crate::repository::ModelRecord,
+    model: &str,
+    selector: &VersionSelector,
+) -> Result<Arc<LoadedVersion>, InferError> {
+    let version = match selector {
+        VersionSelector::Latest => {
+            if let Some(loaded) = record
+                .versions
+                .values()
+                .rev()
+                .find_map(|s| s.loaded.clone().filter(|_| s.state == VersionState::Ready))
+            {
+                return Ok(loaded);
+            }
+            let reasons: Vec<String> = record
+                .versions
+                .iter()
+                .rev()
+                .map(|(v, s)| match &s.state {
+                    VersionState::Unavailable(r) => format!("version {v} is unavailable: {r}"),
+                    other => format!("version {v} is {}", other.name()),
+                })
+                .collect();
+            return Err(InferError::unavailable(if reasons.is_empty() {
+                format!("model `{model}` has no version to serve")
+            } else {
+                format!(
+                    "model `{model}` has no ready version ({})",
+                    reasons.join("; ")
+                )
+            }));
+        }
+        VersionSelector::Specific(v) => *v,
+        VersionSelector::Label(label) => *record.config.labels.get(label).ok_or_else(|| {
+            // TF Serving answers an unknown label as INVALID_ARGUMENT; so does Ferry, on every route.
+            InferError::invalid(format!("model `{model}` has no version label `{label}`"))
+        })?,
+    };
+    let slot = record.versions.get(&version).ok_or_else(|| {
+        InferError::not_found(format!("model `{model}` has no version {version}"))
+    })?;
+    match (&slot.state, &slot.loaded) {
+        (VersionState::Ready, Some(loaded)) => Ok(loaded.clone()),
+        (VersionState::Unavailable(reason), _) => Err(InferError::unavailable(format!(
+            "version {version} of model `{model}` is unavailable: {reason}"
+        ))),
+        (state, _) => Err(InferError::unavailable(format!(
+            "version {version} of model `{model}` is not ready ({})",
+            state.name()
+        ))),
     }
 }
 

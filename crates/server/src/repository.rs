@@ -113,6 +113,23 @@ impl ModelStore {
             .cloned()
     }
 
+    /// Runs `f` on one model's record under the read lock, without copying it.
+    pub fn with_model<R>(&self, name: &str, f: impl FnOnce(&ModelRecord) -> R) -> Option<R> {
+        self.models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .map(f)
+    }
+
+    /// Whether the repository has a model of this name.
+    pub fn contains(&self, name: &str) -> bool {
+        self.models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(name)
+    }
+
     /// The names of all models.
     pub fn model_names(&self) -> Vec<String> {
         self.models
