@@ -33,7 +33,7 @@ pub enum Command {
     Train(crate::train::TrainArgs),
     /// Score an exported model on a CSV file, running it through ONNX Runtime as `ferry serve` does.
     Evaluate(crate::evaluate::EvaluateArgs),
-    /// Search hyper-parameters (grid or random, k-fold or validation split), then train and write the best.
+    /// Optimize a model: search hyper-parameters, or quantize its weights to int8.
     Optimize(crate::optimize::OptimizeArgs),
     /// Measure a KServe v2 server's throughput and latency (REST or gRPC, a concurrency sweep or a fixed rate).
     Bench(crate::bench::BenchArgs),

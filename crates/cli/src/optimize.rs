@@ -1,8 +1,10 @@
-//! `ferry optimize`: hyper-parameter search (grid or random) over candidate values, scored by k-fold
-//! cross-validation or the validation split; prints the table, then trains the best candidate on the whole file
-//! and writes or publishes it as `ferry train` does.
+//! `ferry optimize`: `search` (grid or random hyper-parameter search scored by k-fold cross-validation or the
+//! validation split; prints the table, then trains the best candidate on the whole file and writes or publishes
+//! it as `ferry train` does) and `quantize` (int8 weights, compared with the float model, written only when the
+//! score holds).
 
 use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -20,9 +22,62 @@ pub enum SearchKind {
     Random,
 }
 
-/// `ferry optimize` flags: every `ferry train` flag (the base settings and the destination), plus the search.
+/// `ferry optimize` subcommands.
 #[derive(Debug, clap::Args)]
 pub struct OptimizeArgs {
+    /// What to optimize.
+    #[command(subcommand)]
+    pub command: OptimizeCommand,
+}
+
+/// The two optimizations.
+#[derive(Debug, clap::Subcommand)]
+pub enum OptimizeCommand {
+    /// Search hyper-parameters (grid or random; k-fold or validation split), then train and write the best.
+    Search(SearchArgs),
+    /// Quantize a trained model's Gemm/MatMul weights to int8; compare size, latency and score with the float
+    /// model, and write it only if the score drops by at most --max-accuracy-drop.
+    Quantize(QuantizeArgs),
+}
+
+/// `ferry optimize quantize` flags.
+#[derive(Debug, clap::Args)]
+#[command(group = clap::ArgGroup::new("destination").required(true).args(["out", "publish"]))]
+pub struct QuantizeArgs {
+    /// The float model: a directory with `model.onnx` and its `ferry.json`.
+    #[arg(value_name = "MODEL_DIR")]
+    pub model_dir: PathBuf,
+
+    /// Data to score both models on (a CSV file with the model's feature and target columns).
+    #[arg(value_name = "DATA.csv")]
+    pub data: PathBuf,
+
+    /// The largest score drop (accuracy, or R² for regressors) accepted; past it nothing is written and the
+    /// command fails.
+    #[arg(long, env = "FERRY_QUANTIZE_MAX_ACCURACY_DROP", default_value_t = 0.01)]
+    pub max_accuracy_drop: f64,
+
+    /// Write the int8 model's `model.onnx` and `ferry.json` into this directory.
+    #[arg(long, env = "FERRY_QUANTIZE_OUT", value_name = "DIR")]
+    pub out: Option<PathBuf>,
+
+    /// Publish the int8 model as the next version of `REPO/MODEL` (atomically, as `ferry train` does).
+    #[arg(long, env = "FERRY_QUANTIZE_PUBLISH", value_name = "REPO/MODEL")]
+    pub publish: Option<PathBuf>,
+
+    /// Print the comparison as one JSON object.
+    #[arg(long, env = "FERRY_QUANTIZE_JSON", num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
+    pub json: bool,
+
+    /// The ONNX Runtime 1.32 library (else $ORT_DYLIB_PATH, beside the binary, or a Python `onnxruntime`).
+    #[arg(long, env = "FERRY_ONNXRUNTIME_LIB", value_name = "FILE")]
+    pub onnxruntime_lib: Option<PathBuf>,
+}
+
+/// `ferry optimize search` flags: every `ferry train` flag (the base settings and the destination), plus the
+/// search.
+#[derive(Debug, clap::Args)]
+pub struct SearchArgs {
     /// The base settings, as for `ferry train`.
     #[command(flatten)]
     pub train: TrainArgs,
@@ -114,6 +169,70 @@ fn describe(c: &Candidate) -> String {
 
 /// Runs `ferry optimize`.
 pub fn run(args: OptimizeArgs) -> anyhow::Result<()> {
+    match args.command {
+        OptimizeCommand::Search(args) => search(args),
+        OptimizeCommand::Quantize(args) => quantize(args),
+    }
+}
+
+fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
+    use ferry_train::export::{publish, read_metadata, write_model, MODEL_FILE};
+    let engine = ferry_engine::OrtEngine::init(args.onnxruntime_lib.as_deref())
+        .context("starting ONNX Runtime")?;
+    let mut meta = read_metadata(&args.model_dir).context("reading the model's ferry.json")?;
+    let path = args.model_dir.join(MODEL_FILE);
+    let float = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let (int8, tensors) =
+        ferry_train::quantize::quantize_weights(&float).context("quantizing the weights")?;
+    anyhow::ensure!(
+        tensors > 0,
+        "the model has no float Gemm/MatMul weights to quantize"
+    );
+    let dataset = ferry_train::evaluate::load_for(&meta, &args.data).context("loading the data")?;
+    let c = ferry_train::quantize::compare(&engine, &meta, &dataset, &float, &int8, tensors)
+        .context("comparing the models")?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_value(&c).expect("comparisons serialize")
+        );
+    } else {
+        println!("             float      int8");
+        println!("bytes   {:>10} {:>9}", c.float_bytes, c.int8_bytes);
+        println!(
+            "ms/{:<4} {:>10.3} {:>9.3}",
+            c.latency_rows, c.float_latency_ms, c.int8_latency_ms
+        );
+        println!(
+            "{:<7} {:>10.4} {:>9.4}",
+            c.metric, c.float_score, c.int8_score
+        );
+    }
+    anyhow::ensure!(
+        c.drop <= args.max_accuracy_drop,
+        "not written: {} drops by {:.4}, more than --max-accuracy-drop {}",
+        c.metric,
+        c.drop,
+        args.max_accuracy_drop
+    );
+    meta.quantization = Some(c);
+    let destination = match (&args.out, &args.publish) {
+        (Some(dir), _) => {
+            write_model(dir, &int8, &meta).context("writing the model")?;
+            dir.clone()
+        }
+        (None, Some(model_dir)) => {
+            publish(model_dir, &int8, &meta).context("publishing the model")?
+        }
+        (None, None) => unreachable!("clap requires --out or --publish"),
+    };
+    if !args.json {
+        println!("wrote {}", destination.display());
+    }
+    Ok(())
+}
+
+fn search(args: SearchArgs) -> anyhow::Result<()> {
     let space = SearchSpace {
         learning_rate: args.try_learning_rate.clone(),
         l2: args.try_l2.clone(),

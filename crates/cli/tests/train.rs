@@ -136,6 +136,7 @@ fn optimize_prints_the_table_and_publishes_the_best() {
     let model = repo.join("iris");
     let out = ferry(&[
         "optimize",
+        "search",
         &example("iris.csv"),
         "--model",
         "softmax",
@@ -200,5 +201,66 @@ fn settings_come_from_the_config_file_and_the_environment() {
         .output()
         .unwrap();
     assert_eq!(json(&env)["hyper_parameters"]["epochs"], 2);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn quantize_writes_a_smaller_model_only_when_the_score_holds() {
+    let dir = scratch("quantize");
+    let float = dir.join("float");
+    json(&ferry(&[
+        "train",
+        &example("digits.csv"),
+        "--model",
+        "mlp",
+        "--hidden",
+        "64",
+        "--epochs",
+        "30",
+        "--out",
+        float.to_str().unwrap(),
+        "--json",
+    ]));
+    let int8 = dir.join("int8");
+    let c = json(&ferry(&[
+        "optimize",
+        "quantize",
+        float.to_str().unwrap(),
+        &example("digits.csv"),
+        "--out",
+        int8.to_str().unwrap(),
+        "--max-accuracy-drop",
+        "0.02",
+        "--json",
+    ]));
+    assert!(
+        c["int8_bytes"].as_u64().unwrap() * 2 < c["float_bytes"].as_u64().unwrap(),
+        "{c}"
+    );
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(int8.join("ferry.json")).unwrap()).unwrap();
+    assert_eq!(meta["quantization"]["tensors"], 2);
+    // The int8 model serves and evaluates like any other.
+    let evaluated = json(&ferry(&[
+        "evaluate",
+        int8.to_str().unwrap(),
+        &example("digits.csv"),
+        "--json",
+    ]));
+    assert_eq!(evaluated["accuracy"], c["int8_score"]);
+    // A bar no model can meet: refused, nothing written.
+    let refused = dir.join("refused");
+    let out = ferry(&[
+        "optimize",
+        "quantize",
+        float.to_str().unwrap(),
+        &example("digits.csv"),
+        "--out",
+        refused.to_str().unwrap(),
+        "--max-accuracy-drop=-1",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not written"));
+    assert!(!refused.exists());
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -7,7 +7,7 @@ use ferry_engine::{Backend, EngineOptions, OrtEngine};
 use ferry_model::{NamedTensor, Tensor, TensorData};
 use ndarray::{Array2, ArrayView2, Axis};
 
-use crate::data::{load_csv, LoadOptions, Target};
+use crate::data::{load_csv, Dataset, LoadOptions, Target};
 use crate::export::{read_metadata, Metadata, MODEL_FILE};
 use crate::fit::{Report, Task};
 use crate::{metrics, TrainError};
@@ -102,16 +102,31 @@ pub fn evaluate(
     let meta = read_metadata(model_dir)?;
     let model_path = model_dir.join(MODEL_FILE);
     let bytes = std::fs::read(&model_path).map_err(|e| TrainError::io(&model_path, e))?;
+    let dataset = load_for(&meta, data)?;
     let model = OnnxModel::load(engine, &bytes)?;
+    let report = score_model(&model, &meta, &dataset)?;
+    Ok((meta, report))
+}
+
+/// Reads the columns a model described by `meta` needs from `data`.
+pub fn load_for(meta: &Metadata, data: &Path) -> Result<Dataset, TrainError> {
     let options = LoadOptions {
         target: Some(meta.target.clone()),
         features: Some(meta.features.clone()),
         impute: meta.imputation.as_ref().map(|i| i.strategy),
         ..LoadOptions::default()
     };
-    let dataset = load_csv(data, &options)?;
+    load_csv(data, &options)
+}
+
+/// Runs a loaded model on every row of `dataset` and scores it against the target.
+pub fn score_model(
+    model: &OnnxModel,
+    meta: &Metadata,
+    dataset: &Dataset,
+) -> Result<Report, TrainError> {
     let outputs = model.run(dataset.x.view())?;
-    let report = match meta.task {
+    Ok(match meta.task {
         Task::Regression => {
             let truth = dataset.values()?;
             Report::Regression(metrics::regression(
@@ -121,12 +136,12 @@ pub fn evaluate(
         }
         Task::Classification => {
             let classes = meta.classes.clone().ok_or_else(|| TrainError::Metadata {
-                path: model_dir.join(crate::export::METADATA_FILE),
+                path: dataset.path.clone(),
                 message: "a classifier's ferry.json must list its classes".into(),
             })?;
             let truth =
                 class_indices(&dataset.target, &classes).map_err(|message| TrainError::Data {
-                    path: data.to_path_buf(),
+                    path: dataset.path.clone(),
                     message,
                 })?;
             Report::Classification(metrics::classification(
@@ -135,8 +150,7 @@ pub fn evaluate(
                 outputs.values.view(),
             ))
         }
-    };
-    Ok((meta, report))
+    })
 }
 
 /// Maps a target column onto a model's classes: by label, or by numeric value for numeric classes.

@@ -77,6 +77,9 @@ pub struct Metadata {
     /// The tool and its version.
     #[serde(default)]
     pub trained_by: String,
+    /// For an int8 model: how it compares with the float model it came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<crate::quantize::Comparison>,
 }
 
 /// The training file.
@@ -159,6 +162,7 @@ pub fn metadata(trained: &Trained, dataset: &Dataset, imputed_with: Option<Imput
         feature_stats: trained.feature_stats.clone(),
         model_sha256: String::new(),
         trained_by: format!("ferry {}", env!("CARGO_PKG_VERSION")),
+        quantization: None,
     }
 }
 

@@ -10,6 +10,7 @@
 //!   directory or published as the next version in a model repository.
 //! - [`evaluate`](mod@evaluate): runs an exported model through the serving engine and scores it ([`metrics`]).
 //! - [`search`]: grid and random hyper-parameter search scored by k-fold cross-validation.
+//! - [`quantize`]: post-training int8 quantization of Gemm/MatMul weights, compared with the float model.
 //!
 //! This crate knows nothing of async runtimes, HTTP or the command line.
 
@@ -21,6 +22,7 @@ pub mod fit;
 pub mod metrics;
 pub mod network;
 pub mod optim;
+pub mod quantize;
 pub mod search;
 pub mod stats;
 

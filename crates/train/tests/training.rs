@@ -217,6 +217,13 @@ fn exported_onnx_runs_in_tract() {
             assert!((a - b).abs() <= 1e-4 * scale, "tract {a} vs memory {b}");
         }
         assert_eq!(out.labels.is_some(), t.classes.is_some());
+        // The int8 version (DequantizeLinear per column) runs in tract too.
+        let (int8, _) = ferry_train::quantize::quantize_weights(&onnx_model(&t, None)).unwrap();
+        let backend = TractBackend::load(&int8, &EngineOptions::default()).unwrap();
+        let quantized = OnnxModel::from_backend(Box::new(backend))
+            .run(data.x.view())
+            .unwrap();
+        assert_eq!(quantized.values.dim(), memory.dim());
     }
 }
 
@@ -344,4 +351,25 @@ fn cross_validation_scores_every_row_once_and_is_reproducible() {
     };
     let weak = grid(&space)[0].apply(&options);
     assert!(cross_validate(&data, &weak, 5).unwrap() < score);
+}
+
+#[test]
+fn int8_weights_shrink_the_model_and_keep_its_predictions() {
+    use ferry_train::export::metadata;
+    use ferry_train::quantize::{compare, quantize_weights};
+    let data = load_csv(&example("digits.csv"), &LoadOptions::default()).unwrap();
+    let mut options = TrainOptions::new(ModelKind::Mlp);
+    options.hidden = Some(vec![64]);
+    options.epochs = Some(30);
+    let t = train(&data, &options);
+    let float = onnx_model(&t, None);
+    let (int8, tensors) = quantize_weights(&float).unwrap();
+    assert_eq!(tensors, 2);
+    let meta = metadata(&t, &data, None);
+    let c = compare(&engine(), &meta, &data, &float, &int8, tensors).unwrap();
+    assert!(c.int8_bytes * 2 < c.float_bytes, "{c:?}");
+    assert!(c.float_score > 0.95, "{c:?}");
+    assert!(c.drop.abs() < 0.01, "{c:?}");
+    // Quantizing twice finds no float weights left.
+    assert_eq!(quantize_weights(&int8).unwrap().1, 0);
 }
