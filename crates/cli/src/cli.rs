@@ -119,6 +119,27 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_ONNXRUNTIME_LIB", value_name = "FILE")]
     pub onnxruntime_lib: Option<PathBuf>,
 
+    /// Log a sample of inferences (inputs, outputs, model, version, id, latency) to this file as JSON lines, rotated
+    /// by size. Off unless given.
+    #[arg(long, env = "FERRY_PAYLOAD_LOG", value_name = "FILE")]
+    pub payload_log: Option<PathBuf>,
+
+    /// The fraction of inferences the payload log keeps (0 to 1); one in every 1/rate, deterministically.
+    #[arg(long, env = "FERRY_PAYLOAD_LOG_SAMPLE_RATE", default_value_t = 0.01)]
+    pub payload_log_sample_rate: f64,
+
+    /// Rotate the payload log when it reaches this many bytes.
+    #[arg(long, env = "FERRY_PAYLOAD_LOG_MAX_BYTES", default_value_t = 100 << 20)]
+    pub payload_log_max_bytes: u64,
+
+    /// Rotated payload logs to keep (`FILE.1` is the newest).
+    #[arg(long, env = "FERRY_PAYLOAD_LOG_KEEP", default_value_t = 5)]
+    pub payload_log_keep: usize,
+
+    /// Input or output names whose values the payload log replaces with "[redacted]", comma-separated.
+    #[arg(long, env = "FERRY_PAYLOAD_LOG_REDACT", value_delimiter = ',')]
+    pub payload_log_redact: Vec<String>,
+
     /// Log line format.
     #[arg(long, env = "FERRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -156,6 +177,22 @@ impl ServeArgs {
                 },
             },
             onnxruntime_lib: self.onnxruntime_lib,
+            payload_log: match self.payload_log {
+                None => None,
+                Some(path) => {
+                    anyhow::ensure!(
+                        (0.0..=1.0).contains(&self.payload_log_sample_rate),
+                        "--payload-log-sample-rate must be between 0 and 1"
+                    );
+                    Some(ferry_server::payload_log::PayloadLogConfig {
+                        path,
+                        sample_rate: self.payload_log_sample_rate,
+                        max_bytes: self.payload_log_max_bytes.max(1024),
+                        keep: self.payload_log_keep.max(1),
+                        redact: self.payload_log_redact,
+                    })
+                }
+            },
         })
     }
 }

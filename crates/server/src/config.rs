@@ -29,6 +29,8 @@ pub struct ServeConfig {
     pub engine: EngineOptions,
     /// Where the ONNX Runtime library is, if given.
     pub onnxruntime_lib: Option<PathBuf>,
+    /// Sampled payload logging, when on.
+    pub payload_log: Option<crate::payload_log::PayloadLogConfig>,
 }
 
 impl ServeConfig {
@@ -48,6 +50,7 @@ impl ServeConfig {
                 ..EngineOptions::default()
             },
             onnxruntime_lib: None,
+            payload_log: None,
         }
     }
 }

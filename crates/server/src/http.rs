@@ -72,9 +72,17 @@ pub fn app_with_limit(state: AppState, max_request_bytes: usize, max_concurrent:
 /// `GET /metrics`: the Prometheus text exposition.
 async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
     let infer = &state.infer;
-    let text = infer
-        .metrics
-        .render(&infer.versions_for_metrics(), &infer.drift_for_metrics());
+    let payload = infer.payload.as_ref().map(|p| {
+        (
+            p.queued.load(std::sync::atomic::Ordering::Relaxed),
+            p.dropped.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    });
+    let text = infer.metrics.render(
+        &infer.versions_for_metrics(),
+        &infer.drift_for_metrics(),
+        payload,
+    );
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -149,12 +157,26 @@ impl Server {
         let store = Arc::new(ModelStore::default());
         let health = Arc::new(Health::default());
         let metrics = Arc::new(crate::metrics::Metrics::default());
-        let infer = Infer::new(
+        let mut infer = Infer::new(
             store.clone(),
             health.clone(),
             metrics.clone(),
             config.request_timeout,
         );
+        if let Some(payload) = &config.payload_log {
+            let logger =
+                crate::payload_log::PayloadLogger::start(payload.clone()).map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!(
+                            "cannot open the payload log {}: {e}",
+                            payload.path.display()
+                        ),
+                    )
+                })?;
+            tracing::info!(path = %payload.path.display(), sample_rate = payload.sample_rate, "payload logging on");
+            infer = infer.with_payload_log(logger);
+        }
         let listener = TcpListener::bind(SocketAddr::new(config.host, config.rest_port)).await?;
         tracing::info!(address = %listener.local_addr()?, "REST (KServe v2 and TF Serving) listening");
         let grpc_listener =

@@ -56,6 +56,15 @@ pub struct ValidRequest {
     version: Arc<LoadedVersion>,
     inputs: Vec<NamedTensor>,
     outputs: Option<Vec<String>>,
+    id: Option<String>,
+}
+
+impl ValidRequest {
+    /// Attaches the client's request id (kept in the payload log).
+    pub fn with_id(mut self, id: Option<String>) -> ValidRequest {
+        self.id = id.filter(|i| !i.is_empty());
+        self
+    }
 }
 
 /// What [`Infer::predict`] gives back: the outputs and where the time went.
@@ -91,6 +100,8 @@ pub struct Infer {
     pub health: Arc<Health>,
     /// The metrics registry.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The payload log, when on.
+    pub payload: Option<Arc<crate::payload_log::PayloadLogger>>,
     timeout: Duration,
 }
 
@@ -106,8 +117,15 @@ impl Infer {
             store,
             health,
             metrics,
+            payload: None,
             timeout,
         }
+    }
+
+    /// Logs a sample of inferences to `logger`.
+    pub fn with_payload_log(mut self, logger: crate::payload_log::PayloadLogger) -> Infer {
+        self.payload = Some(Arc::new(logger));
+        self
     }
 
     /// Labels a request's metrics with the model it named, when the repository knows that model (so unknown names
@@ -248,6 +266,7 @@ impl Infer {
             version,
             inputs,
             outputs,
+            id: None,
         })
     }
 
@@ -262,7 +281,14 @@ impl Infer {
             version,
             inputs,
             outputs,
+            id,
         } = request;
+        // Only sampled requests pay for the copy the payload log needs.
+        let logged = self
+            .payload
+            .as_ref()
+            .filter(|p| p.sample())
+            .map(|p| (p.clone(), inputs.clone()));
         let start = Instant::now();
         let ours = start
             .checked_add(self.timeout)
@@ -311,6 +337,16 @@ impl Infer {
                     .collect()
             }
         };
+        if let Some((logger, inputs)) = logged {
+            logger.log(crate::payload_log::PayloadRecord {
+                model: version.model.clone(),
+                version: version.version,
+                id,
+                latency: start.elapsed(),
+                inputs,
+                outputs: outputs.clone(),
+            });
+        }
         Ok(Prediction {
             outputs,
             queue,

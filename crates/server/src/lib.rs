@@ -8,6 +8,7 @@
 //!   adapters.
 //! - [`http`]: the REST and gRPC routers and the server lifecycle (bind, serve, drain on shutdown).
 //! - [`drift`]: per-feature drift (PSI, KS) of live inputs against the training data.
+//! - [`payload_log`]: sampled request/response logging as rotated JSON lines.
 //! - [`error`]: the one error table, mapping each failure kind to its status.
 //! - [`metrics`]: the metric catalogue, registry and Prometheus exposition.
 //!
@@ -21,6 +22,7 @@ pub mod http;
 pub mod infer;
 pub mod metrics;
 pub mod model_config;
+pub mod payload_log;
 pub mod protocol;
 pub mod repository;
 

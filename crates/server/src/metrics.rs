@@ -129,6 +129,13 @@ pub const DRIFT_KS: MetricDef = def(
     "Kolmogorov-Smirnov statistic of a feature's recent inputs against the training data",
     &["model", "version", "feature"],
 );
+/// Payload log records.
+pub const PAYLOAD_RECORDS: MetricDef = def(
+    "ferry_payload_log_records_total",
+    "counter",
+    "Sampled payload records handed to the log writer (queued) or dropped because it fell behind",
+    &["outcome"],
+);
 /// Process CPU time.
 pub const CPU: MetricDef = def(
     "process_cpu_seconds_total",
@@ -401,6 +408,7 @@ impl Metrics {
         &self,
         versions: &[(String, u64, &'static str, Option<usize>)],
         drift: &[(String, u64, Vec<crate::drift::FeatureDrift>)],
+        payload: Option<(u64, u64)>,
     ) -> String {
         let mut out = String::with_capacity(8192);
         let header = |out: &mut String, d: &MetricDef| {
@@ -534,6 +542,19 @@ impl Metrics {
                 }
             }
         }
+        header(&mut out, &PAYLOAD_RECORDS);
+        if let Some((queued, dropped)) = payload {
+            let _ = writeln!(
+                out,
+                "{}{{outcome=\"queued\"}} {queued}",
+                PAYLOAD_RECORDS.name
+            );
+            let _ = writeln!(
+                out,
+                "{}{{outcome=\"dropped\"}} {dropped}",
+                PAYLOAD_RECORDS.name
+            );
+        }
         let process = process_stats();
         for (d, v) in [
             (&CPU, process.cpu_seconds),
@@ -666,7 +687,12 @@ mod tests {
                 drifted: true,
             }],
         )];
-        let text = m.render(&[("iris".into(), 1, "READY", Some(0))], &drift);
+        let text = m.render(
+            &[("iris".into(), 1, "READY", Some(0))],
+            &drift,
+            Some((3, 1)),
+        );
+        assert!(text.contains("ferry_payload_log_records_total{outcome=\"dropped\"} 1"));
         assert!(text
             .contains("ferry_feature_drift_psi{model=\"iris\",version=\"1\",feature=\"f0\"} 0.5"));
         assert!(text.contains("ferry_requests_total{model=\"iris\",version=\"1\",protocol=\"rest_kserve\",outcome=\"success\"} 1"), "{text}");

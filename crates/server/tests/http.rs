@@ -1089,3 +1089,62 @@ async fn drift_against_the_training_baseline() {
     let (status, body) = s.get("/v2/models/plain/drift").await;
     assert_error(status, &body, 404, &["no drift baseline"]);
 }
+
+#[tokio::test]
+async fn payload_log_keeps_a_sample_without_blocking() {
+    let repo = TempDir::new("payload");
+    put_model(&repo.0, "two_io", 1, &two_io());
+    let log = repo.0.join("logs/payload.jsonl");
+    let config = ferry_server::payload_log::PayloadLogConfig {
+        path: log.clone(),
+        sample_rate: 0.5,
+        max_bytes: 1 << 20,
+        keep: 2,
+        redact: vec!["b".into()],
+    };
+    let s = TestServer::start_with(repo, |c| ferry_server::ServeConfig {
+        payload_log: Some(config),
+        ..c
+    })
+    .await;
+    for i in 0..10 {
+        let body = json!({"id": format!("req-{i}"),
+                          "inputs": [{"name": "a", "shape": [1, 2], "datatype": "FP32", "data": [i, 1]},
+                                     {"name": "b", "shape": [1, 2], "datatype": "INT64", "data": [7, 7]}]});
+        assert_eq!(s.post("/v2/models/two_io/infer", body).await.0, 200);
+    }
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        lines = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        if lines.len() == 5 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(lines.len(), 5, "one request in two is logged");
+    let first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(first["model"], "two_io");
+    assert_eq!(first["version"], 1);
+    assert!(first["id"].as_str().unwrap().starts_with("req-"));
+    assert_eq!(first["inputs"]["b"]["data"], "[redacted]");
+    assert_eq!(first["inputs"]["a"]["datatype"], "FP32");
+    assert!(first["outputs"]["sum"]["data"].is_array());
+    let text = s
+        .client
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l == r#"ferry_payload_log_records_total{outcome="queued"} 5"#),
+        "{text}"
+    );
+}

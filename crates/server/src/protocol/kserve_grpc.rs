@@ -256,7 +256,7 @@ impl KserveGrpc {
         }
         let requested: Option<Vec<String>> =
             (!r.outputs.is_empty()).then(|| r.outputs.iter().map(|o| o.name.clone()).collect());
-        let valid = Infer::validate(loaded.clone(), inputs, requested)?;
+        let valid = Infer::validate(loaded.clone(), inputs, requested)?.with_id(Some(r.id.clone()));
         let prediction = self.infer.predict(valid, deadline).await?;
         record.timing(&prediction);
         let outputs = prediction.outputs;

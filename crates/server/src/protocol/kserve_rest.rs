@@ -346,7 +346,7 @@ async fn infer_inner(
     let output_names = requested
         .as_ref()
         .map(|r| r.iter().map(|(n, _)| n.clone()).collect());
-    let valid = Infer::validate(loaded.clone(), inputs, output_names)?;
+    let valid = Infer::validate(loaded.clone(), inputs, output_names)?.with_id(request.id.clone());
     let prediction = infer.predict(valid, deadline).await?;
     record.timing(&prediction);
     let outputs = prediction.outputs;
