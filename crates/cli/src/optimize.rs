@@ -176,7 +176,7 @@ pub fn run(args: OptimizeArgs) -> anyhow::Result<()> {
 }
 
 fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
-    use ferry_train::export::{publish, read_metadata, write_model, MODEL_FILE};
+    use ferry_train::export::{read_metadata, Destination, MODEL_FILE};
     let engine = ferry_engine::OrtEngine::init(args.onnxruntime_lib.as_deref())
         .context("starting ONNX Runtime")?;
     let mut meta = read_metadata(&args.model_dir).context("reading the model's ferry.json")?;
@@ -216,16 +216,10 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
         args.max_accuracy_drop
     );
     meta.quantization = Some(c);
-    let destination = match (&args.out, &args.publish) {
-        (Some(dir), _) => {
-            write_model(dir, &int8, &meta).context("writing the model")?;
-            dir.clone()
-        }
-        (None, Some(model_dir)) => {
-            publish(model_dir, &int8, &meta).context("publishing the model")?
-        }
-        (None, None) => unreachable!("clap requires --out or --publish"),
-    };
+    let destination = Destination::from_flags(args.out.as_deref(), args.publish.as_deref())
+        .expect("clap requires --out or --publish")
+        .save(&int8, &meta)
+        .context("writing the model")?;
     if !args.json {
         println!("wrote {}", destination.display());
     }

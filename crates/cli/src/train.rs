@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use ferry_train::export::{metadata, onnx_model, publish, write_model};
+use ferry_train::export::{metadata, onnx_model, Destination};
 use ferry_train::fit::{EpochLog, Report};
 use ferry_train::network::Activation;
 use ferry_train::optim::{OptimizerKind, Schedule};
@@ -253,16 +253,10 @@ pub fn train_and_write(
     }
     let meta = metadata(&trained, dataset, args.impute);
     let onnx = onnx_model(&trained, dataset.imputed.as_deref());
-    let destination = match (&args.out, &args.publish) {
-        (Some(dir), _) => {
-            write_model(dir, &onnx, &meta).context("writing the model")?;
-            dir.clone()
-        }
-        (None, Some(model_dir)) => {
-            publish(model_dir, &onnx, &meta).context("publishing the model")?
-        }
-        (None, None) => unreachable!("clap requires --out or --publish"),
-    };
+    let destination = Destination::from_flags(args.out.as_deref(), args.publish.as_deref())
+        .expect("clap requires --out or --publish")
+        .save(&onnx, &meta)
+        .context("writing the model")?;
     let (key, score) = match &trained.validation {
         Report::Classification(r) => ("accuracy", r.accuracy),
         Report::Regression(r) => ("r2", r.r2),

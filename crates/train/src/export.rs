@@ -350,6 +350,31 @@ pub fn publish(model_dir: &Path, onnx: &[u8], metadata: &Metadata) -> Result<Pat
     }
 }
 
+/// Where a model goes: `--out DIR` or `--publish REPO/MODEL`.
+#[derive(Debug, Clone, Copy)]
+pub enum Destination<'a> {
+    /// Write `model.onnx` and `ferry.json` into this directory.
+    Dir(&'a Path),
+    /// Publish as the next version of this model directory.
+    Publish(&'a Path),
+}
+
+impl<'a> Destination<'a> {
+    /// The destination the two flags give (clap makes exactly one of them present).
+    pub fn from_flags(out: Option<&'a Path>, publish: Option<&'a Path>) -> Option<Destination<'a>> {
+        out.map(Destination::Dir)
+            .or(publish.map(Destination::Publish))
+    }
+
+    /// Writes or publishes the model and returns the directory it went to.
+    pub fn save(self, onnx: &[u8], metadata: &Metadata) -> Result<PathBuf, TrainError> {
+        match self {
+            Destination::Dir(dir) => write_model(dir, onnx, metadata).map(|()| dir.to_path_buf()),
+            Destination::Publish(model_dir) => publish(model_dir, onnx, metadata),
+        }
+    }
+}
+
 /// The highest version number under `model_dir` (0 when there is none).
 pub fn latest_version(model_dir: &Path) -> Result<u64, TrainError> {
     let entries = std::fs::read_dir(model_dir).map_err(|e| TrainError::io(model_dir, e))?;
