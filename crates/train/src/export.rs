@@ -116,9 +116,11 @@ pub struct Metrics {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation_r2: Option<f64>,
     /// Which rows were scored: `validation`, or `training` when none were held out.
+    #[serde(default)]
     pub scored_on: String,
-    /// The full report.
-    pub report: Report,
+    /// The full report (absent from metadata written by other tools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<Report>,
 }
 
 /// The metadata of a trained model (without `model_sha256`, which [`write_model`] fills in).
@@ -154,7 +156,7 @@ pub fn metadata(trained: &Trained, dataset: &Dataset, imputed_with: Option<Imput
                 "training"
             }
             .into(),
-            report: trained.validation.clone(),
+            report: Some(trained.validation.clone()),
         }),
         best_epoch: trained.best_epoch,
         training_seconds: trained.seconds,
@@ -399,6 +401,20 @@ pub fn read_metadata(dir: &Path) -> Result<Metadata, TrainError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metadata_from_other_tools_reads_with_what_evaluation_needs() {
+        let meta: Metadata = serde_json::from_str(
+            r#"{"task":"classification","model":"softmax","target":"label","features":["a","b"],
+                "classes":["x","y"],"trained_by":"numpy","metrics":{"validation_accuracy":0.9}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            meta.classes.as_deref(),
+            Some(&["x".to_string(), "y".to_string()][..])
+        );
+        assert_eq!(meta.metrics.unwrap().validation_accuracy, Some(0.9));
+    }
 
     #[test]
     fn publish_takes_the_next_number_and_leaves_no_staging_folder() {
