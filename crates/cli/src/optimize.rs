@@ -34,7 +34,7 @@ pub struct OptimizeArgs {
 #[derive(Debug, clap::Subcommand)]
 pub enum OptimizeCommand {
     /// Search hyper-parameters (grid or random; k-fold or validation split), then train and write the best.
-    Search(SearchArgs),
+    Search(Box<SearchArgs>),
     /// Quantize a trained model's Gemm/MatMul weights to int8; compare size, latency and score with the float
     /// model, and write it only if the score drops by at most --max-accuracy-drop.
     Quantize(QuantizeArgs),
@@ -170,7 +170,7 @@ fn describe(c: &Candidate) -> String {
 /// Runs `ferry optimize`.
 pub fn run(args: OptimizeArgs) -> anyhow::Result<()> {
     match args.command {
-        OptimizeCommand::Search(args) => search(args),
+        OptimizeCommand::Search(args) => search(*args),
         OptimizeCommand::Quantize(args) => quantize(args),
     }
 }

@@ -195,7 +195,7 @@ impl Network {
                     .fold(0.0, |acc, &z, &y| acc + softplus(z) - y * z)
                     / m;
                 let d = delta.then(|| {
-                    let mut d = z.mapv(sigmoid) - &y;
+                    let mut d = z.mapv(sigmoid) - y;
                     d /= m;
                     d
                 });
@@ -333,7 +333,7 @@ mod tests {
         };
         let eps = 1e-6;
         let mut checked = 0;
-        for l in 0..net.layers.len() {
+        for (l, grad) in grads.iter().enumerate() {
             for idx in 0..net.layers[l].w.len() {
                 let (r, c) = (idx / net.layers[l].w.ncols(), idx % net.layers[l].w.ncols());
                 let mut plus = net.clone();
@@ -341,7 +341,7 @@ mod tests {
                 let mut minus = net.clone();
                 minus.layers[l].w[[r, c]] -= eps;
                 let numeric = (objective(&plus) - objective(&minus)) / (2.0 * eps);
-                let analytic = grads[l].w[[r, c]];
+                let analytic = grad.w[[r, c]];
                 assert!(
                     (numeric - analytic).abs() < 1e-6 * (1.0 + numeric.abs()),
                     "{head:?} {activation:?} layer {l} w[{r},{c}]: numeric {numeric} analytic {analytic}"
@@ -354,7 +354,7 @@ mod tests {
                 let mut minus = net.clone();
                 minus.layers[l].b[c] -= eps;
                 let numeric = (objective(&plus) - objective(&minus)) / (2.0 * eps);
-                let analytic = grads[l].b[c];
+                let analytic = grad.b[c];
                 assert!(
                     (numeric - analytic).abs() < 1e-6 * (1.0 + numeric.abs()),
                     "{head:?} {activation:?} layer {l} b[{c}]: numeric {numeric} analytic {analytic}"

@@ -30,7 +30,7 @@ fn float_values(t: &TensorProto) -> Option<Vec<f32>> {
     if !t.float_data.is_empty() {
         return Some(t.float_data.clone());
     }
-    if t.raw_data.len() % 4 == 0 && !t.raw_data.is_empty() {
+    if t.raw_data.len().is_multiple_of(4) && !t.raw_data.is_empty() {
         return Some(
             t.raw_data
                 .chunks_exact(4)
