@@ -171,7 +171,9 @@ impl Scheduler {
                 // was busy), then try once more.
                 let gone = state.remove_stale(Instant::now(), |job| !job.respond.is_closed());
                 let refused = state.push(entry).is_err();
-                drop(gone);
+                for e in gone {
+                    let _ = e.item.respond.send(Err(late_in_queue()));
+                }
                 refused
             }
         };
@@ -199,6 +201,14 @@ impl Scheduler {
     }
 }
 
+/// The answer to a request whose deadline passed while it waited.
+fn late_in_queue() -> InferError {
+    InferError::new(
+        ErrorKind::DeadlineExceeded,
+        "the request's deadline passed while it waited in the queue",
+    )
+}
+
 /// One worker thread: take a batch when the policy says so, run it, repeat; exit once closed and empty.
 fn worker(shared: &Shared) {
     let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -206,10 +216,7 @@ fn worker(shared: &Shared) {
         let now = Instant::now();
         for e in state.remove_stale(now, |job| !job.respond.is_closed()) {
             // Whoever is still waiting past the deadline hears why; a client that left hears nothing.
-            let _ = e.item.respond.send(Err(InferError::new(
-                ErrorKind::DeadlineExceeded,
-                "the request's deadline passed while it waited in the queue",
-            )));
+            let _ = e.item.respond.send(Err(late_in_queue()));
         }
         match state.next_batch(now) {
             Decision::Batch(batch, reason) => {
