@@ -136,6 +136,49 @@ impl Infer {
         }
     }
 
+    /// The states of a model's versions, newest first: all of them, or only the one `selector` names (a label
+    /// resolves to its version). For TF Serving's status APIs, with its error wording.
+    pub fn version_states(
+        &self,
+        model: &str,
+        selector: &VersionSelector,
+    ) -> Result<Vec<(u64, VersionState)>, InferError> {
+        validate_name(model).map_err(InferError::invalid)?;
+        let not_found =
+            || InferError::not_found(format!("Could not find any versions of model {model}"));
+        let (wanted, states) = self
+            .store
+            .with_model(model, |record| {
+                let wanted = match selector {
+                    VersionSelector::Latest => None,
+                    VersionSelector::Specific(v) => Some(*v),
+                    VersionSelector::Label(l) => {
+                        Some(*record.config.labels.get(l).ok_or_else(|| {
+                            InferError::invalid(format!("Unrecognized servable version label: {l}"))
+                        })?)
+                    }
+                };
+                let states: Vec<(u64, VersionState)> = record
+                    .versions
+                    .iter()
+                    .rev()
+                    .filter(|(v, _)| wanted.is_none_or(|w| w == **v))
+                    .map(|(v, slot)| (*v, slot.state.clone()))
+                    .collect();
+                Ok::<_, InferError>((wanted, states))
+            })
+            .ok_or_else(not_found)??;
+        if states.is_empty() {
+            return Err(match wanted {
+                Some(v) => {
+                    InferError::not_found(format!("Could not find version {v} of model {model}"))
+                }
+                None => not_found(),
+            });
+        }
+        Ok(states)
+    }
+
     /// The drift report of every loaded version that has a baseline, for the metrics exposition.
     pub fn drift_for_metrics(&self) -> Vec<(String, u64, Vec<crate::drift::FeatureDrift>)> {
         let mut out = Vec::new();

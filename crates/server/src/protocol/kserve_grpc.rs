@@ -3,7 +3,7 @@
 //! Inputs come as typed `contents` or as `raw_input_contents` (little-endian, BYTES elements length-prefixed);
 //! outputs are always answered as `raw_output_contents`, as Triton does, which its clients read directly.
 
-use ferry_model::{element_count, DataType, NamedTensor, Tensor, TensorData};
+use ferry_model::{DataType, NamedTensor, Tensor, TensorData};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
@@ -85,26 +85,8 @@ fn decode_contents(
 
 fn decode_input(input: InferInputTensor, raw: Option<Vec<u8>>) -> Result<NamedTensor, InferError> {
     let name = input.name;
-    let dtype = DataType::from_kserve_name(&input.datatype).ok_or_else(|| {
-        InferError::invalid(format!(
-            "input `{name}`: unknown datatype `{}`",
-            input.datatype
-        ))
-    })?;
-    let shape = input
-        .shape
-        .iter()
-        .map(|d| usize::try_from(*d))
-        .collect::<Result<Vec<usize>, _>>()
-        .map_err(|_| {
-            InferError::invalid(format!(
-                "input `{name}`: shape {:?} has a negative dimension",
-                input.shape
-            ))
-        })?;
-    let expected = element_count(&shape).ok_or_else(|| {
-        InferError::invalid(format!("input `{name}`: shape {shape:?} is too large"))
-    })?;
+    let (dtype, shape, expected) =
+        super::kserve_input_header(&name, &input.datatype, &input.shape)?;
     let data = match (raw, input.contents) {
         (Some(_), Some(_)) => {
             return Err(InferError::invalid(format!(

@@ -9,7 +9,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use ferry_model::{element_count, DataType, NamedTensor, Tensor, TensorData, ValueKind};
+use ferry_model::{NamedTensor, Tensor, TensorData, ValueKind};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -404,26 +404,7 @@ fn flag(parameters: Option<&Map<String, Value>>, key: &str) -> Result<Option<boo
 
 fn decode_input(input: &InputBody, binary: &mut &[u8]) -> Result<NamedTensor, InferError> {
     let name = &input.name;
-    let dtype = DataType::from_kserve_name(&input.datatype).ok_or_else(|| {
-        InferError::invalid(format!(
-            "input `{name}`: unknown datatype `{}`",
-            input.datatype
-        ))
-    })?;
-    let shape = input
-        .shape
-        .iter()
-        .map(|d| usize::try_from(*d))
-        .collect::<Result<Vec<usize>, _>>()
-        .map_err(|_| {
-            InferError::invalid(format!(
-                "input `{name}`: shape {:?} has a negative dimension",
-                input.shape
-            ))
-        })?;
-    let expected = element_count(&shape).ok_or_else(|| {
-        InferError::invalid(format!("input `{name}`: shape {shape:?} is too large"))
-    })?;
+    let (dtype, shape, expected) = super::kserve_input_header(name, &input.datatype, &input.shape)?;
     let binary_size = match input
         .parameters
         .as_ref()

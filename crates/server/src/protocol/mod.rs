@@ -61,6 +61,31 @@ pub(crate) fn client_deadline(headers: &HeaderMap) -> Result<Option<Instant>, In
     Ok(Some(Instant::now() + Duration::from_millis(ms)))
 }
 
+/// Reads a KServe v2 input's datatype and shape (REST and gRPC alike): the element type, the shape, and the number
+/// of elements it needs.
+pub(crate) fn kserve_input_header(
+    name: &str,
+    datatype: &str,
+    shape: &[i64],
+) -> Result<(ferry_model::DataType, Vec<usize>, usize), InferError> {
+    let dtype = ferry_model::DataType::from_kserve_name(datatype).ok_or_else(|| {
+        InferError::invalid(format!("input `{name}`: unknown datatype `{datatype}`"))
+    })?;
+    let dims = shape
+        .iter()
+        .map(|d| usize::try_from(*d))
+        .collect::<Result<Vec<usize>, _>>()
+        .map_err(|_| {
+            InferError::invalid(format!(
+                "input `{name}`: shape {shape:?} has a negative dimension"
+            ))
+        })?;
+    let count = ferry_model::element_count(&dims).ok_or_else(|| {
+        InferError::invalid(format!("input `{name}`: shape {dims:?} is too large"))
+    })?;
+    Ok((dtype, dims, count))
+}
+
 /// Turns a body that could not be read (too large, broken connection) into our error format.
 pub(crate) fn body_error(rejection: BytesRejection) -> InferError {
     if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {

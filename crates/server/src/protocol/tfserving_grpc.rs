@@ -25,7 +25,7 @@ use super::grpc::tensorflow::{
 };
 use crate::error::InferError;
 use crate::infer::{Infer, VersionSelector};
-use crate::repository::{validate_name, VersionState};
+use crate::repository::VersionState;
 
 /// The TF Serving gRPC services over the shared [`Infer`] path.
 #[derive(Debug, Clone)]
@@ -345,31 +345,19 @@ impl ModelService for TfServingGrpc {
     ) -> Result<Response<GetModelStatusResponse>, Status> {
         let r = request.into_inner();
         let (model, selector, _) = spec_of(r.model_spec)?;
-        validate_name(&model).map_err(InferError::invalid)?;
-        let record = self.infer.store.model(&model).ok_or_else(|| {
-            InferError::not_found(format!("Could not find any versions of model {model}"))
-        })?;
-        let wanted = match selector {
-            VersionSelector::Latest => None,
-            VersionSelector::Specific(v) => Some(v),
-            VersionSelector::Label(l) => Some(*record.config.labels.get(&l).ok_or_else(|| {
-                InferError::invalid(format!("Unrecognized servable version label: {l}"))
-            })?),
-        };
-        let statuses: Vec<ModelVersionStatus> = record
-            .versions
-            .iter()
-            .rev()
-            .filter(|(v, _)| wanted.is_none_or(|w| w == **v))
-            .map(|(v, slot)| {
-                let (state, code, message) = match &slot.state {
+        let statuses: Vec<ModelVersionStatus> = self
+            .infer
+            .version_states(&model, &selector)?
+            .into_iter()
+            .map(|(v, state)| {
+                let (state, code, message) = match state {
                     VersionState::Loading => (State::Loading, 0, String::new()),
                     VersionState::Ready => (State::Available, 0, String::new()),
                     VersionState::Unloading => (State::Unloading, 0, String::new()),
-                    VersionState::Unavailable(reason) => (State::End, 2, reason.clone()),
+                    VersionState::Unavailable(reason) => (State::End, 2, reason),
                 };
                 ModelVersionStatus {
-                    version: *v as i64,
+                    version: v as i64,
                     state: state as i32,
                     status: Some(StatusProto {
                         error_code: code,
@@ -378,13 +366,6 @@ impl ModelService for TfServingGrpc {
                 }
             })
             .collect();
-        if statuses.is_empty() {
-            return Err(InferError::not_found(match wanted {
-                Some(v) => format!("Could not find version {v} of model {model}"),
-                None => format!("Could not find any versions of model {model}"),
-            })
-            .into());
-        }
         Ok(Response::new(GetModelStatusResponse {
             model_version_status: statuses,
         }))

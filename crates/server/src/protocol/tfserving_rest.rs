@@ -139,38 +139,19 @@ fn check_signature_name(request: &Map<String, Value>) -> Result<(), InferError> 
 }
 
 fn status(infer: &Infer, model: &str, selector: &VersionSelector) -> Result<Value, InferError> {
-    crate::repository::validate_name(model).map_err(InferError::invalid)?;
-    let record = infer.store.model(model).ok_or_else(|| {
-        InferError::not_found(format!("Could not find any versions of model {model}"))
-    })?;
-    let wanted = match selector {
-        VersionSelector::Latest => None,
-        VersionSelector::Specific(v) => Some(*v),
-        VersionSelector::Label(l) => Some(*record.config.labels.get(l).ok_or_else(|| {
-            InferError::invalid(format!("Unrecognized servable version label: {l}"))
-        })?),
-    };
-    let statuses: Vec<Value> = record
-        .versions
-        .iter()
-        .rev()
-        .filter(|(v, _)| wanted.is_none_or(|w| w == **v))
-        .map(|(v, slot)| {
-            let (state, code, message) = match &slot.state {
+    let statuses: Vec<Value> = infer
+        .version_states(model, selector)?
+        .into_iter()
+        .map(|(v, state)| {
+            let (state, code, message) = match state {
                 VersionState::Loading => ("LOADING", "OK", String::new()),
                 VersionState::Ready => ("AVAILABLE", "OK", String::new()),
                 VersionState::Unloading => ("UNLOADING", "OK", String::new()),
-                VersionState::Unavailable(reason) => ("END", "UNKNOWN", reason.clone()),
+                VersionState::Unavailable(reason) => ("END", "UNKNOWN", reason),
             };
             json!({"version": v.to_string(), "state": state, "status": {"error_code": code, "error_message": message}})
         })
         .collect();
-    if statuses.is_empty() {
-        return Err(InferError::not_found(match wanted {
-            Some(v) => format!("Could not find version {v} of model {model}"),
-            None => format!("Could not find any versions of model {model}"),
-        }));
-    }
     Ok(json!({ "model_version_status": statuses }))
 }
 
