@@ -115,7 +115,7 @@ enum Caller {
     },
     Grpc {
         client: GrpcInferenceServiceClient<tonic::transport::Channel>,
-        request: ModelInferRequest,
+        request: Box<ModelInferRequest>,
     },
 }
 
@@ -137,7 +137,9 @@ impl Caller {
                     Err(_) => false,
                 }
             }
-            Caller::Grpc { client, request } => client.model_infer(request.clone()).await.is_ok(),
+            Caller::Grpc { client, request } => {
+                client.model_infer((**request).clone()).await.is_ok()
+            }
         }
     }
 }
@@ -356,7 +358,10 @@ async fn caller(args: &BenchArgs, inputs: &[InputSpec]) -> anyhow::Result<Caller
             let client = GrpcInferenceServiceClient::connect(grpc_url(&args.url))
                 .await
                 .context("connecting over gRPC")?;
-            Ok(Caller::Grpc { client, request })
+            Ok(Caller::Grpc {
+                client,
+                request: Box::new(request),
+            })
         }
     }
 }

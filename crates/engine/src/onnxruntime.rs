@@ -275,7 +275,7 @@ fn to_value(name: &str, tensor: Tensor) -> Result<DynValue, EngineError> {
 fn from_value(spec: &TensorSpec, value: &DynValue) -> Result<NamedTensor, EngineError> {
     let err = |e: ort::Error| EngineError::Run(format!("reading output `{}`: {e}", spec.name));
     if let ValueKind::MapSequence { key } = spec.kind {
-        return map_sequence(spec, *&key, value);
+        return map_sequence(spec, key, value);
     }
     macro_rules! prim {
         ($t:ty, $variant:ident) => {{

@@ -237,7 +237,7 @@ impl TensorData {
     /// Returns `None` when the buffer does not hold a whole number of elements.
     pub fn from_le_bytes(dtype: DataType, raw: &[u8]) -> Option<TensorData> {
         fn chunks<const N: usize, T>(raw: &[u8], f: impl Fn([u8; N]) -> T) -> Option<Vec<T>> {
-            if raw.len() % N != 0 {
+            if !raw.len().is_multiple_of(N) {
                 return None;
             }
             Some(

@@ -133,7 +133,11 @@ impl Drift {
 
     /// Records a request's rows when it is sampled. Inputs that are not the expected float matrix are ignored.
     pub fn observe(&self, inputs: &[NamedTensor]) {
-        if self.seen.fetch_add(1, Ordering::Relaxed) % self.sample_every != 0 {
+        if !self
+            .seen
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(self.sample_every)
+        {
             return;
         }
         let Some(input) = inputs.iter().find(|i| i.name == self.input) else {

@@ -53,7 +53,7 @@ pub fn scaled_affine(k: f32) -> Vec<u8> {
     GraphBuilder::new("affine")
         .input("x", DataType::F32, Some(&[-1, 2]))
         .output("y", DataType::F32, Some(&[-1, 1]))
-        .initializer(TensorProto::f32("w", &[2, 1], vec![2.0 * k, -1.0 * k]))
+        .initializer(TensorProto::f32("w", &[2, 1], vec![2.0 * k, -k]))
         .initializer(TensorProto::f32("b", &[1], vec![0.5]))
         .node("MatMul", &["x", "w"], &["xw"], vec![])
         .node("Add", &["xw", "b"], &["y"], vec![])
