@@ -81,6 +81,11 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_GRPC_PORT", default_value_t = 8500)]
     pub grpc_port: u16,
 
+    /// Also serve `/metrics` on this port (it stays on the REST port too), for scrapers kept away from the
+    /// inference port. 0 picks a free port; the log says which.
+    #[arg(long, env = "FERRY_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+
     /// Request bodies (and gRPC messages) larger than this many bytes are refused (413 / RESOURCE_EXHAUSTED).
     #[arg(long, env = "FERRY_MAX_REQUEST_BYTES", default_value_t = 64 << 20)]
     pub max_request_bytes: usize,
@@ -162,6 +167,7 @@ impl ServeArgs {
             host: self.host,
             rest_port: self.rest_port,
             grpc_port: self.grpc_port,
+            metrics_port: self.metrics_port,
             max_request_bytes: self.max_request_bytes,
             max_concurrent_requests: self.max_concurrent_requests as usize,
             request_timeout: self.request_timeout,

@@ -17,6 +17,8 @@ pub struct ServeConfig {
     pub rest_port: u16,
     /// The gRPC port; 0 picks a free one.
     pub grpc_port: u16,
+    /// A separate port for `/metrics` (it stays on the REST port too); 0 picks a free one.
+    pub metrics_port: Option<u16>,
     /// Bodies larger than this are refused with 413.
     pub max_request_bytes: usize,
     /// Requests handled at once; more wait (unread) until one finishes, which bounds decoding memory.
@@ -41,6 +43,7 @@ impl ServeConfig {
             host: IpAddr::from([127, 0, 0, 1]),
             rest_port: 0,
             grpc_port: 0,
+            metrics_port: None,
             max_request_bytes: 64 << 20,
             max_concurrent_requests: 1024,
             request_timeout: Duration::from_secs(30),

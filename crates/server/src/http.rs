@@ -139,6 +139,7 @@ async fn request_id(request: Request<axum::body::Body>, next: Next) -> Response 
 pub struct Server {
     listener: TcpListener,
     grpc_listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     router: Router,
     infer: Infer,
     config: ServeConfig,
@@ -182,6 +183,14 @@ impl Server {
         let grpc_listener =
             TcpListener::bind(SocketAddr::new(config.host, config.grpc_port)).await?;
         tracing::info!(address = %grpc_listener.local_addr()?, "gRPC (KServe v2 and TF Serving) listening");
+        let metrics_listener = match config.metrics_port {
+            None => None,
+            Some(port) => {
+                let l = TcpListener::bind(SocketAddr::new(config.host, port)).await?;
+                tracing::info!(address = %l.local_addr()?, "metrics listening");
+                Some(l)
+            }
+        };
         load_repository(
             &config.model_repository,
             &store,
@@ -212,6 +221,7 @@ impl Server {
         Ok(Server {
             listener,
             grpc_listener,
+            metrics_listener,
             router,
             infer,
             config,
@@ -232,6 +242,13 @@ impl Server {
             .expect("a bound listener has an address")
     }
 
+    /// The address of the separate metrics listener, when `metrics_port` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
     /// The shared inference handle.
     pub fn infer(&self) -> &Infer {
         &self.infer
@@ -246,6 +263,7 @@ impl Server {
         let Server {
             listener,
             grpc_listener,
+            metrics_listener,
             router,
             infer,
             config,
@@ -272,9 +290,29 @@ impl Server {
                 let _ = grpc_drain.wait_for(|d| *d).await;
             },
         );
+        // The metrics page can also have its own port, so scrapers need not reach the inference port.
+        let metrics_router = Router::new()
+            .route("/metrics", get(metrics))
+            .with_state(AppState {
+                infer: infer.clone(),
+            });
+        let mut metrics_drain = drain_rx.clone();
+        let metrics_serve = async move {
+            match metrics_listener {
+                Some(l) => {
+                    axum::serve(l, metrics_router)
+                        .with_graceful_shutdown(async move {
+                            let _ = metrics_drain.wait_for(|d| *d).await;
+                        })
+                        .await
+                }
+                None => Ok(()),
+            }
+        };
         let serve = async move {
-            let (rest, grpc) = tokio::join!(serve, grpc);
+            let (rest, grpc, metrics) = tokio::join!(serve, grpc, metrics_serve);
             rest?;
+            metrics?;
             grpc.map_err(std::io::Error::other)
         };
         let mut grace_rx = drain_rx;

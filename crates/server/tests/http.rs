@@ -1150,3 +1150,34 @@ async fn payload_log_keeps_a_sample_without_blocking() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn metrics_can_have_their_own_port() {
+    let repo = TempDir::new("metrics-port");
+    put_model(&repo.0, "affine", 1, &affine());
+    let s = TestServer::start_with(repo, |c| ferry_server::ServeConfig {
+        metrics_port: Some(0),
+        ..c
+    })
+    .await;
+    let own = s.metrics.clone().expect("a metrics listener");
+    assert_ne!(own, s.base);
+    let page = s
+        .client
+        .get(format!("{own}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("# TYPE ferry_requests_total counter"));
+    let r = s
+        .client
+        .post(format!("{own}/v2/models/affine/infer"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "the metrics port serves nothing else");
+}

@@ -141,6 +141,7 @@ pub fn heavy(layers: usize) -> Vec<u8> {
 pub struct TestServer {
     pub base: String,
     pub grpc: String,
+    pub metrics: Option<String>,
     pub client: reqwest::Client,
     pub infer: ferry_server::infer::Infer,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -163,6 +164,7 @@ impl TestServer {
         let server = Server::start(config, Ok(engine)).await.unwrap();
         let base = format!("http://{}", server.local_addr());
         let grpc = format!("http://{}", server.grpc_addr());
+        let metrics = server.metrics_addr().map(|a| format!("http://{a}"));
         let infer = server.infer().clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(server.run(async move {
@@ -171,6 +173,7 @@ impl TestServer {
         TestServer {
             base,
             grpc,
+            metrics,
             client: reqwest::Client::new(),
             infer,
             shutdown: Some(tx),
