@@ -24,12 +24,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = 20261128
-# What mlp_batched runs with by default; run.py's --tune tries others (see RESULTS.md).
+# What mlp_batched runs with: the best of the settings `run.py --tune` tried on the 2-core machine (TUNING.md): one
+# session taking the batches leaves the other core to HTTP and JSON.
 BATCHED_CONFIG = """max_batch_size = 32
 max_queue_delay_us = 500
-preferred_batch_sizes = [16, 32]
 max_queue_size = 1024
-instances = 2
+instances = 1
 intra_op_threads = 1
 """
 UNBATCHED_CONFIG = """instances = 2
