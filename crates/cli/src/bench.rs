@@ -129,9 +129,12 @@ impl Caller {
                 header_len,
             } => {
                 let mut req = client.post(url.as_str()).body(body.clone());
-                if let Some(n) = header_len {
-                    req = req.header("inference-header-content-length", n.to_string());
-                }
+                req = match header_len {
+                    Some(n) => req
+                        .header("content-type", "application/octet-stream")
+                        .header("inference-header-content-length", n.to_string()),
+                    None => req.header("content-type", "application/json"),
+                };
                 match req.send().await {
                     Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
                     Err(_) => false,
