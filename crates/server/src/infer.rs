@@ -136,6 +136,29 @@ impl Infer {
         }
     }
 
+    /// The versions a metadata answer lists: every READY version of the model when no version was named, else the
+    /// one resolved.
+    pub fn metadata_versions(
+        &self,
+        selector: &VersionSelector,
+        loaded: &LoadedVersion,
+    ) -> Vec<String> {
+        match selector {
+            VersionSelector::Latest => self
+                .store
+                .with_model(&loaded.model, |record| {
+                    record
+                        .versions
+                        .iter()
+                        .filter(|(_, s)| s.state == VersionState::Ready)
+                        .map(|(v, _)| v.to_string())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            _ => vec![loaded.version.to_string()],
+        }
+    }
+
     /// The states of a model's versions, newest first: all of them, or only the one `selector` names (a label
     /// resolves to its version). For TF Serving's status APIs, with its error wording.
     pub fn version_states(

@@ -18,7 +18,7 @@ use super::grpc::inference::{
 };
 use crate::error::{ErrorKind, InferError};
 use crate::infer::{Infer, VersionSelector};
-use crate::repository::{parse_version, VersionState};
+use crate::repository::parse_version;
 
 /// The KServe v2 gRPC service over the shared [`Infer`] path.
 #[derive(Debug, Clone)]
@@ -165,21 +165,7 @@ impl GrpcInferenceService for KserveGrpc {
         let r = request.into_inner();
         let selector = selector(&r.version)?;
         let loaded = self.infer.resolve(&r.name, &selector)?;
-        let versions = match selector {
-            VersionSelector::Latest => self
-                .infer
-                .store
-                .model(&r.name)
-                .map(|m| {
-                    m.versions
-                        .iter()
-                        .filter(|(_, s)| s.state == VersionState::Ready)
-                        .map(|(v, _)| v.to_string())
-                        .collect()
-                })
-                .unwrap_or_default(),
-            _ => vec![loaded.version.to_string()],
-        };
+        let versions = self.infer.metadata_versions(&selector, &loaded);
         let describe = |specs: &[ferry_model::TensorSpec]| {
             specs
                 .iter()

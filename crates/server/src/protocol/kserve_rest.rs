@@ -19,7 +19,7 @@ use crate::error::{ErrorKind, InferError};
 use crate::http::AppState;
 use crate::infer::{Infer, VersionSelector};
 use crate::metrics::RequestRecord;
-use crate::repository::{parse_version, LoadedVersion, VersionState};
+use crate::repository::{parse_version, LoadedVersion};
 
 /// The header that gives the length of the JSON part of a binary request or response.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -202,20 +202,7 @@ fn metadata_inner(
 ) -> Result<Response, InferError> {
     let sel = selector(version)?;
     let loaded = infer.resolve(model, &sel)?;
-    let versions: Vec<String> = match sel {
-        VersionSelector::Latest => infer
-            .store
-            .model(model)
-            .map(|r| {
-                r.versions
-                    .iter()
-                    .filter(|(_, s)| s.state == VersionState::Ready)
-                    .map(|(v, _)| v.to_string())
-                    .collect()
-            })
-            .unwrap_or_default(),
-        _ => vec![loaded.version.to_string()],
-    };
+    let versions = infer.metadata_versions(&sel, &loaded);
     let describe = |specs: &[ferry_model::TensorSpec]| -> Vec<TensorMetadata> {
         specs
             .iter()
