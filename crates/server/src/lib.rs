@@ -12,7 +12,7 @@
 //! - [`error`]: the one error table, mapping each failure kind to its status.
 //! - [`metrics`]: the metric catalogue, registry and Prometheus exposition.
 //!
-//! This crate never runs inference on the async runtime: engines run on blocking threads.
+//! This crate never runs inference on the async runtime: engines run on each version's worker threads.
 
 pub mod batching;
 pub mod config;
