@@ -97,6 +97,9 @@ def build_repository(root):
         os.makedirs(os.path.join(root, name, "1"))
         with open(os.path.join(root, name, "1", "model.onnx"), "wb") as f:
             f.write(data)
+    # A model made elsewhere gets its drift baseline from `ferry baseline`.
+    subprocess.run([ferry_binary(), "baseline", os.path.join(root, "sk_linear", "1"),
+                    os.path.join(ROOT, "examples", "data", "diabetes.csv")], check=True, capture_output=True)
     for np_name, (kserve, elem) in DTYPES.items():
         path = os.path.join(root, f"id_{kserve.lower()}", "1")
         os.makedirs(path)
@@ -105,6 +108,10 @@ def build_repository(root):
     os.makedirs(os.path.join(root, "broken", "1"))
     with open(os.path.join(root, "broken", "1", "model.onnx"), "wb") as f:
         f.write(b"\x08\x07garbage that is not a model")
+
+
+def ferry_binary():
+    return os.environ.get("FERRY_BIN") or os.path.join(ROOT, "target", "debug", "ferry")
 
 
 @pytest.fixture(scope="session")
@@ -116,7 +123,7 @@ def repository(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server(repository, tmp_path_factory):
-    binary = os.environ.get("FERRY_BIN") or os.path.join(ROOT, "target", "debug", "ferry")
+    binary = ferry_binary()
     log_path = str(tmp_path_factory.mktemp("log") / "ferry.log")
     log = open(log_path, "w")
     proc = subprocess.Popen(

@@ -40,3 +40,17 @@ def test_shifted_feature_drifts_and_unshifted_do_not(server):
         assert features[name]["psi"] < 0.2 and not features[name]["drifted"], features
     page = requests.get(server.url + "/metrics").text
     assert 'ferry_feature_drift_psi{model="iris_drift",version="1",feature="petal_length_cm"}' in page
+
+
+def test_ferry_baseline_gives_a_model_made_elsewhere_a_drift_baseline(server):
+    """sk_linear is a scikit-learn pipeline exported with skl2onnx; `ferry baseline` wrote its ferry.json."""
+    with open(os.path.join(ROOT, "examples", "data", "diabetes.csv")) as f:
+        rows = [[float(v) for v in r[:10]] for r in list(csv.reader(f))[1:]]
+    r = requests.post(server.url + "/v2/models/sk_linear/infer",
+                      json={"inputs": [{"name": "X", "shape": [len(rows), 10], "datatype": "FP32", "data": rows}]})
+    assert r.status_code == 200, r.text
+    r = requests.get(server.url + "/v2/models/sk_linear/drift")
+    assert r.status_code == 200, r.text
+    features = r.json()["features"]
+    assert [f["name"] for f in features][:3] == ["age", "sex", "bmi"]
+    assert all(f["psi"] < 0.2 for f in features), features

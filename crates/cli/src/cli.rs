@@ -35,6 +35,9 @@ pub enum Command {
     Evaluate(crate::evaluate::EvaluateArgs),
     /// Optimize a model: search hyper-parameters, or quantize its weights to int8.
     Optimize(crate::optimize::OptimizeArgs),
+    /// Write a drift baseline (per-feature statistics of the training data) into a model's ferry.json, for models
+    /// that `ferry train` did not make.
+    Baseline(crate::baseline::BaselineArgs),
     /// Measure a KServe v2 server's throughput and latency (REST or gRPC, a concurrency sweep or a fixed rate).
     Bench(crate::bench::BenchArgs),
 }

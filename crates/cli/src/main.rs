@@ -1,6 +1,7 @@
 //! `ferry`: the single binary. Parses the command line (flags < env < config file merged in [`config`]),
 //! sets up logging, and runs the chosen subcommand.
 
+mod baseline;
 mod bench;
 mod cli;
 mod config;
@@ -38,6 +39,7 @@ fn run(command: cli::Command) -> anyhow::Result<()> {
         cli::Command::Evaluate(args) => evaluate::run(args),
         cli::Command::Optimize(args) => optimize::run(args),
         cli::Command::Bench(args) => bench::run(args),
+        cli::Command::Baseline(args) => baseline::run(args),
         cli::Command::Serve(args) => {
             telemetry::init(args.log_format, &args.log_level).context("setting up logging")?;
             let config = args

@@ -1,0 +1,74 @@
+//! `ferry baseline`: writes the drift baseline (per-feature training statistics) into a model version's
+//! `ferry.json`, for models that `ferry train` did not make.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+/// `ferry baseline` flags.
+#[derive(Debug, clap::Args)]
+pub struct BaselineArgs {
+    /// A model version directory (`<repo>/<model>/<version>`); its `ferry.json` is created or updated.
+    #[arg(value_name = "MODEL_DIR")]
+    pub model_dir: PathBuf,
+
+    /// The training data: a CSV file with a header row, the feature columns in the order of the model's input.
+    #[arg(value_name = "DATA.csv")]
+    pub data: PathBuf,
+
+    /// The target column, left out of the features (default: the last column).
+    #[arg(long, env = "FERRY_BASELINE_TARGET")]
+    pub target: Option<String>,
+
+    /// Other columns to leave out, comma-separated.
+    #[arg(long, env = "FERRY_BASELINE_DROP", value_delimiter = ',')]
+    pub drop: Vec<String>,
+}
+
+/// Runs `ferry baseline`.
+pub fn run(args: BaselineArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.model_dir.is_dir(),
+        "{} is not a model version directory",
+        args.model_dir.display()
+    );
+    let options = ferry_train::LoadOptions {
+        target: args.target,
+        drop: args.drop,
+        ..Default::default()
+    };
+    let data = ferry_train::load_csv(&args.data, &options)
+        .with_context(|| format!("reading {}", args.data.display()))?;
+    anyhow::ensure!(data.rows() > 0, "{} has no rows", args.data.display());
+    let stats: Vec<_> = data
+        .features
+        .iter()
+        .enumerate()
+        .map(|(i, name)| ferry_train::stats::feature_stats(name, data.x.column(i)))
+        .collect();
+    let path = args.model_dir.join("ferry.json");
+    let mut meta = match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str::<serde_json::Value>(&text)
+            .with_context(|| format!("parsing {}", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::json!({}),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let object = meta
+        .as_object_mut()
+        .with_context(|| format!("{} is not a JSON object", path.display()))?;
+    object.insert("features".into(), serde_json::to_value(&data.features)?);
+    object.insert("feature_stats".into(), serde_json::to_value(&stats)?);
+    object.insert("baseline_data".into(), serde_json::json!({"path": args.data.display().to_string(), "sha256": data.sha256, "rows": data.rows()}));
+    // Write beside, then rename: a server reading the directory never sees half a file.
+    let partial = args.model_dir.join(".ferry.json.partial");
+    std::fs::write(&partial, serde_json::to_string_pretty(&meta)? + "\n")
+        .with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, &path).with_context(|| format!("replacing {}", path.display()))?;
+    println!(
+        "wrote the drift baseline of {} features from {} rows to {}",
+        stats.len(),
+        data.rows(),
+        path.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,56 @@
+//! `ferry baseline` writes per-feature statistics into a model's ferry.json and keeps what was there.
+
+use std::process::Command;
+
+#[test]
+fn baseline_adds_feature_stats_and_keeps_other_keys() {
+    let dir = std::env::temp_dir().join(format!("ferry-baseline-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("ferry.json"),
+        r#"{"classes": ["a", "b"], "note": "kept"}"#,
+    )
+    .unwrap();
+    let data = dir.join("data.csv");
+    std::fs::write(&data, "x,y,label\n1,10,a\n2,20,b\n3,30,a\n4,40,b\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["baseline", dir.to_str().unwrap(), data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("ferry.json")).unwrap()).unwrap();
+    assert_eq!(meta["note"], "kept");
+    assert_eq!(meta["classes"], serde_json::json!(["a", "b"]));
+    assert_eq!(meta["features"], serde_json::json!(["x", "y"]));
+    let stats = meta["feature_stats"].as_array().unwrap();
+    assert_eq!(stats.len(), 2);
+    assert_eq!(stats[1]["name"], "y");
+    assert_eq!(stats[1]["mean"], 25.0);
+    assert_eq!(
+        stats[1]["histogram"]["counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_u64().unwrap())
+            .sum::<u64>(),
+        4
+    );
+    // A missing directory is a clear error.
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "baseline",
+            dir.join("nope").to_str().unwrap(),
+            data.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a model version directory"));
+    let _ = std::fs::remove_dir_all(dir);
+}
