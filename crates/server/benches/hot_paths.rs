@@ -151,5 +151,17 @@ fn drift(c: &mut Criterion) {
     c.bench_function("drift/report_10_features", |b| b.iter(|| d.report()));
 }
 
-criterion_group!(benches, json_decode, binary, batch, queue, drift);
+fn metrics(c: &mut Criterion) {
+    let m = ferry_server::metrics::Metrics::default();
+    c.bench_function("metrics/record_one_request", |b| {
+        b.iter(|| {
+            let mut r = m.request("rest_kserve");
+            r.model(black_box("iris"), Some(1));
+            r.body_bytes(120);
+            r.finish("success");
+        })
+    });
+}
+
+criterion_group!(benches, json_decode, binary, batch, queue, drift, metrics);
 criterion_main!(benches);
