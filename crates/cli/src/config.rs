@@ -202,43 +202,28 @@ mod tests {
         assert_eq!(s.max_request_bytes, 10);
     }
 
+    /// The error `ferry --config FILE serve` gives for a file holding `text`.
+    fn file_error(text: &str) -> String {
+        let f = file(text);
+        serve(&[
+            "ferry",
+            "--config",
+            &f.arg(),
+            "serve",
+            "--model-repository",
+            "m",
+        ])
+        .unwrap_err()
+        .to_string()
+    }
+
     #[test]
     fn bad_files_name_the_key() {
-        let f = file("[serve]\nrest_prot = 9000\n");
-        let e = serve(&[
-            "ferry",
-            "--config",
-            &f.arg(),
-            "serve",
-            "--model-repository",
-            "m",
-        ])
-        .unwrap_err()
-        .to_string();
+        let e = file_error("[serve]\nrest_prot = 9000\n");
         assert!(e.contains("unknown key `serve.rest_prot`"), "{e}");
-        let f = file("[serve]\nrest_port = \"high\"\n");
-        let e = serve(&[
-            "ferry",
-            "--config",
-            &f.arg(),
-            "serve",
-            "--model-repository",
-            "m",
-        ])
-        .unwrap_err()
-        .to_string();
+        let e = file_error("[serve]\nrest_port = \"high\"\n");
         assert!(e.contains("--rest-port"), "{e}");
-        let f = file("[serve\n");
-        let e = serve(&[
-            "ferry",
-            "--config",
-            &f.arg(),
-            "serve",
-            "--model-repository",
-            "m",
-        ])
-        .unwrap_err()
-        .to_string();
+        let e = file_error("[serve\n");
         assert!(e.starts_with("config file"), "{e}");
     }
 

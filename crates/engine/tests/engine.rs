@@ -9,16 +9,21 @@ fn engine() -> OrtEngine {
     OrtEngine::init(None).expect("ONNX Runtime must be available (run scripts/test)")
 }
 
-#[test]
-fn affine_model_matches_hand_computation() {
-    let model = GraphBuilder::new("affine")
+/// y = x · [2, -1]ᵀ + 0.5 ; x: FP32 [-1, 2].
+fn affine() -> Vec<u8> {
+    GraphBuilder::new("affine")
         .input("x", DataType::F32, Some(&[-1, 2]))
         .output("y", DataType::F32, Some(&[-1, 1]))
         .initializer(TensorProto::f32("w", &[2, 1], vec![2.0, -1.0]))
         .initializer(TensorProto::f32("b", &[1], vec![0.5]))
         .node("MatMul", &["x", "w"], &["xw"], vec![])
         .node("Add", &["xw", "b"], &["y"], vec![])
-        .to_bytes();
+        .to_bytes()
+}
+
+#[test]
+fn affine_model_matches_hand_computation() {
+    let model = affine();
     let backend = engine().load(&model, &EngineOptions::default()).unwrap();
     let sig = backend.signature();
     assert_eq!(sig.inputs[0].shape, Some(vec![-1, 2]));
@@ -127,14 +132,7 @@ mod tract {
 
     #[test]
     fn affine_matches_onnxruntime() {
-        let model = GraphBuilder::new("affine")
-            .input("x", DataType::F32, Some(&[-1, 2]))
-            .output("y", DataType::F32, Some(&[-1, 1]))
-            .initializer(TensorProto::f32("w", &[2, 1], vec![2.0, -1.0]))
-            .initializer(TensorProto::f32("b", &[1], vec![0.5]))
-            .node("MatMul", &["x", "w"], &["xw"], vec![])
-            .node("Add", &["xw", "b"], &["y"], vec![])
-            .to_bytes();
+        let model = affine();
         let tract = TractBackend::load(&model, &EngineOptions::default()).unwrap();
         let ort = engine().load(&model, &EngineOptions::default()).unwrap();
         assert_eq!(tract.signature(), ort.signature());

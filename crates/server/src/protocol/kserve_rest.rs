@@ -9,7 +9,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use ferry_model::{NamedTensor, Tensor, TensorData, ValueKind};
+use ferry_model::{NamedTensor, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -451,10 +451,6 @@ fn encode_response(
         if let Some(keys) = &out.keys {
             parameters.insert("map_keys".into(), Value::from(keys.clone()));
         }
-        let spec_kind = loaded.signature.output(&out.name).map(|s| &s.kind);
-        debug_assert!(
-            out.keys.is_none() || matches!(spec_kind, Some(ValueKind::MapSequence { .. }))
-        );
         let data = if binary_of(&out.name) {
             let before = binary.len();
             out.tensor.data.write_le_bytes(&mut binary);
