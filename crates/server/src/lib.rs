@@ -25,6 +25,8 @@ pub mod model_config;
 pub mod payload_log;
 pub mod protocol;
 pub mod repository;
+pub mod rollout;
+pub mod source;
 
 pub use config::ServeConfig;
 pub use http::{app, shutdown_signal, AppState, Server};

@@ -1,0 +1,468 @@
+//! Canary rollouts: the plan stored in the repository (`<root>/<model>/rollout.json`) and the traffic split and
+//! gates every replica applies to it.
+//!
+//! The plan is the shared truth: `ferry rollout start` (or `ferry retrain`) writes it, each server replica reads it
+//! when it polls the repository, splits the model's unversioned traffic between the stable and the candidate
+//! version by the current step's weight, and judges each step by comparing the candidate's error rate and p99 with
+//! the stable version's over that step. A replica that sees a gate fail writes `rolled_back`; one that finishes the
+//! last step writes `promoted`; the others follow the file.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// The name of the plan file in a model's directory.
+pub const PLAN_FILE: &str = "rollout.json";
+
+/// Where a rollout stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    /// Splitting traffic step by step.
+    Running,
+    /// Every step passed (or an operator promoted it): the candidate takes all unversioned traffic.
+    Promoted,
+    /// A gate failed (or an operator rolled it back): the stable version takes all unversioned traffic.
+    RolledBack,
+}
+
+impl RolloutState {
+    /// The name used in status output and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            RolloutState::Running => "running",
+            RolloutState::Promoted => "promoted",
+            RolloutState::RolledBack => "rolled_back",
+        }
+    }
+}
+
+/// One arm's figures over a step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ArmFigures {
+    /// Requests answered.
+    pub requests: u64,
+    /// Of those, server-side failures (engine errors, timeouts, unavailability).
+    pub errors: u64,
+    /// The 99th percentile latency in milliseconds (an upper bucket bound), when there were requests.
+    pub p99_ms: Option<f64>,
+}
+
+impl ArmFigures {
+    /// Errors over requests (0 without requests).
+    pub fn error_rate(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.errors as f64 / self.requests as f64
+        }
+    }
+}
+
+/// One entry of a plan's history: what happened, when, and the figures behind a gate decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutEvent {
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    /// What happened (`started`, `step_passed`, `step_extended`, `promoted`, `rolled_back`).
+    pub event: String,
+    /// The step index it concerns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<usize>,
+    /// The candidate's traffic share in percent during that step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f64>,
+    /// The candidate's figures over the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<ArmFigures>,
+    /// The stable version's figures over the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable: Option<ArmFigures>,
+    /// Why (for decisions), or who (for operator actions).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+/// A canary rollout of one model, as stored in `<root>/<model>/rollout.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutPlan {
+    /// The version being rolled out.
+    pub candidate: u64,
+    /// The version serving before the rollout.
+    pub stable: u64,
+    /// The candidate's share of unversioned traffic at each step, in percent, increasing, the last one 100.
+    pub steps: Vec<f64>,
+    /// How long each step lasts, in seconds.
+    pub step_interval_secs: f64,
+    /// A step fails when the candidate's error rate exceeds this (0.01 is 1%).
+    pub max_error_rate: f64,
+    /// A step fails when the candidate's p99 exceeds the stable version's times this.
+    pub max_p99_ratio: f64,
+    /// Requests the candidate must have answered in a step before it is judged; a step with fewer is extended.
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u64,
+    /// Where it stands.
+    pub state: RolloutState,
+    /// When it was written first (seconds since the Unix epoch).
+    pub created_at: u64,
+    /// What happened so far.
+    #[serde(default)]
+    pub history: Vec<RolloutEvent>,
+}
+
+fn default_min_requests() -> u64 {
+    20
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl RolloutPlan {
+    /// A new running plan; checks the settings.
+    pub fn new(
+        stable: u64,
+        candidate: u64,
+        steps: Vec<f64>,
+        step_interval: Duration,
+        max_error_rate: f64,
+        max_p99_ratio: f64,
+    ) -> Result<RolloutPlan, String> {
+        let mut plan = RolloutPlan {
+            candidate,
+            stable,
+            steps,
+            step_interval_secs: step_interval.as_secs_f64(),
+            max_error_rate,
+            max_p99_ratio,
+            min_requests: default_min_requests(),
+            state: RolloutState::Running,
+            created_at: now_secs(),
+            history: Vec::new(),
+        };
+        plan.validate()?;
+        plan.record("started", None, None, None, None, String::new());
+        Ok(plan)
+    }
+
+    /// Checks a plan read from a file or built from flags.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.candidate == 0 || self.stable == 0 {
+            return Err("versions are positive integers".into());
+        }
+        if self.candidate == self.stable {
+            return Err(format!(
+                "the candidate and the stable version are both {}",
+                self.stable
+            ));
+        }
+        if self.steps.is_empty() {
+            return Err("a rollout needs at least one step".into());
+        }
+        if self
+            .steps
+            .iter()
+            .any(|w| !w.is_finite() || *w <= 0.0 || *w > 100.0)
+        {
+            return Err("step weights are percentages above 0, at most 100".into());
+        }
+        if self.steps.windows(2).any(|w| w[1] <= w[0]) {
+            return Err("step weights must increase".into());
+        }
+        if self.steps.last() != Some(&100.0) {
+            return Err("the last step must be 100 (the candidate takes all traffic)".into());
+        }
+        if !(self.step_interval_secs.is_finite() && self.step_interval_secs > 0.0) {
+            return Err("the step interval must be positive".into());
+        }
+        if !(0.0..=1.0).contains(&self.max_error_rate) {
+            return Err("the maximum error rate is a fraction between 0 and 1".into());
+        }
+        if !(self.max_p99_ratio.is_finite() && self.max_p99_ratio >= 1.0) {
+            return Err("the maximum p99 ratio must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Parses and checks a plan file.
+    pub fn parse(text: &str) -> Result<RolloutPlan, String> {
+        let plan: RolloutPlan =
+            serde_json::from_str(text).map_err(|e| format!("{PLAN_FILE}: {e}"))?;
+        plan.validate().map_err(|e| format!("{PLAN_FILE}: {e}"))?;
+        Ok(plan)
+    }
+
+    /// The plan as pretty JSON (what the file holds).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a plan serializes") + "\n"
+    }
+
+    /// Appends an event to the history, now.
+    pub fn record(
+        &mut self,
+        event: &str,
+        step: Option<usize>,
+        weight: Option<f64>,
+        candidate: Option<ArmFigures>,
+        stable: Option<ArmFigures>,
+        reason: String,
+    ) {
+        self.history.push(RolloutEvent {
+            at: now_secs(),
+            event: event.to_string(),
+            step,
+            weight,
+            candidate,
+            stable,
+            reason,
+        });
+    }
+
+    /// Ends the rollout (an operator's or a gate's decision), recording why.
+    pub fn finish(&mut self, state: RolloutState, reason: String) {
+        self.state = state;
+        let event = state.name();
+        self.record(event, None, None, None, None, reason);
+    }
+
+    /// The version that takes unversioned traffic when the split is not running.
+    pub fn settled_version(&self) -> u64 {
+        match self.state {
+            RolloutState::Promoted => self.candidate,
+            RolloutState::Running | RolloutState::RolledBack => self.stable,
+        }
+    }
+
+    /// Judges one step's figures: `Ok(true)` passed, `Ok(false)` not enough candidate traffic yet,
+    /// `Err(reason)` a gate failed.
+    pub fn judge(&self, candidate: &ArmFigures, stable: &ArmFigures) -> Result<bool, String> {
+        if candidate.requests > 0 && candidate.error_rate() > self.max_error_rate {
+            // Errors count even before the minimum: a candidate failing many of its few requests is already bad.
+            if candidate.requests >= self.min_requests
+                || candidate.errors as f64 > self.max_error_rate * self.min_requests as f64
+            {
+                return Err(format!(
+                    "candidate error rate {:.2}% ({} of {}) is above the maximum {:.2}%",
+                    candidate.error_rate() * 100.0,
+                    candidate.errors,
+                    candidate.requests,
+                    self.max_error_rate * 100.0
+                ));
+            }
+        }
+        if candidate.requests < self.min_requests {
+            return Ok(false);
+        }
+        if let (Some(c), Some(s)) = (candidate.p99_ms, stable.p99_ms) {
+            if stable.requests >= self.min_requests && c > s * self.max_p99_ratio {
+                return Err(format!(
+                    "candidate p99 {c:.3} ms is above {:.2}× the stable p99 {s:.3} ms",
+                    self.max_p99_ratio
+                ));
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Upper bounds (milliseconds) of the latency buckets each arm counts; p99 is read as the bound of the bucket that
+/// holds it.
+const BUCKETS_MS: [f64; 28] = [
+    0.05,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    4.0,
+    5.0,
+    7.5,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    50.0,
+    75.0,
+    100.0,
+    200.0,
+    500.0,
+    1000.0,
+    2000.0,
+    5000.0,
+    f64::INFINITY,
+];
+
+/// One arm's live counters for the current step (lock-free, reset at each step).
+#[derive(Debug, Default)]
+pub struct ArmCounters {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    buckets: [AtomicU64; BUCKETS_MS.len()],
+}
+
+impl ArmCounters {
+    /// Counts one answered request.
+    pub fn observe(&self, latency: Duration, server_error: bool) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if server_error {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let ms = latency.as_secs_f64() * 1e3;
+        let i = BUCKETS_MS
+            .iter()
+            .position(|b| ms <= *b)
+            .unwrap_or(BUCKETS_MS.len() - 1);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The figures so far, and resets the counters for the next step.
+    pub fn take(&self) -> ArmFigures {
+        let requests = self.requests.swap(0, Ordering::Relaxed);
+        let errors = self.errors.swap(0, Ordering::Relaxed);
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.swap(0, Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        let p99_ms = (total > 0).then(|| {
+            let rank = (total as f64 * 0.99).ceil() as u64;
+            let mut seen = 0;
+            for (count, bound) in counts.iter().zip(BUCKETS_MS) {
+                seen += count;
+                if seen >= rank {
+                    // The open last bucket reports the largest finite bound.
+                    return if bound.is_finite() { bound } else { 5000.0 };
+                }
+            }
+            5000.0
+        });
+        ArmFigures {
+            requests,
+            errors,
+            p99_ms,
+        }
+    }
+}
+
+/// Whether a request with this routing key goes to the candidate at `weight` percent. The same key always lands on
+/// the same side of a given weight, and keys that went to the candidate stay there as the weight grows.
+pub fn routes_to_candidate(key: u64, weight: f64) -> bool {
+    if weight >= 100.0 {
+        return true;
+    }
+    // Spread the key over 0..10000 (splitmix64's finalizer, so sequential ids spread evenly).
+    let mut z = key.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    ((z % 10_000) as f64) < weight * 100.0
+}
+
+/// A 64-bit hash of a routing key (a request id or a routing header value), FNV-1a.
+pub fn key_hash(key: &str) -> u64 {
+    key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> RolloutPlan {
+        RolloutPlan::new(
+            1,
+            2,
+            vec![5.0, 25.0, 50.0, 100.0],
+            Duration::from_secs(60),
+            0.01,
+            1.5,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn plans_round_trip_and_bad_plans_are_refused() {
+        let p = plan();
+        assert_eq!(RolloutPlan::parse(&p.to_json()).unwrap(), p);
+        for steps in [
+            vec![],
+            vec![50.0, 25.0, 100.0],
+            vec![5.0, 50.0],
+            vec![0.0, 100.0],
+        ] {
+            let mut bad = p.clone();
+            bad.steps = steps.clone();
+            assert!(bad.validate().is_err(), "{steps:?}");
+        }
+        let mut same = p.clone();
+        same.candidate = same.stable;
+        assert!(same.validate().is_err());
+        assert!(RolloutPlan::parse("{").is_err());
+    }
+
+    #[test]
+    fn gates_pass_extend_and_fail() {
+        let p = plan();
+        let ok = |requests, errors, p99| ArmFigures {
+            requests,
+            errors,
+            p99_ms: Some(p99),
+        };
+        assert_eq!(p.judge(&ok(100, 0, 1.0), &ok(1000, 0, 1.0)), Ok(true));
+        assert_eq!(p.judge(&ok(5, 0, 1.0), &ok(100, 0, 1.0)), Ok(false));
+        assert!(p.judge(&ok(100, 5, 1.0), &ok(1000, 0, 1.0)).is_err());
+        assert!(p.judge(&ok(10, 10, 1.0), &ok(1000, 0, 1.0)).is_err());
+        assert!(p.judge(&ok(100, 0, 2.0), &ok(1000, 0, 1.0)).is_err());
+        assert_eq!(p.judge(&ok(100, 0, 1.4), &ok(1000, 0, 1.0)), Ok(true));
+        // A stable arm without enough traffic cannot fail the candidate on latency.
+        assert_eq!(p.judge(&ok(100, 0, 9.0), &ok(3, 0, 1.0)), Ok(true));
+    }
+
+    #[test]
+    fn counters_give_a_p99_and_reset() {
+        let c = ArmCounters::default();
+        for _ in 0..99 {
+            c.observe(Duration::from_micros(400), false);
+        }
+        c.observe(Duration::from_millis(40), true);
+        let f = c.take();
+        assert_eq!((f.requests, f.errors), (100, 1));
+        assert_eq!(f.p99_ms, Some(0.4));
+        c.observe(Duration::from_secs(100), false);
+        assert_eq!(c.take().p99_ms, Some(5000.0));
+        assert_eq!(c.take(), ArmFigures::default());
+    }
+
+    #[test]
+    fn routing_is_sticky_and_proportional() {
+        let share = |w| {
+            (0..100_000u64)
+                .filter(|k| routes_to_candidate(*k, w))
+                .count() as f64
+                / 1000.0
+        };
+        for w in [5.0, 25.0, 50.0] {
+            assert!((share(w) - w).abs() < 1.0, "{w}: {}", share(w));
+        }
+        assert_eq!(share(100.0), 100.0);
+        for k in 0..1000u64 {
+            if routes_to_candidate(k, 5.0) {
+                assert!(routes_to_candidate(k, 25.0));
+            }
+        }
+        assert_eq!(key_hash("abc"), key_hash("abc"));
+        assert_ne!(key_hash("abc"), key_hash("abd"));
+    }
+}

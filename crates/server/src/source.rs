@@ -1,0 +1,480 @@
+//! Where a model repository lives: a local directory, or an S3-compatible bucket (`s3://bucket/prefix`) whose
+//! versions are fetched into a local cache before they load.
+//!
+//! Both kinds answer the same questions: which models and versions are there and has any changed (a
+//! [`Listing`] with a fingerprint per version), what do a model's small files say (`config.toml`, `rollout.json`),
+//! where is a version on local disk, and how to write a file or publish a version (for rollouts and `ferry
+//! retrain`). Credentials and endpoints for S3 come from the standard `AWS_*` environment variables
+//! (`AWS_ENDPOINT_URL` for a server other than AWS).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::repository::{parse_version, validate_name};
+
+/// What a scan found for one model.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelListing {
+    /// The text of `config.toml`, when present (`Err` when it could not be read).
+    pub config: Option<Result<String, String>>,
+    /// The text of `rollout.json`, when present.
+    pub rollout: Option<Result<String, String>>,
+    /// Versions present (with a `model.onnx`) and a fingerprint of their files: it changes when any file does.
+    pub versions: BTreeMap<u64, String>,
+}
+
+/// What a scan found: every model by name.
+pub type Listing = BTreeMap<String, ModelListing>;
+
+/// A model repository.
+#[derive(Clone)]
+pub enum Repository {
+    /// A directory on this machine.
+    Local(PathBuf),
+    /// An S3-compatible bucket, with versions cached under a local directory.
+    S3(Arc<S3Repository>),
+}
+
+/// An S3-compatible repository.
+pub struct S3Repository {
+    url: String,
+    store: Arc<dyn object_store::ObjectStore>,
+    prefix: String,
+    cache: PathBuf,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+type ObjPath = object_store::path::Path;
+
+impl Repository {
+    /// Opens `spec`: a directory, or `s3://bucket/prefix` (cached under `cache_dir`).
+    pub fn open(spec: &str, cache_dir: &Path) -> Result<Repository, String> {
+        let Some(rest) = spec.strip_prefix("s3://") else {
+            let path = PathBuf::from(spec);
+            if !path.is_dir() {
+                return Err(format!("model repository {spec} is not a directory"));
+            }
+            return Ok(Repository::Local(path));
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(format!(
+                "{spec}: no bucket name (expected s3://bucket/prefix)"
+            ));
+        }
+        let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+        let endpoint = std::env::var("AWS_ENDPOINT_URL")
+            .or_else(|_| std::env::var("AWS_ENDPOINT"))
+            .unwrap_or_default();
+        if endpoint.starts_with("http://") {
+            builder = builder.with_allow_http(true);
+        }
+        if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
+            builder = builder.with_region("us-east-1");
+        } else if let Ok(region) = std::env::var("AWS_DEFAULT_REGION") {
+            if std::env::var("AWS_REGION").is_err() {
+                builder = builder.with_region(region);
+            }
+        }
+        let store = builder
+            .build()
+            .map_err(|e| format!("{spec}: cannot set up the S3 client: {e}"))?;
+        let cache = cache_dir.join(sanitize(bucket)).join(sanitize(prefix));
+        Ok(Repository::S3(Arc::new(S3Repository {
+            url: spec.to_string(),
+            store: Arc::new(store),
+            prefix: prefix.trim_matches('/').to_string(),
+            cache,
+        })))
+    }
+
+    /// The repository as the user named it.
+    pub fn describe(&self) -> String {
+        match self {
+            Repository::Local(p) => p.display().to_string(),
+            Repository::S3(s) => s.url.clone(),
+        }
+    }
+
+    /// Lists every model, its small files and its versions' fingerprints.
+    pub async fn scan(&self) -> Result<Listing, String> {
+        match self {
+            Repository::Local(root) => {
+                let root = root.clone();
+                tokio::task::spawn_blocking(move || scan_local(&root))
+                    .await
+                    .map_err(|e| format!("scanning the repository failed: {e}"))?
+            }
+            Repository::S3(s3) => s3.scan().await,
+        }
+    }
+
+    /// The version's directory on local disk (fetched into the cache first for S3), ready to load.
+    pub async fn fetch_version(&self, model: &str, version: u64) -> Result<PathBuf, String> {
+        validate_name(model)?;
+        match self {
+            Repository::Local(root) => Ok(root.join(model).join(version.to_string())),
+            Repository::S3(s3) => s3.fetch_version(model, version).await,
+        }
+    }
+
+    /// Reads a file of a model (`config.toml`, `rollout.json`); `None` when it does not exist.
+    pub async fn read_file(&self, model: &str, name: &str) -> Result<Option<Vec<u8>>, String> {
+        validate_name(model)?;
+        validate_name(name)?;
+        match self {
+            Repository::Local(root) => match std::fs::read(root.join(model).join(name)) {
+                Ok(b) => Ok(Some(b)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(format!("cannot read {model}/{name}: {e}")),
+            },
+            Repository::S3(s3) => s3.get(&s3.key(&[model, name])).await,
+        }
+    }
+
+    /// Writes a file of a model, replacing it atomically.
+    pub async fn write_file(&self, model: &str, name: &str, bytes: Vec<u8>) -> Result<(), String> {
+        validate_name(model)?;
+        validate_name(name)?;
+        match self {
+            Repository::Local(root) => {
+                let dir = root.join(model);
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                write_atomic(&dir.join(name), &bytes)
+            }
+            Repository::S3(s3) => s3.put(&s3.key(&[model, name]), bytes).await,
+        }
+    }
+
+    /// The versions present for a model (with a `model.onnx`), ascending.
+    pub async fn versions(&self, model: &str) -> Result<Vec<u64>, String> {
+        validate_name(model)?;
+        let listing = self.scan().await?;
+        Ok(listing
+            .get(model)
+            .map(|m| m.versions.keys().copied().collect())
+            .unwrap_or_default())
+    }
+
+    /// Publishes a new version: writes its files (`model.onnx` last, so a scan never sees a half-written version).
+    /// Fails when the version exists.
+    pub async fn publish_version(
+        &self,
+        model: &str,
+        version: u64,
+        files: Vec<(String, Vec<u8>)>,
+    ) -> Result<(), String> {
+        validate_name(model)?;
+        if self.versions(model).await?.contains(&version) {
+            return Err(format!("version {version} of {model} already exists"));
+        }
+        let mut files = files;
+        files.sort_by_key(|(name, _)| name == "model.onnx");
+        for (name, _) in &files {
+            for part in name.split('/') {
+                validate_name(part)?;
+            }
+        }
+        match self {
+            Repository::Local(root) => {
+                let dir = root.join(model).join(version.to_string());
+                for (name, bytes) in files {
+                    let path = dir.join(&name);
+                    if let Some(parent) = path.parent() {
+                        std::fs::create_dir_all(parent)
+                            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+                    }
+                    write_atomic(&path, &bytes)?;
+                }
+                Ok(())
+            }
+            Repository::S3(s3) => {
+                let v = version.to_string();
+                for (name, bytes) in files {
+                    s3.put(&s3.key(&[model, &v, &name]), bytes).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn sanitize(text: &str) -> String {
+    let s: String = text
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if s.is_empty() {
+        "_".into()
+    } else {
+        s
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+fn read_small(path: &Path) -> Option<Result<String, String>> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Some(Ok(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => Some(Err(format!("cannot read {}: {e}", path.display()))),
+    }
+}
+
+fn scan_local(root: &Path) -> Result<Listing, String> {
+    let entries = std::fs::read_dir(root)
+        .map_err(|e| format!("cannot read model repository {}: {e}", root.display()))?;
+    let mut listing = Listing::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || !entry.path().is_dir() {
+            continue;
+        }
+        if let Err(reason) = validate_name(&name) {
+            tracing::warn!(path = %entry.path().display(), %reason, "skipping directory in the model repository");
+            continue;
+        }
+        let dir = entry.path();
+        let mut model = ModelListing {
+            config: read_small(&dir.join("config.toml")),
+            rollout: read_small(&dir.join(crate::rollout::PLAN_FILE)),
+            versions: BTreeMap::new(),
+        };
+        for v in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let Some(version) = parse_version(&v.file_name().to_string_lossy()) else {
+                continue;
+            };
+            if v.path().is_dir() {
+                model.versions.insert(version, fingerprint_local(&v.path()));
+            }
+        }
+        listing.insert(name, model);
+    }
+    Ok(listing)
+}
+
+/// Names, sizes and modification times of a version's files (and its `warmup/` files).
+fn fingerprint_local(dir: &Path) -> String {
+    let mut parts = Vec::new();
+    for sub in [dir.to_path_buf(), dir.join("warmup")] {
+        let Ok(entries) = std::fs::read_dir(&sub) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(meta) = e.metadata() else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            let mtime = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            parts.push(format!(
+                "{}:{}:{mtime}",
+                e.path().strip_prefix(dir).unwrap_or(&e.path()).display(),
+                meta.len()
+            ));
+        }
+    }
+    parts.sort();
+    parts.join("|")
+}
+
+impl S3Repository {
+    fn key(&self, parts: &[&str]) -> ObjPath {
+        let mut key = self.prefix.clone();
+        for p in parts {
+            if !key.is_empty() {
+                key.push('/');
+            }
+            key.push_str(p);
+        }
+        ObjPath::from(key)
+    }
+
+    async fn get(&self, key: &ObjPath) -> Result<Option<Vec<u8>>, String> {
+        match self.store.get(key).await {
+            Ok(r) => r
+                .bytes()
+                .await
+                .map(|b| Some(b.to_vec()))
+                .map_err(|e| format!("{}: cannot read {key}: {e}", self.url)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(format!("{}: cannot read {key}: {e}", self.url)),
+        }
+    }
+
+    async fn put(&self, key: &ObjPath, bytes: Vec<u8>) -> Result<(), String> {
+        self.store
+            .put(key, bytes.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{}: cannot write {key}: {e}", self.url))
+    }
+
+    /// Every object under the prefix, as (path relative to the prefix, size, etag).
+    async fn list_all(&self) -> Result<Vec<(String, u64, String)>, String> {
+        use futures_util::TryStreamExt;
+        let prefix = (!self.prefix.is_empty()).then(|| ObjPath::from(self.prefix.as_str()));
+        let objects: Vec<object_store::ObjectMeta> = self
+            .store
+            .list(prefix.as_ref())
+            .try_collect()
+            .await
+            .map_err(|e| format!("{}: cannot list: {e}", self.url))?;
+        let strip = if self.prefix.is_empty() {
+            0
+        } else {
+            self.prefix.len() + 1
+        };
+        Ok(objects
+            .into_iter()
+            .filter_map(|o| {
+                let key = o.location.as_ref();
+                (key.len() > strip).then(|| {
+                    (
+                        key[strip..].to_string(),
+                        o.size,
+                        o.e_tag.unwrap_or_else(|| {
+                            o.last_modified
+                                .timestamp_nanos_opt()
+                                .unwrap_or(0)
+                                .to_string()
+                        }),
+                    )
+                })
+            })
+            .collect())
+    }
+
+    async fn scan(&self) -> Result<Listing, String> {
+        let mut listing = Listing::new();
+        let mut files: BTreeMap<(String, u64), Vec<String>> = BTreeMap::new();
+        let mut has_model: BTreeMap<(String, u64), bool> = BTreeMap::new();
+        let mut small: Vec<(String, String)> = Vec::new();
+        for (rel, size, etag) in self.list_all().await? {
+            let parts: Vec<&str> = rel.split('/').collect();
+            let Some(model) = parts.first().filter(|m| validate_name(m).is_ok()) else {
+                continue;
+            };
+            match parts.as_slice() {
+                [_, file] if *file == "config.toml" || *file == crate::rollout::PLAN_FILE => {
+                    listing.entry(model.to_string()).or_default();
+                    small.push((model.to_string(), file.to_string()));
+                }
+                [_, v, rest @ ..] if !rest.is_empty() => {
+                    let Some(version) = parse_version(v) else {
+                        continue;
+                    };
+                    listing.entry(model.to_string()).or_default();
+                    let key = (model.to_string(), version);
+                    if rest == ["model.onnx"] {
+                        has_model.insert(key.clone(), true);
+                    }
+                    files
+                        .entry(key)
+                        .or_default()
+                        .push(format!("{}:{size}:{etag}", rest.join("/")));
+                }
+                _ => {}
+            }
+        }
+        for ((model, version), mut parts) in files {
+            if !has_model.contains_key(&(model.clone(), version)) {
+                continue;
+            }
+            parts.sort();
+            listing
+                .entry(model)
+                .or_default()
+                .versions
+                .insert(version, parts.join("|"));
+        }
+        for (model, file) in small {
+            let text = self
+                .get(&self.key(&[&model, &file]))
+                .await
+                .map(|b| b.map(|b| String::from_utf8_lossy(&b).into_owned()));
+            let entry = listing.entry(model).or_default();
+            let value = match text {
+                Ok(Some(t)) => Some(Ok(t)),
+                Ok(None) => None,
+                Err(e) => Some(Err(e)),
+            };
+            if file == "config.toml" {
+                entry.config = value;
+            } else {
+                entry.rollout = value;
+            }
+        }
+        Ok(listing)
+    }
+
+    /// Downloads a version's files into a fresh cache directory (never over a directory a loaded version came from).
+    async fn fetch_version(&self, model: &str, version: u64) -> Result<PathBuf, String> {
+        use futures_util::TryStreamExt;
+        let v = version.to_string();
+        let prefix = self.key(&[model, &v]);
+        let objects: Vec<object_store::ObjectMeta> = self
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| format!("{}: cannot list {prefix}: {e}", self.url))?;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let dir = self.cache.join(model).join(format!("{v}.{stamp}"));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create the cache {}: {e}", dir.display()))?;
+        let strip = prefix.as_ref().len() + 1;
+        for o in objects {
+            let rel = &o.location.as_ref()[strip.min(o.location.as_ref().len())..];
+            let parts: Vec<&str> = rel.split('/').collect();
+            if parts.is_empty() || parts.iter().any(|p| validate_name(p).is_err()) {
+                tracing::warn!(object = %o.location, "skipping an object whose name cannot be a file name");
+                continue;
+            }
+            let bytes = self
+                .get(&o.location)
+                .await?
+                .ok_or_else(|| format!("{}: {} vanished while fetching", self.url, o.location))?;
+            let path = parts.iter().fold(dir.clone(), |p, part| p.join(part));
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+            }
+            std::fs::write(&path, bytes)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        }
+        // Earlier fetches of this version are no longer needed once this one exists (a loaded session keeps its
+        // own copy of the model in memory).
+        if let Ok(entries) = std::fs::read_dir(self.cache.join(model)) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&format!("{v}.")) && e.path() != dir {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        Ok(dir)
+    }
+}
