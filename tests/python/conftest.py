@@ -121,43 +121,61 @@ def repository(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="session")
-def server(repository, tmp_path_factory):
-    binary = ferry_binary()
-    log_path = str(tmp_path_factory.mktemp("log") / "ferry.log")
+class Ferry:
+    """A running `ferry serve` on free ports: url, host, grpc, admin (management API url), process, log."""
+
+    def __init__(self, proc, log_path, url, grpc, admin, log_file):
+        self.process = proc
+        self.log = log_path
+        self.url = url
+        self.host = url[len("http://"):]
+        self.grpc = grpc
+        self.admin = admin
+        self._log_file = log_file
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self._log_file.close()
+
+
+def start_ferry(repository, log_path, *extra, env=None, ready=True, timeout=60):
+    """Starts `ferry serve` on `repository` with free ports (REST, gRPC, management API) and waits until it is
+    ready (or, with ready=False, until its ports are open)."""
     log = open(log_path, "w")
     proc = subprocess.Popen(
-        [binary, "serve", "--model-repository", repository, "--host", "127.0.0.1", "--rest-port", "0", "--grpc-port", "0"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
+        [ferry_binary(), "serve", "--model-repository", repository, "--host", "127.0.0.1", "--rest-port", "0",
+         "--grpc-port", "0", "--admin-port", "0", *extra],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
     )
-    base = None
-    deadline = time.time() + 60
+    deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         text = open(log_path).read()
         m = re.search(r"REST .* listening address=127\.0\.0\.1:(\d+)", text)
         g = re.search(r"gRPC .* listening address=127\.0\.0\.1:(\d+)", text)
+        a = re.search(r"management API listening address=([\d.]+:\d+)", text)
         if m and g:
             base = f"http://127.0.0.1:{m.group(1)}"
-            grpc_host = f"127.0.0.1:{g.group(1)}"
+            admin = f"http://{a.group(1)}" if a else None
             try:
-                if requests.get(base + "/v2/health/ready", timeout=1).status_code == 200:
-                    break
+                if not ready or requests.get(base + "/v2/health/ready", timeout=1).status_code == 200:
+                    return Ferry(proc, log_path, base, f"127.0.0.1:{g.group(1)}", admin, log)
             except requests.ConnectionError:
                 pass
         time.sleep(0.05)
-    else:
-        proc.kill()
-        raise RuntimeError("ferry did not become ready:\n" + open(log_path).read())
-
-    class Server:
-        url = base
-        host = base[len("http://"):]
-        grpc = grpc_host
-        process = proc
-        log = log_path
-
-    yield Server
-    proc.terminate()
-    proc.wait(timeout=30)
+    proc.kill()
     log.close()
+    raise RuntimeError("ferry did not become ready:\n" + open(log_path).read())
+
+
+@pytest.fixture(scope="session")
+def server(repository, tmp_path_factory):
+    log_path = str(tmp_path_factory.mktemp("log") / "ferry.log")
+    # `none`: the shared repository is not changed under the session server.
+    Server = start_ferry(repository, log_path, "--model-control-mode", "none")
+    yield Server
+    Server.stop()

@@ -9,8 +9,20 @@ use ferry_engine::EngineOptions;
 /// Everything `ferry serve` needs, already validated.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    /// The model repository root (`<root>/<model>/<version>/model.onnx`).
-    pub model_repository: PathBuf,
+    /// The model repository: a directory (`<root>/<model>/<version>/model.onnx`) or `s3://bucket/prefix`.
+    pub model_repository: String,
+    /// Where versions fetched from S3 are cached.
+    pub cache_dir: PathBuf,
+    /// How the served models follow the repository.
+    pub model_control_mode: crate::reload::ControlMode,
+    /// How often `poll` mode scans the repository.
+    pub repository_poll: Duration,
+    /// Models to load at startup in `explicit` mode.
+    pub load_models: Vec<String>,
+    /// The management API's address (Triton's repository extension, labels); `None` turns it off.
+    pub admin: Option<std::net::SocketAddr>,
+    /// The token the management API requires (`Authorization: Bearer`); required when it listens beyond loopback.
+    pub admin_token: Option<String>,
     /// The address to listen on.
     pub host: IpAddr,
     /// The REST port; 0 picks a free one.
@@ -39,7 +51,13 @@ impl ServeConfig {
     /// A configuration for tests: loopback, a free port, short timeouts.
     pub fn for_tests(model_repository: PathBuf) -> ServeConfig {
         ServeConfig {
-            model_repository,
+            model_repository: model_repository.display().to_string(),
+            cache_dir: std::env::temp_dir().join("ferry-cache"),
+            model_control_mode: crate::reload::ControlMode::None,
+            repository_poll: Duration::from_secs(5),
+            load_models: Vec::new(),
+            admin: None,
+            admin_token: None,
             host: IpAddr::from([127, 0, 0, 1]),
             rest_port: 0,
             grpc_port: 0,

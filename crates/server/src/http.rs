@@ -18,7 +18,9 @@ use crate::config::ServeConfig;
 use crate::error::InferError;
 use crate::infer::{Health, Infer};
 use crate::protocol::{kserve_rest as ks, tfserving_rest as tf};
-use crate::repository::{load_repository, ModelStore};
+use crate::reload::{ControlMode, Manager};
+use crate::repository::ModelStore;
+use crate::source::Repository;
 
 /// What every handler gets.
 #[derive(Debug, Clone)]
@@ -82,6 +84,7 @@ async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) ->
         &infer.versions_for_metrics(),
         &infer.drift_for_metrics(),
         payload,
+        &infer.rollouts_for_metrics(),
     );
     (
         [(
@@ -140,8 +143,10 @@ pub struct Server {
     listener: TcpListener,
     grpc_listener: TcpListener,
     metrics_listener: Option<TcpListener>,
+    admin_listener: Option<TcpListener>,
     router: Router,
     infer: Infer,
+    manager: Arc<Manager>,
     config: ServeConfig,
 }
 
@@ -183,6 +188,20 @@ impl Server {
         let grpc_listener =
             TcpListener::bind(SocketAddr::new(config.host, config.grpc_port)).await?;
         tracing::info!(address = %grpc_listener.local_addr()?, "gRPC (KServe v2 and TF Serving) listening");
+        let admin_listener = match config.admin {
+            None => None,
+            Some(addr) => {
+                if !addr.ip().is_loopback() && config.admin_token.is_none() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("the management API would listen on {addr}, beyond loopback, without a token: set --admin-token (or FERRY_ADMIN_TOKEN), or keep --admin-host on 127.0.0.1"),
+                    ));
+                }
+                let l = TcpListener::bind(addr).await?;
+                tracing::info!(address = %l.local_addr()?, token = config.admin_token.is_some(), "management API listening");
+                Some(l)
+            }
+        };
         let metrics_listener = match config.metrics_port {
             None => None,
             Some(port) => {
@@ -191,23 +210,21 @@ impl Server {
                 Some(l)
             }
         };
-        load_repository(
-            &config.model_repository,
-            &store,
-            &onnxruntime,
-            &config.engine,
-            &metrics,
-        )
-        .await
-        .map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!(
-                    "cannot read model repository {}: {e}",
-                    config.model_repository.display()
-                ),
-            )
-        })?;
+        let repo = Repository::open(&config.model_repository, &config.cache_dir)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let manager = Arc::new(Manager::new(
+            repo,
+            store.clone(),
+            onnxruntime,
+            config.engine.clone(),
+            metrics.clone(),
+            config.model_control_mode,
+            config.shutdown_grace_period,
+        ));
+        manager
+            .startup(&config.load_models)
+            .await
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let names = store.model_names();
         tracing::info!(models = names.len(), "model repository loaded");
         health.set_loaded();
@@ -222,8 +239,10 @@ impl Server {
             listener,
             grpc_listener,
             metrics_listener,
+            admin_listener,
             router,
             infer,
+            manager,
             config,
         })
     }
@@ -249,6 +268,18 @@ impl Server {
             .and_then(|l| l.local_addr().ok())
     }
 
+    /// The address of the management API, when it is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// The repository manager.
+    pub fn manager(&self) -> &Arc<Manager> {
+        &self.manager
+    }
+
     /// The shared inference handle.
     pub fn infer(&self) -> &Infer {
         &self.infer
@@ -264,11 +295,46 @@ impl Server {
             listener,
             grpc_listener,
             metrics_listener,
+            admin_listener,
             router,
             infer,
+            manager,
             config,
         } = self;
         let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+        if config.model_control_mode == ControlMode::Poll {
+            tokio::spawn(
+                manager
+                    .clone()
+                    .run_poller(config.repository_poll, drain_rx.clone()),
+            );
+        }
+        tokio::spawn(
+            manager
+                .clone()
+                .run_rollouts(std::time::Duration::from_millis(100), drain_rx.clone()),
+        );
+        if let Some(l) = admin_listener {
+            let admin = crate::admin::router(crate::admin::AdminState {
+                manager: manager.clone(),
+                infer: infer.clone(),
+                token_sha256: config
+                    .admin_token
+                    .as_deref()
+                    .map(crate::admin::token_digest),
+            });
+            let mut admin_drain = drain_rx.clone();
+            tokio::spawn(async move {
+                let result = axum::serve(l, admin)
+                    .with_graceful_shutdown(async move {
+                        let _ = admin_drain.wait_for(|d| *d).await;
+                    })
+                    .await;
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "the management API stopped");
+                }
+            });
+        }
         let health = infer.health.clone();
         let store = infer.store.clone();
         tokio::spawn(async move {

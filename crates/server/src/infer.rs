@@ -103,6 +103,8 @@ pub struct Infer {
     /// The payload log, when on.
     pub payload: Option<Arc<crate::payload_log::PayloadLogger>>,
     timeout: Duration,
+    shadow_permits: Arc<tokio::sync::Semaphore>,
+    shadow_counter: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Infer {
@@ -119,6 +121,8 @@ impl Infer {
             metrics,
             payload: None,
             timeout,
+            shadow_permits: Arc::new(tokio::sync::Semaphore::new(crate::shadow::MAX_IN_FLIGHT)),
+            shadow_counter: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
     }
 
@@ -175,11 +179,9 @@ impl Infer {
                 let wanted = match selector {
                     VersionSelector::Latest => None,
                     VersionSelector::Specific(v) => Some(*v),
-                    VersionSelector::Label(l) => {
-                        Some(*record.config.labels.get(l).ok_or_else(|| {
-                            InferError::invalid(format!("Unrecognized servable version label: {l}"))
-                        })?)
-                    }
+                    VersionSelector::Label(l) => Some(record.label(l).ok_or_else(|| {
+                        InferError::invalid(format!("Unrecognized servable version label: {l}"))
+                    })?),
                 };
                 let states: Vec<(u64, VersionState)> = record
                     .versions
@@ -235,15 +237,42 @@ impl Infer {
         out
     }
 
+    /// Every model's canary rollout as (model, candidate, state, candidate weight), for the metrics exposition.
+    pub fn rollouts_for_metrics(&self) -> Vec<(String, u64, &'static str, f64)> {
+        let mut out = Vec::new();
+        for name in self.store.model_names() {
+            if let Some(Some(live)) = self.store.with_model(&name, |r| r.rollout.clone()) {
+                let plan = live.plan();
+                out.push((name, plan.candidate, plan.state.name(), live.weight()));
+            }
+        }
+        out
+    }
+
     /// Finds the version a request is for, or says why it cannot be served.
     pub fn resolve(
         &self,
         model: &str,
         selector: &VersionSelector,
     ) -> Result<Arc<LoadedVersion>, InferError> {
+        self.resolve_routed(model, selector, None)
+    }
+
+    /// [`Infer::resolve`] for an inference request: during a canary rollout, a request that names no version goes
+    /// to the candidate or the stable version by the rollout's weight, sticky per `route_key` (a routing header or
+    /// request id) when there is one.
+    pub fn resolve_routed(
+        &self,
+        model: &str,
+        selector: &VersionSelector,
+        route_key: Option<&str>,
+    ) -> Result<Arc<LoadedVersion>, InferError> {
         validate_name(model).map_err(InferError::invalid)?;
+        let key = route_key
+            .filter(|k| !k.is_empty())
+            .map(crate::rollout::key_hash);
         self.store
-            .with_model(model, |record| resolve_in(record, model, selector))
+            .with_model(model, |record| resolve_in(record, model, selector, key))
             .unwrap_or_else(|| Err(InferError::not_found(format!("model `{model}` not found"))))
     }
 
@@ -349,6 +378,16 @@ impl Infer {
             outputs,
             id,
         } = request;
+        // One look at the model's record: its rollout (to count this request for its arm) and shadow settings.
+        let (rollout, shadow) = self
+            .store
+            .with_model(&version.model, |r| {
+                (r.rollout.clone(), r.config.shadow.clone())
+            })
+            .unwrap_or_default();
+        let shadow = shadow
+            .filter(|s| s.version != version.version && self.shadow_sampled(s.fraction))
+            .map(|s| (s.version, inputs.clone()));
         // Only sampled requests pay for the copy the payload log needs.
         let logged = self
             .payload
@@ -363,32 +402,28 @@ impl Infer {
         if let Some(drift) = &version.drift {
             drift.observe(&inputs);
         }
-        let receiver = version.scheduler.submit(inputs, Some(deadline))?;
-        let late = || {
-            let budget = deadline.saturating_duration_since(start).as_millis();
-            InferError::new(
-                ErrorKind::DeadlineExceeded,
-                format!("inference did not finish within {budget} ms"),
-            )
-        };
-        let all = match tokio::time::timeout_at(deadline.into(), receiver).await {
-            Err(_) => return Err(late()),
-            Ok(Err(_)) => {
-                tracing::error!(model = %version.model, version = version.version, "inference task ended without an answer");
-                return Err(InferError::new(ErrorKind::Internal, "inference failed"));
+        let answer = self.run(&version, inputs, start, deadline).await;
+        if let Some(live) = &rollout {
+            if let Some(arm) = live.arm(version.version) {
+                let server_error = answer.as_ref().is_err_and(|e| {
+                    !matches!(
+                        e.kind,
+                        ErrorKind::InvalidArgument
+                            | ErrorKind::NotFound
+                            | ErrorKind::PayloadTooLarge
+                    )
+                });
+                arm.observe(start.elapsed(), server_error);
             }
-            Ok(Ok(Err(e))) if e.kind == ErrorKind::DeadlineExceeded => return Err(late()),
-            Ok(Ok(answer)) => answer.inspect_err(|e| {
-                if e.kind == ErrorKind::Internal {
-                    tracing::warn!(model = %version.model, version = version.version, error = %e, "inference failed");
-                }
-            })?,
-        };
+        }
         let crate::batching::Answered {
             outputs: all,
             queue,
             compute,
-        } = all;
+        } = answer?;
+        if let Some((target, inputs)) = shadow {
+            self.spawn_shadow(&version, target, inputs, &all);
+        }
         let outputs = match outputs {
             None => all,
             Some(names) => {
@@ -422,21 +457,136 @@ impl Infer {
     }
 }
 
+impl Infer {
+    /// Queues inputs on a version and awaits the answer under `deadline`.
+    async fn run(
+        &self,
+        version: &Arc<LoadedVersion>,
+        inputs: Vec<NamedTensor>,
+        start: Instant,
+        deadline: Instant,
+    ) -> Result<crate::batching::Answered, InferError> {
+        let receiver = version.scheduler.submit(inputs, Some(deadline))?;
+        let late = || {
+            let budget = deadline.saturating_duration_since(start).as_millis();
+            InferError::new(
+                ErrorKind::DeadlineExceeded,
+                format!("inference did not finish within {budget} ms"),
+            )
+        };
+        match tokio::time::timeout_at(deadline.into(), receiver).await {
+            Err(_) => Err(late()),
+            Ok(Err(_)) => {
+                tracing::error!(model = %version.model, version = version.version, "inference task ended without an answer");
+                Err(InferError::new(ErrorKind::Internal, "inference failed"))
+            }
+            Ok(Ok(Err(e))) if e.kind == ErrorKind::DeadlineExceeded => Err(late()),
+            Ok(Ok(answer)) => answer.inspect_err(|e| {
+                if e.kind == ErrorKind::Internal {
+                    tracing::warn!(model = %version.model, version = version.version, error = %e, "inference failed");
+                }
+            }),
+        }
+    }
+
+    /// Whether this request is one of the `fraction` copied to the shadow version (evenly spread, deterministic).
+    fn shadow_sampled(&self, fraction: f64) -> bool {
+        if fraction >= 1.0 {
+            return true;
+        }
+        if fraction <= 0.0 {
+            return false;
+        }
+        let n = self.shadow_counter.fetch_add(1, Ordering::Relaxed);
+        ((n + 1) as f64 * fraction).floor() > (n as f64 * fraction).floor()
+    }
+
+    /// Runs a copy of a request on the shadow version after the live answer, off the client's path.
+    fn spawn_shadow(
+        &self,
+        live: &Arc<LoadedVersion>,
+        target: u64,
+        inputs: Vec<NamedTensor>,
+        answer: &[NamedTensor],
+    ) {
+        let model = live.model.clone();
+        let Ok(shadow) = self.resolve(&model, &VersionSelector::Specific(target)) else {
+            self.metrics.shadow_request(&model, target, "dropped");
+            return;
+        };
+        if shadow.signature.inputs != live.signature.inputs {
+            self.metrics.shadow_request(&model, target, "failed");
+            return;
+        }
+        let Ok(permit) = self.shadow_permits.clone().try_acquire_owned() else {
+            self.metrics.shadow_request(&model, target, "dropped");
+            return;
+        };
+        let expected = answer.to_vec();
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let start = Instant::now();
+            let deadline = start + me.timeout.min(Duration::from_secs(60));
+            match me.run(&shadow, inputs, start, deadline).await {
+                Ok(answered) => {
+                    for (output, agreement) in crate::shadow::compare(&expected, &answered.outputs)
+                    {
+                        me.metrics
+                            .shadow_compared(&model, target, &output, &agreement);
+                    }
+                    me.metrics.shadow_request(&model, target, "compared");
+                }
+                Err(e) if e.kind == ErrorKind::Overloaded => {
+                    me.metrics.shadow_request(&model, target, "dropped")
+                }
+                Err(_) => me.metrics.shadow_request(&model, target, "failed"),
+            }
+        });
+    }
+}
+
 /// Finds the version `selector` names in one model's record (the body of [`Infer::resolve`], run under the store's
 /// read lock).
 fn resolve_in(
     record: &crate::repository::ModelRecord,
     model: &str,
     selector: &VersionSelector,
+    key: Option<u64>,
 ) -> Result<Arc<LoadedVersion>, InferError> {
+    let ready = |v: u64| {
+        record
+            .versions
+            .get(&v)
+            .filter(|s| s.state == VersionState::Ready)
+            .and_then(|s| s.loaded.clone())
+    };
     let version = match selector {
         VersionSelector::Latest => {
-            if let Some(loaded) = record
-                .versions
-                .values()
-                .rev()
-                .find_map(|s| s.loaded.clone().filter(|_| s.state == VersionState::Ready))
-            {
+            let mut excluded = None;
+            if let Some(live) = &record.rollout {
+                use crate::rollout::RolloutState;
+                let (candidate, stable, state, to_candidate) = live.choose(key);
+                match state {
+                    RolloutState::Running => {
+                        let first = if to_candidate { candidate } else { stable };
+                        if let Some(l) = ready(first).or_else(|| ready(stable)) {
+                            return Ok(l);
+                        }
+                    }
+                    RolloutState::Promoted => {
+                        if let Some(l) = ready(candidate) {
+                            return Ok(l);
+                        }
+                    }
+                    RolloutState::RolledBack => excluded = Some(candidate),
+                }
+            }
+            if let Some(loaded) = record.versions.iter().rev().find_map(|(v, s)| {
+                s.loaded
+                    .clone()
+                    .filter(|_| s.state == VersionState::Ready && Some(*v) != excluded)
+            }) {
                 return Ok(loaded);
             }
             let reasons: Vec<String> = record
@@ -458,7 +608,7 @@ fn resolve_in(
             }));
         }
         VersionSelector::Specific(v) => *v,
-        VersionSelector::Label(label) => *record.config.labels.get(label).ok_or_else(|| {
+        VersionSelector::Label(label) => record.label(label).ok_or_else(|| {
             // TF Serving answers an unknown label as INVALID_ARGUMENT; so does Ferry, on every route.
             InferError::invalid(format!("model `{model}` has no version label `{label}`"))
         })?,

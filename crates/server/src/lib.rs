@@ -14,6 +14,7 @@
 //!
 //! This crate never runs inference on the async runtime: engines run on each version's worker threads.
 
+pub mod admin;
 pub mod batching;
 pub mod config;
 pub mod drift;
@@ -24,9 +25,12 @@ pub mod metrics;
 pub mod model_config;
 pub mod payload_log;
 pub mod protocol;
+pub mod reload;
 pub mod repository;
 pub mod rollout;
+pub mod shadow;
 pub mod source;
+pub mod warmup;
 
 pub use config::ServeConfig;
 pub use http::{app, shutdown_signal, AppState, Server};

@@ -136,6 +136,48 @@ pub const PAYLOAD_RECORDS: MetricDef = def(
     "Sampled payload records handed to the log writer (queued) or dropped because it fell behind",
     &["outcome"],
 );
+/// Canary rollout decisions.
+pub const ROLLOUT_DECISIONS: MetricDef = def(
+    "ferry_rollout_decisions_total",
+    "counter",
+    "Canary rollout decisions taken by this replica (step_passed, promoted, rolled_back)",
+    &["model", "decision"],
+);
+/// Canary rollout state.
+pub const ROLLOUT_STATE: MetricDef = def(
+    "ferry_rollout_state",
+    "gauge",
+    "1 for the current state of each model's canary rollout (running, promoted, rolled_back), by candidate version",
+    &["model", "version", "state"],
+);
+/// Canary traffic share.
+pub const ROLLOUT_WEIGHT: MetricDef = def(
+    "ferry_rollout_candidate_weight_percent",
+    "gauge",
+    "The candidate version's share of the model's unversioned traffic, in percent",
+    &["model", "version"],
+);
+/// Shadow requests.
+pub const SHADOW_REQUESTS: MetricDef = def(
+    "ferry_shadow_requests_total",
+    "counter",
+    "Copies of live requests sent to a shadow version, by outcome (compared, failed, dropped)",
+    &["model", "version", "outcome"],
+);
+/// Shadow agreement.
+pub const SHADOW_AGREEMENT: MetricDef = def(
+    "ferry_shadow_agreement_ratio",
+    "gauge",
+    "Share of a non-float output's elements on which the shadow version agreed with the live answer",
+    &["model", "version", "output"],
+);
+/// Shadow difference.
+pub const SHADOW_DIFFERENCE: MetricDef = def(
+    "ferry_shadow_mean_absolute_difference",
+    "gauge",
+    "Mean absolute difference between a float output of the shadow version and the live answer",
+    &["model", "version", "output"],
+);
 /// Process CPU time.
 pub const CPU: MetricDef = def(
     "process_cpu_seconds_total",
@@ -187,6 +229,12 @@ pub const ALL: &[MetricDef] = &[
     MODEL_STATE,
     LOAD_DURATION,
     LOAD_FAILURES,
+    ROLLOUT_DECISIONS,
+    ROLLOUT_STATE,
+    ROLLOUT_WEIGHT,
+    SHADOW_REQUESTS,
+    SHADOW_AGREEMENT,
+    SHADOW_DIFFERENCE,
     CPU,
     RSS,
     FDS,
@@ -275,6 +323,9 @@ pub struct Metrics {
     request_bytes: Family<u64>,
     load_duration: Family<Histogram>,
     load_failures: Family<u64>,
+    rollout_decisions: Family<u64>,
+    shadow_requests: Family<u64>,
+    shadow_compared: Mutex<BTreeMap<Vec<String>, crate::shadow::Agreement>>,
     in_flight: AtomicI64,
     started: SystemTime,
 }
@@ -290,6 +341,9 @@ impl Default for Metrics {
             request_bytes: Family::default(),
             load_duration: Family::default(),
             load_failures: Family::default(),
+            rollout_decisions: Family::default(),
+            shadow_requests: Family::default(),
+            shadow_compared: Mutex::new(BTreeMap::new()),
             in_flight: AtomicI64::new(0),
             started: SystemTime::now(),
         }
@@ -402,6 +456,40 @@ impl Metrics {
         }
     }
 
+    /// Counts a canary rollout decision.
+    pub fn rollout_decision(&self, model: &str, decision: &str) {
+        self.rollout_decisions
+            .add(vec![model.to_string(), decision.to_string()], 1);
+    }
+
+    /// Counts a shadow copy's outcome (`compared`, `failed`, `dropped`).
+    pub fn shadow_request(&self, model: &str, version: u64, outcome: &str) {
+        self.shadow_requests.add(
+            vec![model.to_string(), version.to_string(), outcome.to_string()],
+            1,
+        );
+    }
+
+    /// Adds a shadow comparison of one output.
+    pub fn shadow_compared(
+        &self,
+        model: &str,
+        version: u64,
+        output: &str,
+        agreement: &crate::shadow::Agreement,
+    ) {
+        self.shadow_compared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(vec![
+                model.to_string(),
+                version.to_string(),
+                output.to_string(),
+            ])
+            .or_default()
+            .add(agreement);
+    }
+
     /// The Prometheus text exposition (format 0.0.4). `versions` lists (model, version, state, queue depth) at the
     /// moment of the scrape.
     pub fn render(
@@ -409,6 +497,7 @@ impl Metrics {
         versions: &[(String, u64, &'static str, Option<usize>)],
         drift: &[(String, u64, Vec<crate::drift::FeatureDrift>)],
         payload: Option<(u64, u64)>,
+        rollouts: &[(String, u64, &'static str, f64)],
     ) -> String {
         let mut out = String::with_capacity(8192);
         let header = |out: &mut String, d: &MetricDef| {
@@ -539,6 +628,50 @@ impl Metrics {
                         label_text(d.labels, &labels, None),
                         value(f)
                     );
+                }
+            }
+        }
+        counters(&mut out, &ROLLOUT_DECISIONS, &self.rollout_decisions);
+        header(&mut out, &ROLLOUT_STATE);
+        for (model, version, state, _) in rollouts {
+            let labels = [model.clone(), version.to_string(), (*state).to_string()];
+            let _ = writeln!(
+                out,
+                "{}{} 1",
+                ROLLOUT_STATE.name,
+                label_text(ROLLOUT_STATE.labels, &labels, None)
+            );
+        }
+        header(&mut out, &ROLLOUT_WEIGHT);
+        for (model, version, _, weight) in rollouts {
+            let labels = [model.clone(), version.to_string()];
+            let _ = writeln!(
+                out,
+                "{}{} {weight}",
+                ROLLOUT_WEIGHT.name,
+                label_text(ROLLOUT_WEIGHT.labels, &labels, None)
+            );
+        }
+        counters(&mut out, &SHADOW_REQUESTS, &self.shadow_requests);
+        {
+            let compared = self
+                .shadow_compared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for (d, pick) in [
+                (
+                    &SHADOW_AGREEMENT,
+                    (|a: &crate::shadow::Agreement| a.agreement_ratio())
+                        as fn(&crate::shadow::Agreement) -> Option<f64>,
+                ),
+                (&SHADOW_DIFFERENCE, |a| a.mean_absolute_difference()),
+            ] {
+                header(&mut out, d);
+                for (labels, a) in compared.iter() {
+                    if let Some(v) = pick(a) {
+                        let _ =
+                            writeln!(out, "{}{} {v}", d.name, label_text(d.labels, labels, None));
+                    }
                 }
             }
         }
@@ -691,8 +824,14 @@ mod tests {
             &[("iris".into(), 1, "READY", Some(0))],
             &drift,
             Some((3, 1)),
+            &[("iris".into(), 2, "running", 25.0)],
         );
         assert!(text.contains("ferry_payload_log_records_total{outcome=\"dropped\"} 1"));
+        assert!(text
+            .contains("ferry_rollout_candidate_weight_percent{model=\"iris\",version=\"2\"} 25"));
+        assert!(
+            text.contains("ferry_rollout_state{model=\"iris\",version=\"2\",state=\"running\"} 1")
+        );
         assert!(text
             .contains("ferry_feature_drift_psi{model=\"iris\",version=\"1\",feature=\"f0\"} 0.5"));
         assert!(text.contains("ferry_requests_total{model=\"iris\",version=\"1\",protocol=\"rest_kserve\",outcome=\"success\"} 1"), "{text}");

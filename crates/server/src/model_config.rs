@@ -13,6 +13,9 @@
 //! max_queue_size = 1024                # more waiting requests are refused with 429
 //! drift_window = 2000                  # rows kept to compare with the training data (ferry.json)
 //! drift_sample_every = 1               # sample one request in N for drift
+//! [shadow]                           # copy live requests to another version and compare its answers
+//! version = 3
+//! fraction = 1.0                       # the share of requests copied
 //! [labels]
 //! stable = 1
 //! canary = 2
@@ -92,6 +95,40 @@ pub struct ModelConfig {
     pub drift_window: usize,
     /// Sample one request in this many for drift.
     pub drift_sample_every: u64,
+    /// Shadow traffic, when on.
+    pub shadow: Option<ShadowConfig>,
+}
+
+/// Shadow traffic: a copy of a share of live requests goes to another version, whose answers are compared with the
+/// live ones and never returned.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowConfig {
+    /// The version that receives the copies.
+    pub version: u64,
+    /// The share of requests copied, 0 to 1.
+    #[serde(default = "one")]
+    pub fraction: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl Eq for ShadowConfig {}
+
+impl ModelConfig {
+    /// Whether a version loaded under `self` must be loaded again under `other` (the engine, batching, shapes or
+    /// drift settings differ); labels, version policy and shadow settings apply without reloading.
+    pub fn needs_reload(&self, other: &ModelConfig) -> bool {
+        self.engine != other.engine
+            || self.engine_options != other.engine_options
+            || self.inputs != other.inputs
+            || self.outputs != other.outputs
+            || self.batching != other.batching
+            || self.drift_window != other.drift_window
+            || self.drift_sample_every != other.drift_sample_every
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +152,7 @@ struct RawConfig {
     max_queue_size: Option<usize>,
     drift_window: Option<usize>,
     drift_sample_every: Option<u64>,
+    shadow: Option<ShadowConfig>,
 }
 
 /// The queue limits of a model without batching settings: no batching, at most 1024 waiting requests.
@@ -154,6 +192,7 @@ impl ModelConfig {
             batching: default_limits(),
             drift_window: 2000,
             drift_sample_every: 1,
+            shadow: None,
         }
     }
 
@@ -247,7 +286,16 @@ impl ModelConfig {
         if drift_sample_every == 0 {
             return Err("drift_sample_every must be at least 1".into());
         }
+        if let Some(shadow) = &raw.shadow {
+            if shadow.version == 0 {
+                return Err("shadow.version: versions start at 1".into());
+            }
+            if !(0.0..=1.0).contains(&shadow.fraction) {
+                return Err("shadow.fraction must be between 0 and 1".into());
+            }
+        }
         Ok(ModelConfig {
+            shadow: raw.shadow,
             batching,
             drift_window,
             drift_sample_every,

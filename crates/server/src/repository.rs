@@ -8,7 +8,7 @@
 //! Its lock is held only to read or swap entries, never across loading or inference.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use ferry_engine::{Backend, EngineError, EngineOptions, OrtEngine};
@@ -50,6 +50,8 @@ pub struct ModelMeta {
     pub classes: Option<Vec<String>>,
     /// Per-feature training histograms (`feature_stats`), the baseline for drift.
     pub baseline: Option<Vec<crate::drift::FeatureBaseline>>,
+    /// The sha256 `model.onnx` must have (`model_sha256`), checked before it loads.
+    pub sha256: Option<String>,
 }
 
 /// A version that is ready: its engine backend and what it takes and gives.
@@ -95,6 +97,37 @@ pub struct ModelRecord {
     pub config: Arc<ModelConfig>,
     /// Its versions by number.
     pub versions: BTreeMap<u64, VersionSlot>,
+    /// Version labels set through the management API; they take precedence over `config.toml`'s.
+    pub api_labels: BTreeMap<String, u64>,
+    /// The canary rollout this replica applies, when `rollout.json` has one.
+    pub rollout: Option<Arc<crate::rollout::Live>>,
+}
+
+impl ModelRecord {
+    /// A record with no versions yet.
+    pub fn new(config: Arc<ModelConfig>) -> ModelRecord {
+        ModelRecord {
+            config,
+            versions: BTreeMap::new(),
+            api_labels: BTreeMap::new(),
+            rollout: None,
+        }
+    }
+
+    /// The version a label points at (management API labels first, then `config.toml`'s).
+    pub fn label(&self, label: &str) -> Option<u64> {
+        self.api_labels
+            .get(label)
+            .or_else(|| self.config.labels.get(label))
+            .copied()
+    }
+
+    /// Every label and its version.
+    pub fn labels(&self) -> BTreeMap<String, u64> {
+        let mut all = self.config.labels.clone();
+        all.extend(self.api_labels.iter().map(|(k, v)| (k.clone(), *v)));
+        all
+    }
 }
 
 /// The table of models and their versions, shared by every front door.
@@ -140,14 +173,33 @@ impl ModelStore {
             .collect()
     }
 
-    fn insert_model(&self, name: &str, record: ModelRecord) {
+    /// Changes one model's record under the write lock.
+    pub fn update<R>(&self, name: &str, f: impl FnOnce(&mut ModelRecord) -> R) -> Option<R> {
         self.models
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string(), record);
+            .get_mut(name)
+            .map(f)
     }
 
-    fn set_version(&self, name: &str, version: u64, slot: VersionSlot) {
+    /// Adds a model (with no versions) unless it is there.
+    pub(crate) fn ensure_model(&self, name: &str, config: Arc<ModelConfig>) {
+        self.models
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_string())
+            .or_insert_with(|| ModelRecord::new(config));
+    }
+
+    /// Removes a model from the table.
+    pub(crate) fn remove_model(&self, name: &str) {
+        self.models
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+
+    pub(crate) fn set_version(&self, name: &str, version: u64, slot: VersionSlot) {
         match &slot.state {
             VersionState::Unavailable(reason) => {
                 tracing::warn!(model = name, version, state = slot.state.name(), %reason, "model version state changed")
@@ -204,165 +256,44 @@ pub fn parse_version(text: &str) -> Option<u64> {
     text.parse::<u64>().ok().filter(|v| *v > 0)
 }
 
-/// Loads every model of a repository, all versions in parallel, and records their states in `store`.
-///
-/// Returns an error only when the root itself cannot be read; a model that fails is recorded as UNAVAILABLE.
-pub async fn load_repository(
-    root: &Path,
-    store: &Arc<ModelStore>,
-    engine: &Result<OrtEngine, EngineError>,
-    defaults: &EngineOptions,
+/// Starts a prepared version's scheduler and drift window: from here on it can take requests.
+pub(crate) fn activate(
+    name: &str,
+    version: u64,
+    parts: Prepared,
+    config: &ModelConfig,
     metrics: &Arc<crate::metrics::Metrics>,
-) -> std::io::Result<()> {
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut entries: Vec<_> = std::fs::read_dir(root)?.collect::<Result<_, _>>()?;
-    entries.sort_by_key(|e| e.file_name());
-    for entry in entries {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') || !entry.path().is_dir() {
-            continue;
-        }
-        if let Err(reason) = validate_name(&name) {
-            tracing::warn!(path = %entry.path().display(), %reason, "skipping directory in the model repository");
-            continue;
-        }
-        let dir = entry.path();
-        let (config, config_error) = match std::fs::read_to_string(dir.join("config.toml")) {
-            Ok(text) => match ModelConfig::parse(&text, defaults) {
-                Ok(c) => (c, None),
-                Err(e) => (
-                    ModelConfig::defaults(defaults),
-                    Some(format!("config.toml: {e}")),
-                ),
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                (ModelConfig::defaults(defaults), None)
-            }
-            Err(e) => (
-                ModelConfig::defaults(defaults),
-                Some(format!("config.toml: {e}")),
-            ),
-        };
-        let present = version_dirs(&dir);
-        let selected = config
-            .version_policy
-            .select(&present.iter().map(|(v, _)| *v).collect::<Vec<_>>());
-        let config = Arc::new(config);
-        store.insert_model(
-            &name,
-            ModelRecord {
-                config: config.clone(),
-                versions: BTreeMap::new(),
-            },
-        );
-        if selected.is_empty() {
-            tracing::warn!(model = %name, "no version directory to serve (expected <model>/<version>/model.onnx)");
-        }
-        for version in selected {
-            let path = present
-                .iter()
-                .find(|(v, _)| *v == version)
-                .map(|(_, p)| p.clone())
-                .expect("selected from present");
-            if let Some(reason) = &config_error {
-                store.set_version(
-                    &name,
-                    version,
-                    VersionSlot {
-                        state: VersionState::Unavailable(reason.clone()),
-                        loaded: None,
-                    },
-                );
-                continue;
-            }
-            store.set_version(
-                &name,
-                version,
-                VersionSlot {
-                    state: VersionState::Loading,
-                    loaded: None,
-                },
-            );
-            let (store, engine, config, name, metrics) = (
-                store.clone(),
-                engine.clone(),
-                config.clone(),
-                name.clone(),
-                metrics.clone(),
-            );
-            tasks.spawn(async move {
-                let load_config = config.clone();
-                let started = std::time::Instant::now();
-                let loaded =
-                    tokio::task::spawn_blocking(move || load_version(&path, &load_config, &engine))
-                        .await
-                        .unwrap_or_else(|e| Err(format!("loading panicked: {e}")));
-                metrics.load(&name, started.elapsed(), loaded.is_ok());
-                let slot = match loaded {
-                    Ok(parts) => {
-                        let scheduler = crate::batching::Scheduler::start(
-                            parts.backend.clone(),
-                            &parts.signature,
-                            config.batching.clone(),
-                            config.engine_options.instances,
-                            (name.clone(), version),
-                            metrics.clone(),
-                        );
-                        let drift = drift_window(&parts.signature, &parts.meta, &config);
-                        let loaded = LoadedVersion {
-                            model: name.clone(),
-                            version,
-                            signature: parts.signature,
-                            meta: parts.meta,
-                            backend: parts.backend,
-                            scheduler,
-                            drift,
-                        };
-                        VersionSlot {
-                            state: VersionState::Ready,
-                            loaded: Some(Arc::new(loaded)),
-                        }
-                    }
-                    Err(reason) => VersionSlot {
-                        state: VersionState::Unavailable(reason),
-                        loaded: None,
-                    },
-                };
-                store.set_version(&name, version, slot);
-            });
-        }
+) -> LoadedVersion {
+    let scheduler = crate::batching::Scheduler::start(
+        parts.backend.clone(),
+        &parts.signature,
+        config.batching.clone(),
+        config.engine_options.instances,
+        (name.to_string(), version),
+        metrics.clone(),
+    );
+    let drift = drift_window(&parts.signature, &parts.meta, config);
+    LoadedVersion {
+        model: name.to_string(),
+        version,
+        signature: parts.signature,
+        meta: parts.meta,
+        backend: parts.backend,
+        scheduler,
+        drift,
     }
-    while let Some(joined) = tasks.join_next().await {
-        if let Err(e) = joined {
-            // A panic inside the engine while loading must not take the server down; the version stays LOADING
-            // in that case, which the log line below explains.
-            tracing::error!(error = %e, "a model load task failed");
-        }
-    }
-    Ok(())
-}
-
-/// The version directories of a model, as (version, path).
-fn version_dirs(model_dir: &Path) -> Vec<(u64, PathBuf)> {
-    let Ok(entries) = std::fs::read_dir(model_dir) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter(|e| e.path().is_dir())
-        .filter_map(|e| parse_version(&e.file_name().to_string_lossy()).map(|v| (v, e.path())))
-        .collect()
 }
 
 /// What loading a version produces before its scheduler starts.
-struct Prepared {
+pub(crate) struct Prepared {
     signature: Signature,
     meta: ModelMeta,
     backend: Arc<dyn Backend>,
 }
 
-/// Prepares one version; the error is the reason shown in its UNAVAILABLE state.
-fn load_version(
+/// Prepares one version: reads it, checks it against the sha256 in its `ferry.json`, loads it into its engine and
+/// warms it up. The error is the reason shown in its UNAVAILABLE state.
+pub(crate) fn prepare(
     dir: &Path,
     config: &ModelConfig,
     onnxruntime: &Result<OrtEngine, EngineError>,
@@ -370,6 +301,15 @@ fn load_version(
     let model_path = dir.join("model.onnx");
     let bytes = std::fs::read(&model_path)
         .map_err(|e| format!("cannot read {}: {e}", model_path.display()))?;
+    let meta = read_meta(dir)?;
+    if let Some(expected) = &meta.sha256 {
+        let actual = sha256_hex(&bytes);
+        if !actual.eq_ignore_ascii_case(expected) {
+            return Err(format!(
+                "model.onnx does not match its checksum: sha256 is {actual}, ferry.json says {expected}"
+            ));
+        }
+    }
     let options = &config.engine_options;
     let backend: Arc<dyn Backend> = match (config.engine, onnxruntime) {
         (EngineChoice::Tract, _) => tract_backend(&bytes, options)?,
@@ -416,12 +356,21 @@ fn load_version(
             spec.shape = Some(o.shape.clone());
         }
     }
-    let meta = read_meta(dir)?;
+    crate::warmup::run(dir, &signature, backend.as_ref())?;
     Ok(Prepared {
         signature,
         meta,
         backend,
     })
+}
+
+/// Hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A drift window for a version whose single input is a `[rows, features]` float matrix matching its baseline.
@@ -488,6 +437,12 @@ fn read_meta(dir: &Path) -> Result<ModelMeta, String> {
         features: strings("features")?,
         classes: strings("classes")?,
         baseline: crate::drift::FeatureBaseline::from_ferry_json(&value),
+        sha256: match value.get("model_sha256") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) if s.is_empty() => None,
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(_) => return Err("ferry.json: `model_sha256` must be a hex string".into()),
+        },
     })
 }
 

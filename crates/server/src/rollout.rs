@@ -325,6 +325,20 @@ impl ArmCounters {
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The figures so far, without resetting.
+    pub fn peek(&self) -> ArmFigures {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        figures(
+            self.requests.load(Ordering::Relaxed),
+            self.errors.load(Ordering::Relaxed),
+            &counts,
+        )
+    }
+
     /// The figures so far, and resets the counters for the next step.
     pub fn take(&self) -> ArmFigures {
         let requests = self.requests.swap(0, Ordering::Relaxed);
@@ -334,6 +348,12 @@ impl ArmCounters {
             .iter()
             .map(|b| b.swap(0, Ordering::Relaxed))
             .collect();
+        figures(requests, errors, &counts)
+    }
+}
+
+fn figures(requests: u64, errors: u64, counts: &[u64]) -> ArmFigures {
+    {
         let total: u64 = counts.iter().sum();
         let p99_ms = (total > 0).then(|| {
             let rank = (total as f64 * 0.99).ceil() as u64;
@@ -464,5 +484,189 @@ mod tests {
         }
         assert_eq!(key_hash("abc"), key_hash("abc"));
         assert_ne!(key_hash("abc"), key_hash("abd"));
+    }
+}
+
+/// A plan as one server applies it: the stored plan plus this replica's step clock and per-arm counters.
+#[derive(Debug)]
+pub struct Live {
+    plan: std::sync::Mutex<RolloutPlan>,
+    /// The candidate's counters for the current step.
+    pub candidate: ArmCounters,
+    /// The stable version's counters for the current step.
+    pub stable: ArmCounters,
+    step: std::sync::atomic::AtomicUsize,
+    step_started: std::sync::Mutex<std::time::Instant>,
+    extended: std::sync::atomic::AtomicBool,
+    next_key: AtomicU64,
+}
+
+/// What a controller tick decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Tick {
+    /// Nothing to do yet.
+    Wait,
+    /// A step passed and the next began (the plan gained an event; write it).
+    Advanced,
+    /// A step had too little candidate traffic and goes on (the plan gained an event; write it).
+    Extended,
+    /// The rollout finished (promoted or rolled back; write it).
+    Finished(RolloutState),
+}
+
+impl Live {
+    /// Starts applying `plan` at its first step.
+    pub fn new(plan: RolloutPlan) -> Live {
+        Live {
+            plan: std::sync::Mutex::new(plan),
+            candidate: ArmCounters::default(),
+            stable: ArmCounters::default(),
+            step: std::sync::atomic::AtomicUsize::new(0),
+            step_started: std::sync::Mutex::new(std::time::Instant::now()),
+            extended: std::sync::atomic::AtomicBool::new(false),
+            next_key: AtomicU64::new(0),
+        }
+    }
+
+    /// A copy of the plan as this replica knows it.
+    pub fn plan(&self) -> RolloutPlan {
+        self.plan.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether `other` (read from the repository) is the same rollout as this one (so this replica's step clock
+    /// carries on).
+    pub fn same_rollout(&self, other: &RolloutPlan) -> bool {
+        let p = self.plan.lock().unwrap_or_else(|p| p.into_inner());
+        p.candidate == other.candidate
+            && p.stable == other.stable
+            && p.created_at == other.created_at
+    }
+
+    /// Adopts the stored plan of the same rollout (its history and state: an operator may have ended it).
+    pub fn adopt(&self, stored: RolloutPlan) {
+        *self.plan.lock().unwrap_or_else(|p| p.into_inner()) = stored;
+    }
+
+    /// The current step index.
+    pub fn step(&self) -> usize {
+        self.step.load(Ordering::Relaxed)
+    }
+
+    /// The candidate's share of unversioned traffic now, in percent (0 once rolled back, 100 once promoted).
+    pub fn weight(&self) -> f64 {
+        let p = self.plan.lock().unwrap_or_else(|p| p.into_inner());
+        match p.state {
+            RolloutState::Running => p.steps.get(self.step()).copied().unwrap_or(100.0),
+            RolloutState::Promoted => 100.0,
+            RolloutState::RolledBack => 0.0,
+        }
+    }
+
+    /// Picks the arm for one request: the candidate when `key` (or, without one, a rotating counter) falls in the
+    /// current weight. Returns `(candidate, stable, state, to_candidate)`.
+    pub fn choose(&self, key: Option<u64>) -> (u64, u64, RolloutState, bool) {
+        let (candidate, stable, state, weight) = {
+            let p = self.plan.lock().unwrap_or_else(|p| p.into_inner());
+            let w = match p.state {
+                RolloutState::Running => p.steps.get(self.step()).copied().unwrap_or(100.0),
+                RolloutState::Promoted => 100.0,
+                RolloutState::RolledBack => 0.0,
+            };
+            (p.candidate, p.stable, p.state, w)
+        };
+        let key = key.unwrap_or_else(|| self.next_key.fetch_add(1, Ordering::Relaxed));
+        (candidate, stable, state, routes_to_candidate(key, weight))
+    }
+
+    /// The counters a request answered by `version` counts in, while the rollout runs.
+    pub fn arm(&self, version: u64) -> Option<&ArmCounters> {
+        let p = self.plan.lock().unwrap_or_else(|p| p.into_inner());
+        if p.state != RolloutState::Running {
+            return None;
+        }
+        if version == p.candidate {
+            Some(&self.candidate)
+        } else if version == p.stable {
+            Some(&self.stable)
+        } else {
+            None
+        }
+    }
+
+    /// Holds the step clock at its start (while the candidate or the stable version is not ready).
+    pub fn hold(&self) {
+        *self.step_started.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
+        self.candidate.take();
+        self.stable.take();
+    }
+
+    /// Judges the current step when its interval is over, advancing, extending or finishing the plan.
+    pub fn tick(&self) -> Tick {
+        let mut plan = self.plan.lock().unwrap_or_else(|p| p.into_inner());
+        if plan.state != RolloutState::Running {
+            return Tick::Wait;
+        }
+        let mut started = self.step_started.lock().unwrap_or_else(|p| p.into_inner());
+        if started.elapsed().as_secs_f64() < plan.step_interval_secs {
+            return Tick::Wait;
+        }
+        let step = self.step();
+        let weight = plan.steps.get(step).copied().unwrap_or(100.0);
+        // Figures accumulate over an extended step: only a judged step resets them.
+        let candidate = self.candidate.peek();
+        let stable = self.stable.peek();
+        match plan.judge(&candidate, &stable) {
+            Err(reason) => {
+                plan.record(
+                    "gate_failed",
+                    Some(step),
+                    Some(weight),
+                    Some(candidate),
+                    Some(stable),
+                    reason.clone(),
+                );
+                plan.finish(RolloutState::RolledBack, reason);
+                Tick::Finished(RolloutState::RolledBack)
+            }
+            Ok(false) => {
+                *started = std::time::Instant::now();
+                if self.extended.swap(true, Ordering::Relaxed) {
+                    return Tick::Wait;
+                }
+                let reason = format!(
+                    "the candidate answered {} requests, fewer than the {} a step needs",
+                    candidate.requests, plan.min_requests
+                );
+                plan.record(
+                    "step_extended",
+                    Some(step),
+                    Some(weight),
+                    Some(candidate),
+                    Some(stable),
+                    reason,
+                );
+                Tick::Extended
+            }
+            Ok(true) => {
+                self.candidate.take();
+                self.stable.take();
+                self.extended.store(false, Ordering::Relaxed);
+                plan.record(
+                    "step_passed",
+                    Some(step),
+                    Some(weight),
+                    Some(candidate),
+                    Some(stable),
+                    String::new(),
+                );
+                if step + 1 >= plan.steps.len() {
+                    plan.finish(RolloutState::Promoted, "every step passed its gates".into());
+                    return Tick::Finished(RolloutState::Promoted);
+                }
+                self.step.store(step + 1, Ordering::Relaxed);
+                *started = std::time::Instant::now();
+                Tick::Advanced
+            }
+        }
     }
 }

@@ -202,11 +202,14 @@ impl KserveGrpc {
         record: &mut crate::metrics::RequestRecord<'_>,
     ) -> Result<ModelInferResponse, InferError> {
         let deadline = grpc_deadline(request.metadata())?;
+        let key = super::grpc_route_key(request.metadata());
         let r = request.into_inner();
         self.infer.label(record, &r.model_name);
-        let loaded = self
-            .infer
-            .resolve(&r.model_name, &selector(&r.model_version)?)?;
+        let loaded = self.infer.resolve_routed(
+            &r.model_name,
+            &selector(&r.model_version)?,
+            key.as_deref().or(Some(r.id.as_str())),
+        )?;
         record.model(&loaded.model, Some(loaded.version));
         record.body_bytes(r.encoded_len());
         let raw = r.raw_input_contents;

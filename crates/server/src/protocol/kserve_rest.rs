@@ -278,7 +278,7 @@ async fn infer_inner(
         }
     }
     // Resolve first: an unknown or unready model is reported as such whatever the body holds.
-    let loaded = infer.resolve(model, &selector(version)?)?;
+    let loaded = infer.resolve_routed(model, &selector(version)?, super::route_key(headers))?;
     record.model(&loaded.model, Some(loaded.version));
     record.body_bytes(body.len());
     let (json, mut binary) = split_body(headers, &body)?;
@@ -387,6 +387,18 @@ fn flag(parameters: Option<&Map<String, Value>>, key: &str) -> Result<Option<boo
             "parameter `{key}` must be true or false, got {other}"
         ))),
     }
+}
+
+/// Decodes the inputs of a KServe v2 JSON inference request (a recorded warm-up request: JSON data only).
+pub fn decode_json_inputs(body: &[u8]) -> Result<Vec<NamedTensor>, InferError> {
+    let request: InferRequestBody = serde_json::from_slice(body)
+        .map_err(|e| InferError::invalid(format!("malformed inference request: {e}")))?;
+    let mut none: &[u8] = &[];
+    request
+        .inputs
+        .iter()
+        .map(|input| decode_input(input, &mut none))
+        .collect()
 }
 
 fn decode_input(input: &InputBody, binary: &mut &[u8]) -> Result<NamedTensor, InferError> {

@@ -44,6 +44,26 @@ pub(crate) fn finish(
 /// The header a REST client sets to give its own deadline, in milliseconds.
 pub const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
 
+/// The header that pins a client to one side of a canary split (any stable value: a user or session id).
+pub const ROUTE_HEADER: &str = "x-route-key";
+
+/// The key a canary split routes a request by: `x-route-key`, else the client's `x-request-id`.
+pub(crate) fn route_key(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(ROUTE_HEADER)
+        .or_else(|| headers.get("x-request-id"))
+        .and_then(|v| v.to_str().ok())
+}
+
+/// The same key from gRPC metadata.
+pub(crate) fn grpc_route_key(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    metadata
+        .get(ROUTE_HEADER)
+        .or_else(|| metadata.get("x-request-id"))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
 /// The client's deadline from the `x-request-timeout-ms` header, if it sent one.
 pub(crate) fn client_deadline(headers: &HeaderMap) -> Result<Option<Instant>, InferError> {
     let Some(value) = headers.get(TIMEOUT_HEADER) else {

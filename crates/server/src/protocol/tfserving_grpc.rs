@@ -243,10 +243,13 @@ impl TfServingGrpc {
         record: &mut crate::metrics::RequestRecord<'_>,
     ) -> Result<PredictResponse, InferError> {
         let deadline = grpc_deadline(request.metadata())?;
+        let key = super::grpc_route_key(request.metadata());
         let r = request.into_inner();
         let (model, selector, _) = spec_of(r.model_spec.clone())?;
         self.infer.label(record, &model);
-        let loaded = self.infer.resolve(&model, &selector)?;
+        let loaded = self
+            .infer
+            .resolve_routed(&model, &selector, key.as_deref())?;
         record.model(&loaded.model, Some(loaded.version));
         record.body_bytes(r.encoded_len());
         let mut inputs = Vec::with_capacity(r.inputs.len());

@@ -97,7 +97,9 @@ pub async fn post(
         let deadline = client_deadline(&headers)?;
         let body = body.map_err(body_error)?;
         // Resolve first: an unknown or unready model is reported as such whatever the body holds.
-        let loaded = state.infer.resolve(&model, &selector)?;
+        let loaded = state
+            .infer
+            .resolve_routed(&model, &selector, super::route_key(&headers))?;
         record.model(&loaded.model, Some(loaded.version));
         record.body_bytes(body.len());
         let request: Value = serde_json::from_slice(&body)

@@ -1,0 +1,756 @@
+//! Keeping the served models in step with the repository: the startup load, polling (`--model-control-mode poll`),
+//! explicit loads and unloads (the management API), and the canary controller.
+//!
+//! One rule makes updates safe: a version is prepared aside (fetched, checked against its sha256, loaded, warmed
+//! up) while the versions already serving keep serving; only a version that is ready replaces anything, in one
+//! swap under the table's lock. A version that fails never takes traffic; under a `latest` policy the policy is
+//! applied to the versions that loaded, so a broken new version leaves the current one serving. A version taken
+//! out of service is marked UNLOADING and removed once its in-flight requests have finished.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_engine::{EngineError, EngineOptions, OrtEngine};
+
+use crate::model_config::ModelConfig;
+use crate::repository::{LoadedVersion, ModelStore, VersionSlot, VersionState};
+use crate::rollout::{Live, RolloutPlan, RolloutState, Tick, PLAN_FILE};
+use crate::source::{Listing, ModelListing, Repository};
+
+/// How the served models follow the repository (Triton's `--model-control-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlMode {
+    /// Load everything at startup; never look again.
+    None,
+    /// Load everything at startup and apply changes found by polling.
+    Poll,
+    /// Load only what the management API (or `--load-model`) asks for.
+    Explicit,
+}
+
+impl ControlMode {
+    /// The lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ControlMode::None => "none",
+            ControlMode::Poll => "poll",
+            ControlMode::Explicit => "explicit",
+        }
+    }
+}
+
+/// One row of the repository index (Triton's `POST /v2/repository/index`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct IndexEntry {
+    /// The model name.
+    pub name: String,
+    /// The version, when the model has one in the table.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub version: String,
+    /// Its state (`READY`, `LOADING`, `UNAVAILABLE`, `UNLOADING`).
+    pub state: String,
+    /// Why it is not ready.
+    pub reason: String,
+}
+
+/// What the manager remembers of a model between scans.
+#[derive(Debug, Default, Clone)]
+struct Known {
+    config_text: Option<Option<Result<String, String>>>,
+    config: Option<Arc<ModelConfig>>,
+    config_error: Option<String>,
+    rollout_text: Option<Option<Result<String, String>>>,
+    /// Fingerprints of the versions serving.
+    loaded: BTreeMap<u64, String>,
+    /// Fingerprints of versions that failed (not retried until their files change).
+    failed: BTreeMap<u64, String>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    known: BTreeMap<String, Known>,
+    /// Models loaded on request (explicit mode).
+    explicit: BTreeSet<String>,
+}
+
+/// Applies the repository to the model table.
+pub struct Manager {
+    repo: Repository,
+    store: Arc<ModelStore>,
+    engine: Result<OrtEngine, EngineError>,
+    defaults: EngineOptions,
+    metrics: Arc<crate::metrics::Metrics>,
+    mode: ControlMode,
+    drain_timeout: Duration,
+    state: tokio::sync::Mutex<State>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("repo", &self.repo)
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+/// Why a management call failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ManageError {
+    /// The repository has no such model.
+    NotFound(String),
+    /// The call is not allowed in this mode, or the model failed.
+    Refused(String),
+}
+
+impl Manager {
+    /// A manager over `repo` feeding `store`.
+    pub fn new(
+        repo: Repository,
+        store: Arc<ModelStore>,
+        engine: Result<OrtEngine, EngineError>,
+        defaults: EngineOptions,
+        metrics: Arc<crate::metrics::Metrics>,
+        mode: ControlMode,
+        drain_timeout: Duration,
+    ) -> Manager {
+        Manager {
+            repo,
+            store,
+            engine,
+            defaults,
+            metrics,
+            mode,
+            drain_timeout,
+            state: tokio::sync::Mutex::new(State::default()),
+        }
+    }
+
+    /// The repository.
+    pub fn repository(&self) -> &Repository {
+        &self.repo
+    }
+
+    /// The control mode.
+    pub fn mode(&self) -> ControlMode {
+        self.mode
+    }
+
+    /// The startup load: every model (modes `none` and `poll`) or the models named in `initial` (`explicit`).
+    /// Fails only when the repository cannot be listed.
+    pub async fn startup(&self, initial: &[String]) -> Result<(), String> {
+        let listing = self.repo.scan().await?;
+        let mut state = self.state.lock().await;
+        if self.mode == ControlMode::Explicit {
+            for name in initial {
+                if !listing.contains_key(name) {
+                    return Err(format!(
+                        "--load-model {name}: no such model in the repository"
+                    ));
+                }
+                state.explicit.insert(name.clone());
+            }
+        }
+        self.reconcile(&mut state, &listing).await;
+        Ok(())
+    }
+
+    /// Scans the repository once and applies what changed (poll mode).
+    pub async fn poll(&self) -> Result<(), String> {
+        let listing = self.repo.scan().await?;
+        let mut state = self.state.lock().await;
+        self.reconcile(&mut state, &listing).await;
+        Ok(())
+    }
+
+    /// Loads (or reloads) one model from the repository (explicit mode); returns once it is ready or has failed.
+    pub async fn load(&self, name: &str) -> Result<(), ManageError> {
+        if self.mode != ControlMode::Explicit {
+            return Err(ManageError::Refused(format!(
+                "explicit model load / unload is not allowed when the model control mode is {}",
+                self.mode.name()
+            )));
+        }
+        let listing = self.repo.scan().await.map_err(ManageError::Refused)?;
+        if !listing.contains_key(name) {
+            return Err(ManageError::NotFound(format!(
+                "failed to load '{name}': no such model in the repository"
+            )));
+        }
+        let mut state = self.state.lock().await;
+        state.explicit.insert(name.to_string());
+        self.reconcile(&mut state, &listing).await;
+        drop(state);
+        let ready = self
+            .store
+            .with_model(name, |r| {
+                r.versions.values().any(|s| s.state == VersionState::Ready)
+            })
+            .unwrap_or(false);
+        if ready {
+            Ok(())
+        } else {
+            let reasons = self
+                .store
+                .with_model(name, |r| {
+                    r.versions
+                        .iter()
+                        .filter_map(|(v, s)| match &s.state {
+                            VersionState::Unavailable(why) => Some(format!("version {v}: {why}")),
+                            _ => None,
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                })
+                .unwrap_or_default();
+            Err(ManageError::Refused(format!(
+                "failed to load '{name}': {}",
+                if reasons.is_empty() {
+                    "it has no version to serve".to_string()
+                } else {
+                    reasons
+                }
+            )))
+        }
+    }
+
+    /// Unloads every version of a model (explicit mode); in-flight requests finish first.
+    pub async fn unload(&self, name: &str) -> Result<(), ManageError> {
+        if self.mode != ControlMode::Explicit {
+            return Err(ManageError::Refused(format!(
+                "explicit model load / unload is not allowed when the model control mode is {}",
+                self.mode.name()
+            )));
+        }
+        let mut state = self.state.lock().await;
+        if !state.explicit.remove(name) && !self.store.contains(name) {
+            return Err(ManageError::NotFound(format!(
+                "failed to unload '{name}': it is not loaded"
+            )));
+        }
+        state.known.remove(name);
+        self.remove_model(name);
+        Ok(())
+    }
+
+    /// The repository index: every model in the repository or the table, with its versions' states.
+    pub async fn index(&self, ready_only: bool) -> Result<Vec<IndexEntry>, String> {
+        let listing = self.repo.scan().await?;
+        let mut names: BTreeSet<String> = listing.keys().cloned().collect();
+        names.extend(self.store.model_names());
+        let mut out = Vec::new();
+        for name in names {
+            let rows = self
+                .store
+                .with_model(&name, |r| {
+                    r.versions
+                        .iter()
+                        .map(|(v, s)| IndexEntry {
+                            name: name.clone(),
+                            version: v.to_string(),
+                            state: s.state.name().to_string(),
+                            reason: match &s.state {
+                                VersionState::Unavailable(why) => why.clone(),
+                                _ => String::new(),
+                            },
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default();
+            if rows.is_empty() {
+                if !ready_only {
+                    out.push(IndexEntry {
+                        name: name.clone(),
+                        version: String::new(),
+                        state: "UNAVAILABLE".into(),
+                        reason: "unloaded".into(),
+                    });
+                }
+                continue;
+            }
+            out.extend(
+                rows.into_iter()
+                    .filter(|r| !ready_only || r.state == "READY"),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Polls every `every` until `stop` turns true.
+    pub async fn run_poller(
+        self: Arc<Self>,
+        every: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            if let Err(e) = self.poll().await {
+                tracing::warn!(error = %e, "repository poll failed; serving what is loaded");
+            }
+        }
+    }
+
+    /// Runs the canary controller every `every` until `stop` turns true.
+    pub async fn run_rollouts(
+        self: Arc<Self>,
+        every: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            self.rollout_tick().await;
+        }
+    }
+
+    /// One pass of the canary controller over every running rollout.
+    pub async fn rollout_tick(&self) {
+        for name in self.store.model_names() {
+            let Some((live, ready)) = self
+                .store
+                .with_model(&name, |r| {
+                    r.rollout.clone().map(|live| {
+                        let plan = live.plan();
+                        let ready = |v: u64| {
+                            r.versions
+                                .get(&v)
+                                .is_some_and(|s| s.state == VersionState::Ready)
+                        };
+                        (live, ready(plan.candidate) && ready(plan.stable))
+                    })
+                })
+                .flatten()
+            else {
+                continue;
+            };
+            let plan = live.plan();
+            if plan.state != RolloutState::Running {
+                continue;
+            }
+            if !ready {
+                live.hold();
+                continue;
+            }
+            let tick = live.tick();
+            if tick == Tick::Wait {
+                continue;
+            }
+            let plan = live.plan();
+            let last = plan.history.last().cloned();
+            match &tick {
+                Tick::Finished(RolloutState::Promoted) => {
+                    tracing::info!(model = %name, candidate = plan.candidate, "rollout promoted: every step passed its gates")
+                }
+                Tick::Finished(_) => tracing::warn!(
+                    model = %name,
+                    candidate = plan.candidate,
+                    stable = plan.stable,
+                    reason = last.as_ref().map_or("", |e| e.reason.as_str()),
+                    "rollout rolled back"
+                ),
+                Tick::Advanced => tracing::info!(
+                    model = %name,
+                    candidate = plan.candidate,
+                    weight = live.weight(),
+                    "rollout step passed; candidate weight raised"
+                ),
+                _ => {
+                    tracing::info!(model = %name, candidate = plan.candidate, "rollout step extended: too little candidate traffic")
+                }
+            }
+            if let Tick::Finished(state) = tick {
+                self.metrics.rollout_decision(&name, state.name());
+            } else if tick == Tick::Advanced {
+                self.metrics.rollout_decision(&name, "step_passed");
+            }
+            // The plan file is the shared truth: write the decision so other replicas (and `ferry rollout status`)
+            // follow. Another writer's finished state wins over ours.
+            match self.repo.read_file(&name, PLAN_FILE).await {
+                Ok(Some(bytes)) => {
+                    if let Ok(stored) = RolloutPlan::parse(&String::from_utf8_lossy(&bytes)) {
+                        if live.same_rollout(&stored) && stored.state != RolloutState::Running {
+                            live.adopt(stored);
+                            continue;
+                        }
+                    }
+                }
+                Ok(None) => continue,
+                Err(e) => tracing::warn!(model = %name, error = %e, "cannot read the rollout plan"),
+            }
+            if let Err(e) = self
+                .repo
+                .write_file(&name, PLAN_FILE, plan.to_json().into_bytes())
+                .await
+            {
+                tracing::warn!(model = %name, error = %e, "cannot write the rollout plan");
+            }
+        }
+    }
+
+    async fn reconcile(&self, state: &mut State, listing: &Listing) {
+        let in_scope = |name: &str| match self.mode {
+            ControlMode::Explicit => state.explicit.contains(name),
+            _ => true,
+        };
+        // Models gone from the repository (or no longer wanted) leave the table.
+        let gone: Vec<String> = state
+            .known
+            .keys()
+            .filter(|n| !listing.contains_key(*n) || !in_scope(n))
+            .cloned()
+            .collect();
+        for name in gone {
+            tracing::info!(model = %name, "model removed from the repository: unloading");
+            state.known.remove(&name);
+            self.remove_model(&name);
+        }
+        let work: Vec<(String, ModelListing, Known)> = listing
+            .iter()
+            .filter(|(name, _)| in_scope(name))
+            .map(|(name, entry)| {
+                (
+                    name.clone(),
+                    entry.clone(),
+                    state.known.remove(name).unwrap_or_default(),
+                )
+            })
+            .collect();
+        let done = futures_util::future::join_all(work.into_iter().map(
+            |(name, entry, known)| async move {
+                let known = self.reconcile_model(&name, &entry, known).await;
+                (name, known)
+            },
+        ))
+        .await;
+        state.known.extend(done);
+    }
+
+    async fn reconcile_model(&self, name: &str, entry: &ModelListing, mut known: Known) -> Known {
+        // The configuration: a broken change keeps the previous one.
+        if known.config_text.as_ref() != Some(&entry.config) {
+            let parsed = match &entry.config {
+                None => Ok(ModelConfig::defaults(&self.defaults)),
+                Some(Ok(text)) => ModelConfig::parse(text, &self.defaults)
+                    .map_err(|e| format!("config.toml: {e}")),
+                Some(Err(e)) => Err(e.clone()),
+            };
+            match parsed {
+                Ok(config) => {
+                    if known.config.is_some() {
+                        tracing::info!(model = name, "config.toml changed: applying it");
+                    }
+                    known.config = Some(Arc::new(config));
+                    known.config_error = None;
+                }
+                Err(e) => {
+                    if known.config.is_some() {
+                        tracing::warn!(model = name, error = %e, "config.toml change refused; the previous configuration stays");
+                    }
+                    known.config_error = Some(e);
+                }
+            }
+            known.config_text = Some(entry.config.clone());
+        }
+        let Some(config) = known.config.clone() else {
+            // A new model whose configuration cannot be read: its versions are reported with the reason.
+            let defaults = Arc::new(ModelConfig::defaults(&self.defaults));
+            let present: Vec<u64> = entry.versions.keys().copied().collect();
+            let reason = known.config_error.clone().unwrap_or_default();
+            self.store.ensure_model(name, defaults.clone());
+            for v in defaults.version_policy.select(&present) {
+                self.store.set_version(
+                    name,
+                    v,
+                    VersionSlot {
+                        state: VersionState::Unavailable(reason.clone()),
+                        loaded: None,
+                    },
+                );
+            }
+            return known;
+        };
+        self.store.ensure_model(name, config.clone());
+        let reload_all = self
+            .store
+            .update(name, |r| {
+                let reload = r.config.needs_reload(&config);
+                r.config = config.clone();
+                reload
+            })
+            .unwrap_or(false);
+        if reload_all && !known.loaded.is_empty() {
+            tracing::info!(
+                model = name,
+                "the new configuration changes how versions load: reloading them"
+            );
+            known.loaded.clear();
+            known.failed.clear();
+        }
+
+        // The rollout plan.
+        if known.rollout_text.as_ref() != Some(&entry.rollout) {
+            match &entry.rollout {
+                None => {
+                    self.store.update(name, |r| r.rollout = None);
+                }
+                Some(Ok(text)) => match RolloutPlan::parse(text) {
+                    Ok(plan) => {
+                        self.store.update(name, |r| match &r.rollout {
+                            Some(live) if live.same_rollout(&plan) => live.adopt(plan),
+                            _ => {
+                                tracing::info!(
+                                    model = name,
+                                    candidate = plan.candidate,
+                                    stable = plan.stable,
+                                    state = plan.state.name(),
+                                    "rollout plan found"
+                                );
+                                r.rollout = Some(Arc::new(Live::new(plan)));
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(model = name, error = %e, "rollout plan refused; the previous one (if any) stays")
+                    }
+                },
+                Some(Err(e)) => {
+                    tracing::warn!(model = name, error = %e, "cannot read the rollout plan")
+                }
+            }
+            known.rollout_text = Some(entry.rollout.clone());
+        }
+        let plan = self
+            .store
+            .with_model(name, |r| r.rollout.as_ref().map(|l| l.plan()))
+            .flatten();
+        let mut extra = BTreeSet::new();
+        let mut excluded = BTreeSet::new();
+        if let Some(plan) = &plan {
+            match plan.state {
+                RolloutState::Running => {
+                    extra.insert(plan.stable);
+                    extra.insert(plan.candidate);
+                }
+                RolloutState::Promoted => {
+                    extra.insert(plan.candidate);
+                }
+                RolloutState::RolledBack => {
+                    extra.insert(plan.stable);
+                    excluded.insert(plan.candidate);
+                }
+            }
+        }
+        if let Some(shadow) = &config.shadow {
+            extra.insert(shadow.version);
+        }
+
+        // Versions: load what the policy (applied to versions that can load) wants, then retire the rest.
+        known
+            .failed
+            .retain(|v, fp| entry.versions.get(v) == Some(fp));
+        let wanted = loop {
+            let eligible: Vec<u64> = entry
+                .versions
+                .keys()
+                .copied()
+                .filter(|v| !excluded.contains(v))
+                .filter(|v| !known.failed.contains_key(v) || known.loaded.contains_key(v))
+                .collect();
+            let mut wanted: BTreeSet<u64> = config
+                .version_policy
+                .select(&eligible)
+                .into_iter()
+                .collect();
+            wanted.extend(extra.iter().copied().filter(|v| {
+                entry.versions.contains_key(v)
+                    && (!known.failed.contains_key(v) || known.loaded.contains_key(v))
+            }));
+            let to_load: Vec<u64> = wanted
+                .iter()
+                .copied()
+                .filter(|v| {
+                    let fp = &entry.versions[v];
+                    known.loaded.get(v) != Some(fp) && known.failed.get(v) != Some(fp)
+                })
+                .collect();
+            if to_load.is_empty() {
+                break wanted;
+            }
+            for v in &to_load {
+                let serving = self
+                    .store
+                    .with_model(name, |r| {
+                        r.versions
+                            .get(v)
+                            .is_some_and(|s| s.state == VersionState::Ready)
+                    })
+                    .unwrap_or(false);
+                if !serving {
+                    self.store.set_version(
+                        name,
+                        *v,
+                        VersionSlot {
+                            state: VersionState::Loading,
+                            loaded: None,
+                        },
+                    );
+                }
+            }
+            let config = &config;
+            let results = futures_util::future::join_all(
+                to_load
+                    .iter()
+                    .map(|v| async move { (*v, self.load_one(name, *v, config).await) }),
+            )
+            .await;
+            for (v, result) in results {
+                let fp = entry.versions[&v].clone();
+                match result {
+                    Ok(loaded) => {
+                        self.store.set_version(
+                            name,
+                            v,
+                            VersionSlot {
+                                state: VersionState::Ready,
+                                loaded: Some(loaded),
+                            },
+                        );
+                        known.loaded.insert(v, fp);
+                    }
+                    Err(reason) => {
+                        known.failed.insert(v, fp);
+                        if known.loaded.contains_key(&v) {
+                            tracing::warn!(model = name, version = v, %reason, "changed files of a serving version failed to load; the previous files keep serving");
+                        } else {
+                            self.store.set_version(
+                                name,
+                                v,
+                                VersionSlot {
+                                    state: VersionState::Unavailable(reason),
+                                    loaded: None,
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+        };
+        // Retire what is no longer wanted; keep reporting failures of versions still present.
+        let slots: Vec<(u64, VersionState)> = self
+            .store
+            .with_model(name, |r| {
+                r.versions
+                    .iter()
+                    .map(|(v, s)| (*v, s.state.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (v, slot_state) in slots {
+            if wanted.contains(&v) {
+                continue;
+            }
+            match slot_state {
+                VersionState::Ready => {
+                    known.loaded.remove(&v);
+                    self.unload_version(name, v);
+                }
+                VersionState::Unavailable(_)
+                    if known.failed.contains_key(&v) && entry.versions.contains_key(&v) => {}
+                VersionState::Unloading => {}
+                _ => {
+                    self.store.update(name, |r| r.versions.remove(&v));
+                }
+            }
+        }
+        known.loaded.retain(|v, _| wanted.contains(v));
+        known
+    }
+
+    async fn load_one(
+        &self,
+        name: &str,
+        version: u64,
+        config: &Arc<ModelConfig>,
+    ) -> Result<Arc<LoadedVersion>, String> {
+        let started = Instant::now();
+        let result = async {
+            let dir = self.repo.fetch_version(name, version).await?;
+            let (engine, cfg) = (self.engine.clone(), config.clone());
+            tokio::task::spawn_blocking(move || crate::repository::prepare(&dir, &cfg, &engine))
+                .await
+                .unwrap_or_else(|e| Err(format!("loading panicked: {e}")))
+        }
+        .await;
+        self.metrics.load(name, started.elapsed(), result.is_ok());
+        let prepared = result?;
+        Ok(Arc::new(crate::repository::activate(
+            name,
+            version,
+            prepared,
+            config,
+            &self.metrics,
+        )))
+    }
+
+    /// Takes a version out of service: UNLOADING now, removed once its in-flight requests are done.
+    fn unload_version(&self, name: &str, version: u64) {
+        let taken = self
+            .store
+            .update(name, |r| {
+                r.versions.get_mut(&version).and_then(|slot| {
+                    slot.state = VersionState::Unloading;
+                    slot.loaded.take()
+                })
+            })
+            .flatten();
+        tracing::info!(
+            model = name,
+            version,
+            state = "UNLOADING",
+            "model version state changed"
+        );
+        let (store, name, timeout) = (self.store.clone(), name.to_string(), self.drain_timeout);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            if let Some(loaded) = taken {
+                while Arc::strong_count(&loaded) > 1 && started.elapsed() < timeout {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            let removed = store
+                .update(&name, |r| {
+                    if r.versions
+                        .get(&version)
+                        .is_some_and(|s| s.state == VersionState::Unloading)
+                    {
+                        r.versions.remove(&version);
+                        true
+                    } else {
+                        false
+                    }
+                })
+                .unwrap_or(false);
+            if removed {
+                tracing::info!(model = %name, version, "model version unloaded");
+            }
+        });
+    }
+
+    fn remove_model(&self, name: &str) {
+        let versions: Vec<u64> = self
+            .store
+            .with_model(name, |r| r.versions.keys().copied().collect())
+            .unwrap_or_default();
+        for v in versions {
+            self.unload_version(name, v);
+        }
+        // New requests see the model gone at once; in-flight ones hold their version until they finish.
+        self.store.remove_model(name);
+    }
+}
