@@ -40,6 +40,12 @@ pub enum Command {
     Baseline(crate::baseline::BaselineArgs),
     /// Measure a KServe v2 server's throughput and latency (REST or gRPC, a concurrency sweep or a fixed rate).
     Bench(crate::bench::BenchArgs),
+    /// Canary rollouts: start one (a plan in the repository that servers follow), see where it stands, promote or
+    /// roll it back.
+    Rollout(crate::rollout::RolloutArgs),
+    /// Train a candidate on new data, score it against the live version on a holdout, and publish it with a
+    /// canary rollout only if it is better (exit status 3 when it is refused).
+    Retrain(Box<crate::retrain::RetrainArgs>),
 }
 
 /// Log line format.

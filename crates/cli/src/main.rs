@@ -7,6 +7,8 @@ mod cli;
 mod config;
 mod evaluate;
 mod optimize;
+mod retrain;
+mod rollout;
 mod telemetry;
 mod train;
 
@@ -28,7 +30,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferry: {e:#}");
-            ExitCode::from(1)
+            if e.downcast_ref::<retrain::Refused>().is_some() {
+                ExitCode::from(retrain::EXIT_REFUSED)
+            } else {
+                ExitCode::from(1)
+            }
         }
     }
 }
@@ -40,6 +46,8 @@ fn run(command: cli::Command) -> anyhow::Result<()> {
         cli::Command::Optimize(args) => optimize::run(args),
         cli::Command::Bench(args) => bench::run(args),
         cli::Command::Baseline(args) => baseline::run(args),
+        cli::Command::Rollout(args) => rollout::run(args),
+        cli::Command::Retrain(args) => retrain::run(*args),
         cli::Command::Serve(args) => {
             telemetry::init(args.log_format, &args.log_level).context("setting up logging")?;
             let config = args

@@ -236,7 +236,7 @@ fn search(args: SearchArgs) -> anyhow::Result<()> {
     };
     let candidates = match args.search {
         SearchKind::Grid => grid(&space),
-        SearchKind::Random => random(&space, args.trials, args.train.seed),
+        SearchKind::Random => random(&space, args.trials, args.train.settings.seed),
     };
     let dataset = crate::train::load(&args.train)?;
     let base = args.train.options();

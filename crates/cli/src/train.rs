@@ -28,6 +28,32 @@ pub struct TrainArgs {
     #[arg(long, env = "FERRY_TRAIN_MODEL", value_parser = parse_name::<ModelKind>)]
     pub model: ModelKind,
 
+    /// What to read from the data and how to fit.
+    #[command(flatten)]
+    pub settings: TrainSettings,
+
+    /// Write `model.onnx` and `ferry.json` into this directory (created if needed).
+    #[arg(long, env = "FERRY_TRAIN_OUT", value_name = "DIR")]
+    pub out: Option<PathBuf>,
+
+    /// Publish as the next version of a model in a repository, `REPO/MODEL` (written to a temporary folder
+    /// and renamed into place, so a watching server never sees half a model).
+    #[arg(long, env = "FERRY_TRAIN_PUBLISH", value_name = "REPO/MODEL")]
+    pub publish: Option<PathBuf>,
+
+    /// No progress bar and no summary.
+    #[arg(long, env = "FERRY_TRAIN_QUIET", num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
+    pub quiet: bool,
+
+    /// Print one JSON object (where the model went, its validation scores, `accuracy` or `r2`) and nothing else.
+    #[arg(long, env = "FERRY_TRAIN_JSON", num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
+    pub json: bool,
+}
+
+/// The training settings `ferry train`, `ferry optimize search` and `ferry retrain` share: what to read from the
+/// data, and how to fit (every `FERRY_TRAIN_*` variable but the family and the destination).
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainSettings {
     /// The target column (default: the last column). Labels that are not numbers become classes in order of
     /// first appearance; numeric classes keep their numeric order.
     #[arg(long, env = "FERRY_TRAIN_TARGET", value_name = "COLUMN")]
@@ -115,30 +141,13 @@ pub struct TrainArgs {
     /// model bit for bit.
     #[arg(long, env = "FERRY_TRAIN_SEED", default_value_t = 0)]
     pub seed: u64,
-
-    /// Write `model.onnx` and `ferry.json` into this directory (created if needed).
-    #[arg(long, env = "FERRY_TRAIN_OUT", value_name = "DIR")]
-    pub out: Option<PathBuf>,
-
-    /// Publish as the next version of a model in a repository, `REPO/MODEL` (written to a temporary folder
-    /// and renamed into place, so a watching server never sees half a model).
-    #[arg(long, env = "FERRY_TRAIN_PUBLISH", value_name = "REPO/MODEL")]
-    pub publish: Option<PathBuf>,
-
-    /// No progress bar and no summary.
-    #[arg(long, env = "FERRY_TRAIN_QUIET", num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
-    pub quiet: bool,
-
-    /// Print one JSON object (where the model went, its validation scores, `accuracy` or `r2`) and nothing else.
-    #[arg(long, env = "FERRY_TRAIN_JSON", num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
-    pub json: bool,
 }
 
-impl TrainArgs {
-    /// The training settings the flags give.
-    pub fn options(&self) -> TrainOptions {
+impl TrainSettings {
+    /// The training settings the flags give, for the family `model`.
+    pub fn options(&self, model: ModelKind) -> TrainOptions {
         TrainOptions {
-            model: self.model,
+            model,
             task: self.task,
             hidden: self.hidden.clone(),
             activation: self.activation,
@@ -155,16 +164,31 @@ impl TrainArgs {
             seed: self.seed,
         }
     }
+
+    /// What to read from the data.
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            target: self.target.clone(),
+            drop: self.drop.clone(),
+            features: None,
+            impute: self.impute,
+        }
+    }
 }
 
 impl TrainArgs {
-    /// The model family as the flag spells it.
-    fn model_name(&self) -> String {
-        serde_json::to_value(self.model)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default()
+    /// The training settings the flags give.
+    pub fn options(&self) -> TrainOptions {
+        self.settings.options(self.model)
     }
+}
+
+/// A model family as the flags spell it.
+pub fn model_name(model: ModelKind) -> String {
+    serde_json::to_value(model)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 fn check_model_name(publish: &Path) -> anyhow::Result<()> {
@@ -182,8 +206,9 @@ fn check_model_name(publish: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn progress_bar(args: &TrainArgs) -> Option<indicatif::ProgressBar> {
-    if args.quiet || args.json {
+/// The epoch progress bar on standard error, unless `hidden`.
+fn progress_bar(hidden: bool) -> Option<indicatif::ProgressBar> {
+    if hidden {
         return None;
     }
     let bar =
@@ -222,22 +247,17 @@ pub fn load(args: &TrainArgs) -> anyhow::Result<ferry_train::Dataset> {
     if let Some(p) = &args.publish {
         check_model_name(p)?;
     }
-    let load = LoadOptions {
-        target: args.target.clone(),
-        drop: args.drop.clone(),
-        features: None,
-        impute: args.impute,
-    };
-    ferry_train::load_csv(&args.data, &load).context("loading the training data")
+    ferry_train::load_csv(&args.data, &args.settings.load_options())
+        .context("loading the training data")
 }
 
-/// Trains with `options` (a progress bar unless quiet), writes or publishes the model, and prints the summary.
-pub fn train_and_write(
-    args: &TrainArgs,
+/// Trains with `options`, with a progress bar on standard error unless `quiet`.
+pub fn fit_with_progress(
     dataset: &ferry_train::Dataset,
     options: &TrainOptions,
-) -> anyhow::Result<()> {
-    let bar = progress_bar(args);
+    quiet: bool,
+) -> anyhow::Result<ferry_train::Trained> {
+    let bar = progress_bar(quiet);
     let mut on_epoch = |log: &EpochLog| {
         if let Some(bar) = &bar {
             if bar.length() != Some(log.max_epochs as u64) {
@@ -251,7 +271,17 @@ pub fn train_and_write(
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    let meta = metadata(&trained, dataset, args.impute);
+    Ok(trained)
+}
+
+/// Trains with `options` (a progress bar unless quiet), writes or publishes the model, and prints the summary.
+pub fn train_and_write(
+    args: &TrainArgs,
+    dataset: &ferry_train::Dataset,
+    options: &TrainOptions,
+) -> anyhow::Result<()> {
+    let trained = fit_with_progress(dataset, options, args.quiet || args.json)?;
+    let meta = metadata(&trained, dataset, args.settings.impute);
     let onnx = onnx_model(&trained, dataset.imputed.as_deref());
     let destination = Destination::from_flags(args.out.as_deref(), args.publish.as_deref())
         .expect("clap requires --out or --publish")
@@ -283,7 +313,7 @@ pub fn train_and_write(
         };
         println!(
             "trained {} on {} rows in {:.2}s ({} epochs, best {}): {key} {score:.4} on {on}",
-            args.model_name(),
+            model_name(args.model),
             trained.training_rows,
             trained.seconds,
             trained.curve.len(),

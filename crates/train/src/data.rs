@@ -233,16 +233,65 @@ fn is_missing(cell: &str) -> bool {
     )
 }
 
+/// Where CSV text comes from: a file, or text made in memory (payload logs joined with their labels).
+#[derive(Debug, Clone)]
+pub enum CsvSource {
+    /// A file on disk.
+    File(PathBuf),
+    /// Text in memory, with the name error messages and `ferry.json` give it.
+    Memory {
+        /// What to call it.
+        name: PathBuf,
+        /// The CSV text.
+        bytes: Vec<u8>,
+    },
+}
+
+impl CsvSource {
+    /// The name error messages and `ferry.json` use.
+    pub fn name(&self) -> &Path {
+        match self {
+            CsvSource::File(path) => path,
+            CsvSource::Memory { name, .. } => name,
+        }
+    }
+
+    /// Reads it as [`load_csv`] reads a file.
+    pub fn load(&self, options: &LoadOptions) -> Result<Dataset, TrainError> {
+        match self {
+            CsvSource::File(path) => load_csv(path, options),
+            CsvSource::Memory { name, bytes } => {
+                load_reader(name, bytes.as_slice(), bytes.len() as u64, options)
+            }
+        }
+    }
+}
+
 /// Reads a CSV file with a header row. See the module docs for the rules.
 pub fn load_csv(path: &Path, options: &LoadOptions) -> Result<Dataset, TrainError> {
+    let file = std::fs::File::open(path).map_err(|e| TrainError::io(path, e))?;
+    let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    load_reader(
+        path,
+        std::io::BufReader::with_capacity(1 << 16, file),
+        file_len,
+        options,
+    )
+}
+
+/// Reads CSV text of about `len` bytes from `input`; `path` names it in messages.
+fn load_reader(
+    path: &Path,
+    input: impl Read,
+    file_len: u64,
+    options: &LoadOptions,
+) -> Result<Dataset, TrainError> {
     let err = |message: String| TrainError::Data {
         path: path.to_path_buf(),
         message,
     };
-    let file = std::fs::File::open(path).map_err(|e| TrainError::io(path, e))?;
-    let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let mut hashing = HashingReader {
-        inner: std::io::BufReader::with_capacity(1 << 16, file),
+        inner: input,
         hasher: Sha256::new(),
     };
     let mut reader = csv::ReaderBuilder::new()

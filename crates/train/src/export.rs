@@ -80,6 +80,9 @@ pub struct Metadata {
     /// For an int8 model: how it compares with the float model it came from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<crate::quantize::Comparison>,
+    /// For a model `ferry retrain` published: how it compared with the live version on the holdout rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<crate::gate::GateRecord>,
 }
 
 /// The training file.
@@ -165,6 +168,7 @@ pub fn metadata(trained: &Trained, dataset: &Dataset, imputed_with: Option<Imput
         model_sha256: String::new(),
         trained_by: format!("ferry {}", env!("CARGO_PKG_VERSION")),
         quantization: None,
+        gate: None,
     }
 }
 
@@ -314,13 +318,19 @@ fn sync_dir(dir: &Path) -> Result<(), TrainError> {
         .map_err(|e| TrainError::io(dir, e))
 }
 
-/// Writes `model.onnx` and `ferry.json` (with the model's sha256 filled in) into `dir`, creating it.
-pub fn write_model(dir: &Path, onnx: &[u8], metadata: &Metadata) -> Result<(), TrainError> {
-    std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+/// The text of `ferry.json` for the model `onnx`, with its sha256 filled in.
+pub fn metadata_json(onnx: &[u8], metadata: &Metadata) -> Vec<u8> {
     let mut metadata = metadata.clone();
     metadata.model_sha256 = sha256_hex(onnx);
     let mut json = serde_json::to_vec_pretty(&metadata).expect("metadata serializes");
     json.push(b'\n');
+    json
+}
+
+/// Writes `model.onnx` and `ferry.json` (with the model's sha256 filled in) into `dir`, creating it.
+pub fn write_model(dir: &Path, onnx: &[u8], metadata: &Metadata) -> Result<(), TrainError> {
+    std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+    let json = metadata_json(onnx, metadata);
     write_synced(&dir.join(MODEL_FILE), onnx)?;
     write_synced(&dir.join(METADATA_FILE), &json)?;
     sync_dir(dir)

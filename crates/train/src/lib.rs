@@ -9,6 +9,8 @@
 //! - [`export`]: the ONNX graph (standardization folded in) and the `ferry.json` metadata, written to a
 //!   directory or published as the next version in a model repository.
 //! - [`evaluate`](mod@evaluate): runs an exported model through the serving engine and scores it ([`metrics`]).
+//! - [`gate`]: the retraining gate, a candidate and the live version scored on the same seeded holdout rows.
+//! - [`payload`]: training rows from the server's payload logs joined with labels by request id.
 //! - [`search`]: grid and random hyper-parameter search scored by k-fold cross-validation.
 //! - [`quantize`]: post-training int8 quantization of Gemm/MatMul weights, compared with the float model.
 //!
@@ -19,13 +21,15 @@ mod error;
 pub mod evaluate;
 pub mod export;
 pub mod fit;
+pub mod gate;
 pub mod metrics;
 pub mod network;
 pub mod optim;
+pub mod payload;
 pub mod quantize;
 pub mod search;
 pub mod stats;
 
-pub use data::{load_csv, split, Dataset, Impute, LoadOptions};
+pub use data::{load_csv, split, CsvSource, Dataset, Impute, LoadOptions};
 pub use error::TrainError;
 pub use fit::{fit, HyperParameters, ModelKind, Task, TrainOptions, Trained};
