@@ -92,7 +92,8 @@ pub struct RetrainArgs {
     #[command(flatten)]
     pub rollout: RolloutFlags,
 
-    /// Publish without a rollout: the new version takes traffic by the model's version policy once it loads.
+    /// Publish without a rollout: the new version takes traffic once it loads, by the version policy (an earlier
+    /// plan of the model, which would keep routing to its versions, is replaced by one already promoted to it).
     #[arg(long, env = "FERRY_RETRAIN_NO_ROLLOUT", num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
     pub no_rollout: bool,
 
@@ -313,16 +314,29 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         + 1;
     let new_plan = match &live {
         Some(l) if !args.no_rollout => Some(args.rollout.plan(l.version, version)?),
+        // Without a rollout, an earlier plan left in place would keep routing to its versions: it is replaced by
+        // one already promoted to the new version (which serves once it loads, as the version policy would).
+        Some(l) if plan.is_some() => {
+            let mut p = args.rollout.plan(l.version, version)?;
+            p.finish(
+                RolloutState::Promoted,
+                "published without a rollout by ferry retrain".into(),
+            );
+            Some(p)
+        }
         _ => None,
     };
     summary["version"] = version.into();
     summary["rollout"] = serde_json::to_value(&new_plan).expect("plans serialize");
     let outcome = match (&new_plan, &live) {
-        (Some(p), _) => format!(
+        (Some(p), _) if p.state == RolloutState::Running => format!(
             "version {version} with a rollout from version {}: {} of unversioned traffic, {}s a step",
             p.stable,
             describe_steps(p),
             p.step_interval_secs
+        ),
+        (Some(_), _) => format!(
+            "version {version} without a rollout: the model's plan is replaced by one already promoted to it, so it serves once it loads"
         ),
         (None, Some(_)) => format!(
             "version {version} without a rollout: it serves by the version policy once it loads"
@@ -340,8 +354,9 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
     if let Some(p) = &new_plan {
         rt.block_on(write_plan(&repo, &model, p))?;
         steps.say(format_args!(
-            "wrote {model}/{PLAN_FILE}: version {version} from {}",
-            p.stable
+            "wrote {model}/{PLAN_FILE}: version {version} from {}, {}",
+            p.stable,
+            p.state.name()
         ));
     }
     let files = vec![
@@ -352,13 +367,23 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         (ferry_train::export::MODEL_FILE.to_string(), onnx),
     ];
     if let Err(e) = rt.block_on(repo.publish_version(&model, version, files)) {
-        if let Some(mut p) = new_plan {
-            // Leave no running plan behind for a version that never came.
-            p.finish(
-                RolloutState::RolledBack,
-                format!("publishing version {version} failed: {e}"),
-            );
-            let _ = rt.block_on(write_plan(&repo, &model, &p));
+        // Leave no plan behind for a version that never came: the earlier plan goes back, or the new one is
+        // rolled back.
+        let restore = match (plan, new_plan) {
+            (Some(old), Some(_)) => Some(old),
+            (None, Some(mut p)) => {
+                p.finish(
+                    RolloutState::RolledBack,
+                    format!("publishing version {version} failed: {e}"),
+                );
+                Some(p)
+            }
+            (_, None) => None,
+        };
+        if let Some(p) = restore {
+            if let Err(undo) = rt.block_on(write_plan(&repo, &model, &p)) {
+                eprintln!("ferry: could not undo the plan: {undo:#}");
+            }
         }
         bail!("publishing version {version} of {model}: {e}");
     }

@@ -175,8 +175,8 @@ pub struct StartArgs {
     #[arg(long)]
     pub version: u64,
 
-    /// The version serving now (default: the settled version of the model's finished rollout, else the highest
-    /// version present other than --version).
+    /// The version serving now (default: the one a server routes unversioned traffic to, other than --version:
+    /// the promoted candidate or, after a rollback, the highest version but the candidate; else the highest).
     #[arg(long)]
     pub stable: Option<u64>,
 
@@ -255,28 +255,31 @@ pub async fn write_plan(repo: &Repository, model: &str, plan: &RolloutPlan) -> a
         .with_context(|| format!("writing {model}/{PLAN_FILE}"))
 }
 
-/// The version that takes a model's unversioned traffic now, other than `exclude`: the settled version of its
-/// finished rollout (the stable version of a running one), unless that version is gone or a version newer than
-/// both of the plan's has been published since (which then serves by the version policy); else the highest
-/// version present.
+/// The version that takes a model's unversioned traffic now, other than `exclude`, as a server following the plan
+/// routes it: the stable version while a rollout runs, the candidate once promoted, and after a rollback the
+/// highest version but the candidate; without a plan (or when those versions are gone) the highest version present.
 pub fn live_version(
     present: &[u64],
     plan: Option<&RolloutPlan>,
     exclude: Option<u64>,
 ) -> Option<u64> {
-    let eligible = |v: &u64| Some(*v) != exclude;
-    if let Some(plan) = plan {
-        let settled = plan.settled_version();
-        let newest_in_plan = plan.stable.max(plan.candidate);
-        let published_since = present
+    let usable = |v: u64| Some(v) != exclude && present.contains(&v);
+    let highest_but = |skip: Option<u64>| {
+        present
             .iter()
-            .filter(|v| eligible(v))
-            .any(|v| *v > newest_in_plan);
-        if !published_since && eligible(&settled) && present.contains(&settled) {
-            return Some(settled);
-        }
+            .copied()
+            .filter(|v| Some(*v) != exclude && Some(*v) != skip)
+            .max()
+    };
+    match plan {
+        None => highest_but(None),
+        Some(p) => match p.state {
+            RolloutState::Running if usable(p.stable) => Some(p.stable),
+            RolloutState::Promoted if usable(p.candidate) => Some(p.candidate),
+            RolloutState::RolledBack => highest_but(Some(p.candidate)),
+            RolloutState::Running | RolloutState::Promoted => highest_but(None),
+        },
     }
-    present.iter().copied().filter(|v| eligible(v)).max()
 }
 
 /// Refuses to replace a running plan unless forced.
@@ -554,17 +557,20 @@ mod tests {
         assert_eq!(live_version(&[1, 2, 3], None, None), Some(3));
         assert_eq!(live_version(&[1, 2, 3], None, Some(3)), Some(2));
         assert_eq!(live_version(&[], None, None), None);
+        // After a rollback the candidate is left out, whatever was published since.
         let back = plan(1, 2, RolloutState::RolledBack);
         assert_eq!(live_version(&[1, 2], Some(&back), None), Some(1));
         assert_eq!(live_version(&[1, 2, 3], Some(&back), None), Some(3));
         assert_eq!(live_version(&[1, 2, 3], Some(&back), Some(3)), Some(1));
+        assert_eq!(live_version(&[2], Some(&back), None), None);
+        // A promoted candidate keeps the traffic, even past newer versions; gone, the highest present serves.
         let promoted = plan(1, 2, RolloutState::Promoted);
         assert_eq!(live_version(&[1, 2], Some(&promoted), None), Some(2));
+        assert_eq!(live_version(&[1, 2, 3], Some(&promoted), None), Some(2));
         assert_eq!(live_version(&[1, 2], Some(&promoted), Some(2)), Some(1));
-        // A settled version that is gone: the highest present.
-        assert_eq!(live_version(&[2], Some(&back), None), Some(2));
+        assert_eq!(live_version(&[1, 3], Some(&promoted), None), Some(3));
         let running = plan(1, 2, RolloutState::Running);
-        assert_eq!(live_version(&[1, 2], Some(&running), None), Some(1));
+        assert_eq!(live_version(&[1, 2, 3], Some(&running), None), Some(1));
     }
 
     #[test]

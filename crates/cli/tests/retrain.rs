@@ -222,6 +222,71 @@ fn a_better_candidate_is_published_behind_a_rollout_and_a_worse_one_is_refused()
 }
 
 #[test]
+fn a_failed_publish_leaves_no_plan_waiting_and_no_rollout_replaces_an_old_plan() {
+    let dir = scratch("undo");
+    let models = dir.join("models");
+    publish_poor_model(&models);
+    let repo = models.to_str().unwrap();
+    let data = iris_csv();
+    let retrain = |extra: &[&str]| {
+        let mut args = vec![
+            "retrain",
+            "iris",
+            "--model-repository",
+            repo,
+            "--data",
+            &data,
+            "--model",
+            "softmax",
+        ];
+        args.extend_from_slice(extra);
+        ferry(&args)
+    };
+    // A file where version 2 would go makes publishing fail after the plan was written.
+    std::fs::write(models.join("iris/2"), "in the way").unwrap();
+    let out = retrain(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("publishing version 2"),
+        "{}",
+        stderr(&out)
+    );
+    let plan = read_json(&models.join("iris/rollout.json"));
+    assert_eq!(plan["state"], "rolled_back", "{plan}");
+    assert!(plan["history"][1]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("publishing version 2 failed"));
+    // With a plan already there, a failed publish puts it back as it was. (Version numbers go past the plan's
+    // versions, so the next one is 3.)
+    std::fs::write(models.join("iris/3"), "in the way").unwrap();
+    let before = std::fs::read(models.join("iris/rollout.json")).unwrap();
+    let out = retrain(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read(models.join("iris/rollout.json")).unwrap(),
+        before
+    );
+    std::fs::remove_file(models.join("iris/2")).unwrap();
+    std::fs::remove_file(models.join("iris/3")).unwrap();
+
+    // Without a rollout, the old plan (which would keep routing to version 1) is replaced by one promoted to 3.
+    let out = retrain(&["--no-rollout"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let plan = read_json(&models.join("iris/rollout.json"));
+    assert_eq!(
+        (
+            plan["state"].clone(),
+            plan["stable"].clone(),
+            plan["candidate"].clone()
+        ),
+        ("promoted".into(), 1.into(), 3.into())
+    );
+    assert_eq!(versions(&models), ["1", "3"]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn a_dry_run_decides_but_writes_nothing() {
     let dir = scratch("dry");
     let models = dir.join("models");
