@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use ferry_engine::{EngineOptions, OptimizationLevel};
+use ferry_server::reload::ControlMode;
 use ferry_server::ServeConfig;
 
 /// Ferry carries ONNX models through production: train them, serve them over KServe v2 and TF Serving APIs (REST and
@@ -57,6 +58,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// `--model-control-mode` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ControlModeArg {
+    /// Load at startup only.
+    None,
+    /// Load at startup and apply repository changes found by polling.
+    Poll,
+    /// Load only what --load-model and the management API ask for.
+    Explicit,
+}
+
 /// Graph optimization levels, as flags spell them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OptLevelArg {
@@ -73,9 +85,51 @@ pub enum OptLevelArg {
 /// `ferry serve` flags.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// The model repository: `<DIR>/<model>/<version>/model.onnx`, with an optional `<DIR>/<model>/config.toml`.
-    #[arg(long, env = "FERRY_MODEL_REPOSITORY", value_name = "DIR")]
-    pub model_repository: PathBuf,
+    /// The model repository: `<DIR>/<model>/<version>/model.onnx`, with an optional `<DIR>/<model>/config.toml`;
+    /// or `s3://bucket/prefix` on S3-compatible storage (credentials and endpoint from the standard AWS_*
+    /// variables, AWS_ENDPOINT_URL for a server other than AWS).
+    #[arg(
+        long,
+        env = "FERRY_MODEL_REPOSITORY",
+        value_name = "DIR|s3://BUCKET/PREFIX"
+    )]
+    pub model_repository: String,
+
+    /// Where versions from an S3 repository are cached before they load (must be writable).
+    #[arg(long, env = "FERRY_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// How served models follow the repository: `poll` applies changes found every --repository-poll-secs (new
+    /// versions load aside and swap in, removed ones drain, config.toml changes apply); `none` loads once at
+    /// startup; `explicit` loads only what --load-model and the management API ask for.
+    #[arg(long, env = "FERRY_MODEL_CONTROL_MODE", value_enum, default_value_t = ControlModeArg::Poll)]
+    pub model_control_mode: ControlModeArg,
+
+    /// Seconds between repository scans in `poll` mode (fractions allowed).
+    #[arg(long, env = "FERRY_REPOSITORY_POLL_SECS", default_value_t = 5.0)]
+    pub repository_poll_secs: f64,
+
+    /// In `explicit` mode, a model to load at startup (repeat the flag, or separate names with commas).
+    #[arg(long, env = "FERRY_LOAD_MODEL", value_delimiter = ',')]
+    pub load_model: Vec<String>,
+
+    /// The management API's address (repository index, load, unload, labels, rollouts). Beyond loopback it
+    /// requires --admin-token.
+    #[arg(long, env = "FERRY_ADMIN_HOST", default_value = "127.0.0.1")]
+    pub admin_host: IpAddr,
+
+    /// The management API's port; 0 picks a free port (the log says which).
+    #[arg(long, env = "FERRY_ADMIN_PORT", default_value_t = 8502)]
+    pub admin_port: u16,
+
+    /// Turn the management API off.
+    #[arg(long, env = "FERRY_NO_ADMIN")]
+    pub no_admin: bool,
+
+    /// The token management calls must send as `Authorization: Bearer <token>`. Prefer the environment
+    /// variable to the flag (flags show in process listings).
+    #[arg(long, env = "FERRY_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 
     /// The address to listen on.
     #[arg(long, env = "FERRY_HOST", default_value = "0.0.0.0")]
@@ -167,12 +221,40 @@ impl ServeArgs {
     /// The validated server configuration.
     pub fn into_config(self) -> anyhow::Result<ServeConfig> {
         anyhow::ensure!(
-            self.model_repository.is_dir(),
-            "--model-repository {} is not a directory",
-            self.model_repository.display()
+            self.model_repository.starts_with("s3://")
+                || std::path::Path::new(&self.model_repository).is_dir(),
+            "--model-repository {} is not a directory (or an s3://bucket/prefix URL)",
+            self.model_repository
         );
+        anyhow::ensure!(
+            self.repository_poll_secs.is_finite()
+                && (0.05..=86_400.0).contains(&self.repository_poll_secs),
+            "--repository-poll-secs must be between 0.05 and 86400"
+        );
+        for name in &self.load_model {
+            ferry_server::repository::validate_name(name)
+                .map_err(|e| anyhow::anyhow!("--load-model: {e}"))?;
+        }
+        anyhow::ensure!(
+            self.load_model.is_empty() || self.model_control_mode == ControlModeArg::Explicit,
+            "--load-model only applies with --model-control-mode explicit"
+        );
+        let admin_token = self.admin_token.filter(|t| !t.trim().is_empty());
         Ok(ServeConfig {
             model_repository: self.model_repository,
+            cache_dir: self
+                .cache_dir
+                .unwrap_or_else(|| std::env::temp_dir().join("ferry-cache")),
+            model_control_mode: match self.model_control_mode {
+                ControlModeArg::None => ControlMode::None,
+                ControlModeArg::Poll => ControlMode::Poll,
+                ControlModeArg::Explicit => ControlMode::Explicit,
+            },
+            repository_poll: Duration::from_secs_f64(self.repository_poll_secs),
+            load_models: self.load_model,
+            admin: (!self.no_admin)
+                .then(|| std::net::SocketAddr::new(self.admin_host, self.admin_port)),
+            admin_token,
             host: self.host,
             rest_port: self.rest_port,
             grpc_port: self.grpc_port,

@@ -574,8 +574,12 @@ fn resolve_in(
                             return Ok(l);
                         }
                     }
+                    // A promoted candidate serves until a version newer than both plan versions is ready.
                     RolloutState::Promoted => {
-                        if let Some(l) = ready(candidate) {
+                        let newer = record.versions.iter().any(|(v, s)| {
+                            *v > candidate.max(stable) && s.state == VersionState::Ready
+                        });
+                        if let Some(l) = ready(candidate).filter(|_| !newer) {
                             return Ok(l);
                         }
                     }

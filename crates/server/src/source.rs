@@ -261,7 +261,8 @@ fn scan_local(root: &Path) -> Result<Listing, String> {
             let Some(version) = parse_version(&v.file_name().to_string_lossy()) else {
                 continue;
             };
-            if v.path().is_dir() {
+            // A version exists once its model.onnx does (publishers write it last).
+            if v.path().join("model.onnx").is_file() {
                 model.versions.insert(version, fingerprint_local(&v.path()));
             }
         }
