@@ -261,8 +261,17 @@ def test_canary_rolls_back_an_erroring_candidate_and_promotes_an_equal_one(tmp_p
         # The rolled-back candidate is unloaded.
         wait_for(lambda: state_of(server, "m", 2) is None, 30, what="the candidate unloaded")
 
-        # An equal candidate passes every step and is promoted.
-        write_plan(root, "m", 1, 3, [20.0, 50.0, 100.0], 2000)
+        status = json.loads(subprocess.run(
+            [ferry_binary(), "rollout", "status", "m", "--model-repository", root, "--json"],
+            capture_output=True, text=True, check=True).stdout)
+        assert status["state"] == "rolled_back" and status["candidate"] == 2, status
+
+        # An equal candidate, rolled out with `ferry rollout start`, passes every step and is promoted.
+        subprocess.run(
+            [ferry_binary(), "rollout", "start", "m", "--model-repository", root, "--version", "3", "--stable", "1",
+             "--steps", "20,50,100", "--step-interval", "500ms", "--max-error-rate", "5%", "--max-p99-ratio", "50",
+             "--min-requests", "10"],
+            capture_output=True, text=True, check=True)
         publish(root, "m", 3, {"model.onnx": sum_model()})
         with Load(url, X_BODY) as load:
             plan = wait_for(lambda: read_plan(root, "m")["state"] != "running" and read_plan(root, "m"), 60,
@@ -276,6 +285,9 @@ def test_canary_rolls_back_an_erroring_candidate_and_promotes_an_equal_one(tmp_p
         assert all(r[1] == 200 for r in load.records), [r for r in load.records if r[1] != 200][:5]
         assert settled and all(r[2] == "3" for r in settled)
         assert metric(server, "ferry_rollout_state", model="m", version="3", state="promoted") == 1
+        status = subprocess.run([ferry_binary(), "rollout", "status", "m", "--model-repository", root],
+                                capture_output=True, text=True, check=True).stdout
+        assert "promoted" in status, status
         assert metric(server, "ferry_rollout_candidate_weight_percent", model="m", version="3") == 100
     finally:
         server.stop()
