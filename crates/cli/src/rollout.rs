@@ -256,8 +256,9 @@ pub async fn write_plan(repo: &Repository, model: &str, plan: &RolloutPlan) -> a
 }
 
 /// The version that takes a model's unversioned traffic now, other than `exclude`, as a server following the plan
-/// routes it: the stable version while a rollout runs, the candidate once promoted, and after a rollback the
-/// highest version but the candidate; without a plan (or when those versions are gone) the highest version present.
+/// routes it: the stable version while a rollout runs, the candidate once promoted (until a version newer than both
+/// plan versions exists), and after a rollback the highest version but the candidate; without a plan (or when those
+/// versions are gone) the highest version present.
 pub fn live_version(
     present: &[u64],
     plan: Option<&RolloutPlan>,
@@ -275,7 +276,14 @@ pub fn live_version(
         None => highest_but(None),
         Some(p) => match p.state {
             RolloutState::Running if usable(p.stable) => Some(p.stable),
-            RolloutState::Promoted if usable(p.candidate) => Some(p.candidate),
+            RolloutState::Promoted
+                if usable(p.candidate)
+                    && !present
+                        .iter()
+                        .any(|v| *v > p.candidate.max(p.stable) && Some(*v) != exclude) =>
+            {
+                Some(p.candidate)
+            }
             RolloutState::RolledBack => highest_but(Some(p.candidate)),
             RolloutState::Running | RolloutState::Promoted => highest_but(None),
         },
@@ -563,10 +571,16 @@ mod tests {
         assert_eq!(live_version(&[1, 2, 3], Some(&back), None), Some(3));
         assert_eq!(live_version(&[1, 2, 3], Some(&back), Some(3)), Some(1));
         assert_eq!(live_version(&[2], Some(&back), None), None);
-        // A promoted candidate keeps the traffic, even past newer versions; gone, the highest present serves.
+        // A promoted candidate keeps the traffic until a version newer than both plan versions appears; gone, the
+        // highest present serves.
         let promoted = plan(1, 2, RolloutState::Promoted);
         assert_eq!(live_version(&[1, 2], Some(&promoted), None), Some(2));
-        assert_eq!(live_version(&[1, 2, 3], Some(&promoted), None), Some(2));
+        assert_eq!(live_version(&[1, 2, 3], Some(&promoted), None), Some(3));
+        let promoted_older = plan(3, 2, RolloutState::Promoted);
+        assert_eq!(
+            live_version(&[1, 2, 3], Some(&promoted_older), None),
+            Some(2)
+        );
         assert_eq!(live_version(&[1, 2], Some(&promoted), Some(2)), Some(1));
         assert_eq!(live_version(&[1, 3], Some(&promoted), None), Some(3));
         let running = plan(1, 2, RolloutState::Running);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -161,10 +161,8 @@ async fn labels(State(state): State<AdminState>, Path(model): Path<String>) -> R
 async fn set_label(
     State(state): State<AdminState>,
     Path((model, label)): Path<(String, String)>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let _ = headers;
     if let Err(e) = validate_name(&label) {
         return error(StatusCode::BAD_REQUEST, e.replace("model name", "label"));
     }
