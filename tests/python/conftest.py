@@ -128,7 +128,7 @@ class Ferry:
         self.process = proc
         self.log = log_path
         self.url = url
-        self.host = url[len("http://"):]
+        self.host = url.split("://", 1)[1]
         self.grpc = grpc
         self.admin = admin
         self._log_file = log_file
@@ -143,9 +143,10 @@ class Ferry:
         self._log_file.close()
 
 
-def start_ferry(repository, log_path, *extra, env=None, ready=True, timeout=60):
+def start_ferry(repository, log_path, *extra, env=None, ready=True, timeout=60, verify=None):
     """Starts `ferry serve` on `repository` with free ports (REST, gRPC, management API) and waits until it is
-    ready (or, with ready=False, until its ports are open)."""
+    ready (or, with ready=False, until its ports are open). With `verify` (a CA file), the server speaks TLS."""
+    scheme = "https" if verify else "http"
     log = open(log_path, "w")
     proc = subprocess.Popen(
         [ferry_binary(), "serve", "--model-repository", repository, "--host", "127.0.0.1", "--rest-port", "0",
@@ -159,10 +160,11 @@ def start_ferry(repository, log_path, *extra, env=None, ready=True, timeout=60):
         g = re.search(r"gRPC .* listening address=127\.0\.0\.1:(\d+)", text)
         a = re.search(r"management API listening address=([\d.]+:\d+)", text)
         if m and g:
-            base = f"http://127.0.0.1:{m.group(1)}"
-            admin = f"http://{a.group(1)}" if a else None
+            base = f"{scheme}://127.0.0.1:{m.group(1)}"
+            admin = f"{scheme}://{a.group(1)}" if a else None
             try:
-                if not ready or requests.get(base + "/v2/health/ready", timeout=1).status_code == 200:
+                if not ready or requests.get(base + "/v2/health/ready", timeout=1,
+                                             verify=verify or True).status_code == 200:
                     return Ferry(proc, log_path, base, f"127.0.0.1:{g.group(1)}", admin, log)
             except requests.ConnectionError:
                 pass

@@ -1,0 +1,319 @@
+//! Accepting connections: plain TCP or TLS (rustls), the HTTP/1 connection loop for REST with a header-read
+//! timeout against slow clients and graceful shutdown, and the TLS stream of connections gRPC serves.
+//!
+//! Certificates are re-read when their files change (checked every two seconds), so a rotated certificate
+//! takes effect without a restart; a file that fails to parse leaves the previous certificate in use. With a client
+//! CA, clients must present a certificate it signed (mutual TLS).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+/// Where the certificate, its key and (for mutual TLS) the client CA are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// CA certificates (PEM) that client certificates must chain to; `None` accepts clients without one.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// The TLS acceptors for REST (HTTP/1.1) and gRPC (HTTP/2), sharing one reloading certificate.
+#[derive(Clone)]
+pub struct Tls {
+    /// For the REST and management listeners (ALPN `http/1.1`).
+    pub rest: TlsAcceptor,
+    /// For the gRPC listener (ALPN `h2`).
+    pub grpc: TlsAcceptor,
+    resolver: Arc<Reloading>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("files", &self.resolver.files).finish()
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl Tls {
+    /// Reads the files and builds both acceptors; fails with a message naming the file at fault.
+    pub fn new(files: &TlsFiles) -> io::Result<Tls> {
+        let resolver = Arc::new(Reloading::new(files.clone())?);
+        let verifier = match &files.client_ca {
+            None => WebPkiClientVerifier::no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in read_certs(ca)? {
+                    roots
+                        .add(cert)
+                        .map_err(|e| invalid(format!("{}: {e}", ca.display())))?;
+                }
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                    .build()
+                    .map_err(|e| invalid(format!("{}: {e}", ca.display())))?
+            }
+        };
+        let config = |alpn: &[&[u8]]| -> io::Result<Arc<rustls::ServerConfig>> {
+            let mut c = rustls::ServerConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| invalid(e.to_string()))?
+                .with_client_cert_verifier(verifier.clone())
+                .with_cert_resolver(resolver.clone());
+            c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            Ok(Arc::new(c))
+        };
+        Ok(Tls {
+            rest: TlsAcceptor::from(config(&[b"http/1.1"])?),
+            grpc: TlsAcceptor::from(config(&[b"h2"])?),
+            resolver,
+        })
+    }
+
+    /// Re-reads the certificate every two seconds when its files change, until `stop`.
+    pub async fn watch(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                () = stopped(&mut stop) => return,
+            }
+            let r = self.resolver.clone();
+            let _ = tokio::task::spawn_blocking(move || r.reload_if_changed()).await;
+        }
+    }
+}
+
+/// Completes once `stop` turns true (without holding the channel's lock across an await).
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+fn invalid(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, message)
+}
+
+fn read_certs(path: &Path) -> io::Result<Vec<CertificateDer<'static>>> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| invalid(format!("{}: {e}", path.display())))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(invalid(format!("{}: no PEM certificate in it", path.display())));
+    }
+    Ok(certs)
+}
+
+fn load_key(files: &TlsFiles) -> io::Result<Arc<CertifiedKey>> {
+    let certs = read_certs(&files.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| invalid(format!("{}: {e}", files.key.display())))?;
+    let key = CertifiedKey::from_der(certs, key, &provider())
+        .map_err(|e| invalid(format!("{} and {}: {e}", files.cert.display(), files.key.display())))?;
+    Ok(Arc::new(key))
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// The certificate in use, replaced when its files change.
+#[derive(Debug)]
+struct Reloading {
+    files: TlsFiles,
+    current: RwLock<Arc<CertifiedKey>>,
+    stamp: std::sync::Mutex<(Option<SystemTime>, Option<SystemTime>)>,
+}
+
+impl Reloading {
+    fn new(files: TlsFiles) -> io::Result<Reloading> {
+        let key = load_key(&files)?;
+        let stamp = (modified(&files.cert), modified(&files.key));
+        Ok(Reloading {
+            files,
+            current: RwLock::new(key),
+            stamp: std::sync::Mutex::new(stamp),
+        })
+    }
+
+    fn reload_if_changed(&self) {
+        let now = (modified(&self.files.cert), modified(&self.files.key));
+        let mut stamp = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+        if *stamp == now {
+            return;
+        }
+        match load_key(&self.files) {
+            Ok(key) => {
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = key;
+                *stamp = now;
+                tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
+            }
+            // A half-written pair (the certificate replaced before its key) is tried again on the next check.
+            Err(e) => tracing::warn!(error = %e, "TLS certificate changed but cannot be used yet; keeping the previous one"),
+        }
+    }
+}
+
+impl ResolvesServerCert for Reloading {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
+/// Serves `router` over HTTP/1.1 on `listener` (TLS when `tls` is given) until `stop`, then lets open connections
+/// finish their requests. Headers must arrive within `header_timeout` (and a TLS handshake within the same time).
+pub async fn serve_http(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    router: Router,
+    header_timeout: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut stop) => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(
+            router
+                .clone()
+                .map_request(|r: axum::http::Request<hyper::body::Incoming>| r.map(axum::body::Body::new)),
+        );
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .keep_alive(true);
+            let result = match tls {
+                None => watcher
+                    .watch(http.serve_connection(TokioIo::new(tcp), service))
+                    .await,
+                Some(acceptor) => match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        watcher
+                            .watch(http.serve_connection(TokioIo::new(stream), service))
+                            .await
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!("TLS handshake timed out");
+                        return;
+                    }
+                },
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// A TLS connection gRPC can serve.
+pub struct TlsConnection(tokio_rustls::server::TlsStream<TcpStream>);
+
+impl tonic::transport::server::Connected for TlsConnection {
+    type ConnectInfo = ();
+    fn connect_info(&self) {}
+}
+
+impl tokio::io::AsyncRead for TlsConnection {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsConnection {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// Accepts TCP connections and completes their TLS handshakes off the accept loop, yielding the finished ones.
+pub fn tls_incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    handshake_timeout: Duration,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConnection>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                // gRPC stopped taking connections (shutdown): stop accepting.
+                () = tx.closed() => return,
+            };
+            let tcp = match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a gRPC connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(TlsConnection(stream))).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "gRPC TLS handshake failed"),
+                    Err(_) => tracing::debug!("gRPC TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
