@@ -47,6 +47,9 @@ pub enum Command {
     /// Train a candidate on new data, score it against the live version on a holdout, and publish it with a
     /// canary rollout only if it is better (exit status 3 when it is refused).
     Retrain(Box<crate::retrain::RetrainArgs>),
+    /// Sign a model version with an Ed25519 key (writing its ferry.sig), or make a key; servers started with
+    /// --trusted-key load only versions signed by a trusted key.
+    Sign(crate::sign::SignArgs),
 }
 
 /// Log line format.
@@ -182,6 +185,15 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_GRAPH_OPTIMIZATION_LEVEL", value_enum, default_value_t = OptLevelArg::All)]
     pub graph_optimization_level: OptLevelArg,
 
+    /// Load only model versions signed (`ferry sign`) by this Ed25519 public key file (repeat the flag, or separate
+    /// files with commas); an unsigned or altered version is refused with the reason. Off unless given.
+    #[arg(long, env = "FERRY_TRUSTED_KEYS", value_delimiter = ',', value_name = "PUB_FILE")]
+    pub trusted_key: Vec<PathBuf>,
+
+    /// A model.onnx larger than this many bytes is refused before it is read (from S3, before it is fetched).
+    #[arg(long, env = "FERRY_MAX_MODEL_BYTES", default_value_t = ferry_server::integrity::DEFAULT_MAX_MODEL_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_model_bytes: u64,
+
     /// The ONNX Runtime 1.32 library (`libonnxruntime.so.1.32.0`). Without it Ferry looks at $ORT_DYLIB_PATH,
     /// beside its own binary, and in an installed Python `onnxruntime` package.
     #[arg(long, env = "FERRY_ONNXRUNTIME_LIB", value_name = "FILE")]
@@ -274,6 +286,7 @@ impl ServeArgs {
                 },
             },
             onnxruntime_lib: self.onnxruntime_lib,
+            integrity: crate::sign::policy(&self.trusted_key, self.max_model_bytes)?,
             payload_log: match self.payload_log {
                 None => None,
                 Some(path) => {

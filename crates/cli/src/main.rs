@@ -9,6 +9,7 @@ mod evaluate;
 mod optimize;
 mod retrain;
 mod rollout;
+mod sign;
 mod telemetry;
 mod train;
 
@@ -48,6 +49,7 @@ fn run(command: cli::Command) -> anyhow::Result<()> {
         cli::Command::Baseline(args) => baseline::run(args),
         cli::Command::Rollout(args) => rollout::run(args),
         cli::Command::Retrain(args) => retrain::run(*args),
+        cli::Command::Sign(args) => sign::run(args),
         cli::Command::Serve(args) => {
             telemetry::init(args.log_format, &args.log_level).context("setting up logging")?;
             let config = args

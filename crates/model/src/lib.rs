@@ -8,6 +8,7 @@
 //!
 //! This crate knows nothing of async runtimes, HTTP or engines.
 
+pub mod external;
 pub mod onnx;
 mod signature;
 mod tensor;

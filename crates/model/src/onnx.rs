@@ -232,6 +232,13 @@ pub struct TensorProto {
     /// FP64 elements.
     #[prost(double, repeated, tag = "10")]
     pub double_data: Vec<f64>,
+    /// Where the data lives when `data_location` is EXTERNAL (`location`, `offset`, `length`); Ferry never writes
+    /// it and refuses models that use it (see [`crate::external`]).
+    #[prost(message, repeated, tag = "13")]
+    pub external_data: Vec<StringStringEntryProto>,
+    /// `DEFAULT` (0, data in this message) or `EXTERNAL` (1, data in another file).
+    #[prost(int32, tag = "14")]
+    pub data_location: i32,
 }
 
 impl TensorProto {
@@ -252,6 +259,20 @@ impl TensorProto {
             dims: dims.to_vec(),
             data_type: DataType::I64.onnx_code(),
             int64_data: values,
+            ..Default::default()
+        }
+    }
+    /// A tensor whose data lives in another file, `location` relative to the model (for tests of the refusal).
+    pub fn external(name: &str, dtype: DataType, dims: &[i64], location: &str) -> TensorProto {
+        TensorProto {
+            name: name.into(),
+            dims: dims.to_vec(),
+            data_type: dtype.onnx_code(),
+            external_data: vec![StringStringEntryProto {
+                key: "location".into(),
+                value: location.into(),
+            }],
+            data_location: 1,
             ..Default::default()
         }
     }

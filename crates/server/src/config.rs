@@ -45,6 +45,8 @@ pub struct ServeConfig {
     pub onnxruntime_lib: Option<PathBuf>,
     /// Sampled payload logging, when on.
     pub payload_log: Option<crate::payload_log::PayloadLogConfig>,
+    /// Trusted signing keys and the model size limit, checked before a model loads.
+    pub integrity: crate::integrity::IntegrityPolicy,
 }
 
 impl ServeConfig {
@@ -72,6 +74,7 @@ impl ServeConfig {
             },
             onnxruntime_lib: None,
             payload_log: None,
+            integrity: crate::integrity::IntegrityPolicy::default(),
         }
     }
 }

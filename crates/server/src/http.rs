@@ -212,15 +212,18 @@ impl Server {
         };
         let repo = Repository::open(&config.model_repository, &config.cache_dir)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        let manager = Arc::new(Manager::new(
-            repo,
-            store.clone(),
-            onnxruntime,
-            config.engine.clone(),
-            metrics.clone(),
-            config.model_control_mode,
-            config.shutdown_grace_period,
-        ));
+        let manager = Arc::new(
+            Manager::new(
+                repo,
+                store.clone(),
+                onnxruntime,
+                config.engine.clone(),
+                metrics.clone(),
+                config.model_control_mode,
+                config.shutdown_grace_period,
+            )
+            .with_integrity(config.integrity.clone()),
+        );
         manager
             .startup(&config.load_models)
             .await

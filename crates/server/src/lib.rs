@@ -9,6 +9,7 @@
 //! - [`http`]: the REST and gRPC routers and the server lifecycle (bind, serve, drain on shutdown).
 //! - [`drift`]: per-feature drift (PSI, KS) of live inputs against the training data.
 //! - [`payload_log`]: sampled request/response logging as rotated JSON lines.
+//! - [`integrity`]: signed versions (`ferry.sig`, Ed25519) and the model size limit, checked before a model loads.
 //! - [`error`]: the one error table, mapping each failure kind to its status.
 //! - [`metrics`]: the metric catalogue, registry and Prometheus exposition.
 //!
@@ -21,6 +22,7 @@ pub mod drift;
 pub mod error;
 pub mod http;
 pub mod infer;
+pub mod integrity;
 pub mod metrics;
 pub mod model_config;
 pub mod payload_log;

@@ -83,6 +83,7 @@ pub struct Manager {
     metrics: Arc<crate::metrics::Metrics>,
     mode: ControlMode,
     drain_timeout: Duration,
+    integrity: Arc<crate::integrity::IntegrityPolicy>,
     state: tokio::sync::Mutex<State>,
 }
 
@@ -123,8 +124,15 @@ impl Manager {
             metrics,
             mode,
             drain_timeout,
+            integrity: Arc::new(crate::integrity::IntegrityPolicy::default()),
             state: tokio::sync::Mutex::new(State::default()),
         }
+    }
+
+    /// Checks versions with this policy (trusted signing keys, model size limit) before they load.
+    pub fn with_integrity(mut self, integrity: crate::integrity::IntegrityPolicy) -> Manager {
+        self.integrity = Arc::new(integrity);
+        self
     }
 
     /// The repository.
@@ -680,11 +688,18 @@ impl Manager {
     ) -> Result<Arc<LoadedVersion>, String> {
         let started = Instant::now();
         let result = async {
-            let dir = self.repo.fetch_version(name, version).await?;
-            let (engine, cfg) = (self.engine.clone(), config.clone());
-            tokio::task::spawn_blocking(move || crate::repository::prepare(&dir, &cfg, &engine))
-                .await
-                .unwrap_or_else(|e| Err(format!("loading panicked: {e}")))
+            let dir = self
+                .repo
+                .fetch_version_within(name, version, self.integrity.max_model_bytes)
+                .await?;
+            let (engine, cfg, integrity) =
+                (self.engine.clone(), config.clone(), self.integrity.clone());
+            let model = name.to_string();
+            tokio::task::spawn_blocking(move || {
+                crate::repository::prepare(&dir, (&model, version), &cfg, &engine, &integrity)
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("loading panicked: {e}")))
         }
         .await;
         self.metrics.load(name, started.elapsed(), result.is_ok());

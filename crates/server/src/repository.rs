@@ -291,25 +291,43 @@ pub(crate) struct Prepared {
     backend: Arc<dyn Backend>,
 }
 
-/// Prepares one version: reads it, checks it against the sha256 in its `ferry.json`, loads it into its engine and
-/// warms it up. The error is the reason shown in its UNAVAILABLE state.
+/// Prepares one version of `model`: reads it (refusing a `model.onnx` over the size limit before reading it),
+/// verifies its signature when keys are trusted, checks it against the sha256 in its `ferry.json`, refuses external
+/// data, loads it into its engine and warms it up. Every check runs on the bytes the engine then loads. The error
+/// is the reason shown in its UNAVAILABLE state.
 pub(crate) fn prepare(
     dir: &Path,
+    (model, version): (&str, u64),
     config: &ModelConfig,
     onnxruntime: &Result<OrtEngine, EngineError>,
+    integrity: &crate::integrity::IntegrityPolicy,
 ) -> Result<Prepared, String> {
-    let model_path = dir.join("model.onnx");
-    let bytes = std::fs::read(&model_path)
-        .map_err(|e| format!("cannot read {}: {e}", model_path.display()))?;
-    let meta = read_meta(dir)?;
+    let bytes = crate::integrity::read_model(&dir.join("model.onnx"), integrity.max_model_bytes)?;
+    let meta_bytes = read_meta_bytes(dir)?;
+    let model_sha = std::cell::OnceCell::new();
+    let model_sha = || model_sha.get_or_init(|| sha256_hex(&bytes)).clone();
+    if !integrity.trusted_keys.is_empty() {
+        let files = crate::integrity::version_files(dir, &|path| match path {
+            "model.onnx" => Some(model_sha()),
+            "ferry.json" => meta_bytes.as_deref().map(sha256_hex),
+            _ => None,
+        })?;
+        let key =
+            crate::integrity::verify_version(dir, model, version, &files, &integrity.trusted_keys)?;
+        tracing::info!(model, version, key, "signature verified");
+    }
+    let meta = parse_meta(meta_bytes.as_deref())?;
     if let Some(expected) = &meta.sha256 {
-        let actual = sha256_hex(&bytes);
+        let actual = model_sha();
         if !actual.eq_ignore_ascii_case(expected) {
             return Err(format!(
                 "model.onnx does not match its checksum: sha256 is {actual}, ferry.json says {expected}"
             ));
         }
     }
+    // Before any engine sees the bytes: an engine loading from memory would look for external data relative to
+    // the working directory.
+    ferry_model::external::check_self_contained(&bytes, Some(dir)).map_err(|e| e.to_string())?;
     let options = &config.engine_options;
     let backend: Arc<dyn Backend> = match (config.engine, onnxruntime) {
         (EngineChoice::Tract, _) => tract_backend(&bytes, options)?,
@@ -410,15 +428,22 @@ fn tract_backend(_: &[u8], _: &EngineOptions) -> Result<Arc<dyn Backend>, String
     Err("engine = \"tract\" needs a build with the `tract` feature; this build has ONNX Runtime only".into())
 }
 
-fn read_meta(dir: &Path) -> Result<ModelMeta, String> {
+/// The bytes of a version's `ferry.json`, when it has one.
+fn read_meta_bytes(dir: &Path) -> Result<Option<Vec<u8>>, String> {
     let path = dir.join("ferry.json");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ModelMeta::default()),
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+fn parse_meta(bytes: Option<&[u8]>) -> Result<ModelMeta, String> {
+    let Some(bytes) = bytes else {
+        return Ok(ModelMeta::default());
     };
     let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("ferry.json: {e}"))?;
+        serde_json::from_slice(bytes).map_err(|e| format!("ferry.json: {e}"))?;
     let strings = |key: &str| -> Result<Option<Vec<String>>, String> {
         match value.get(key) {
             None | Some(serde_json::Value::Null) => Ok(None),

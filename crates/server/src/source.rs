@@ -117,10 +117,21 @@ impl Repository {
 
     /// The version's directory on local disk (fetched into the cache first for S3), ready to load.
     pub async fn fetch_version(&self, model: &str, version: u64) -> Result<PathBuf, String> {
+        self.fetch_version_within(model, version, u64::MAX).await
+    }
+
+    /// Like [`Repository::fetch_version`], but refuses (before downloading anything) a version from S3 holding an
+    /// object larger than `max_file_bytes`.
+    pub async fn fetch_version_within(
+        &self,
+        model: &str,
+        version: u64,
+        max_file_bytes: u64,
+    ) -> Result<PathBuf, String> {
         validate_name(model)?;
         match self {
             Repository::Local(root) => Ok(root.join(model).join(version.to_string())),
-            Repository::S3(s3) => s3.fetch_version(model, version).await,
+            Repository::S3(s3) => s3.fetch_version(model, version, max_file_bytes).await,
         }
     }
 
@@ -204,6 +215,13 @@ impl Repository {
             }
         }
     }
+}
+
+/// The file path components of an object key below a version's prefix, when every one is a plain name (no `..`,
+/// `.`, empty or hidden part, no separators or odd characters), so the file lands inside the version's folder.
+fn local_parts(rel: &str) -> Option<Vec<&str>> {
+    let parts: Vec<&str> = rel.split('/').collect();
+    (!parts.is_empty() && parts.iter().all(|p| validate_name(p).is_ok())).then_some(parts)
 }
 
 fn sanitize(text: &str) -> String {
@@ -430,7 +448,12 @@ impl S3Repository {
     }
 
     /// Downloads a version's files into a fresh cache directory (never over a directory a loaded version came from).
-    async fn fetch_version(&self, model: &str, version: u64) -> Result<PathBuf, String> {
+    async fn fetch_version(
+        &self,
+        model: &str,
+        version: u64,
+        max_file_bytes: u64,
+    ) -> Result<PathBuf, String> {
         use futures_util::TryStreamExt;
         let v = version.to_string();
         let prefix = self.key(&[model, &v]);
@@ -440,6 +463,12 @@ impl S3Repository {
             .try_collect()
             .await
             .map_err(|e| format!("{}: cannot list {prefix}: {e}", self.url))?;
+        if let Some(o) = objects.iter().find(|o| o.size > max_file_bytes) {
+            return Err(format!(
+                "{}: {} is {} bytes, larger than the {max_file_bytes} bytes --max-model-bytes allows; not fetched",
+                self.url, o.location, o.size
+            ));
+        }
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
@@ -449,11 +478,10 @@ impl S3Repository {
         let strip = prefix.as_ref().len() + 1;
         for o in objects {
             let rel = &o.location.as_ref()[strip.min(o.location.as_ref().len())..];
-            let parts: Vec<&str> = rel.split('/').collect();
-            if parts.is_empty() || parts.iter().any(|p| validate_name(p).is_err()) {
+            let Some(parts) = local_parts(rel) else {
                 tracing::warn!(object = %o.location, "skipping an object whose name cannot be a file name");
                 continue;
-            }
+            };
             let bytes = self
                 .get(&o.location)
                 .await?
@@ -477,5 +505,86 @@ impl S3Repository {
             }
         }
         Ok(dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::ObjectStore;
+
+    #[test]
+    fn object_keys_that_could_leave_the_version_folder_are_not_files() {
+        for bad in [
+            "../../etc/passwd",
+            "warmup/../../../etc/passwd",
+            "..",
+            ".",
+            "./model.onnx",
+            "/etc/passwd",
+            "",
+            "a//b",
+            "warmup/",
+            ".hidden",
+            "warmup/.x.json",
+            "%2E%2E/x",
+            "..\\..\\x",
+            "a b",
+        ] {
+            assert_eq!(local_parts(bad), None, "{bad:?}");
+        }
+        assert_eq!(local_parts("model.onnx"), Some(vec!["model.onnx"]));
+        assert_eq!(local_parts("warmup/1.json"), Some(vec!["warmup", "1.json"]));
+    }
+
+    fn files_under(root: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut pending = vec![root.to_path_buf()];
+        while let Some(dir) = pending.pop() {
+            for e in std::fs::read_dir(&dir).unwrap().flatten() {
+                if e.path().is_dir() {
+                    pending.push(e.path());
+                } else {
+                    out.push(e.path().strip_prefix(root).unwrap().display().to_string());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[tokio::test]
+    async fn an_s3_fetch_writes_only_plain_names_inside_the_version_folder() {
+        let store = Arc::new(object_store::memory::InMemory::new());
+        for key in [
+            "p/m/1/model.onnx",
+            "p/m/1/warmup/1.json",
+            "p/m/1/../../escaped",
+            "p/m/1/warmup/../../../escaped",
+            "p/m/1/.hidden",
+            "p/m/1/%2e%2e/x",
+        ] {
+            store
+                .put(&ObjPath::from(key), b"data".to_vec().into())
+                .await
+                .unwrap();
+        }
+        let cache = std::env::temp_dir().join(format!("ferry-s3-fetch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&cache);
+        let repo = S3Repository {
+            url: "s3://bucket/p".into(),
+            store,
+            prefix: "p".into(),
+            cache: cache.join("bucket"),
+        };
+        let dir = repo.fetch_version("m", 1, u64::MAX).await.unwrap();
+        assert!(dir.starts_with(cache.join("bucket/m")), "{}", dir.display());
+        assert_eq!(files_under(&dir), ["model.onnx", "warmup/1.json"]);
+        // Nothing landed anywhere else under the cache either.
+        assert_eq!(files_under(&cache).len(), 2, "{:?}", files_under(&cache));
+
+        let e = repo.fetch_version("m", 1, 3).await.unwrap_err();
+        assert!(e.contains("4 bytes, larger than the 3 bytes"), "{e}");
+        std::fs::remove_dir_all(&cache).unwrap();
     }
 }

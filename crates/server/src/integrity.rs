@@ -1,0 +1,628 @@
+//! Model integrity: signed versions (`ferry sign`, `--trusted-key`) and the size limit on `model.onnx`.
+//!
+//! A signature covers a whole version: the model's name and version number and the sha256 of every file of the
+//! version directory (`model.onnx`, `ferry.json`, `warmup/*.json`, anything else), so changing, adding or
+//! removing any file, or copying the version under another model or number, breaks it. It is an Ed25519
+//! signature (RFC 8032) kept beside the model in `ferry.sig`:
+//!
+//! ```json
+//! {
+//!   "format": "ferry-signature-v1",
+//!   "algorithm": "ed25519",
+//!   "key_id": "5f1c0e7a9b2d4c61",
+//!   "model": "iris",
+//!   "version": 3,
+//!   "files": { "ferry.json": "<sha256 hex>", "model.onnx": "<sha256 hex>" },
+//!   "signature": "<base64 of the 64-byte signature>"
+//! }
+//! ```
+//!
+//! What is signed is the text [`signed_message`] builds from the model, the version and the files (one line each,
+//! `<sha256>  <path>`, sorted by path, as `sha256sum` prints them). The server never trusts `files`, `model` or
+//! `version` from `ferry.sig`: it hashes what is on disk (the bytes it is about to load, for `model.onnx` and
+//! `ferry.json`), rebuilds the text with the names it serves the version under, and verifies the signature with
+//! the trusted key `key_id` names; the listed files only explain a failure ("model.onnx changed after signing").
+//!
+//! Keys are files of one line: a secret key is the 32-byte Ed25519 seed, a public key the 32-byte public key, each
+//! in hex (base64 is accepted too). A key's id is the first 16 hex digits of the sha256 of its public key.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+
+use crate::repository::{sha256_hex, validate_name};
+
+/// The signature file in a version directory.
+pub const SIGNATURE_FILE: &str = "ferry.sig";
+/// The `format` of signature files this build writes and reads.
+pub const FORMAT: &str = "ferry-signature-v1";
+/// The default largest `model.onnx` (`--max-model-bytes`): 2 GiB, protobuf's own limit.
+pub const DEFAULT_MAX_MODEL_BYTES: u64 = 2 << 30;
+/// The most files a signed version may have, and the deepest folder nesting walked.
+const MAX_FILES: usize = 10_000;
+const MAX_DEPTH: usize = 16;
+
+/// What the server checks before a model reaches an engine, beyond the sha256 in `ferry.json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IntegrityPolicy {
+    /// When not empty, only versions signed by one of these keys load.
+    pub trusted_keys: Vec<PublicKey>,
+    /// A larger `model.onnx` is refused before it is read (and, from S3, before it is fetched).
+    pub max_model_bytes: u64,
+}
+
+impl Default for IntegrityPolicy {
+    fn default() -> Self {
+        IntegrityPolicy {
+            trusted_keys: Vec::new(),
+            max_model_bytes: DEFAULT_MAX_MODEL_BYTES,
+        }
+    }
+}
+
+/// An Ed25519 public key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PublicKey([u8; 32]);
+
+impl std::fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PublicKey({})", self.id())
+    }
+}
+
+impl PublicKey {
+    /// Parses a public key written in hex or base64.
+    pub fn parse(text: &str) -> Result<PublicKey, String> {
+        decode_key(text).map(PublicKey)
+    }
+
+    /// Reads a public key file (`ferry sign --generate-key` writes `KEY_FILE.pub`).
+    pub fn read(path: &Path) -> Result<PublicKey, String> {
+        let text = read_small(path)?;
+        PublicKey::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The key's id: the first 16 hex digits of the sha256 of its bytes.
+    pub fn id(&self) -> String {
+        sha256_hex(&self.0)[..16].to_string()
+    }
+
+    /// The key in hex, as key files hold it.
+    pub fn to_hex(&self) -> String {
+        hex(&self.0)
+    }
+
+    /// Whether `signature` is this key's signature of `message`.
+    pub fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &self.0)
+            .verify(message, signature)
+            .is_ok()
+    }
+}
+
+/// An Ed25519 secret key (its 32-byte seed).
+pub struct SigningKey {
+    pair: ring::signature::Ed25519KeyPair,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SigningKey({})", self.public_key().id())
+    }
+}
+
+impl SigningKey {
+    /// The key with this seed.
+    pub fn from_seed(seed: &[u8; 32]) -> SigningKey {
+        SigningKey {
+            pair: ring::signature::Ed25519KeyPair::from_seed_unchecked(seed)
+                .expect("any 32 bytes are an Ed25519 seed"),
+        }
+    }
+
+    /// A new random key and its seed (from the operating system's generator).
+    pub fn generate() -> Result<(SigningKey, [u8; 32]), String> {
+        use ring::rand::SecureRandom;
+        let mut seed = [0u8; 32];
+        ring::rand::SystemRandom::new()
+            .fill(&mut seed)
+            .map_err(|_| "the operating system's random number generator failed".to_string())?;
+        Ok((SigningKey::from_seed(&seed), seed))
+    }
+
+    /// Reads a secret key file. On Unix it must not be readable by group or others (as ssh insists).
+    pub fn read(path: &Path) -> Result<SigningKey, String> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                return Err(format!(
+                    "{} is readable by other users (mode {:o}): `chmod 600` it",
+                    path.display(),
+                    mode & 0o777
+                ));
+            }
+        }
+        let text = read_small(path)?;
+        let seed = decode_key(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(SigningKey::from_seed(&seed))
+    }
+
+    /// Makes a new key: the seed into `path` (created, never overwritten, mode 0600) and the public key into
+    /// `path.pub`. Returns the public key.
+    pub fn generate_files(path: &Path) -> Result<PublicKey, String> {
+        let (key, seed) = SigningKey::generate()?;
+        let public = key.public_key();
+        let pub_path = public_key_path(path);
+        if pub_path.exists() {
+            return Err(format!("{} exists; not overwriting it", pub_path.display()));
+        }
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => {
+                format!("{} exists; not overwriting a key", path.display())
+            }
+            _ => format!("cannot create {}: {e}", path.display()),
+        })?;
+        std::io::Write::write_all(&mut file, format!("{}\n", hex(&seed)).as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        std::fs::write(&pub_path, format!("{}\n", public.to_hex()))
+            .map_err(|e| format!("cannot write {}: {e}", pub_path.display()))?;
+        Ok(public)
+    }
+
+    /// The matching public key.
+    pub fn public_key(&self) -> PublicKey {
+        use ring::signature::KeyPair;
+        let mut bytes = [0u8; 32];
+        bytes.copy_from_slice(self.pair.public_key().as_ref());
+        PublicKey(bytes)
+    }
+
+    /// Signs `message`.
+    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
+        self.pair.sign(message).as_ref().to_vec()
+    }
+}
+
+/// Where the public key of the secret key file `path` goes: `path.pub`.
+pub fn public_key_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".pub");
+    PathBuf::from(name)
+}
+
+/// The contents of `ferry.sig`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SignatureFile {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// Always `ed25519`.
+    pub algorithm: String,
+    /// The id of the key that signed (see [`PublicKey::id`]).
+    pub key_id: String,
+    /// The model name signed for.
+    pub model: String,
+    /// The version signed for.
+    pub version: u64,
+    /// Every file signed (path relative to the version directory, `/`-separated) and its sha256.
+    pub files: BTreeMap<String, String>,
+    /// The signature of [`signed_message`], in base64.
+    pub signature: String,
+}
+
+/// The text that is signed: a header line, the model and version, and one `<sha256>  <path>` line per file,
+/// sorted by path.
+pub fn signed_message(model: &str, version: u64, files: &BTreeMap<String, String>) -> Vec<u8> {
+    let mut text = format!("{FORMAT}\nmodel {model}\nversion {version}\n");
+    for (path, sha) in files {
+        text.push_str(&format!("{sha}  {path}\n"));
+    }
+    text.into_bytes()
+}
+
+/// The sha256 of every file of a version directory but `ferry.sig`, by `/`-separated relative path. `known`
+/// gives the hash of a file already read (so what is checked is what loads); other files are hashed from disk.
+/// Symbolic links to files count as the file they point to; a link to a folder is refused.
+pub fn version_files(
+    dir: &Path,
+    known: &dyn Fn(&str) -> Option<String>,
+) -> Result<BTreeMap<String, String>, String> {
+    let mut files = BTreeMap::new();
+    let mut pending = vec![(dir.to_path_buf(), String::new(), 0usize)];
+    while let Some((folder, prefix, depth)) = pending.pop() {
+        let entries = std::fs::read_dir(&folder)
+            .map_err(|e| format!("cannot read {}: {e}", folder.display()))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| format!("cannot read {}: {e}", folder.display()))?;
+            let name = entry.file_name().into_string().map_err(|n| {
+                format!(
+                    "{}: a file name that is not UTF-8 ({n:?})",
+                    folder.display()
+                )
+            })?;
+            let rel = format!("{prefix}{name}");
+            if rel == SIGNATURE_FILE {
+                continue;
+            }
+            let path = entry.path();
+            let link = entry
+                .file_type()
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+                .is_symlink();
+            let meta = std::fs::metadata(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            if meta.is_dir() {
+                if link {
+                    return Err(format!(
+                        "{rel} is a symbolic link to a folder, which a signed version cannot hold"
+                    ));
+                }
+                if depth + 1 >= MAX_DEPTH {
+                    return Err(format!("{rel}: folders nest deeper than {MAX_DEPTH}"));
+                }
+                pending.push((path, format!("{rel}/"), depth + 1));
+            } else if meta.is_file() {
+                if files.len() >= MAX_FILES {
+                    return Err(format!("the version has more than {MAX_FILES} files"));
+                }
+                let sha = match known(&rel) {
+                    Some(sha) => sha,
+                    None => hash_file(&path)?,
+                };
+                files.insert(rel, sha);
+            }
+        }
+    }
+    Ok(files)
+}
+
+fn hash_file(path: &Path) -> Result<String, String> {
+    use sha2::Digest;
+    let mut file =
+        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+/// Signs a version directory for `model` and `version`, writing `ferry.sig`. Refuses a directory holding a file
+/// whose name a repository cannot serve (hidden files, odd characters): it would not be fetched from S3, so the
+/// signature would not verify there.
+pub fn sign_version(
+    dir: &Path,
+    model: &str,
+    version: u64,
+    key: &SigningKey,
+) -> Result<SignatureFile, String> {
+    validate_name(model)?;
+    if version == 0 {
+        return Err("versions are positive integers".into());
+    }
+    let files = version_files(dir, &|_| None)?;
+    if !files.contains_key("model.onnx") {
+        return Err(format!("{} has no model.onnx", dir.display()));
+    }
+    if let Some(bad) = files
+        .keys()
+        .find(|p| p.split('/').any(|part| validate_name(part).is_err()))
+    {
+        return Err(format!(
+            "{bad}: a file name Ferry does not fetch from S3 (hidden, or not letters, digits, `-`, `_` and `.`); remove or rename it before signing"
+        ));
+    }
+    let signature = key.sign(&signed_message(model, version, &files));
+    let sig = SignatureFile {
+        format: FORMAT.into(),
+        algorithm: "ed25519".into(),
+        key_id: key.public_key().id(),
+        model: model.into(),
+        version,
+        files,
+        signature: base64::engine::general_purpose::STANDARD.encode(signature),
+    };
+    let text = serde_json::to_string_pretty(&sig).map_err(|e| e.to_string())? + "\n";
+    let tmp = dir.join(format!(".{SIGNATURE_FILE}.tmp"));
+    std::fs::write(&tmp, text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, dir.join(SIGNATURE_FILE))
+        .map_err(|e| format!("cannot write {}: {e}", dir.join(SIGNATURE_FILE).display()))?;
+    Ok(sig)
+}
+
+/// Verifies a version's `ferry.sig` against the trusted keys, for the model and version it is served as, over
+/// `files` (from [`version_files`]). Returns the id of the key that signed it; the error says what failed.
+pub fn verify_version(
+    dir: &Path,
+    model: &str,
+    version: u64,
+    files: &BTreeMap<String, String>,
+    trusted: &[PublicKey],
+) -> Result<String, String> {
+    let path = dir.join(SIGNATURE_FILE);
+    let text = match std::fs::read(&path) {
+        Ok(t) if t.len() > 1 << 20 => return Err(format!("{SIGNATURE_FILE} is larger than 1 MiB")),
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!(
+                "the version is not signed (no {SIGNATURE_FILE}) and the server requires a signature by a trusted key (--trusted-key): sign it with `ferry sign`"
+            ))
+        }
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let sig: SignatureFile =
+        serde_json::from_slice(&text).map_err(|e| format!("{SIGNATURE_FILE} is malformed: {e}"))?;
+    if sig.format != FORMAT || sig.algorithm != "ed25519" {
+        return Err(format!(
+            "{SIGNATURE_FILE} has format `{}` and algorithm `{}`; this build reads `{FORMAT}` with `ed25519`",
+            sig.format, sig.algorithm
+        ));
+    }
+    let Some(key) = trusted.iter().find(|k| k.id() == sig.key_id) else {
+        let ids: Vec<String> = trusted.iter().map(PublicKey::id).collect();
+        return Err(format!(
+            "signed by key {}, which is not a trusted key (trusted: {})",
+            sig.key_id,
+            ids.join(", ")
+        ));
+    };
+    let signature = base64::engine::general_purpose::STANDARD
+        .decode(sig.signature.trim())
+        .map_err(|e| format!("{SIGNATURE_FILE}: the signature is not base64: {e}"))?;
+    if key.verifies(&signed_message(model, version, files), &signature) {
+        return Ok(sig.key_id);
+    }
+    Err(format!(
+        "the signature by key {} does not match the version: {}",
+        sig.key_id,
+        explain(&sig, model, version, files)
+    ))
+}
+
+/// Why a signature does not match, from the files and names `ferry.sig` lists.
+fn explain(
+    sig: &SignatureFile,
+    model: &str,
+    version: u64,
+    files: &BTreeMap<String, String>,
+) -> String {
+    let mut why = Vec::new();
+    if sig.model != model || sig.version != version {
+        why.push(format!(
+            "it was signed for {} version {}, not {model} version {version}",
+            sig.model, sig.version
+        ));
+    }
+    for (path, sha) in files {
+        match sig.files.get(path) {
+            None => why.push(format!("{path} was added after signing")),
+            Some(signed) if signed != sha => why.push(format!("{path} changed after signing")),
+            Some(_) => {}
+        }
+    }
+    for path in sig.files.keys().filter(|p| !files.contains_key(*p)) {
+        why.push(format!("{path} was removed after signing"));
+    }
+    if why.is_empty() {
+        why.push(format!(
+            "{SIGNATURE_FILE} itself was altered, or made with another key"
+        ));
+    }
+    why.join("; ")
+}
+
+/// Reads `model.onnx`, refusing one larger than `max_bytes` before reading it (and if it grows while read).
+pub fn read_model(path: &Path, max_bytes: u64) -> Result<Vec<u8>, String> {
+    let too_big = |size: u64| {
+        format!("model.onnx is {size} bytes, larger than the {max_bytes} bytes --max-model-bytes allows")
+    };
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let size = file
+        .metadata()
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .len();
+    if size > max_bytes {
+        return Err(too_big(size));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(max_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(too_big(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+fn read_small(path: &Path) -> Result<String, String> {
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(4096).read_to_string(&mut text))
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok(text)
+}
+
+fn decode_key(text: &str) -> Result<[u8; 32], String> {
+    let text = text.trim();
+    let bytes = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        (0..32)
+            .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).expect("checked hex"))
+            .collect()
+    } else {
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(|_| "not a key: expected 32 bytes in hex (64 digits) or base64".to_string())?
+    };
+    bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| format!("not a key: {} bytes, expected 32", b.len()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    fn version_dir(tag: &str) -> Dir {
+        let dir = std::env::temp_dir().join(format!("ferry-sig-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("warmup")).unwrap();
+        std::fs::write(dir.join("model.onnx"), b"model bytes").unwrap();
+        std::fs::write(dir.join("ferry.json"), br#"{"classes":["a","b"]}"#).unwrap();
+        std::fs::write(dir.join("warmup/1.json"), b"{}").unwrap();
+        Dir(dir)
+    }
+    fn verify(dir: &Path, model: &str, version: u64, keys: &[PublicKey]) -> Result<String, String> {
+        let files = version_files(dir, &|_| None)?;
+        verify_version(dir, model, version, &files, keys)
+    }
+
+    #[test]
+    fn a_signed_version_verifies_and_any_change_is_named() {
+        let dir = version_dir("change");
+        let key = SigningKey::from_seed(&[7; 32]);
+        let trusted = [key.public_key()];
+        let sig = sign_version(&dir.0, "iris", 3, &key).unwrap();
+        assert_eq!(sig.files.len(), 3);
+        assert_eq!(
+            verify(&dir.0, "iris", 3, &trusted),
+            Ok(key.public_key().id())
+        );
+
+        let e = verify(&dir.0, "iris", 4, &trusted).unwrap_err();
+        assert!(
+            e.contains("signed for iris version 3, not iris version 4"),
+            "{e}"
+        );
+        let e = verify(&dir.0, "other", 3, &trusted).unwrap_err();
+        assert!(e.contains("not other version 3"), "{e}");
+
+        std::fs::write(dir.0.join("model.onnx"), b"model bytez").unwrap();
+        let e = verify(&dir.0, "iris", 3, &trusted).unwrap_err();
+        assert!(e.contains("model.onnx changed after signing"), "{e}");
+        std::fs::write(dir.0.join("model.onnx"), b"model bytes").unwrap();
+
+        std::fs::write(dir.0.join("warmup/2.json"), b"{}").unwrap();
+        let e = verify(&dir.0, "iris", 3, &trusted).unwrap_err();
+        assert!(e.contains("warmup/2.json was added after signing"), "{e}");
+        std::fs::remove_file(dir.0.join("warmup/2.json")).unwrap();
+
+        std::fs::remove_file(dir.0.join("ferry.json")).unwrap();
+        let e = verify(&dir.0, "iris", 3, &trusted).unwrap_err();
+        assert!(e.contains("ferry.json was removed after signing"), "{e}");
+    }
+
+    #[test]
+    fn unsigned_untrusted_and_forged_signatures_are_refused() {
+        let dir = version_dir("forged");
+        let key = SigningKey::from_seed(&[1; 32]);
+        let other = SigningKey::from_seed(&[2; 32]);
+        let e = verify(&dir.0, "m", 1, &[key.public_key()]).unwrap_err();
+        assert!(e.contains("not signed"), "{e}");
+
+        sign_version(&dir.0, "m", 1, &other).unwrap();
+        let e = verify(&dir.0, "m", 1, &[key.public_key()]).unwrap_err();
+        assert!(e.contains("not a trusted key"), "{e}");
+        assert!(verify(&dir.0, "m", 1, &[key.public_key(), other.public_key()]).is_ok());
+
+        // Claim the trusted key's id over the other key's signature: the files match, the signature does not.
+        let path = dir.0.join(SIGNATURE_FILE);
+        let mut sig: SignatureFile =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        sig.key_id = key.public_key().id();
+        std::fs::write(&path, serde_json::to_vec(&sig).unwrap()).unwrap();
+        let e = verify(&dir.0, "m", 1, &[key.public_key()]).unwrap_err();
+        assert!(e.contains("altered, or made with another key"), "{e}");
+
+        std::fs::write(&path, b"{not json").unwrap();
+        let e = verify(&dir.0, "m", 1, &[key.public_key()]).unwrap_err();
+        assert!(e.contains("malformed"), "{e}");
+    }
+
+    #[test]
+    fn the_hash_of_bytes_already_read_is_the_one_signed_over() {
+        let dir = version_dir("known");
+        let key = SigningKey::from_seed(&[3; 32]);
+        sign_version(&dir.0, "m", 1, &key).unwrap();
+        // The loader read different bytes than are on disk now: its hash is what counts.
+        let files = version_files(&dir.0, &|p| {
+            (p == "model.onnx").then(|| sha256_hex(b"other"))
+        })
+        .unwrap();
+        let e = verify_version(&dir.0, "m", 1, &files, &[key.public_key()]).unwrap_err();
+        assert!(e.contains("model.onnx changed"), "{e}");
+    }
+
+    #[test]
+    fn signing_refuses_hidden_files_and_folders_without_a_model() {
+        let dir = version_dir("hidden");
+        let key = SigningKey::from_seed(&[4; 32]);
+        std::fs::write(dir.0.join(".DS_Store"), b"x").unwrap();
+        let e = sign_version(&dir.0, "m", 1, &key).unwrap_err();
+        assert!(e.contains(".DS_Store"), "{e}");
+        std::fs::remove_file(dir.0.join(".DS_Store")).unwrap();
+        std::fs::remove_file(dir.0.join("model.onnx")).unwrap();
+        let e = sign_version(&dir.0, "m", 1, &key).unwrap_err();
+        assert!(e.contains("no model.onnx"), "{e}");
+    }
+
+    #[test]
+    fn key_files_round_trip_and_the_secret_is_private() {
+        let dir = version_dir("keys");
+        let path = dir.0.join("signing.key");
+        let public = SigningKey::generate_files(&path).unwrap();
+        assert_eq!(PublicKey::read(&public_key_path(&path)).unwrap(), public);
+        assert_eq!(SigningKey::read(&path).unwrap().public_key(), public);
+        assert!(SigningKey::generate_files(&path)
+            .unwrap_err()
+            .contains("exists"));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            assert!(SigningKey::read(&path).unwrap_err().contains("chmod 600"));
+        }
+        let b64 = base64::engine::general_purpose::STANDARD.encode(public.0);
+        assert_eq!(PublicKey::parse(&format!("  {b64}\n")).unwrap(), public);
+        assert!(PublicKey::parse("abcd").is_err());
+        assert_eq!(public.id().len(), 16);
+    }
+
+    #[test]
+    fn models_over_the_limit_are_refused_before_reading() {
+        let dir = version_dir("size");
+        let path = dir.0.join("model.onnx");
+        assert_eq!(read_model(&path, 11).unwrap(), b"model bytes");
+        let e = read_model(&path, 10).unwrap_err();
+        assert!(e.contains("11 bytes, larger than the 10 bytes"), "{e}");
+    }
+}
