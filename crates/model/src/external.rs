@@ -30,8 +30,8 @@ pub struct ExternalTensor {
 /// Why a model cannot be served as it is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExternalDataError {
-    /// The bytes are not an ONNX model.
-    #[error("model.onnx is not an ONNX model: {0}")]
+    /// The bytes are not an ONNX model (worded as engines word a model they cannot load).
+    #[error("model failed to load: model.onnx is not an ONNX model ({0})")]
     Malformed(String),
     /// A tensor's external data would be read from outside the version directory.
     #[error("model.onnx: tensor `{tensor}` has its data at `{location}`, outside the version directory ({why}): refused")]
@@ -107,11 +107,11 @@ fn note(t: &SkeletonTensor, found: &mut Vec<ExternalTensor>) {
         let location = t
             .external_data
             .iter()
-            .find(|e| e.key == "location")
-            .map(|e| e.value.clone())
+            .find(|e| e.key == b"location")
+            .map(|e| String::from_utf8_lossy(&e.value).into_owned())
             .unwrap_or_default();
         found.push(ExternalTensor {
-            tensor: t.name.clone(),
+            tensor: String::from_utf8_lossy(&t.name).into_owned(),
             location,
         });
     }
@@ -176,7 +176,8 @@ pub fn check_self_contained(model: &[u8], dir: Option<&Path>) -> Result<(), Exte
     }
 }
 
-// The skeleton: field numbers from `onnx/onnx.proto`; every other field is skipped by the decoder.
+// The skeleton: field numbers from `onnx/onnx.proto`; every other field is skipped by the decoder. Strings are read
+// as bytes: ONNX Runtime's parser does not insist on UTF-8, so neither does the scan.
 
 #[derive(Clone, PartialEq, Message)]
 struct SkeletonModel {
@@ -244,8 +245,8 @@ struct SkeletonSparse {
 
 #[derive(Clone, PartialEq, Message)]
 struct SkeletonTensor {
-    #[prost(string, tag = "8")]
-    name: String,
+    #[prost(bytes = "vec", tag = "8")]
+    name: Vec<u8>,
     #[prost(message, repeated, tag = "13")]
     external_data: Vec<SkeletonEntry>,
     #[prost(int32, tag = "14")]
@@ -254,10 +255,10 @@ struct SkeletonTensor {
 
 #[derive(Clone, PartialEq, Message)]
 struct SkeletonEntry {
-    #[prost(string, tag = "1")]
-    key: String,
-    #[prost(string, tag = "2")]
-    value: String,
+    #[prost(bytes = "vec", tag = "1")]
+    key: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    value: Vec<u8>,
 }
 
 #[cfg(test)]
@@ -346,7 +347,7 @@ mod tests {
         let tensor = |location: &str| SkeletonTensor {
             name: location.into(),
             external_data: vec![SkeletonEntry {
-                key: "location".into(),
+                key: b"location".to_vec(),
                 value: location.into(),
             }],
             data_location: EXTERNAL,
@@ -402,6 +403,30 @@ mod tests {
             .collect();
         found.sort();
         assert_eq!(found, ["../deep", "fn.bin", "train.bin"]);
+    }
+
+    #[test]
+    fn names_need_not_be_utf8() {
+        let model = SkeletonModel {
+            graph: Some(SkeletonGraph {
+                initializer: vec![SkeletonTensor {
+                    name: vec![0xff, b'w'],
+                    external_data: vec![SkeletonEntry {
+                        key: b"location".to_vec(),
+                        value: vec![b'/', 0xfe],
+                    }],
+                    data_location: EXTERNAL,
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let found = external_tensors(&model.encode_to_vec()).unwrap();
+        assert_eq!(found[0].tensor, "\u{fffd}w");
+        assert!(matches!(
+            check_self_contained(&model.encode_to_vec(), None),
+            Err(ExternalDataError::Escapes { .. })
+        ));
     }
 
     #[test]
