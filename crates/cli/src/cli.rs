@@ -29,7 +29,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve every model in a repository over REST and gRPC (KServe v2 / Open Inference Protocol and TF Serving APIs).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Train a model on a CSV file by gradient descent and write it as ONNX with its ferry.json.
     Train(crate::train::TrainArgs),
     /// Score an exported model on a CSV file, running it through ONNX Runtime as `ferry serve` does.
@@ -134,6 +134,70 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
+    /// Serve every listener over TLS with this certificate chain (PEM); re-read when the file changes.
+    #[arg(
+        long,
+        env = "FERRY_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The TLS certificate's private key (PEM).
+    #[arg(
+        long,
+        env = "FERRY_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require client certificates signed by these CA certificates (PEM): mutual TLS.
+    #[arg(
+        long,
+        env = "FERRY_TLS_CLIENT_CA",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Tokens for the inference ports, as a TOML file of `[[token]]` tables (name, token or sha256, scopes,
+    /// rate_limit). With any token configured, calls need `Authorization: Bearer <token>` with the right scope.
+    #[arg(long, env = "FERRY_TOKENS_FILE", value_name = "FILE")]
+    pub tokens_file: Option<PathBuf>,
+
+    /// Tokens as `name:scope+scope:secret`, comma-separated (scopes: infer, read, admin). Prefer the environment
+    /// variable to the flag.
+    #[arg(long, env = "FERRY_TOKENS", hide_env_values = true)]
+    pub tokens: Option<String>,
+
+    /// Which endpoints answer without a token when tokens are on: `health`, `metrics`, both (the default), or
+    /// `none`.
+    #[arg(
+        long,
+        env = "FERRY_AUTH_OPEN",
+        value_delimiter = ',',
+        default_value = "health,metrics"
+    )]
+    pub auth_open: Vec<String>,
+
+    /// Slow clients: request headers (and a TLS handshake) must arrive within this, and a request body may not
+    /// pause longer than this between chunks.
+    #[arg(long, env = "FERRY_CLIENT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub client_timeout: Duration,
+
+    /// Rows (the first dimension) one input may have; more are refused with 400.
+    #[arg(long, env = "FERRY_MAX_ROWS_PER_REQUEST", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_rows_per_request: u64,
+
+    /// Elements one input tensor may have; more are refused with 400.
+    #[arg(long, env = "FERRY_MAX_TENSOR_ELEMENTS", default_value_t = 1 << 26, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_tensor_elements: u64,
+
+    /// How deeply a JSON body may nest; deeper bodies are refused with 400 before they are parsed.
+    #[arg(long, env = "FERRY_MAX_JSON_DEPTH", default_value_t = 64, value_parser = clap::value_parser!(u32).range(2..=1000))]
+    pub max_json_depth: u32,
+
     /// The address to listen on.
     #[arg(long, env = "FERRY_HOST", default_value = "0.0.0.0")]
     pub host: IpAddr,
@@ -187,7 +251,12 @@ pub struct ServeArgs {
 
     /// Load only model versions signed (`ferry sign`) by this Ed25519 public key file (repeat the flag, or separate
     /// files with commas); an unsigned or altered version is refused with the reason. Off unless given.
-    #[arg(long, env = "FERRY_TRUSTED_KEYS", value_delimiter = ',', value_name = "PUB_FILE")]
+    #[arg(
+        long,
+        env = "FERRY_TRUSTED_KEYS",
+        value_delimiter = ',',
+        value_name = "PUB_FILE"
+    )]
     pub trusted_key: Vec<PathBuf>,
 
     /// A model.onnx larger than this many bytes is refused before it is read (from S3, before it is fetched).
@@ -252,6 +321,15 @@ impl ServeArgs {
             "--load-model only applies with --model-control-mode explicit"
         );
         let admin_token = self.admin_token.filter(|t| !t.trim().is_empty());
+        if let Some(bad) = self
+            .auth_open
+            .iter()
+            .find(|o| !matches!(o.as_str(), "health" | "metrics" | "none"))
+        {
+            anyhow::bail!(
+                "--auth-open: unknown endpoint `{bad}` (expected health, metrics or none)"
+            );
+        }
         Ok(ServeConfig {
             model_repository: self.model_repository,
             cache_dir: self
@@ -266,7 +344,38 @@ impl ServeArgs {
             load_models: self.load_model,
             admin: (!self.no_admin)
                 .then(|| std::net::SocketAddr::new(self.admin_host, self.admin_port)),
-            admin_token,
+            admin_token: admin_token.map(ferry_server::config::Secret),
+            tls: match (self.tls_cert, self.tls_key) {
+                (Some(cert), Some(key)) => Some(ferry_server::listen::TlsFiles {
+                    cert,
+                    key,
+                    client_ca: self.tls_client_ca,
+                }),
+                _ => None,
+            },
+            tokens: {
+                let mut tokens = match &self.tokens_file {
+                    Some(path) => ferry_server::auth::read_tokens_file(path)
+                        .map_err(|e| anyhow::anyhow!("--tokens-file {e}"))?,
+                    None => Vec::new(),
+                };
+                if let Some(text) = &self.tokens {
+                    tokens.extend(
+                        ferry_server::auth::parse_tokens_env(text)
+                            .map_err(|e| anyhow::anyhow!("--tokens (FERRY_TOKENS): {e}"))?,
+                    );
+                }
+                tokens
+            },
+            open_health: self.auth_open.iter().any(|o| o == "health"),
+            open_metrics: self.auth_open.iter().any(|o| o == "metrics"),
+            client_timeout: self.client_timeout,
+            limits: ferry_server::infer::Limits {
+                max_rows: usize::try_from(self.max_rows_per_request).unwrap_or(usize::MAX),
+                max_tensor_elements: usize::try_from(self.max_tensor_elements)
+                    .unwrap_or(usize::MAX),
+                max_json_depth: self.max_json_depth as usize,
+            },
             host: self.host,
             rest_port: self.rest_port,
             grpc_port: self.grpc_port,

@@ -301,7 +301,7 @@ mod tests {
 
     fn serve(list: &[&str]) -> Result<crate::cli::ServeArgs, ConfigError> {
         parse(args(list)).map(|c| match c {
-            Command::Serve(s) => s,
+            Command::Serve(s) => *s,
             other => panic!("expected `serve`, parsed {other:?}"),
         })
     }

@@ -52,7 +52,7 @@ fn run(command: cli::Command) -> anyhow::Result<()> {
         cli::Command::Sign(args) => sign::run(args),
         cli::Command::Serve(args) => {
             telemetry::init(args.log_format, &args.log_level).context("setting up logging")?;
-            let config = args
+            let config = (*args)
                 .into_config()
                 .context("checking the serve configuration")?;
             tracing::info!(?config, "effective configuration");

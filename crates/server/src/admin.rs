@@ -29,6 +29,8 @@ pub struct AdminState {
     pub infer: Infer,
     /// The sha256 of the token calls must carry, when one is set.
     pub token_sha256: Option<[u8; 32]>,
+    /// The inference ports' tokens: those with the `admin` scope are accepted here too.
+    pub auth: Option<Arc<crate::auth::Auth>>,
 }
 
 /// The sha256 digest of a token.
@@ -69,18 +71,35 @@ async fn authorize(
     request: axum::extract::Request,
     next: Next,
 ) -> Response {
-    let Some(expected) = &state.token_sha256 else {
+    let scoped = state
+        .auth
+        .as_ref()
+        .filter(|a| a.has_scope(crate::auth::Scope::Admin));
+    if state.token_sha256.is_none() && scoped.is_none() {
         return next.run(request).await;
-    };
-    let given = request
+    }
+    let header_value = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.to_str().ok());
+    let given = header_value.and_then(|v| v.strip_prefix("Bearer "));
+    let admin_token = |token: &str| {
+        state
+            .token_sha256
+            .as_ref()
+            .is_some_and(|expected| digests_equal(&token_digest(token.trim()), expected))
+    };
+    let scoped_ok = || {
+        scoped.is_some_and(|a| {
+            a.check(
+                header_value,
+                crate::auth::Endpoint::Scoped(crate::auth::Scope::Admin),
+            )
+            .is_ok()
+        })
+    };
     match given {
-        Some(token) if digests_equal(&token_digest(token.trim()), expected) => {
-            next.run(request).await
-        }
+        Some(token) if admin_token(token) || scoped_ok() => next.run(request).await,
         Some(_) => error(StatusCode::FORBIDDEN, "the admin token is not valid"),
         None => {
             let mut r = error(

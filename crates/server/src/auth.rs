@@ -33,7 +33,9 @@ impl Scope {
             "infer" => Ok(Scope::Infer),
             "read" => Ok(Scope::Read),
             "admin" => Ok(Scope::Admin),
-            other => Err(format!("unknown scope `{other}` (expected infer, read or admin)")),
+            other => Err(format!(
+                "unknown scope `{other}` (expected infer, read or admin)"
+            )),
         }
     }
 
@@ -58,7 +60,7 @@ pub enum Endpoint {
 }
 
 /// One configured token.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct TokenSpec {
     /// A name for logs (never the token).
     pub name: String,
@@ -68,6 +70,16 @@ pub struct TokenSpec {
     pub scopes: BTreeSet<Scope>,
     /// Requests per second it may make (a token bucket with a burst of one second's worth); `None`: unlimited.
     pub rate_limit: Option<f64>,
+}
+
+impl std::fmt::Debug for TokenSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenSpec")
+            .field("name", &self.name)
+            .field("scopes", &self.scopes)
+            .field("rate_limit", &self.rate_limit)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -112,14 +124,16 @@ fn parse_hex32(text: &str) -> Option<[u8; 32]> {
 /// ```
 pub fn read_tokens_file(path: &Path) -> Result<Vec<TokenSpec>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let file: TokensFile = toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
+    let file: TokensFile =
+        toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
     file.token
         .into_iter()
         .map(|t| {
             let where_ = format!("{}: token `{}`", path.display(), t.name);
             let sha256 = match (&t.token, &t.sha256) {
                 (Some(secret), None) if !secret.is_empty() => crate::admin::token_digest(secret),
-                (None, Some(hex)) => parse_hex32(hex).ok_or_else(|| format!("{where_}: sha256 must be 64 hex digits"))?,
+                (None, Some(hex)) => parse_hex32(hex)
+                    .ok_or_else(|| format!("{where_}: sha256 must be 64 hex digits"))?,
                 _ => return Err(format!("{where_}: give exactly one of `token` or `sha256`")),
             };
             spec(t.name, sha256, &t.scopes, t.rate_limit).map_err(|e| format!("{where_}: {e}"))
@@ -133,21 +147,36 @@ pub fn parse_tokens_env(text: &str) -> Result<Vec<TokenSpec>, String> {
         .filter(|t| !t.trim().is_empty())
         .map(|item| {
             let mut parts = item.trim().splitn(3, ':');
-            let (Some(name), Some(scopes), Some(secret)) = (parts.next(), parts.next(), parts.next()) else {
+            let (Some(name), Some(scopes), Some(secret)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
                 return Err("a token is `name:scope+scope:secret`".to_string());
             };
             if secret.is_empty() {
                 return Err(format!("token `{name}` has an empty secret"));
             }
             let scopes: Vec<String> = scopes.split('+').map(str::to_string).collect();
-            spec(name.to_string(), crate::admin::token_digest(secret), &scopes, None)
-                .map_err(|e| format!("token `{name}`: {e}"))
+            spec(
+                name.to_string(),
+                crate::admin::token_digest(secret),
+                &scopes,
+                None,
+            )
+            .map_err(|e| format!("token `{name}`: {e}"))
         })
         .collect()
 }
 
-fn spec(name: String, sha256: [u8; 32], scopes: &[String], rate_limit: Option<f64>) -> Result<TokenSpec, String> {
-    let scopes = scopes.iter().map(|s| Scope::parse(s)).collect::<Result<BTreeSet<_>, _>>()?;
+fn spec(
+    name: String,
+    sha256: [u8; 32],
+    scopes: &[String],
+    rate_limit: Option<f64>,
+) -> Result<TokenSpec, String> {
+    let scopes = scopes
+        .iter()
+        .map(|s| Scope::parse(s))
+        .collect::<Result<BTreeSet<_>, _>>()?;
     if scopes.is_empty() {
         return Err("a token needs at least one scope".into());
     }
@@ -156,7 +185,12 @@ fn spec(name: String, sha256: [u8; 32], scopes: &[String], rate_limit: Option<f6
             return Err("rate_limit must be a positive number of requests per second".into());
         }
     }
-    Ok(TokenSpec { name, sha256, scopes, rate_limit })
+    Ok(TokenSpec {
+        name,
+        sha256,
+        scopes,
+        rate_limit,
+    })
 }
 
 #[derive(Debug)]
@@ -218,7 +252,10 @@ impl Auth {
             Endpoint::Scoped(s) => s,
         };
         let Some(given) = authorization
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim)
             .filter(|t| !t.is_empty())
         else {
@@ -236,12 +273,19 @@ impl Auth {
             }
         }
         let Some(token) = found.map(|i| &self.tokens[i]) else {
-            return Err(InferError::new(ErrorKind::Unauthenticated, "the token is not valid"));
+            return Err(InferError::new(
+                ErrorKind::Unauthenticated,
+                "the token is not valid",
+            ));
         };
         if !token.spec.scopes.contains(&scope) {
             return Err(InferError::new(
                 ErrorKind::PermissionDenied,
-                format!("token `{}` lacks the `{}` scope this call needs", token.spec.name, scope.name()),
+                format!(
+                    "token `{}` lacks the `{}` scope this call needs",
+                    token.spec.name,
+                    scope.name()
+                ),
             ));
         }
         if let (Some(bucket), Some(rate)) = (&token.bucket, token.spec.rate_limit) {
@@ -253,7 +297,10 @@ impl Auth {
             if b.tokens < 1.0 {
                 return Err(InferError::new(
                     ErrorKind::Overloaded,
-                    format!("token `{}` is over its rate limit of {rate} requests per second", token.spec.name),
+                    format!(
+                        "token `{}` is over its rate limit of {rate} requests per second",
+                        token.spec.name
+                    ),
                 ));
             }
             b.tokens -= 1.0;
@@ -281,9 +328,8 @@ pub fn grpc_endpoint(path: &str) -> Endpoint {
     let method = path.rsplit('/').next().unwrap_or("");
     match method {
         "ServerLive" | "ServerReady" | "ModelReady" => Endpoint::Health,
-        "ModelInfer" | "ModelStreamInfer" | "Predict" | "Classify" | "Regress" | "MultiInference" => {
-            Endpoint::Scoped(Scope::Infer)
-        }
+        "ModelInfer" | "ModelStreamInfer" | "Predict" | "Classify" | "Regress"
+        | "MultiInference" => Endpoint::Scoped(Scope::Infer),
         _ => Endpoint::Scoped(Scope::Read),
     }
 }
@@ -313,7 +359,10 @@ pub struct GrpcAuthLayer(pub std::sync::Arc<Auth>);
 impl<S> tower::Layer<S> for GrpcAuthLayer {
     type Service = GrpcAuth<S>;
     fn layer(&self, inner: S) -> GrpcAuth<S> {
-        GrpcAuth { auth: self.0.clone(), inner }
+        GrpcAuth {
+            auth: self.0.clone(),
+            inner,
+        }
     }
 }
 
@@ -332,9 +381,13 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
@@ -369,12 +422,27 @@ mod tests {
         let a = auth(None);
         let infer = Endpoint::Scoped(Scope::Infer);
         assert!(a.check(Some("Bearer s1"), infer).is_ok());
-        assert_eq!(a.check(None, infer).unwrap_err().kind, ErrorKind::Unauthenticated);
-        assert_eq!(a.check(Some("Bearer nope"), infer).unwrap_err().kind, ErrorKind::Unauthenticated);
-        assert_eq!(a.check(Some("Basic s1"), infer).unwrap_err().kind, ErrorKind::Unauthenticated);
-        assert_eq!(a.check(Some("Bearer s2"), infer).unwrap_err().kind, ErrorKind::PermissionDenied);
+        assert_eq!(
+            a.check(None, infer).unwrap_err().kind,
+            ErrorKind::Unauthenticated
+        );
+        assert_eq!(
+            a.check(Some("Bearer nope"), infer).unwrap_err().kind,
+            ErrorKind::Unauthenticated
+        );
+        assert_eq!(
+            a.check(Some("Basic s1"), infer).unwrap_err().kind,
+            ErrorKind::Unauthenticated
+        );
+        assert_eq!(
+            a.check(Some("Bearer s2"), infer).unwrap_err().kind,
+            ErrorKind::PermissionDenied
+        );
         assert!(a.check(None, Endpoint::Health).is_ok());
-        assert_eq!(a.check(None, Endpoint::Metrics).unwrap_err().kind, ErrorKind::Unauthenticated);
+        assert_eq!(
+            a.check(None, Endpoint::Metrics).unwrap_err().kind,
+            ErrorKind::Unauthenticated
+        );
         assert!(a.check(Some("Bearer s1"), Endpoint::Metrics).is_ok());
         assert!(Auth::new(Vec::new(), true, true).is_none());
         assert!(parse_tokens_env("x:write:s").is_err());
@@ -386,20 +454,46 @@ mod tests {
     fn the_rate_limit_is_a_token_bucket() {
         let a = auth(Some(5.0));
         let infer = Endpoint::Scoped(Scope::Infer);
-        let allowed = (0..20).filter(|_| a.check(Some("Bearer s1"), infer).is_ok()).count();
+        let allowed = (0..20)
+            .filter(|_| a.check(Some("Bearer s1"), infer).is_ok())
+            .count();
         assert_eq!(allowed, 5);
-        assert_eq!(a.check(Some("Bearer s1"), infer).unwrap_err().kind, ErrorKind::Overloaded);
+        assert_eq!(
+            a.check(Some("Bearer s1"), infer).unwrap_err().kind,
+            ErrorKind::Overloaded
+        );
     }
 
     #[test]
     fn endpoints_are_classified() {
         use axum::http::Method;
-        assert_eq!(rest_endpoint(&Method::GET, "/v2/health/ready"), Endpoint::Health);
-        assert_eq!(rest_endpoint(&Method::POST, "/v2/models/m/infer"), Endpoint::Scoped(Scope::Infer));
-        assert_eq!(rest_endpoint(&Method::GET, "/v2/models/m"), Endpoint::Scoped(Scope::Read));
-        assert_eq!(rest_endpoint(&Method::POST, "/v1/models/m:predict"), Endpoint::Scoped(Scope::Infer));
-        assert_eq!(grpc_endpoint("/inference.GRPCInferenceService/ModelInfer"), Endpoint::Scoped(Scope::Infer));
-        assert_eq!(grpc_endpoint("/inference.GRPCInferenceService/ServerReady"), Endpoint::Health);
-        assert_eq!(grpc_endpoint("/tensorflow.serving.ModelService/GetModelStatus"), Endpoint::Scoped(Scope::Read));
+        assert_eq!(
+            rest_endpoint(&Method::GET, "/v2/health/ready"),
+            Endpoint::Health
+        );
+        assert_eq!(
+            rest_endpoint(&Method::POST, "/v2/models/m/infer"),
+            Endpoint::Scoped(Scope::Infer)
+        );
+        assert_eq!(
+            rest_endpoint(&Method::GET, "/v2/models/m"),
+            Endpoint::Scoped(Scope::Read)
+        );
+        assert_eq!(
+            rest_endpoint(&Method::POST, "/v1/models/m:predict"),
+            Endpoint::Scoped(Scope::Infer)
+        );
+        assert_eq!(
+            grpc_endpoint("/inference.GRPCInferenceService/ModelInfer"),
+            Endpoint::Scoped(Scope::Infer)
+        );
+        assert_eq!(
+            grpc_endpoint("/inference.GRPCInferenceService/ServerReady"),
+            Endpoint::Health
+        );
+        assert_eq!(
+            grpc_endpoint("/tensorflow.serving.ModelService/GetModelStatus"),
+            Endpoint::Scoped(Scope::Read)
+        );
     }
 }

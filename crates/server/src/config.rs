@@ -6,6 +6,16 @@ use std::time::Duration;
 
 use ferry_engine::EngineOptions;
 
+/// A secret that never shows in logs (`Debug` prints `[redacted]`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
 /// Everything `ferry serve` needs, already validated.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -22,7 +32,19 @@ pub struct ServeConfig {
     /// The management API's address (Triton's repository extension, labels); `None` turns it off.
     pub admin: Option<std::net::SocketAddr>,
     /// The token the management API requires (`Authorization: Bearer`); required when it listens beyond loopback.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
+    /// TLS for every listener, when on.
+    pub tls: Option<crate::listen::TlsFiles>,
+    /// Tokens for the inference ports (none: nothing is checked).
+    pub tokens: Vec<crate::auth::TokenSpec>,
+    /// Health endpoints answer without a token.
+    pub open_health: bool,
+    /// `/metrics` on the REST port answers without a token.
+    pub open_metrics: bool,
+    /// Headers (and a TLS handshake) must arrive within this, and a request body may pause at most this long.
+    pub client_timeout: Duration,
+    /// Per-request limits beyond the body size.
+    pub limits: crate::infer::Limits,
     /// The address to listen on.
     pub host: IpAddr,
     /// The REST port; 0 picks a free one.
@@ -60,6 +82,12 @@ impl ServeConfig {
             load_models: Vec::new(),
             admin: None,
             admin_token: None,
+            tls: None,
+            tokens: Vec::new(),
+            open_health: true,
+            open_metrics: true,
+            client_timeout: Duration::from_secs(10),
+            limits: crate::infer::Limits::default(),
             host: IpAddr::from([127, 0, 0, 1]),
             rest_port: 0,
             grpc_port: 0,

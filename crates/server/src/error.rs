@@ -22,6 +22,10 @@ pub enum ErrorKind {
     Unimplemented,
     /// The engine failed on a request that passed validation: 500.
     Internal,
+    /// No valid token: 401 (gRPC UNAUTHENTICATED).
+    Unauthenticated,
+    /// A valid token without the scope the call needs: 403 (gRPC PERMISSION_DENIED).
+    PermissionDenied,
 }
 
 impl ErrorKind {
@@ -36,6 +40,8 @@ impl ErrorKind {
             ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Unimplemented => StatusCode::NOT_IMPLEMENTED,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
         }
     }
 
@@ -49,6 +55,8 @@ impl ErrorKind {
             ErrorKind::DeadlineExceeded => tonic::Code::DeadlineExceeded,
             ErrorKind::Unimplemented => tonic::Code::Unimplemented,
             ErrorKind::Internal => tonic::Code::Internal,
+            ErrorKind::Unauthenticated => tonic::Code::Unauthenticated,
+            ErrorKind::PermissionDenied => tonic::Code::PermissionDenied,
         }
     }
 
@@ -63,6 +71,8 @@ impl ErrorKind {
             ErrorKind::DeadlineExceeded => "deadline_exceeded",
             ErrorKind::Unimplemented => "unimplemented",
             ErrorKind::Internal => "internal",
+            ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::PermissionDenied => "permission_denied",
         }
     }
 }
@@ -131,6 +141,12 @@ impl axum::response::IntoResponse for InferError {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
                 axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        if self.kind == ErrorKind::Unauthenticated {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
             );
         }
         response

@@ -147,6 +147,8 @@ pub struct Server {
     router: Router,
     infer: Infer,
     manager: Arc<Manager>,
+    tls: Option<crate::listen::Tls>,
+    auth: Option<Arc<crate::auth::Auth>>,
     config: ServeConfig,
 }
 
@@ -183,6 +185,29 @@ impl Server {
             tracing::info!(path = %payload.path.display(), sample_rate = payload.sample_rate, "payload logging on");
             infer = infer.with_payload_log(logger);
         }
+        infer.limits = config.limits;
+        let tls = match &config.tls {
+            None => None,
+            Some(files) => {
+                let tls = crate::listen::Tls::new(files)?;
+                tracing::info!(cert = %files.cert.display(), client_certificates = files.client_ca.is_some(), "TLS on for every listener");
+                Some(tls)
+            }
+        };
+        let auth = crate::auth::Auth::new(
+            config.tokens.clone(),
+            config.open_health,
+            config.open_metrics,
+        )
+        .map(Arc::new);
+        if let Some(a) = &auth {
+            tracing::info!(
+                open_health = config.open_health,
+                open_metrics = config.open_metrics,
+                admin_scope = a.has_scope(crate::auth::Scope::Admin),
+                "tokens required on the inference ports"
+            );
+        }
         let listener = TcpListener::bind(SocketAddr::new(config.host, config.rest_port)).await?;
         tracing::info!(address = %listener.local_addr()?, "REST (KServe v2 and TF Serving) listening");
         let grpc_listener =
@@ -191,7 +216,11 @@ impl Server {
         let admin_listener = match config.admin {
             None => None,
             Some(addr) => {
-                if !addr.ip().is_loopback() && config.admin_token.is_none() {
+                let admin_tokens = config.admin_token.is_some()
+                    || auth
+                        .as_ref()
+                        .is_some_and(|a| a.has_scope(crate::auth::Scope::Admin));
+                if !addr.ip().is_loopback() && !admin_tokens {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidInput,
                         format!("the management API would listen on {addr}, beyond loopback, without a token: set --admin-token (or FERRY_ADMIN_TOKEN), or keep --admin-host on 127.0.0.1"),
@@ -231,13 +260,23 @@ impl Server {
         let names = store.model_names();
         tracing::info!(models = names.len(), "model repository loaded");
         health.set_loaded();
-        let router = app_with_limit(
+        let mut router = app_with_limit(
             AppState {
                 infer: infer.clone(),
             },
             config.max_request_bytes,
             config.max_concurrent_requests,
-        );
+        )
+        // A request body may pause at most this long between chunks (slow clients hold nothing forever).
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            config.client_timeout,
+        ));
+        if let Some(a) = &auth {
+            router = router.layer(middleware::from_fn_with_state(
+                a.clone(),
+                crate::auth::rest_layer,
+            ));
+        }
         Ok(Server {
             listener,
             grpc_listener,
@@ -246,6 +285,8 @@ impl Server {
             router,
             infer,
             manager,
+            tls,
+            auth,
             config,
         })
     }
@@ -302,6 +343,8 @@ impl Server {
             router,
             infer,
             manager,
+            tls,
+            auth,
             config,
         } = self;
         let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
@@ -323,16 +366,17 @@ impl Server {
                 infer: infer.clone(),
                 token_sha256: config
                     .admin_token
-                    .as_deref()
-                    .map(crate::admin::token_digest),
+                    .as_ref()
+                    .map(|t| crate::admin::token_digest(&t.0)),
+                auth: auth.clone(),
             });
-            let mut admin_drain = drain_rx.clone();
+            let (tls, stop, timeout) = (
+                tls.as_ref().map(|t| t.rest.clone()),
+                drain_rx.clone(),
+                config.client_timeout,
+            );
             tokio::spawn(async move {
-                let result = axum::serve(l, admin)
-                    .with_graceful_shutdown(async move {
-                        let _ = admin_drain.wait_for(|d| *d).await;
-                    })
-                    .await;
+                let result = crate::listen::serve_http(l, tls, admin, timeout, stop).await;
                 if let Err(e) = result {
                     tracing::error!(error = %e, "the management API stopped");
                 }
@@ -348,32 +392,55 @@ impl Server {
             health.set_draining();
             let _ = drain_tx.send(true);
         });
-        let mut wait_drain = drain_rx.clone();
-        let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
-            let _ = wait_drain.wait_for(|d| *d).await;
-        });
-        let mut grpc_drain = drain_rx.clone();
-        let grpc = grpc_router(&infer, config.max_request_bytes).serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-            async move {
-                let _ = grpc_drain.wait_for(|d| *d).await;
-            },
+        if let Some(t) = &tls {
+            tokio::spawn(t.clone().watch(drain_rx.clone()));
+        }
+        let serve = crate::listen::serve_http(
+            listener,
+            tls.as_ref().map(|t| t.rest.clone()),
+            router,
+            config.client_timeout,
+            drain_rx.clone(),
         );
+        let mut grpc_drain = drain_rx.clone();
+        let grpc_stop = async move {
+            let _ = grpc_drain.wait_for(|d| *d).await;
+        };
+        let grpc_routes = grpc_router(&infer, config.max_request_bytes, auth.clone());
+        let grpc: std::pin::Pin<
+            Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+        > = match &tls {
+            None => Box::pin(grpc_routes.serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+                grpc_stop,
+            )),
+            Some(t) => Box::pin(grpc_routes.serve_with_incoming_shutdown(
+                crate::listen::tls_incoming(grpc_listener, t.grpc.clone(), config.client_timeout),
+                grpc_stop,
+            )),
+        };
         // The metrics page can also have its own port, so scrapers need not reach the inference port.
         let metrics_router = Router::new()
             .route("/metrics", get(metrics))
             .with_state(AppState {
                 infer: infer.clone(),
             });
-        let mut metrics_drain = drain_rx.clone();
+        let (metrics_tls, metrics_stop, metrics_timeout) = (
+            tls.as_ref().map(|t| t.rest.clone()),
+            drain_rx.clone(),
+            config.client_timeout,
+        );
         let metrics_serve = async move {
             match metrics_listener {
                 Some(l) => {
-                    axum::serve(l, metrics_router)
-                        .with_graceful_shutdown(async move {
-                            let _ = metrics_drain.wait_for(|d| *d).await;
-                        })
-                        .await
+                    crate::listen::serve_http(
+                        l,
+                        metrics_tls,
+                        metrics_router,
+                        metrics_timeout,
+                        metrics_stop,
+                    )
+                    .await
                 }
                 None => Ok(()),
             }
@@ -401,7 +468,16 @@ impl Server {
 }
 
 /// The gRPC services (KServe v2 and TF Serving) over the shared inference path.
-fn grpc_router(infer: &Infer, max_message_bytes: usize) -> tonic::transport::server::Router {
+fn grpc_router(
+    infer: &Infer,
+    max_message_bytes: usize,
+    auth: Option<Arc<crate::auth::Auth>>,
+) -> tonic::transport::server::Router<
+    tower::layer::util::Stack<
+        tower::util::Either<crate::auth::GrpcAuthLayer, tower::layer::util::Identity>,
+        tower::layer::util::Identity,
+    >,
+> {
     use crate::protocol::grpc::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
     use crate::protocol::grpc::tensorflow::serving::{
         model_service_server::ModelServiceServer,
@@ -416,6 +492,9 @@ fn grpc_router(infer: &Infer, max_message_bytes: usize) -> tonic::transport::ser
         max_request_bytes: max_message_bytes,
     };
     tonic::transport::Server::builder()
+        .layer(tower::util::option_layer(
+            auth.map(crate::auth::GrpcAuthLayer),
+        ))
         .tcp_nodelay(true)
         // Bound the calls decoded at once per connection, as the REST router does across connections.
         .concurrency_limit_per_connection(256)

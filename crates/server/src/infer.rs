@@ -15,6 +15,82 @@ use crate::repository::{validate_name, LoadedVersion, ModelStore, VersionState};
 /// The largest dimension a tensor may have (2³¹ − 1, as ONNX Runtime and most clients assume).
 const MAX_DIMENSION: usize = i32::MAX as usize;
 
+/// Per-request limits beyond the body size, checked before any work is queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Rows (the first dimension) an input may have.
+    pub max_rows: usize,
+    /// Elements one input tensor may have.
+    pub max_tensor_elements: usize,
+    /// How deeply a JSON body may nest arrays and objects.
+    pub max_json_depth: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_rows: 65_536,
+            max_tensor_elements: 1 << 26,
+            max_json_depth: 64,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks decoded inputs against the row and element limits.
+    pub fn check(&self, inputs: &[NamedTensor]) -> Result<(), InferError> {
+        for input in inputs {
+            let rows = input.tensor.shape.first().copied().unwrap_or(1);
+            if rows > self.max_rows {
+                return Err(InferError::invalid(format!(
+                    "input `{}` has {rows} rows; at most {} are allowed per request (--max-rows-per-request)",
+                    input.name, self.max_rows
+                )));
+            }
+            if input.tensor.data.len() > self.max_tensor_elements {
+                return Err(InferError::invalid(format!(
+                    "input `{}` has {} elements; at most {} are allowed per tensor (--max-tensor-elements)",
+                    input.name,
+                    input.tensor.data.len(),
+                    self.max_tensor_elements
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that a JSON body nests at most `max_json_depth` levels (a byte scan, before parsing).
+    pub fn check_json_depth(&self, body: &[u8]) -> Result<(), InferError> {
+        let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+        for &b in body {
+            if in_string {
+                match (escaped, b) {
+                    (true, _) => escaped = false,
+                    (false, b'\\') => escaped = true,
+                    (false, b'"') => in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'"' => in_string = true,
+                b'[' | b'{' => {
+                    depth += 1;
+                    if depth > self.max_json_depth {
+                        return Err(InferError::invalid(format!(
+                            "the JSON body nests deeper than {} levels (--max-json-depth)",
+                            self.max_json_depth
+                        )));
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Which version of a model a request wants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VersionSelector {
@@ -103,6 +179,8 @@ pub struct Infer {
     /// The payload log, when on.
     pub payload: Option<Arc<crate::payload_log::PayloadLogger>>,
     timeout: Duration,
+    /// Per-request limits.
+    pub limits: Limits,
     shadow_permits: Arc<tokio::sync::Semaphore>,
     shadow_counter: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -121,6 +199,7 @@ impl Infer {
             metrics,
             payload: None,
             timeout,
+            limits: Limits::default(),
             shadow_permits: Arc::new(tokio::sync::Semaphore::new(crate::shadow::MAX_IN_FLIGHT)),
             shadow_counter: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
@@ -378,13 +457,31 @@ impl Infer {
             outputs,
             id,
         } = request;
-        // One look at the model's record: its rollout (to count this request for its arm) and shadow settings.
-        let (rollout, shadow) = self
+        self.limits.check(&inputs)?;
+        // One look at the model's record: its rollout (to count this request for its arm), shadow settings and
+        // concurrency limit.
+        let (rollout, shadow, permits) = self
             .store
             .with_model(&version.model, |r| {
-                (r.rollout.clone(), r.config.shadow.clone())
+                (
+                    r.rollout.clone(),
+                    r.config.shadow.clone(),
+                    r.permits.clone(),
+                )
             })
             .unwrap_or_default();
+        let _permit = match permits {
+            None => None,
+            Some(p) => Some(p.try_acquire_owned().map_err(|_| {
+                InferError::new(
+                    ErrorKind::Overloaded,
+                    format!(
+                        "model `{}` is at its limit of concurrent requests (max_concurrent_requests)",
+                        version.model
+                    ),
+                )
+            })?),
+        };
         let shadow = shadow
             .filter(|s| s.version != version.version && self.shadow_sampled(s.fraction))
             .map(|s| (s.version, inputs.clone()));
@@ -638,4 +735,43 @@ fn describe(specs: &[TensorSpec]) -> String {
         .map(|s| format!("`{}`", s.name))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_model::{Tensor, TensorData};
+
+    #[test]
+    fn limits_count_rows_elements_and_json_depth() {
+        let limits = Limits {
+            max_rows: 2,
+            max_tensor_elements: 8,
+            max_json_depth: 3,
+        };
+        let t = |shape: Vec<usize>| {
+            let n = shape.iter().product();
+            NamedTensor::new(
+                "x",
+                Tensor::new(shape, TensorData::F32(vec![0.0; n])).unwrap(),
+            )
+        };
+        assert!(limits.check(&[t(vec![2, 4])]).is_ok());
+        assert!(limits
+            .check(&[t(vec![3, 1])])
+            .unwrap_err()
+            .message
+            .contains("rows"));
+        assert!(limits
+            .check(&[t(vec![1, 9])])
+            .unwrap_err()
+            .message
+            .contains("elements"));
+        assert!(limits.check_json_depth(br#"{"a": [[1]]}"#).is_ok());
+        assert!(limits.check_json_depth(br#"{"a": [[[1]]]}"#).is_err());
+        // Brackets inside strings (and escaped quotes) do not count.
+        assert!(limits
+            .check_json_depth(br#"{"a": "[[[[\"[[[", "b": [1]}"#)
+            .is_ok());
+    }
 }

@@ -16,6 +16,7 @@
 //! This crate never runs inference on the async runtime: engines run on each version's worker threads.
 
 pub mod admin;
+pub mod auth;
 pub mod batching;
 pub mod config;
 pub mod drift;
@@ -23,6 +24,7 @@ pub mod error;
 pub mod http;
 pub mod infer;
 pub mod integrity;
+pub mod listen;
 pub mod metrics;
 pub mod model_config;
 pub mod payload_log;

@@ -13,6 +13,7 @@
 //! max_queue_size = 1024                # more waiting requests are refused with 429
 //! drift_window = 2000                  # rows kept to compare with the training data (ferry.json)
 //! drift_sample_every = 1               # sample one request in N for drift
+//! max_concurrent_requests = 64        # more at once are refused with 429 (default: only the queue bounds them)
 //! [shadow]                           # copy live requests to another version and compare its answers
 //! version = 3
 //! fraction = 1.0                       # the share of requests copied
@@ -97,6 +98,8 @@ pub struct ModelConfig {
     pub drift_sample_every: u64,
     /// Shadow traffic, when on.
     pub shadow: Option<ShadowConfig>,
+    /// Requests this model handles at once; more are refused with 429. `None`: no limit beyond its queue.
+    pub max_concurrent_requests: Option<usize>,
 }
 
 /// Shadow traffic: a copy of a share of live requests goes to another version, whose answers are compared with the
@@ -153,6 +156,7 @@ struct RawConfig {
     drift_window: Option<usize>,
     drift_sample_every: Option<u64>,
     shadow: Option<ShadowConfig>,
+    max_concurrent_requests: Option<usize>,
 }
 
 /// The queue limits of a model without batching settings: no batching, at most 1024 waiting requests.
@@ -193,6 +197,7 @@ impl ModelConfig {
             drift_window: 2000,
             drift_sample_every: 1,
             shadow: None,
+            max_concurrent_requests: None,
         }
     }
 
@@ -294,7 +299,11 @@ impl ModelConfig {
                 return Err("shadow.fraction must be between 0 and 1".into());
             }
         }
+        if raw.max_concurrent_requests == Some(0) {
+            return Err("max_concurrent_requests must be at least 1".into());
+        }
         Ok(ModelConfig {
+            max_concurrent_requests: raw.max_concurrent_requests,
             shadow: raw.shadow,
             batching,
             drift_window,

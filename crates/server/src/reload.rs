@@ -488,6 +488,11 @@ impl Manager {
             .store
             .update(name, |r| {
                 let reload = r.config.needs_reload(&config);
+                if r.config.max_concurrent_requests != config.max_concurrent_requests {
+                    r.permits = config
+                        .max_concurrent_requests
+                        .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
+                }
                 r.config = config.clone();
                 reload
             })

@@ -101,12 +101,17 @@ pub struct ModelRecord {
     pub api_labels: BTreeMap<String, u64>,
     /// The canary rollout this replica applies, when `rollout.json` has one.
     pub rollout: Option<Arc<crate::rollout::Live>>,
+    /// Permits for the model's concurrent requests, when `max_concurrent_requests` is set.
+    pub permits: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl ModelRecord {
     /// A record with no versions yet.
     pub fn new(config: Arc<ModelConfig>) -> ModelRecord {
         ModelRecord {
+            permits: config
+                .max_concurrent_requests
+                .map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
             config,
             versions: BTreeMap::new(),
             api_labels: BTreeMap::new(),

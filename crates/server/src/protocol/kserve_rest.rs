@@ -281,20 +281,7 @@ async fn infer_inner(
     let loaded = infer.resolve_routed(model, &selector(version)?, super::route_key(headers))?;
     record.model(&loaded.model, Some(loaded.version));
     record.body_bytes(body.len());
-    let (json, mut binary) = split_body(headers, &body)?;
-    let request: InferRequestBody = serde_json::from_slice(json)
-        .map_err(|e| InferError::invalid(format!("malformed inference request: {e}")))?;
-
-    let mut inputs = Vec::with_capacity(request.inputs.len());
-    for input in &request.inputs {
-        inputs.push(decode_input(input, &mut binary)?);
-    }
-    if !binary.is_empty() {
-        return Err(InferError::invalid(format!(
-            "{} bytes of binary data follow the inference header but no input claims them (set parameters.binary_data_size)",
-            binary.len()
-        )));
-    }
+    let (request, inputs) = decode_request(headers, &body, &infer.limits)?;
 
     let mut deadline = client_deadline(headers)?;
     // Triton's per-request `timeout` parameter, in microseconds.
@@ -344,6 +331,39 @@ async fn infer_inner(
             .unwrap_or(default_binary)
     };
     Ok(encode_response(&request, &loaded, &outputs, binary_of))
+}
+
+/// Decodes a KServe v2 REST inference body as `infer` does: splits it at `Inference-Header-Content-Length`, checks
+/// the JSON header's nesting, parses it, and decodes every input (JSON `data`, or binary data after the header, in
+/// order). The entry point of the fuzz targets and property tests.
+pub fn decode_request_body(
+    headers: &HeaderMap,
+    body: &Bytes,
+    limits: &crate::infer::Limits,
+) -> Result<Vec<NamedTensor>, InferError> {
+    decode_request(headers, body, limits).map(|(_, inputs)| inputs)
+}
+
+fn decode_request(
+    headers: &HeaderMap,
+    body: &Bytes,
+    limits: &crate::infer::Limits,
+) -> Result<(InferRequestBody, Vec<NamedTensor>), InferError> {
+    let (json, mut binary) = split_body(headers, body)?;
+    limits.check_json_depth(json)?;
+    let request: InferRequestBody = serde_json::from_slice(json)
+        .map_err(|e| InferError::invalid(format!("malformed inference request: {e}")))?;
+    let mut inputs = Vec::with_capacity(request.inputs.len());
+    for input in &request.inputs {
+        inputs.push(decode_input(input, &mut binary)?);
+    }
+    if !binary.is_empty() {
+        return Err(InferError::invalid(format!(
+            "{} bytes of binary data follow the inference header but no input claims them (set parameters.binary_data_size)",
+            binary.len()
+        )));
+    }
+    Ok((request, inputs))
 }
 
 /// Splits a body into its JSON header and the binary data after it.

@@ -102,12 +102,7 @@ pub async fn post(
             .resolve_routed(&model, &selector, super::route_key(&headers))?;
         record.model(&loaded.model, Some(loaded.version));
         record.body_bytes(body.len());
-        let request: Value = serde_json::from_slice(&body)
-            .map_err(|e| InferError::invalid(format!("JSON Parse error: {e}")))?;
-        let Value::Object(request) = request else {
-            return Err(InferError::invalid("request body must be a JSON object"));
-        };
-        check_signature_name(&request)?;
+        let request = parse_body(&body, &state.infer.limits)?;
         match action {
             Action::Predict => predict(&state.infer, loaded, &request, deadline, &mut record).await,
             Action::Classify | Action::Regress => classify_or_regress(
@@ -225,14 +220,37 @@ fn stack(spec: &TensorSpec, values: &[&Value]) -> Result<NamedTensor, InferError
     ))
 }
 
-async fn predict(
-    infer: &Infer,
-    loaded: std::sync::Arc<LoadedVersion>,
+/// Parses a TF Serving REST body as `post` does: nesting checked before parsing, a JSON object, and a
+/// `signature_name` that is absent or `serving_default`.
+fn parse_body(
+    body: &[u8],
+    limits: &crate::infer::Limits,
+) -> Result<Map<String, Value>, InferError> {
+    limits.check_json_depth(body)?;
+    let request: Value = serde_json::from_slice(body)
+        .map_err(|e| InferError::invalid(format!("JSON Parse error: {e}")))?;
+    let Value::Object(request) = request else {
+        return Err(InferError::invalid("request body must be a JSON object"));
+    };
+    check_signature_name(&request)?;
+    Ok(request)
+}
+
+/// Decodes a TF Serving `:predict` body against a model's inputs as `post` does; also says whether it was in row
+/// format (`instances`) rather than columnar (`inputs`). The entry point of the fuzz targets and property tests.
+pub fn decode_predict_body(
+    specs: &[TensorSpec],
+    body: &[u8],
+    limits: &crate::infer::Limits,
+) -> Result<(Vec<NamedTensor>, bool), InferError> {
+    predict_inputs(specs, &parse_body(body, limits)?)
+}
+
+/// The input tensors of a `:predict` request, and whether it was in row format.
+fn predict_inputs(
+    specs: &[TensorSpec],
     request: &Map<String, Value>,
-    deadline: Option<std::time::Instant>,
-    record: &mut crate::metrics::RequestRecord<'_>,
-) -> Result<Response, InferError> {
-    let specs = &loaded.signature.inputs;
+) -> Result<(Vec<NamedTensor>, bool), InferError> {
     let names = || {
         specs
             .iter()
@@ -331,6 +349,17 @@ async fn predict(
             (inputs, false)
         }
     };
+    Ok((inputs, row_format))
+}
+
+async fn predict(
+    infer: &Infer,
+    loaded: std::sync::Arc<LoadedVersion>,
+    request: &Map<String, Value>,
+    deadline: Option<std::time::Instant>,
+    record: &mut crate::metrics::RequestRecord<'_>,
+) -> Result<Response, InferError> {
+    let (inputs, row_format) = predict_inputs(&loaded.signature.inputs, request)?;
     let valid = Infer::validate(loaded.clone(), inputs, None)?;
     let prediction = infer.predict(valid, deadline).await?;
     record.timing(&prediction);
