@@ -41,7 +41,9 @@ pub struct Tls {
 
 impl std::fmt::Debug for Tls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tls").field("files", &self.resolver.files).finish()
+        f.debug_struct("Tls")
+            .field("files", &self.resolver.files)
+            .finish()
     }
 }
 
@@ -111,7 +113,10 @@ fn read_certs(path: &Path) -> io::Result<Vec<CertificateDer<'static>>> {
         .collect::<Result<_, _>>()
         .map_err(|e| invalid(format!("{}: {e}", path.display())))?;
     if certs.is_empty() {
-        return Err(invalid(format!("{}: no PEM certificate in it", path.display())));
+        return Err(invalid(format!(
+            "{}: no PEM certificate in it",
+            path.display()
+        )));
     }
     Ok(certs)
 }
@@ -120,8 +125,13 @@ fn load_key(files: &TlsFiles) -> io::Result<Arc<CertifiedKey>> {
     let certs = read_certs(&files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .map_err(|e| invalid(format!("{}: {e}", files.key.display())))?;
-    let key = CertifiedKey::from_der(certs, key, &provider())
-        .map_err(|e| invalid(format!("{} and {}: {e}", files.cert.display(), files.key.display())))?;
+    let key = CertifiedKey::from_der(certs, key, &provider()).map_err(|e| {
+        invalid(format!(
+            "{} and {}: {e}",
+            files.cert.display(),
+            files.key.display()
+        ))
+    })?;
     Ok(Arc::new(key))
 }
 
@@ -161,14 +171,21 @@ impl Reloading {
                 tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
             }
             // A half-written pair (the certificate replaced before its key) is tried again on the next check.
-            Err(e) => tracing::warn!(error = %e, "TLS certificate changed but cannot be used yet; keeping the previous one"),
+            Err(e) => {
+                tracing::warn!(error = %e, "TLS certificate changed but cannot be used yet; keeping the previous one")
+            }
         }
     }
 }
 
 impl ResolvesServerCert for Reloading {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().unwrap_or_else(|p| p.into_inner()).clone())
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
     }
 }
 
@@ -198,11 +215,9 @@ pub async fn serve_http(
             () = stopped(&mut stop) => break,
         };
         let _ = tcp.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(
-            router
-                .clone()
-                .map_request(|r: axum::http::Request<hyper::body::Incoming>| r.map(axum::body::Body::new)),
-        );
+        let service = hyper_util::service::TowerToHyperService::new(router.clone().map_request(
+            |r: axum::http::Request<hyper::body::Incoming>| r.map(axum::body::Body::new),
+        ));
         let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {
@@ -211,24 +226,28 @@ pub async fn serve_http(
                 .header_read_timeout(header_timeout)
                 .keep_alive(true);
             let result = match tls {
-                None => watcher
-                    .watch(http.serve_connection(TokioIo::new(tcp), service))
-                    .await,
-                Some(acceptor) => match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        watcher
-                            .watch(http.serve_connection(TokioIo::new(stream), service))
-                            .await
+                None => {
+                    watcher
+                        .watch(http.serve_connection(TokioIo::new(tcp), service))
+                        .await
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            watcher
+                                .watch(http.serve_connection(TokioIo::new(stream), service))
+                                .await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("TLS handshake timed out");
+                            return;
+                        }
                     }
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!("TLS handshake timed out");
-                        return;
-                    }
-                },
+                }
             };
             if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
