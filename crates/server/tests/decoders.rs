@@ -190,3 +190,233 @@ thread_local! {
     /// One server per test thread, shared by every case that thread runs.
     static HARNESS: Harness = harness();
 }
+
+// The decoders on their own, without a server: the entry points the fuzz targets call (fuzz/fuzz_targets), run here
+// as a bounded property test so every `cargo test` covers the same inputs.
+
+use axum::http::HeaderMap;
+use ferry_model::external::{check_location, check_self_contained, external_tensors};
+use ferry_model::onnx::{GraphBuilder, ModelProto, TensorProto};
+use ferry_model::{element_count, NamedTensor, TensorSpec};
+use ferry_server::infer::Limits;
+use ferry_server::protocol::kserve_rest::{decode_json_inputs, decode_request_body, HEADER_LENGTH};
+use ferry_server::protocol::tfserving_rest::decode_predict_body;
+use prost::Message;
+
+/// The model signatures TF Serving bodies are decoded against (as in the fuzz target).
+fn signatures() -> Vec<Vec<TensorSpec>> {
+    vec![
+        vec![TensorSpec::tensor("x", DataType::F32, vec![-1, 4])],
+        vec![
+            TensorSpec::tensor("a", DataType::F32, vec![-1, 2]),
+            TensorSpec::tensor("b", DataType::I64, vec![-1, 2]),
+        ],
+        vec![TensorSpec::tensor("s", DataType::Bytes, vec![-1])],
+        vec![TensorSpec::tensor("flag", DataType::Bool, vec![-1, -1])],
+        vec![
+            TensorSpec::tensor("h", DataType::F16, vec![-1]),
+            TensorSpec::tensor("u", DataType::U8, vec![-1, 3, 2]),
+            TensorSpec::tensor("d", DataType::F64, vec![]),
+        ],
+    ]
+}
+
+fn consistent(inputs: &[NamedTensor]) -> Result<(), TestCaseError> {
+    for i in inputs {
+        prop_assert_eq!(
+            element_count(&i.tensor.shape),
+            Some(i.tensor.data.len()),
+            "{}",
+            i.name
+        );
+    }
+    Ok(())
+}
+
+fn kserve_direct(body: Vec<u8>, header: Option<usize>) -> Result<(), TestCaseError> {
+    let mut headers = HeaderMap::new();
+    if let Some(n) = header {
+        headers.insert(HEADER_LENGTH, n.into());
+    }
+    if let Ok(inputs) = decode_request_body(&headers, &body.into(), &Limits::default()) {
+        consistent(&inputs)?;
+    }
+    Ok(())
+}
+
+/// `y = x + w` with `w` kept in an external file at `location`.
+fn external_model(location: &str) -> Vec<u8> {
+    GraphBuilder::new("g")
+        .input("x", DataType::F32, Some(&[-1, 2]))
+        .output("y", DataType::F32, Some(&[-1, 2]))
+        .initializer(TensorProto::external("w", DataType::F32, &[2], location))
+        .node("Add", &["x", "w"], &["y"], vec![])
+        .to_bytes()
+}
+
+fn onnx_direct(bytes: &[u8]) -> Result<(), TestCaseError> {
+    if let Ok(found) = external_tensors(bytes) {
+        prop_assert_eq!(found.is_empty(), check_self_contained(bytes, None).is_ok());
+    }
+    if let Ok(model) = ModelProto::decode(bytes) {
+        let once = model.encode_to_vec();
+        let again = ModelProto::decode(once.as_slice()).unwrap();
+        prop_assert_eq!(once, again.encode_to_vec());
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    #[test]
+    fn kserve_decoder_on_arbitrary_bytes(body in prop::collection::vec(any::<u8>(), 0..512), header in prop::option::of(0usize..600)) {
+        kserve_direct(body, header)?;
+    }
+
+    #[test]
+    fn kserve_decoder_on_near_valid_binary_requests(value in kserve_request(), tail in prop::collection::vec(any::<u8>(), 0..128), cut in 0usize..3) {
+        let header = value.to_string().into_bytes();
+        let n = header.len();
+        let mut body = header;
+        body.extend_from_slice(&tail);
+        // The true header length, one short (the JSON is cut), or one long (a byte of binary data joins it).
+        kserve_direct(body, Some((n + cut).saturating_sub(1).max(1)))?;
+    }
+
+    #[test]
+    fn warmup_decoder_on_arbitrary_json(value in kserve_request()) {
+        if let Ok(inputs) = decode_json_inputs(value.to_string().as_bytes()) {
+            consistent(&inputs)?;
+        }
+    }
+
+    #[test]
+    fn tfserving_decoder_on_arbitrary_bodies(pick in 0usize..5, value in json_value(), key in prop::sample::select(vec!["instances", "inputs", "examples", "signature_name"]), raw in prop::collection::vec(any::<u8>(), 0..256), use_raw in any::<bool>()) {
+        let specs = &signatures()[pick];
+        let body = if use_raw { raw } else { json!({key: value}).to_string().into_bytes() };
+        if let Ok((inputs, _)) = decode_predict_body(specs, &body, &Limits::default()) {
+            consistent(&inputs)?;
+            for i in &inputs {
+                prop_assert!(specs.iter().any(|s| s.name == i.name && s.dtype == i.tensor.dtype()));
+            }
+        }
+    }
+
+    #[test]
+    fn tfserving_decoder_on_named_instances(pick in 0usize..5, rows in prop::collection::vec(json_value(), 1..4)) {
+        let specs = &signatures()[pick];
+        let instances: Vec<Value> = rows
+            .iter()
+            .map(|v| Value::Object(specs.iter().map(|s| (s.name.clone(), v.clone())).collect()))
+            .collect();
+        for body in [json!({"instances": instances}), json!({"inputs": instances[0].clone()})] {
+            if let Ok((inputs, _)) = decode_predict_body(specs, body.to_string().as_bytes(), &Limits::default()) {
+                consistent(&inputs)?;
+            }
+        }
+    }
+
+    #[test]
+    fn onnx_scan_on_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        onnx_direct(&bytes)?;
+    }
+
+    #[test]
+    fn onnx_scan_on_mutated_models(edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8), cut in any::<prop::sample::Index>()) {
+        let mut bytes = external_model("weights.bin");
+        for (at, b) in edits {
+            let i = at.index(bytes.len());
+            bytes[i] = b;
+        }
+        let end = cut.index(bytes.len() + 1);
+        onnx_direct(&bytes[..end])?;
+        onnx_direct(&bytes)?;
+    }
+
+    #[test]
+    fn external_locations_escape_exactly_when_they_leave_the_directory(location in "[a-z./\\\\:]{0,10}") {
+        let escapes = location.is_empty()
+            || location.starts_with('/')
+            || location.contains('\\')
+            || location.contains(':')
+            || location.split('/').any(|part| part == "..");
+        prop_assert_eq!(check_location(&location, None).is_err(), escapes, "{:?}", location);
+        let verdict = check_self_contained(&external_model(&location), None);
+        let refused_as_escape = matches!(verdict, Err(ferry_model::external::ExternalDataError::Escapes { .. }));
+        prop_assert_eq!(refused_as_escape, escapes, "{:?}: {:?}", location, verdict);
+        prop_assert!(verdict.is_err());
+    }
+}
+
+/// `[[[...]]]` and `{"a":{"a":...}}` nested `depth` times.
+fn nested(depth: usize) -> [String; 2] {
+    [
+        format!("{}{}", "[".repeat(depth), "]".repeat(depth)),
+        format!("{}1{}", "{\"a\":".repeat(depth), "}".repeat(depth)),
+    ]
+}
+
+#[test]
+fn deeply_nested_json_is_refused_not_a_stack_overflow() {
+    let limits = Limits::default();
+    for depth in [limits.max_json_depth + 1, 1_000, 200_000] {
+        for text in nested(depth) {
+            let kserve = format!(
+                r#"{{"inputs":[{{"name":"x","shape":[1,2],"datatype":"FP32","data":{text}}}]}}"#
+            );
+            let e = decode_request_body(&HeaderMap::new(), &kserve.clone().into(), &limits)
+                .unwrap_err();
+            assert_eq!(e.kind.status().as_u16(), 400, "{}", e.message);
+            // Warm-up requests skip the depth scan; serde_json's own recursion limit stops them.
+            assert!(decode_json_inputs(kserve.as_bytes()).is_err());
+            for specs in signatures() {
+                let tf = format!(r#"{{"instances":{text}}}"#);
+                assert!(decode_predict_body(&specs, tf.as_bytes(), &limits).is_err());
+                assert!(decode_predict_body(&specs, text.as_bytes(), &limits).is_err());
+            }
+            HARNESS.with(|h| {
+                for path in PATHS {
+                    check(h, path, text.clone().into_bytes(), None).unwrap();
+                    check(h, path, kserve.clone().into_bytes(), None).unwrap();
+                }
+            });
+        }
+    }
+}
+
+#[test]
+fn oversized_shapes_are_refused_before_anything_is_allocated() {
+    let big = [
+        json!([4_294_967_296u64, 4_294_967_296u64]),
+        json!([i64::MAX]),
+        json!([u64::MAX]),
+        json!([2_147_483_648u64, 2, 2]),
+        json!([1u64 << 21, 1u64 << 21, 1u64 << 21]),
+        json!(vec![2; 64]),
+        json!([-1, 2]),
+        json!([1.5, 2]),
+    ];
+    for shape in big {
+        for input in [
+            json!({"name": "x", "shape": shape, "datatype": "FP32", "data": [1.0, 2.0]}),
+            json!({"name": "x", "shape": shape, "datatype": "BYTES", "data": ["a"]}),
+            json!({"name": "x", "shape": shape, "datatype": "FP32", "parameters": {"binary_data_size": 8}}),
+        ] {
+            let header = json!({"inputs": [input]}).to_string().into_bytes();
+            let n = header.len();
+            let mut body = header;
+            body.extend_from_slice(&[0; 8]);
+            let mut headers = HeaderMap::new();
+            headers.insert(HEADER_LENGTH, n.into());
+            let e = decode_request_body(&headers, &body.clone().into(), &Limits::default())
+                .unwrap_err();
+            assert_eq!(e.kind.status().as_u16(), 400, "{shape}: {}", e.message);
+            HARNESS.with(|h| {
+                for path in &PATHS[..4] {
+                    check(h, path, body.clone(), Some(n)).unwrap();
+                }
+            });
+        }
+    }
+}
