@@ -357,7 +357,11 @@ pub fn verify_version(
     trusted: &[PublicKey],
 ) -> Result<String, String> {
     let path = dir.join(SIGNATURE_FILE);
-    let text = match std::fs::read(&path) {
+    let read = std::fs::File::open(&path).and_then(|f| {
+        let mut text = Vec::new();
+        f.take((1 << 20) + 1).read_to_end(&mut text).map(|_| text)
+    });
+    let text = match read {
         Ok(t) if t.len() > 1 << 20 => return Err(format!("{SIGNATURE_FILE} is larger than 1 MiB")),
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -424,6 +428,13 @@ fn explain(
         why.push(format!(
             "{SIGNATURE_FILE} itself was altered, or made with another key"
         ));
+    }
+    // The names come from ferry.sig too: keep the reason short whatever it lists.
+    const SHOWN: usize = 5;
+    if why.len() > SHOWN {
+        let more = why.len() - SHOWN;
+        why.truncate(SHOWN);
+        why.push(format!("{more} more differences"));
     }
     why.join("; ")
 }
@@ -537,6 +548,12 @@ mod tests {
         std::fs::remove_file(dir.0.join("ferry.json")).unwrap();
         let e = verify(&dir.0, "iris", 3, &trusted).unwrap_err();
         assert!(e.contains("ferry.json was removed after signing"), "{e}");
+
+        for i in 0..20 {
+            std::fs::write(dir.0.join(format!("extra{i}")), b"x").unwrap();
+        }
+        let e = verify(&dir.0, "iris", 3, &trusted).unwrap_err();
+        assert!(e.contains("; 16 more differences"), "{e}");
     }
 
     #[test]
