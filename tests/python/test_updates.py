@@ -422,3 +422,50 @@ def test_s3_repository_serves_polls_and_checks_checksums(tmp_path, s3):
         assert os.path.exists(tmp_path / "cache")
     finally:
         server.stop()
+
+
+def test_a_config_change_that_cannot_load_keeps_the_versions_serving(tmp_path):
+    root = str(tmp_path / "repo")
+    publish(root, "iris", 1, iris_files())
+    server = start_ferry(root, str(tmp_path / "ferry.log"), "--repository-poll-secs", "0.1")
+    try:
+        url = server.url + "/v2/models/iris/infer"
+        with Load(url, IRIS_BODY) as load:
+            # Parses, but names an input the model does not have: reloading under it fails.
+            with open(os.path.join(root, "iris", "config.toml"), "w") as f:
+                f.write("[inputs.featurs]\nshape = [-1, 4]\n")
+            wait_for(lambda: "under the new configuration" in open(server.log).read(), 30,
+                     what="the failed reload logged")
+            time.sleep(0.5)
+        assert load.records and all(r[1] == 200 and r[2] == "1" for r in load.records), \
+            [r for r in load.records if r[1] != 200][:5]
+        assert state_of(server, "iris", 1)["state"] == "READY"
+        # A good change then applies.
+        with open(os.path.join(root, "iris", "config.toml"), "w") as f:
+            f.write("[inputs.features]\nshape = [-1, 4]\n")
+        wait_for(lambda: "reloading them" in open(server.log).read().split("under the new configuration", 1)[1], 30,
+                 what="the good configuration applied")
+        assert requests.post(url, json=IRIS_BODY, timeout=10).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_a_newer_shadow_version_never_takes_unversioned_traffic(tmp_path):
+    root = str(tmp_path / "repo")
+    publish(root, "s", 1, {"model.onnx": sum_model()})
+    publish(root, "s", 2, {"model.onnx": sum_model(offset=1.0)})
+    with open(os.path.join(root, "s", "config.toml"), "w") as f:
+        f.write("version_policy = { specific = [1] }\n[shadow]\nversion = 2\n")
+    server = start_ferry(root, str(tmp_path / "ferry.log"), "--repository-poll-secs", "0.1")
+    try:
+        for _ in range(10):
+            out = requests.post(server.url + "/v2/models/s/infer", json=X_BODY, timeout=10).json()
+            assert out["model_version"] == "1" and out["outputs"][0]["data"] == [8.0], out
+        wait_for(lambda: (metric(server, "ferry_shadow_requests_total", model="s", version="2",
+                                 outcome="compared") or 0) >= 10, 10, what="shadow comparisons")
+        assert metric(server, "ferry_shadow_mean_absolute_difference", model="s", version="2", output="y") == 1.0
+        # The shadow version still answers when named.
+        out = requests.post(server.url + "/v2/models/s/versions/2/infer", json=X_BODY, timeout=10).json()
+        assert out["outputs"][0]["data"] == [9.0]
+    finally:
+        server.stop()

@@ -320,7 +320,10 @@ impl ServeArgs {
             self.load_model.is_empty() || self.model_control_mode == ControlModeArg::Explicit,
             "--load-model only applies with --model-control-mode explicit"
         );
-        let admin_token = self.admin_token.filter(|t| !t.trim().is_empty());
+        let admin_token = self
+            .admin_token
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty());
         if let Some(bad) = self
             .auth_open
             .iter()

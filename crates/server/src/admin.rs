@@ -82,7 +82,7 @@ async fn authorize(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let given = header_value.and_then(|v| v.strip_prefix("Bearer "));
+    let given = crate::auth::bearer(header_value);
     let admin_token = |token: &str| {
         state
             .token_sha256

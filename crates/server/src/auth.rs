@@ -131,7 +131,9 @@ pub fn read_tokens_file(path: &Path) -> Result<Vec<TokenSpec>, String> {
         .map(|t| {
             let where_ = format!("{}: token `{}`", path.display(), t.name);
             let sha256 = match (&t.token, &t.sha256) {
-                (Some(secret), None) if !secret.is_empty() => crate::admin::token_digest(secret),
+                (Some(secret), None) if !secret.trim().is_empty() => {
+                    crate::admin::token_digest(secret.trim())
+                }
                 (None, Some(hex)) => parse_hex32(hex)
                     .ok_or_else(|| format!("{where_}: sha256 must be 64 hex digits"))?,
                 _ => return Err(format!("{where_}: give exactly one of `token` or `sha256`")),
@@ -152,6 +154,7 @@ pub fn parse_tokens_env(text: &str) -> Result<Vec<TokenSpec>, String> {
             else {
                 return Err("a token is `name:scope+scope:secret`".to_string());
             };
+            let secret = secret.trim();
             if secret.is_empty() {
                 return Err(format!("token `{name}` has an empty secret"));
             }
@@ -251,14 +254,7 @@ impl Auth {
             Endpoint::Health | Endpoint::Metrics => Scope::Read,
             Endpoint::Scoped(s) => s,
         };
-        let Some(given) = authorization
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-        else {
+        let Some(given) = bearer(authorization) else {
             return Err(InferError::new(
                 ErrorKind::Unauthenticated,
                 "this call needs a token: send `Authorization: Bearer <token>`",
@@ -309,6 +305,16 @@ impl Auth {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` header value (the scheme in any case), trimmed.
+pub fn bearer(authorization: Option<&str>) -> Option<&str> {
+    let value = authorization?.trim_start();
+    let (scheme, token) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    Some(token.trim()).filter(|t| !t.is_empty())
+}
+
 /// What a REST call is.
 pub fn rest_endpoint(method: &axum::http::Method, path: &str) -> Endpoint {
     if path.starts_with("/v2/health/") {
@@ -327,7 +333,8 @@ pub fn rest_endpoint(method: &axum::http::Method, path: &str) -> Endpoint {
 pub fn grpc_endpoint(path: &str) -> Endpoint {
     let method = path.rsplit('/').next().unwrap_or("");
     match method {
-        "ServerLive" | "ServerReady" | "ModelReady" => Endpoint::Health,
+        // Model readiness says which models exist, so it needs `read` (as REST's /v2/models/{m}/ready does).
+        "ServerLive" | "ServerReady" => Endpoint::Health,
         "ModelInfer" | "ModelStreamInfer" | "Predict" | "Classify" | "Regress"
         | "MultiInference" => Endpoint::Scoped(Scope::Infer),
         _ => Endpoint::Scoped(Scope::Read),
@@ -448,6 +455,21 @@ mod tests {
         assert!(parse_tokens_env("x:write:s").is_err());
         assert!(parse_tokens_env("x:infer:").is_err());
         assert!(parse_tokens_env("x:infer").is_err());
+    }
+
+    #[test]
+    fn bearer_headers_parse_in_any_case() {
+        assert_eq!(bearer(Some("Bearer abc")), Some("abc"));
+        assert_eq!(bearer(Some("bearer  abc ")), Some("abc"));
+        assert_eq!(bearer(Some("BEARER abc")), Some("abc"));
+        assert_eq!(bearer(Some("Basic abc")), None);
+        assert_eq!(bearer(Some("Bearer ")), None);
+        assert_eq!(bearer(Some("Bearer")), None);
+        assert_eq!(bearer(None), None);
+        assert_eq!(
+            grpc_endpoint("/inference.GRPCInferenceService/ModelReady"),
+            Endpoint::Scoped(Scope::Read)
+        );
     }
 
     #[test]

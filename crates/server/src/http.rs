@@ -66,7 +66,10 @@ pub fn app_with_limit(state: AppState, max_request_bytes: usize, max_concurrent:
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_request_bytes))
-        .layer(tower::limit::ConcurrencyLimitLayer::new(max_concurrent))
+        // One semaphore for the whole router (a `ConcurrencyLimitLayer` would make one per route).
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            max_concurrent,
+        ))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
 }
@@ -406,7 +409,12 @@ impl Server {
         let grpc_stop = async move {
             let _ = grpc_drain.wait_for(|d| *d).await;
         };
-        let grpc_routes = grpc_router(&infer, config.max_request_bytes, auth.clone());
+        let grpc_routes = grpc_router(
+            &infer,
+            config.max_request_bytes,
+            auth.clone(),
+            config.request_timeout + config.client_timeout,
+        );
         let grpc: std::pin::Pin<
             Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
         > = match &tls {
@@ -420,11 +428,19 @@ impl Server {
             )),
         };
         // The metrics page can also have its own port, so scrapers need not reach the inference port.
-        let metrics_router = Router::new()
-            .route("/metrics", get(metrics))
-            .with_state(AppState {
-                infer: infer.clone(),
-            });
+        let mut metrics_router =
+            Router::new()
+                .route("/metrics", get(metrics))
+                .with_state(AppState {
+                    infer: infer.clone(),
+                });
+        // The metrics port answers as `/metrics` on the REST port does: open unless `--auth-open` closes it.
+        if let Some(a) = &auth {
+            metrics_router = metrics_router.layer(middleware::from_fn_with_state(
+                a.clone(),
+                crate::auth::rest_layer,
+            ));
+        }
         let (metrics_tls, metrics_stop, metrics_timeout) = (
             tls.as_ref().map(|t| t.rest.clone()),
             drain_rx.clone(),
@@ -472,6 +488,7 @@ fn grpc_router(
     infer: &Infer,
     max_message_bytes: usize,
     auth: Option<Arc<crate::auth::Auth>>,
+    call_timeout: std::time::Duration,
 ) -> tonic::transport::server::Router<
     tower::layer::util::Stack<
         tower::util::Either<crate::auth::GrpcAuthLayer, tower::layer::util::Identity>,
@@ -496,6 +513,11 @@ fn grpc_router(
             auth.map(crate::auth::GrpcAuthLayer),
         ))
         .tcp_nodelay(true)
+        // Slow or silent clients: dead connections are found by keepalive pings, and no call (its upload
+        // included) may take longer than the request timeout plus the client timeout.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .timeout(call_timeout)
         // Bound the calls decoded at once per connection, as the REST router does across connections.
         .concurrency_limit_per_connection(256)
         .max_concurrent_streams(Some(256))

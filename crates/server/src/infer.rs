@@ -495,6 +495,7 @@ impl Infer {
         let ours = start
             .checked_add(self.timeout)
             .unwrap_or(start + Duration::from_secs(86_400 * 365));
+        let client_deadline = deadline.is_some_and(|d| d < ours);
         let deadline = deadline.map_or(ours, |d| d.min(ours));
         if let Some(drift) = &version.drift {
             drift.observe(&inputs);
@@ -502,13 +503,12 @@ impl Infer {
         let answer = self.run(&version, inputs, start, deadline).await;
         if let Some(live) = &rollout {
             if let Some(arm) = live.arm(version.version) {
-                let server_error = answer.as_ref().is_err_and(|e| {
-                    !matches!(
-                        e.kind,
-                        ErrorKind::InvalidArgument
-                            | ErrorKind::NotFound
-                            | ErrorKind::PayloadTooLarge
-                    )
+                // Only the version's own failures count against it: engine errors, unavailability, and running
+                // past the server's own timeout (not a deadline the client chose, nor a full queue).
+                let server_error = answer.as_ref().is_err_and(|e| match e.kind {
+                    ErrorKind::Internal | ErrorKind::Unavailable => true,
+                    ErrorKind::DeadlineExceeded => !client_deadline,
+                    _ => false,
                 });
                 arm.observe(start.elapsed(), server_error);
             }
@@ -684,9 +684,11 @@ fn resolve_in(
                 }
             }
             if let Some(loaded) = record.versions.iter().rev().find_map(|(v, s)| {
-                s.loaded
-                    .clone()
-                    .filter(|_| s.state == VersionState::Ready && Some(*v) != excluded)
+                s.loaded.clone().filter(|_| {
+                    s.state == VersionState::Ready
+                        && Some(*v) != excluded
+                        && Some(*v) != record.shadow_only
+                })
             }) {
                 return Ok(loaded);
             }

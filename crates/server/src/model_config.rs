@@ -299,8 +299,10 @@ impl ModelConfig {
                 return Err("shadow.fraction must be between 0 and 1".into());
             }
         }
-        if raw.max_concurrent_requests == Some(0) {
-            return Err("max_concurrent_requests must be at least 1".into());
+        if let Some(n) = raw.max_concurrent_requests {
+            if !(1..=1 << 20).contains(&n) {
+                return Err("max_concurrent_requests must be between 1 and 1048576".into());
+            }
         }
         Ok(ModelConfig {
             max_concurrent_requests: raw.max_concurrent_requests,

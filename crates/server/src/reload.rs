@@ -65,6 +65,8 @@ struct Known {
     loaded: BTreeMap<u64, String>,
     /// Fingerprints of versions that failed (not retried until their files change).
     failed: BTreeMap<u64, String>,
+    /// Serving versions to load again under a changed configuration (they keep serving if that fails).
+    stale: BTreeSet<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -379,21 +381,29 @@ impl Manager {
             }
             // The plan file is the shared truth: write the decision so other replicas (and `ferry rollout status`)
             // follow. Another writer's finished state wins over ours.
-            match self.repo.read_file(&name, PLAN_FILE).await {
-                Ok(Some(bytes)) => {
-                    if let Ok(stored) = RolloutPlan::parse(&String::from_utf8_lossy(&bytes)) {
-                        if live.same_rollout(&stored) && stored.state != RolloutState::Running {
-                            live.adopt(stored);
-                            continue;
-                        }
-                    }
-                }
+            let stored = match self.repo.read_file(&name, PLAN_FILE).await {
+                Ok(Some(bytes)) => RolloutPlan::parse(&String::from_utf8_lossy(&bytes)).ok(),
                 Ok(None) => continue,
-                Err(e) => tracing::warn!(model = %name, error = %e, "cannot read the rollout plan"),
+                Err(e) => {
+                    tracing::warn!(model = %name, error = %e, "cannot read the rollout plan");
+                    None
+                }
+            };
+            if let Some(stored) = &stored {
+                if !live.same_rollout(stored) {
+                    // A new plan replaced this one; the next poll picks it up.
+                    continue;
+                }
+                if stored.state != RolloutState::Running {
+                    live.adopt(stored.clone());
+                    continue;
+                }
             }
+            let merged = live.merged_with(stored.as_ref());
+            let _ = plan;
             if let Err(e) = self
                 .repo
-                .write_file(&name, PLAN_FILE, plan.to_json().into_bytes())
+                .write_file(&name, PLAN_FILE, merged.to_json().into_bytes())
                 .await
             {
                 tracing::warn!(model = %name, error = %e, "cannot write the rollout plan");
@@ -502,7 +512,7 @@ impl Manager {
                 model = name,
                 "the new configuration changes how versions load: reloading them"
             );
-            known.loaded.clear();
+            known.stale = known.loaded.keys().copied().collect();
             known.failed.clear();
         }
 
@@ -550,16 +560,26 @@ impl Manager {
                     extra.insert(plan.stable);
                     extra.insert(plan.candidate);
                 }
-                RolloutState::Promoted => {
-                    extra.insert(plan.candidate);
-                }
-                RolloutState::RolledBack => {
-                    extra.insert(plan.stable);
-                    excluded.insert(plan.candidate);
+                // A finished plan pins its version until a version newer than both plan versions exists.
+                RolloutState::Promoted | RolloutState::RolledBack => {
+                    let newer = entry
+                        .versions
+                        .keys()
+                        .any(|v| *v > plan.candidate.max(plan.stable));
+                    if !newer {
+                        extra.insert(plan.settled_version());
+                    }
+                    if plan.state == RolloutState::RolledBack {
+                        excluded.insert(plan.candidate);
+                    }
                 }
             }
         }
+        let mut shadow_only = None;
         if let Some(shadow) = &config.shadow {
+            if !extra.contains(&shadow.version) {
+                shadow_only = Some(shadow.version);
+            }
             extra.insert(shadow.version);
         }
 
@@ -589,7 +609,8 @@ impl Manager {
                 .copied()
                 .filter(|v| {
                     let fp = &entry.versions[v];
-                    known.loaded.get(v) != Some(fp) && known.failed.get(v) != Some(fp)
+                    (known.loaded.get(v) != Some(fp) || known.stale.contains(v))
+                        && known.failed.get(v) != Some(fp)
                 })
                 .collect();
             if to_load.is_empty() {
@@ -635,10 +656,14 @@ impl Manager {
                             },
                         );
                         known.loaded.insert(v, fp);
+                        known.stale.remove(&v);
                     }
                     Err(reason) => {
                         known.failed.insert(v, fp);
-                        if known.loaded.contains_key(&v) {
+                        let was_stale = known.stale.remove(&v);
+                        if was_stale && known.loaded.contains_key(&v) {
+                            tracing::warn!(model = name, version = v, %reason, "a serving version failed to load under the new configuration; it keeps serving as loaded before");
+                        } else if known.loaded.contains_key(&v) {
                             tracing::warn!(model = name, version = v, %reason, "changed files of a serving version failed to load; the previous files keep serving");
                         } else {
                             self.store.set_version(
@@ -682,6 +707,15 @@ impl Manager {
             }
         }
         known.loaded.retain(|v, _| wanted.contains(v));
+        known.stale.retain(|v| wanted.contains(v));
+        // A version loaded only to receive shadow copies never takes unversioned traffic.
+        let hidden = shadow_only.filter(|v| {
+            !config
+                .version_policy
+                .select(&entry.versions.keys().copied().collect::<Vec<_>>())
+                .contains(v)
+        });
+        self.store.update(name, |r| r.shadow_only = hidden);
         known
     }
 

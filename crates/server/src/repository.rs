@@ -103,6 +103,8 @@ pub struct ModelRecord {
     pub rollout: Option<Arc<crate::rollout::Live>>,
     /// Permits for the model's concurrent requests, when `max_concurrent_requests` is set.
     pub permits: Option<Arc<tokio::sync::Semaphore>>,
+    /// A version loaded only as a shadow target: unversioned requests never resolve to it.
+    pub shadow_only: Option<u64>,
 }
 
 impl ModelRecord {
@@ -116,6 +118,7 @@ impl ModelRecord {
             versions: BTreeMap::new(),
             api_labels: BTreeMap::new(),
             rollout: None,
+            shadow_only: None,
         }
     }
 

@@ -176,6 +176,9 @@ impl RolloutPlan {
         if self.steps.last() != Some(&100.0) {
             return Err("the last step must be 100 (the candidate takes all traffic)".into());
         }
+        if self.min_requests == 0 {
+            return Err("min_requests must be at least 1 (a step is judged on evidence)".into());
+        }
         if !(self.step_interval_secs.is_finite() && self.step_interval_secs > 0.0) {
             return Err("the step interval must be positive".into());
         }
@@ -242,8 +245,10 @@ impl RolloutPlan {
     pub fn judge(&self, candidate: &ArmFigures, stable: &ArmFigures) -> Result<bool, String> {
         if candidate.requests > 0 && candidate.error_rate() > self.max_error_rate {
             // Errors count even before the minimum: a candidate failing many of its few requests is already bad.
+            // Before the minimum, it takes at least three errors (one unlucky request is not evidence).
             if candidate.requests >= self.min_requests
-                || candidate.errors as f64 > self.max_error_rate * self.min_requests as f64
+                || (candidate.errors >= 3
+                    && candidate.errors as f64 > self.max_error_rate * self.min_requests as f64)
             {
                 return Err(format!(
                     "candidate error rate {:.2}% ({} of {}) is above the maximum {:.2}%",
@@ -444,6 +449,8 @@ mod tests {
         assert_eq!(p.judge(&ok(5, 0, 1.0), &ok(100, 0, 1.0)), Ok(false));
         assert!(p.judge(&ok(100, 5, 1.0), &ok(1000, 0, 1.0)).is_err());
         assert!(p.judge(&ok(10, 10, 1.0), &ok(1000, 0, 1.0)).is_err());
+        // One failed request of a few is not yet evidence.
+        assert_eq!(p.judge(&ok(5, 1, 1.0), &ok(1000, 0, 1.0)), Ok(false));
         assert!(p.judge(&ok(100, 0, 2.0), &ok(1000, 0, 1.0)).is_err());
         assert_eq!(p.judge(&ok(100, 0, 1.4), &ok(1000, 0, 1.0)), Ok(true));
         // A stable arm without enough traffic cannot fail the candidate on latency.
@@ -463,6 +470,35 @@ mod tests {
         c.observe(Duration::from_secs(100), false);
         assert_eq!(c.take().p99_ms, Some(5000.0));
         assert_eq!(c.take(), ArmFigures::default());
+    }
+
+    #[test]
+    fn a_replica_keeps_its_decision_and_merges_history() {
+        let live = Live::new(plan());
+        let mut stored = plan();
+        stored.created_at = live.plan().created_at;
+        stored.history.push(RolloutEvent {
+            at: 1,
+            event: "step_passed".into(),
+            step: Some(0),
+            weight: Some(5.0),
+            candidate: None,
+            stable: None,
+            reason: "other replica".into(),
+        });
+        let mut mine = live.plan();
+        mine.finish(RolloutState::RolledBack, "gate".into());
+        live.adopt(mine);
+        // A running plan read back from the file does not undo the rollback.
+        live.adopt(stored.clone());
+        assert_eq!(live.plan().state, RolloutState::RolledBack);
+        let merged = live.merged_with(Some(&stored));
+        assert!(merged.history.iter().any(|e| e.reason == "other replica"));
+        assert!(merged.history.iter().any(|e| e.event == "rolled_back"));
+        assert!(merged.history.windows(2).all(|w| w[0].at <= w[1].at));
+        let mut zero = plan();
+        zero.min_requests = 0;
+        assert!(zero.validate().is_err());
     }
 
     #[test]
@@ -544,7 +580,29 @@ impl Live {
 
     /// Adopts the stored plan of the same rollout (its history and state: an operator may have ended it).
     pub fn adopt(&self, stored: RolloutPlan) {
-        *self.plan.lock().unwrap_or_else(|p| p.into_inner()) = stored;
+        let mut plan = self.plan.lock().unwrap_or_else(|p| p.into_inner());
+        // A decision this replica took is not undone by a file written before it.
+        if plan.state != RolloutState::Running && stored.state == RolloutState::Running {
+            return;
+        }
+        *plan = stored;
+    }
+
+    /// The plan to write back: the stored one's history merged with this replica's events (other replicas write
+    /// theirs too), in time order.
+    pub fn merged_with(&self, stored: Option<&RolloutPlan>) -> RolloutPlan {
+        let mut plan = self.plan();
+        if let Some(stored) = stored.filter(|s| self.same_rollout(s)) {
+            let mut history = stored.history.clone();
+            for e in &plan.history {
+                if !history.contains(e) {
+                    history.push(e.clone());
+                }
+            }
+            history.sort_by_key(|e| e.at);
+            plan.history = history;
+        }
+        plan
     }
 
     /// The current step index.

@@ -52,20 +52,21 @@ pub fn compare(live: &[NamedTensor], shadow: &[NamedTensor]) -> Vec<(String, Agr
         let same_shape = l.tensor.shape == s.tensor.shape;
         match (&l.tensor.data, &s.tensor.data) {
             (TensorData::F32(x), TensorData::F32(y)) if same_shape => {
-                a.numeric = x.len() as u64;
-                a.abs_difference = x.iter().zip(y).map(|(p, q)| f64::from((p - q).abs())).sum();
+                differences(
+                    &mut a,
+                    x.iter().zip(y).map(|(p, q)| f64::from(*p) - f64::from(*q)),
+                );
             }
             (TensorData::F64(x), TensorData::F64(y)) if same_shape => {
-                a.numeric = x.len() as u64;
-                a.abs_difference = x.iter().zip(y).map(|(p, q)| (p - q).abs()).sum();
+                differences(&mut a, x.iter().zip(y).map(|(p, q)| p - q));
             }
             (TensorData::F16(x), TensorData::F16(y)) if same_shape => {
-                a.numeric = x.len() as u64;
-                a.abs_difference = x
-                    .iter()
-                    .zip(y)
-                    .map(|(p, q)| (f64::from(p.to_f32()) - f64::from(q.to_f32())).abs())
-                    .sum();
+                differences(
+                    &mut a,
+                    x.iter()
+                        .zip(y)
+                        .map(|(p, q)| f64::from(p.to_f32()) - f64::from(q.to_f32())),
+                );
             }
             (x, _) if x.dtype().is_float() => continue,
             (x, y) => {
@@ -78,6 +79,14 @@ pub fn compare(live: &[NamedTensor], shadow: &[NamedTensor]) -> Vec<(String, Agr
         out.push((l.name.clone(), a));
     }
     out
+}
+
+/// Adds float differences, skipping non-finite ones (one NaN must not poison the running mean).
+fn differences(a: &mut Agreement, diffs: impl Iterator<Item = f64>) {
+    for d in diffs.filter(|d| d.is_finite()) {
+        a.numeric += 1;
+        a.abs_difference += d.abs();
+    }
 }
 
 /// Equal elements of two non-float tensors of the same length (0 when their types differ).

@@ -242,8 +242,21 @@ fn sanitize(text: &str) -> String {
     }
 }
 
+/// A name no other writer (another process, another container whose process is also PID 1) picks.
+fn unique_suffix() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{}.{nanos}.{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let tmp = path.with_extension(format!("tmp.{}", unique_suffix()));
     std::fs::write(&tmp, bytes).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
@@ -469,13 +482,18 @@ impl S3Repository {
                 self.url, o.location, o.size
             ));
         }
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let dir = self.cache.join(model).join(format!("{v}.{stamp}"));
-        std::fs::create_dir_all(&dir)
+        // Downloaded under a `.partial` name and renamed when complete, so a half-fetched version never looks
+        // whole; named by process so two processes sharing the cache never remove each other's copies.
+        let mine = format!("{v}.{}.", std::process::id());
+        let dir = self
+            .cache
+            .join(model)
+            .join(format!("{mine}{}", unique_suffix()));
+        let partial = dir.with_extension("partial");
+        std::fs::create_dir_all(&partial)
             .map_err(|e| format!("cannot create the cache {}: {e}", dir.display()))?;
         let strip = prefix.as_ref().len() + 1;
+        let fetched: Result<(), String> = async {
         for o in objects {
             let rel = &o.location.as_ref()[strip.min(o.location.as_ref().len())..];
             let Some(parts) = local_parts(rel) else {
@@ -486,7 +504,7 @@ impl S3Repository {
                 .get(&o.location)
                 .await?
                 .ok_or_else(|| format!("{}: {} vanished while fetching", self.url, o.location))?;
-            let path = parts.iter().fold(dir.clone(), |p, part| p.join(part));
+            let path = parts.iter().fold(partial.clone(), |p, part| p.join(part));
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent)
                     .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
@@ -494,12 +512,21 @@ impl S3Repository {
             std::fs::write(&path, bytes)
                 .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         }
-        // Earlier fetches of this version are no longer needed once this one exists (a loaded session keeps its
-        // own copy of the model in memory).
+        Ok(())
+        }
+        .await;
+        if let Err(e) = fetched {
+            let _ = std::fs::remove_dir_all(&partial);
+            return Err(e);
+        }
+        std::fs::rename(&partial, &dir)
+            .map_err(|e| format!("cannot move {} into place: {e}", partial.display()))?;
+        // This process's earlier fetches of this version are no longer needed once this one exists (a loaded
+        // session keeps its own copy of the model in memory).
         if let Ok(entries) = std::fs::read_dir(self.cache.join(model)) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(&format!("{v}.")) && e.path() != dir {
+                if name.starts_with(&mine) && e.path() != dir {
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }
