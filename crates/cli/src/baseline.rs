@@ -1,5 +1,6 @@
-//! `ferry baseline`: writes the drift baseline (per-feature training statistics) into a model version's
-//! `ferry.json`, for models that `ferry train` did not make.
+//! `ferry baseline`: writes the drift baseline into a model version's `ferry.json`, for models that `ferry train`
+//! did not make: per-feature statistics of the training data, and the distribution of the model's own predictions on
+//! that data (run through ONNX Runtime, as `ferry serve` runs it).
 
 use std::path::PathBuf;
 
@@ -23,6 +24,15 @@ pub struct BaselineArgs {
     /// Other columns to leave out, comma-separated.
     #[arg(long, env = "FERRY_BASELINE_DROP", value_delimiter = ',')]
     pub drop: Vec<String>,
+
+    /// Write only the feature baseline: do not run the model for the prediction baseline (`prediction_stats`).
+    #[arg(long, env = "FERRY_BASELINE_NO_PREDICTIONS")]
+    pub no_predictions: bool,
+
+    /// The ONNX Runtime 1.32 library, to run the model (else $ORT_DYLIB_PATH, beside the binary, or a Python
+    /// `onnxruntime`).
+    #[arg(long, env = "FERRY_ONNXRUNTIME_LIB", value_name = "FILE")]
+    pub onnxruntime_lib: Option<PathBuf>,
 }
 
 /// Runs `ferry baseline`.
@@ -46,6 +56,26 @@ pub fn run(args: BaselineArgs) -> anyhow::Result<()> {
         .enumerate()
         .map(|(i, name)| ferry_train::stats::feature_stats(name, data.x.column(i)))
         .collect();
+    // The model's answers on the same rows: the prediction drift baseline (when the directory has a model).
+    let model_path = args.model_dir.join("model.onnx");
+    let predictions = if args.no_predictions || !model_path.is_file() {
+        None
+    } else {
+        let engine = ferry_engine::OrtEngine::init(args.onnxruntime_lib.as_deref()).context(
+            "starting ONNX Runtime to run the model for its prediction baseline (--no-predictions skips it)",
+        )?;
+        let bytes = std::fs::read(&model_path)
+            .with_context(|| format!("reading {}", model_path.display()))?;
+        Some(
+            ferry_train::evaluate::prediction_baseline(&engine, &bytes, data.x.view())
+                .with_context(|| {
+                    format!(
+                        "running {} for its prediction baseline (--no-predictions skips it)",
+                        model_path.display()
+                    )
+                })?,
+        )
+    };
     let path = args.model_dir.join("ferry.json");
     let mut meta = match std::fs::read_to_string(&path) {
         Ok(text) => serde_json::from_str::<serde_json::Value>(&text)
@@ -59,13 +89,31 @@ pub fn run(args: BaselineArgs) -> anyhow::Result<()> {
     object.insert("features".into(), serde_json::to_value(&data.features)?);
     object.insert("feature_stats".into(), serde_json::to_value(&stats)?);
     object.insert("baseline_data".into(), serde_json::json!({"path": args.data.display().to_string(), "sha256": data.sha256, "rows": data.rows()}));
+    if let Some(p) = &predictions {
+        object.insert("prediction_stats".into(), serde_json::to_value(p)?);
+    }
     // Write beside, then rename: a server reading the directory never sees half a file.
     let partial = args.model_dir.join(".ferry.json.partial");
     std::fs::write(&partial, serde_json::to_string_pretty(&meta)? + "\n")
         .with_context(|| format!("writing {}", partial.display()))?;
     std::fs::rename(&partial, &path).with_context(|| format!("replacing {}", path.display()))?;
+    let outputs = match &predictions {
+        None => String::new(),
+        Some(p) if p.is_empty() => {
+            " (no output gives one label or number per row, so no prediction baseline)".into()
+        }
+        Some(p) => format!(
+            " and {} output{} ({})",
+            p.len(),
+            if p.len() == 1 { "" } else { "s" },
+            p.iter()
+                .map(|s| s.output.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
     println!(
-        "wrote the drift baseline of {} features from {} rows to {}",
+        "wrote the drift baseline of {} features{outputs} from {} rows to {}",
         stats.len(),
         data.rows(),
         path.display()

@@ -41,6 +41,9 @@ pub enum Command {
     Baseline(crate::baseline::BaselineArgs),
     /// Measure a KServe v2 server's throughput and latency (REST or gRPC, a concurrency sweep or a fixed rate).
     Bench(crate::bench::BenchArgs),
+    /// Watch a running server in the terminal: per model and version, request rate, errors, p50/p99, batch size,
+    /// queue depth and drift, from its /metrics page, refreshed every second.
+    Top(crate::top::TopArgs),
     /// Canary rollouts: start one (a plan in the repository that servers follow), see where it stands, promote or
     /// roll it back.
     Rollout(crate::rollout::RolloutArgs),
@@ -70,6 +73,13 @@ pub enum ControlModeArg {
     Poll,
     /// Load only what --load-model and the management API ask for.
     Explicit,
+}
+
+/// `--metrics-compat` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MetricsCompat {
+    /// Triton Inference Server's `nv_inference_*` families.
+    Triton,
 }
 
 /// Graph optimization levels, as flags spell them.
@@ -215,6 +225,16 @@ pub struct ServeArgs {
     /// inference port. 0 picks a free port; the log says which.
     #[arg(long, env = "FERRY_METRICS_PORT")]
     pub metrics_port: Option<u16>,
+
+    /// Do not record requests and batches in metrics (`/metrics` still shows model states, loads, drift and process
+    /// figures). For measuring what monitoring costs; drift is per model (`drift_sample_every = 0` in config.toml).
+    #[arg(long, env = "FERRY_NO_METRICS")]
+    pub no_metrics: bool,
+
+    /// Also emit another server's metric families on `/metrics`, so its dashboards and autoscaling rules work
+    /// unchanged: `triton` adds Triton's `nv_inference_*` counters and gauge (labels model and version).
+    #[arg(long, env = "FERRY_METRICS_COMPAT", value_enum)]
+    pub metrics_compat: Option<MetricsCompat>,
 
     /// Request bodies (and gRPC messages) larger than this many bytes are refused (413 / RESOURCE_EXHAUSTED).
     #[arg(long, env = "FERRY_MAX_REQUEST_BYTES", default_value_t = 64 << 20)]
@@ -383,6 +403,10 @@ impl ServeArgs {
             rest_port: self.rest_port,
             grpc_port: self.grpc_port,
             metrics_port: self.metrics_port,
+            metrics: ferry_server::metrics::MetricsOptions {
+                enabled: !self.no_metrics,
+                triton: self.metrics_compat == Some(MetricsCompat::Triton),
+            },
             max_request_bytes: self.max_request_bytes,
             max_concurrent_requests: self.max_concurrent_requests as usize,
             request_timeout: self.request_timeout,

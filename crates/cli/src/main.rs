@@ -11,6 +11,7 @@ mod retrain;
 mod rollout;
 mod sign;
 mod telemetry;
+mod top;
 mod train;
 
 use std::process::ExitCode;
@@ -50,6 +51,7 @@ fn run(command: cli::Command) -> anyhow::Result<()> {
         cli::Command::Rollout(args) => rollout::run(args),
         cli::Command::Retrain(args) => retrain::run(*args),
         cli::Command::Sign(args) => sign::run(args),
+        cli::Command::Top(args) => top::run(args),
         cli::Command::Serve(args) => {
             telemetry::init(args.log_format, &args.log_level).context("setting up logging")?;
             let config = (*args)

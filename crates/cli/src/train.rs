@@ -19,9 +19,37 @@ pub fn parse_name<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> 
 #[derive(Debug, clap::Args)]
 #[command(group = clap::ArgGroup::new("destination").required(true).args(["out", "publish"]))]
 pub struct TrainArgs {
-    /// The training data: a CSV file with a header row, numeric feature columns and a target column.
-    #[arg(value_name = "DATA.csv")]
-    pub data: PathBuf,
+    /// The training data: a CSV file with a header row, numeric feature columns and a target column. Or, instead,
+    /// payload logs joined with labels (--payload-log and --labels).
+    #[arg(value_name = "DATA.csv", required_unless_present = "payload_log")]
+    pub data: Option<PathBuf>,
+
+    /// Train on payload logs written by `ferry serve --payload-log` (comma-separated: a file and its rotations): the
+    /// inputs logged for one model become the feature columns, labelled from --labels by request id.
+    #[arg(
+        long,
+        env = "FERRY_TRAIN_PAYLOAD_LOG",
+        value_delimiter = ',',
+        value_name = "FILES",
+        conflicts_with = "data",
+        requires = "labels"
+    )]
+    pub payload_log: Vec<PathBuf>,
+
+    /// Labels for --payload-log: a CSV file with the columns `id` (the request id the log recorded) and `label`. A
+    /// request of several rows is labelled row by row, as `ID:ROW` (`req-7:0`, `req-7:1`).
+    #[arg(
+        long,
+        env = "FERRY_TRAIN_LABELS",
+        value_name = "FILE",
+        requires = "payload_log"
+    )]
+    pub labels: Option<PathBuf>,
+
+    /// The model whose logged requests to train on (default: the model --publish names, else the only model in
+    /// the log). Feature columns take the names in the latest published version's ferry.json when there is one.
+    #[arg(long, env = "FERRY_TRAIN_PAYLOAD_MODEL", value_name = "NAME")]
+    pub payload_model: Option<String>,
 
     /// The model family: `linear` (regression on the MSE cost), `logistic` (binary classes), `softmax`
     /// (any number of classes) or `mlp` (a neural network, for either).
@@ -247,8 +275,62 @@ pub fn load(args: &TrainArgs) -> anyhow::Result<ferry_train::Dataset> {
     if let Some(p) = &args.publish {
         check_model_name(p)?;
     }
-    ferry_train::load_csv(&args.data, &args.settings.load_options())
+    source(args)?
+        .load(&args.settings.load_options())
         .context("loading the training data")
+}
+
+/// The training data the flags name: the CSV file, or the payload logs joined with their labels.
+fn source(args: &TrainArgs) -> anyhow::Result<ferry_train::CsvSource> {
+    let (logs, labels) = match (&args.data, args.payload_log.as_slice(), &args.labels) {
+        (Some(data), [], None) => return Ok(ferry_train::CsvSource::File(data.clone())),
+        (None, logs @ [_, ..], Some(labels)) => (logs, labels),
+        _ => anyhow::bail!("give DATA.csv, or --payload-log FILES with --labels FILE"),
+    };
+    let model = match (&args.payload_model, &args.publish) {
+        (Some(m), _) => m.clone(),
+        (None, Some(publish)) => publish
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("--publish must end in a model name (REPO/MODEL)")?
+            .to_string(),
+        (None, None) => {
+            let models = ferry_train::payload::models(logs).context("reading the payload log")?;
+            match models.as_slice() {
+                [only] => only.clone(),
+                [] => anyhow::bail!("the payload log holds no records"),
+                many => anyhow::bail!(
+                    "the payload log holds several models ({}): name one with --payload-model",
+                    many.join(", ")
+                ),
+            }
+        }
+    };
+    // A model published before names its feature columns.
+    let features = args.publish.as_deref().and_then(|dir| {
+        let latest = ferry_train::export::latest_version(dir).ok()?;
+        (latest > 0)
+            .then(|| ferry_train::export::read_metadata(&dir.join(latest.to_string())).ok())
+            .flatten()
+            .map(|m| m.features)
+    });
+    let joined = ferry_train::payload::join(logs, labels, &model, features.as_deref())
+        .context("joining the payload log with its labels")?;
+    if !args.quiet && !args.json {
+        eprintln!(
+            "payload log: {} records of {model}, {} rows labelled, {} without a label left out",
+            joined.records, joined.rows, joined.unlabeled
+        );
+    }
+    let logs: Vec<String> = logs.iter().map(|p| p.display().to_string()).collect();
+    Ok(ferry_train::CsvSource::Memory {
+        name: PathBuf::from(format!(
+            "{} joined with {}",
+            logs.join(","),
+            labels.display()
+        )),
+        bytes: joined.csv,
+    })
 }
 
 /// Trains with `options`, with a progress bar on standard error unless `quiet`.

@@ -54,3 +54,70 @@ fn baseline_adds_feature_stats_and_keeps_other_keys() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a model version directory"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn baseline_runs_the_model_for_its_prediction_baseline() {
+    let dir = std::env::temp_dir().join(format!("ferry-baseline-model-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/data/iris.csv");
+    let trained = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "train",
+            data.to_str().unwrap(),
+            "--model",
+            "softmax",
+            "--quiet",
+            "--out",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        trained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trained.stderr)
+    );
+    // As if the model came from elsewhere: only its class list stays.
+    std::fs::write(dir.join("ferry.json"), r#"{"note": "kept"}"#).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .arg("baseline")
+        .arg(&dir)
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("and 1 output (label)"), "{said}");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("ferry.json")).unwrap()).unwrap();
+    assert_eq!(meta["note"], "kept");
+    // `label` (one string per row) is tracked; `probabilities` (three columns) is not.
+    let stats = meta["prediction_stats"].as_array().unwrap();
+    assert_eq!(stats.len(), 1);
+    assert_eq!(stats[0]["output"], "label");
+    assert_eq!(stats[0]["kind"], "categorical");
+    assert_eq!(stats[0]["rows"], 150);
+    assert_eq!(
+        stats[0]["classes"],
+        serde_json::json!(["setosa", "versicolor", "virginica"])
+    );
+    // --no-predictions leaves the model alone.
+    std::fs::write(dir.join("ferry.json"), "{}").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .arg("baseline")
+        .arg(&dir)
+        .arg(&data)
+        .arg("--no-predictions")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("ferry.json")).unwrap()).unwrap();
+    assert!(meta.get("prediction_stats").is_none());
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -60,6 +60,20 @@ fn train_then_evaluate_a_classifier() {
     assert_eq!(meta["features"].as_array().unwrap().len(), 4);
     assert_eq!(meta["feature_stats"][0]["count"], 135);
     assert_eq!(meta["training_data"]["sha256"].as_str().unwrap().len(), 64);
+    // The prediction drift baseline: class frequencies of the model's answers on its 135 training rows.
+    let p = &meta["prediction_stats"][0];
+    assert_eq!(p["output"], "label");
+    assert_eq!(p["kind"], "categorical");
+    assert_eq!(p["rows"], 135);
+    assert_eq!(p["classes"], meta["classes"]);
+    assert_eq!(p["label_counts"], serde_json::json!([45, 45, 45]));
+    let predicted: u64 = p["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().unwrap())
+        .sum();
+    assert_eq!(predicted, 135);
     let evaluated = json(&ferry(&[
         "evaluate",
         out.to_str().unwrap(),
@@ -93,6 +107,15 @@ fn publish_writes_successive_versions_of_a_regressor() {
         assert_eq!(out["model_dir"], model.join(expected).display().to_string());
         assert!(out["r2"].as_f64().unwrap() > 0.3, "{out}");
     }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model.join("2/ferry.json")).unwrap()).unwrap();
+    let p = &meta["prediction_stats"][0];
+    assert_eq!(
+        (&p["output"], &p["kind"]),
+        (&"prediction".into(), &"numeric".into())
+    );
+    assert_eq!(p["histogram"]["edges"].as_array().unwrap().len(), 11);
+    assert!(p["std"].as_f64().unwrap() > 0.0);
     let evaluated = json(&ferry(&[
         "evaluate",
         model.join("2").to_str().unwrap(),
@@ -262,5 +285,136 @@ fn quantize_writes_a_smaller_model_only_when_the_score_holds() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not written"));
     assert!(!refused.exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn train_reads_payload_logs_joined_with_labels() {
+    let dir = scratch("payload");
+    // A log as `ferry serve --payload-log` writes it: iris rows, one request of two rows, another model's record.
+    let rows: Vec<Vec<String>> = std::fs::read_to_string(example("iris.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect();
+    let mut log = String::new();
+    let mut labels = String::from("id,label\n");
+    for (i, r) in rows.iter().enumerate() {
+        let values = r[..4].join(",");
+        log.push_str(&format!(
+            r#"{{"time":1,"model":"iris","version":1,"id":"req-{i}","latency_ms":0.5,"inputs":{{"features":{{"datatype":"FP32","shape":[1,4],"data":[{values}]}}}},"outputs":{{}}}}"#
+        ));
+        log.push('\n');
+        // Every tenth request never got its label.
+        if i % 10 != 9 {
+            labels.push_str(&format!("req-{i},{}\n", r[4]));
+        }
+    }
+    log.push_str(r#"{"time":1,"model":"other","version":1,"id":"x","latency_ms":0.5,"inputs":{"x":{"datatype":"FP32","shape":[1],"data":[1]}},"outputs":{}}"#);
+    log.push('\n');
+    std::fs::write(dir.join("payload.jsonl"), log).unwrap();
+    std::fs::write(dir.join("labels.csv"), labels).unwrap();
+    let log_arg = dir.join("payload.jsonl").display().to_string();
+    let labels_arg = dir.join("labels.csv").display().to_string();
+    let out = dir.join("model");
+    // Two models in the log: which one must be said.
+    let refused = ferry(&[
+        "train",
+        "--payload-log",
+        &log_arg,
+        "--labels",
+        &labels_arg,
+        "--model",
+        "softmax",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("--payload-model") && message.contains("iris, other"),
+        "{message}"
+    );
+    let trained = json(&ferry(&[
+        "train",
+        "--payload-log",
+        &log_arg,
+        "--labels",
+        &labels_arg,
+        "--payload-model",
+        "iris",
+        "--model",
+        "softmax",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]));
+    assert!(trained["accuracy"].as_f64().unwrap() > 0.8, "{trained}");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("ferry.json")).unwrap()).unwrap();
+    assert_eq!(meta["training_data"]["rows"], 135, "15 rows had no label");
+    assert_eq!(meta["features"][0], "features_0");
+    assert_eq!(meta["target"], "label");
+    assert!(meta["training_data"]["path"]
+        .as_str()
+        .unwrap()
+        .contains("joined with"));
+    // Published into a model that has a version, the columns take that version's feature names.
+    let repo = dir.join("repo");
+    let published = json(&ferry(&[
+        "train",
+        &example("iris.csv"),
+        "--model",
+        "softmax",
+        "--publish",
+        repo.join("iris").to_str().unwrap(),
+        "--json",
+    ]));
+    assert!(published["accuracy"].as_f64().is_some());
+    let again = json(&ferry(&[
+        "train",
+        "--payload-log",
+        &log_arg,
+        "--labels",
+        &labels_arg,
+        "--model",
+        "softmax",
+        "--publish",
+        repo.join("iris").to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(
+        again["model_dir"],
+        repo.join("iris/2").display().to_string()
+    );
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo.join("iris/2/ferry.json")).unwrap()).unwrap();
+    assert_eq!(meta["features"][0], "sepal_length_cm");
+    // DATA.csv and --payload-log exclude each other, and a log needs labels.
+    let both = ferry(&[
+        "train",
+        &example("iris.csv"),
+        "--payload-log",
+        &log_arg,
+        "--labels",
+        &labels_arg,
+        "--model",
+        "softmax",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!both.status.success());
+    let alone = ferry(&[
+        "train",
+        "--payload-log",
+        &log_arg,
+        "--model",
+        "softmax",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!alone.status.success());
+    assert!(String::from_utf8_lossy(&alone.stderr).contains("--labels"));
     std::fs::remove_dir_all(dir).unwrap();
 }

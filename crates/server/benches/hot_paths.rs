@@ -149,17 +149,60 @@ fn drift(c: &mut Criterion) {
         b.iter(|| d.observe(black_box(&one_row)))
     });
     c.bench_function("drift/report_10_features", |b| b.iter(|| d.report()));
+    // Prediction drift on a classifier's label output and a regressor's value, one sampled row each.
+    use ferry_server::drift::{PredictionBaseline, PredictionBins};
+    let p = Drift::from_parts(
+        None,
+        vec![
+            PredictionBaseline {
+                output: "label".into(),
+                bins: PredictionBins::Classes(vec![
+                    "setosa".into(),
+                    "versicolor".into(),
+                    "virginica".into(),
+                ]),
+                shares: vec![0.3, 0.3, 0.4, 0.0],
+            },
+            PredictionBaseline {
+                output: "prediction".into(),
+                bins: PredictionBins::Edges((0..=10).map(f64::from).collect()),
+                shares: vec![0.1; 10],
+            },
+        ],
+        2000,
+        1,
+    )
+    .unwrap();
+    let outputs = vec![
+        NamedTensor::new(
+            "label",
+            Tensor::new(vec![1], TensorData::Bytes(vec![b"virginica".to_vec()])).unwrap(),
+        ),
+        NamedTensor::new(
+            "prediction",
+            Tensor::new(vec![1, 1], TensorData::F32(vec![4.5])).unwrap(),
+        ),
+    ];
+    c.bench_function("drift/observe_outputs_label_and_value", |b| {
+        b.iter(|| p.observe_outputs(black_box(&outputs)))
+    });
 }
 
 fn metrics(c: &mut Criterion) {
     let m = ferry_server::metrics::Metrics::default();
+    let series = m.version_series("iris", 1);
     c.bench_function("metrics/record_one_request", |b| {
         b.iter(|| {
             let mut r = m.request("rest_kserve");
-            r.model(black_box("iris"), Some(1));
+            r.version(black_box(&series));
             r.body_bytes(120);
+            r.response_bytes(180);
             r.finish("success");
         })
+    });
+    c.bench_function("metrics/record_one_batch", |b| {
+        let waits = [std::time::Duration::from_micros(40)];
+        b.iter(|| series.batch(black_box(&waits), std::time::Duration::from_micros(30), 1))
     });
 }
 

@@ -69,6 +69,8 @@ pub struct ServeConfig {
     pub payload_log: Option<crate::payload_log::PayloadLogConfig>,
     /// Trusted signing keys and the model size limit, checked before a model loads.
     pub integrity: crate::integrity::IntegrityPolicy,
+    /// Whether requests are recorded in metrics, and whether Triton's families are emitted too.
+    pub metrics: crate::metrics::MetricsOptions,
 }
 
 impl ServeConfig {
@@ -103,6 +105,7 @@ impl ServeConfig {
             onnxruntime_lib: None,
             payload_log: None,
             integrity: crate::integrity::IntegrityPolicy::default(),
+            metrics: crate::metrics::MetricsOptions::default(),
         }
     }
 }

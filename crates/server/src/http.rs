@@ -74,26 +74,32 @@ pub fn app_with_limit(state: AppState, max_request_bytes: usize, max_concurrent:
         .with_state(state)
 }
 
-/// `GET /metrics`: the Prometheus text exposition.
-async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
+/// `GET /metrics`: the Prometheus text exposition, or OpenMetrics when the `Accept` header asks for it (as
+/// Prometheus does when it scrapes).
+async fn metrics(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Response {
     let infer = &state.infer;
-    let payload = infer.payload.as_ref().map(|p| {
-        (
-            p.queued.load(std::sync::atomic::Ordering::Relaxed),
-            p.dropped.load(std::sync::atomic::Ordering::Relaxed),
-        )
-    });
-    let text = infer.metrics.render(
-        &infer.versions_for_metrics(),
-        &infer.drift_for_metrics(),
-        payload,
-        &infer.rollouts_for_metrics(),
+    let format = crate::metrics::Format::negotiate(
+        headers
+            .get(axum::http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok()),
     );
+    let now = crate::metrics::Snapshot {
+        versions: infer.versions_for_metrics(),
+        drift: infer.drift_for_metrics(),
+        payload: infer.payload.as_ref().map(|p| {
+            (
+                p.queued.load(std::sync::atomic::Ordering::Relaxed),
+                p.dropped.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        }),
+        rollouts: infer.rollouts_for_metrics(),
+    };
+    let text = infer.metrics.render(&now, format);
     (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(axum::http::header::CONTENT_TYPE, format.content_type())],
         text,
     )
         .into_response()
@@ -167,7 +173,7 @@ impl Server {
     ) -> std::io::Result<Server> {
         let store = Arc::new(ModelStore::default());
         let health = Arc::new(Health::default());
-        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let metrics = Arc::new(crate::metrics::Metrics::new(config.metrics));
         let mut infer = Infer::new(
             store.clone(),
             health.clone(),

@@ -284,7 +284,7 @@ impl Infer {
     }
 
     /// The drift report of every loaded version that has a baseline, for the metrics exposition.
-    pub fn drift_for_metrics(&self) -> Vec<(String, u64, Vec<crate::drift::FeatureDrift>)> {
+    pub fn drift_for_metrics(&self) -> Vec<(String, u64, crate::drift::Report)> {
         let mut out = Vec::new();
         for name in self.store.model_names() {
             if let Some(record) = self.store.model(&name) {
@@ -497,9 +497,8 @@ impl Infer {
             .unwrap_or(start + Duration::from_secs(86_400 * 365));
         let client_deadline = deadline.is_some_and(|d| d < ours);
         let deadline = deadline.map_or(ours, |d| d.min(ours));
-        if let Some(drift) = &version.drift {
-            drift.observe(&inputs);
-        }
+        // A sampled request feeds the drift windows: its inputs now, its outputs once answered.
+        let drift = version.drift.as_ref().filter(|d| d.observe(&inputs));
         let answer = self.run(&version, inputs, start, deadline).await;
         if let Some(live) = &rollout {
             if let Some(arm) = live.arm(version.version) {
@@ -518,6 +517,9 @@ impl Infer {
             queue,
             compute,
         } = answer?;
+        if let Some(drift) = drift {
+            drift.observe_outputs(&all);
+        }
         if let Some((target, inputs)) = shadow {
             self.spawn_shadow(&version, target, inputs, &all);
         }

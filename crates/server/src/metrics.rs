@@ -1,14 +1,23 @@
 //! Prometheus metrics: the catalogue of every metric Ferry exports (name, type, help, labels, buckets) in one
-//! place, the in-process registry that records them, and the text exposition served at `GET /metrics`.
+//! place, the in-process registry that records them, and the exposition served at `GET /metrics`, in the
+//! Prometheus text format (0.0.4) or, when the scraper asks for it, in OpenMetrics 1.0.0.
 //!
 //! Names carry the `ferry_` prefix and a unit (`_seconds`, `_bytes`, `_total`). Labels are bounded: model and
 //! version come from the repository (a request for an unknown model is recorded with an empty model label), protocol
 //! and outcome from fixed lists; never a request id or a raw URL.
+//!
+//! The request path records into atomics only: every loaded version has a [`VersionSeries`] (made once, when its
+//! scheduler starts, and kept for the life of the process so counters never go back), and a request that resolved to
+//! a version adds to its counters and histogram buckets without a lock or an allocation. Requests that never reached a
+//! version (an unknown model, no ready version) take a slower path through labelled maps behind a mutex.
+//!
+//! With `--metrics-compat triton` the page also carries Triton's `nv_inference_*` families, with Triton's names,
+//! labels (`model`, `version`) and units (cumulative microseconds), computed from the same series.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// A metric's catalogue entry.
@@ -80,6 +89,13 @@ pub const REQUEST_BYTES: MetricDef = def(
     "Inference request body bytes received, by model and protocol",
     &["model", "protocol"],
 );
+/// Response body bytes.
+pub const RESPONSE_BYTES: MetricDef = def(
+    "ferry_response_bytes_total",
+    "counter",
+    "Inference response body bytes sent (gRPC: encoded message bytes), by model and protocol",
+    &["model", "protocol"],
+);
 /// Requests being handled right now.
 pub const IN_FLIGHT: MetricDef = def(
     "ferry_requests_in_flight",
@@ -128,6 +144,20 @@ pub const DRIFT_KS: MetricDef = def(
     "gauge",
     "Kolmogorov-Smirnov statistic of a feature's recent inputs against the training data",
     &["model", "version", "feature"],
+);
+/// Prediction drift, PSI.
+pub const PREDICTION_DRIFT_PSI: MetricDef = def(
+    "ferry_prediction_drift_psi",
+    "gauge",
+    "Population stability index of an output's recent predictions against the model's predictions on its training data",
+    &["model", "version", "output"],
+);
+/// Prediction drift, KS (numeric outputs only).
+pub const PREDICTION_DRIFT_KS: MetricDef = def(
+    "ferry_prediction_drift_ks",
+    "gauge",
+    "Kolmogorov-Smirnov statistic of a numeric output's recent predictions against the model's predictions on its training data",
+    &["model", "version", "output"],
 );
 /// Payload log records.
 pub const PAYLOAD_RECORDS: MetricDef = def(
@@ -224,17 +254,23 @@ pub const ALL: &[MetricDef] = &[
     COMPUTE_DURATION,
     BATCH_SIZE,
     REQUEST_BYTES,
+    RESPONSE_BYTES,
     IN_FLIGHT,
     QUEUE_DEPTH,
     MODEL_STATE,
     LOAD_DURATION,
     LOAD_FAILURES,
+    DRIFT_PSI,
+    DRIFT_KS,
+    PREDICTION_DRIFT_PSI,
+    PREDICTION_DRIFT_KS,
     ROLLOUT_DECISIONS,
     ROLLOUT_STATE,
     ROLLOUT_WEIGHT,
     SHADOW_REQUESTS,
     SHADOW_AGREEMENT,
     SHADOW_DIFFERENCE,
+    PAYLOAD_RECORDS,
     CPU,
     RSS,
     FDS,
@@ -243,14 +279,196 @@ pub const ALL: &[MetricDef] = &[
     BUILD_INFO,
 ];
 
+/// Triton's successful requests (`--metrics-compat triton`).
+pub const NV_SUCCESS: MetricDef = def(
+    "nv_inference_request_success",
+    "counter",
+    "Number of successful inference requests, all batch sizes",
+    &["model", "version"],
+);
+/// Triton's failed requests.
+pub const NV_FAILURE: MetricDef = def(
+    "nv_inference_request_failure",
+    "counter",
+    "Number of failed inference requests, all batch sizes",
+    &["model", "version"],
+);
+/// Triton's inference count (rows).
+pub const NV_COUNT: MetricDef = def(
+    "nv_inference_count",
+    "counter",
+    "Number of inferences performed (does not include cached requests)",
+    &["model", "version"],
+);
+/// Triton's execution count (batches).
+pub const NV_EXEC_COUNT: MetricDef = def(
+    "nv_inference_exec_count",
+    "counter",
+    "Number of model executions performed (does not include cached requests)",
+    &["model", "version"],
+);
+/// Triton's cumulative request time.
+pub const NV_REQUEST_DURATION: MetricDef = def(
+    "nv_inference_request_duration_us",
+    "counter",
+    "Cumulative inference request duration in microseconds (includes cached requests)",
+    &["model", "version"],
+);
+/// Triton's cumulative queue time.
+pub const NV_QUEUE_DURATION: MetricDef = def(
+    "nv_inference_queue_duration_us",
+    "counter",
+    "Cumulative inference queuing duration in microseconds (includes cached requests)",
+    &["model", "version"],
+);
+/// Triton's cumulative compute time.
+pub const NV_COMPUTE_INFER_DURATION: MetricDef = def(
+    "nv_inference_compute_infer_duration_us",
+    "counter",
+    "Cumulative compute inference duration in microseconds (does not include cached requests)",
+    &["model", "version"],
+);
+/// Triton's pending requests.
+pub const NV_PENDING: MetricDef = def(
+    "nv_inference_pending_request_count",
+    "gauge",
+    "Instantaneous number of pending requests awaiting execution per-model.",
+    &["model", "version"],
+);
+
+/// Triton's families, emitted with `--metrics-compat triton`, in exposition order.
+pub const TRITON: &[MetricDef] = &[
+    NV_SUCCESS,
+    NV_FAILURE,
+    NV_COUNT,
+    NV_EXEC_COUNT,
+    NV_REQUEST_DURATION,
+    NV_QUEUE_DURATION,
+    NV_COMPUTE_INFER_DURATION,
+    NV_PENDING,
+];
+
 /// Bucket bounds for durations, in seconds: geometric from 50 µs to 10 s.
 pub const DURATION_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0,
 ];
+/// [`DURATION_BUCKETS`] in nanoseconds, the unit the request path records in.
+const DURATION_BUCKETS_NS: &[u64] = &[
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+];
 /// Bucket bounds for batch sizes: powers of two.
 pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+const BATCH_BUCKETS_INT: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256];
 
+/// The protocols a request can come in by, the `protocol` label's values.
+pub const PROTOCOLS: [&str; 4] = [
+    "rest_kserve",
+    "rest_tfserving",
+    "grpc_kserve",
+    "grpc_tfserving",
+];
+
+/// The outcomes the request path counts without a lock: `success` and the error kinds' labels. An outcome not in
+/// this list is still counted, on the slower labelled path.
+pub const OUTCOMES: [&str; 11] = [
+    "success",
+    "invalid_argument",
+    "not_found",
+    "payload_too_large",
+    "unavailable",
+    "overloaded",
+    "deadline_exceeded",
+    "unimplemented",
+    "internal",
+    "unauthenticated",
+    "permission_denied",
+];
+
+/// What the registry records and what the page shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsOptions {
+    /// Record requests and batches (`--no-metrics` turns it off; the page then shows only states, loads, drift and
+    /// process figures).
+    pub enabled: bool,
+    /// Also emit Triton's `nv_inference_*` families (`--metrics-compat triton`).
+    pub triton: bool,
+}
+
+impl Default for MetricsOptions {
+    fn default() -> MetricsOptions {
+        MetricsOptions {
+            enabled: true,
+            triton: false,
+        }
+    }
+}
+
+/// The two exposition formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// The Prometheus text format, version 0.0.4.
+    Prometheus,
+    /// OpenMetrics 1.0.0.
+    OpenMetrics,
+}
+
+impl Format {
+    /// The format an `Accept` header asks for: OpenMetrics when it accepts `application/openmetrics-text` at least
+    /// as much as `text/plain`, else the Prometheus text format.
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let Some(accept) = accept else {
+            return Format::Prometheus;
+        };
+        let (mut open, mut text) = (0.0f64, 0.0f64);
+        for range in accept.split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+            let mut q = 1.0;
+            for p in parts {
+                if let Some(v) = p.strip_prefix("q=").or_else(|| p.strip_prefix("Q=")) {
+                    q = v.trim().parse::<f64>().unwrap_or(0.0);
+                }
+            }
+            match media.as_str() {
+                "application/openmetrics-text" => open = open.max(q),
+                "text/plain" | "text/*" | "*/*" => text = text.max(q),
+                _ => {}
+            }
+        }
+        if open > 0.0 && open >= text {
+            Format::OpenMetrics
+        } else {
+            Format::Prometheus
+        }
+    }
+
+    /// The `Content-Type` of a page in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// A histogram of floats, for the labelled (locked) path.
 #[derive(Debug, Clone)]
 struct Histogram {
     counts: Vec<u64>,
@@ -276,7 +494,124 @@ impl Histogram {
     }
 }
 
-/// One labelled family of counters or histograms.
+/// A histogram of integers (nanoseconds, batch sizes) recorded with atomics: one counter per bucket plus one past the
+/// last bound, so `_count` and the `+Inf` bucket are the same sum and always agree.
+#[derive(Debug)]
+struct AtomicHistogram {
+    bounds: &'static [u64],
+    /// The bounds as the `le` label writes them, in the exported unit.
+    le: &'static [f64],
+    buckets: Box<[AtomicU64]>,
+    sum: AtomicU64,
+}
+
+impl AtomicHistogram {
+    fn new(bounds: &'static [u64], le: &'static [f64]) -> AtomicHistogram {
+        AtomicHistogram {
+            bounds,
+            le,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0),
+        }
+    }
+
+    fn observe(&self, v: u64) {
+        let i = self.bounds.partition_point(|b| *b < v);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum.fetch_add(v, Ordering::Relaxed);
+    }
+
+    /// Per-bucket counts (the last one past every bound) and the sum.
+    fn snapshot(&self) -> (Vec<u64>, u64) {
+        (
+            self.buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            self.sum.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// One protocol's counters within a version.
+#[derive(Debug)]
+struct ProtocolSeries {
+    outcomes: [AtomicU64; OUTCOMES.len()],
+    duration: AtomicHistogram,
+    request_bytes: AtomicU64,
+    response_bytes: AtomicU64,
+}
+
+impl ProtocolSeries {
+    fn new() -> ProtocolSeries {
+        ProtocolSeries {
+            outcomes: std::array::from_fn(|_| AtomicU64::new(0)),
+            duration: AtomicHistogram::new(DURATION_BUCKETS_NS, DURATION_BUCKETS),
+            request_bytes: AtomicU64::new(0),
+            response_bytes: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Everything recorded for one model version. Made once per (model, version) and kept for the life of the process,
+/// so its counters only grow; its scheduler and the requests that resolve to it record into it without a lock.
+#[derive(Debug)]
+pub struct VersionSeries {
+    model: String,
+    version: u64,
+    enabled: bool,
+    protocols: [ProtocolSeries; PROTOCOLS.len()],
+    queue: AtomicHistogram,
+    compute: AtomicHistogram,
+    batch_size: AtomicHistogram,
+    /// Rows run by the engine (Triton's inference count).
+    rows: AtomicU64,
+    /// Cumulative microseconds of successful requests: end to end, queued, computing (Triton's counters).
+    success_request_us: AtomicU64,
+    success_queue_us: AtomicU64,
+    success_compute_us: AtomicU64,
+}
+
+impl VersionSeries {
+    fn new(model: &str, version: u64, enabled: bool) -> VersionSeries {
+        VersionSeries {
+            model: model.to_string(),
+            version,
+            enabled,
+            protocols: std::array::from_fn(|_| ProtocolSeries::new()),
+            queue: AtomicHistogram::new(DURATION_BUCKETS_NS, DURATION_BUCKETS),
+            compute: AtomicHistogram::new(DURATION_BUCKETS_NS, DURATION_BUCKETS),
+            batch_size: AtomicHistogram::new(BATCH_BUCKETS_INT, BATCH_BUCKETS),
+            rows: AtomicU64::new(0),
+            success_request_us: AtomicU64::new(0),
+            success_queue_us: AtomicU64::new(0),
+            success_compute_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one batch run by the engine: its size, each request's wait, the engine time and the rows it held.
+    pub fn batch(&self, waits: &[Duration], compute: Duration, rows: usize) {
+        if !self.enabled {
+            return;
+        }
+        self.batch_size.observe(waits.len() as u64);
+        for w in waits {
+            self.queue.observe(nanos(*w));
+        }
+        self.compute.observe(nanos(compute));
+        self.rows.fetch_add(rows as u64, Ordering::Relaxed);
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// One labelled family of counters or histograms (the locked path).
 #[derive(Debug)]
 struct Family<V> {
     series: Mutex<BTreeMap<Vec<String>, V>>,
@@ -315,12 +650,11 @@ impl Family<Histogram> {
 /// The registry every front door and scheduler records into.
 #[derive(Debug)]
 pub struct Metrics {
+    options: MetricsOptions,
+    versions: RwLock<BTreeMap<(String, u64), Arc<VersionSeries>>>,
+    /// Requests that never resolved to a version (or whose protocol or outcome is not in the fixed lists).
     requests: Family<u64>,
     request_duration: Family<Histogram>,
-    queue_duration: Family<Histogram>,
-    compute_duration: Family<Histogram>,
-    batch_size: Family<Histogram>,
-    request_bytes: Family<u64>,
     load_duration: Family<Histogram>,
     load_failures: Family<u64>,
     rollout_decisions: Family<u64>,
@@ -332,13 +666,162 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Metrics {
+        Metrics::new(MetricsOptions::default())
+    }
+}
+
+/// A request being handled: counted in flight until dropped, and recorded by [`RequestRecord::finish`].
+#[derive(Debug)]
+pub struct RequestRecord<'a> {
+    metrics: &'a Metrics,
+    protocol: &'static str,
+    /// The protocol's place in [`PROTOCOLS`], found once.
+    protocol_index: Option<usize>,
+    started: Instant,
+    /// The version it resolved to: the lock-free path.
+    series: Option<Arc<VersionSeries>>,
+    /// Labels for the locked path, when it never resolved to a version.
+    model: String,
+    version: String,
+    timing: Option<[(&'static str, String); 3]>,
+    queue_compute: Option<(Duration, Duration)>,
+}
+
+impl Drop for RequestRecord<'_> {
+    fn drop(&mut self) {
+        if self.metrics.options.enabled {
+            self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl RequestRecord<'_> {
+    /// Labels the request with a model name (no version resolved yet). Call it only with names from the repository,
+    /// so label values stay bounded.
+    pub fn model(&mut self, model: &str, version: Option<u64>) {
+        self.model = model.to_string();
+        self.version = version.map(|v| v.to_string()).unwrap_or_default();
+    }
+
+    /// Labels the request with the version it resolved to: from here on it records into that version's series.
+    pub fn version(&mut self, series: &Arc<VersionSeries>) {
+        self.series = Some(series.clone());
+    }
+
+    /// Whether the request has been labelled with a version.
+    pub fn has_version(&self) -> bool {
+        self.series.is_some()
+    }
+
+    /// Keeps a successful prediction's timing, for the response headers (`x-queue-time-us` and friends).
+    pub fn timing(&mut self, prediction: &crate::infer::Prediction) {
+        self.timing = Some(prediction.timing_headers());
+        self.queue_compute = Some((prediction.queue, prediction.compute));
+    }
+
+    /// The timing headers kept by [`RequestRecord::timing`], if any.
+    pub fn timing_headers(&self) -> Option<&[(&'static str, String); 3]> {
+        self.timing.as_ref()
+    }
+
+    fn protocol_series(&self) -> Option<&ProtocolSeries> {
+        let s = self.series.as_ref().filter(|s| s.enabled)?;
+        Some(&s.protocols[self.protocol_index?])
+    }
+
+    /// Counts the request body.
+    pub fn body_bytes(&self, n: usize) {
+        if let Some(p) = self.protocol_series() {
+            p.request_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts the response body (gRPC: the encoded response message).
+    pub fn response_bytes(&self, n: usize) {
+        if let Some(p) = self.protocol_series() {
+            p.response_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a REST response's body, when its length is known (bodies built in memory).
+    pub fn response_body(&self, response: &axum::response::Response) {
+        use axum::body::HttpBody as _;
+        if let Some(n) = response.body().size_hint().exact() {
+            self.response_bytes(usize::try_from(n).unwrap_or(usize::MAX));
+        }
+    }
+
+    /// Records the outcome (`success` or an error kind's label) and the latency.
+    pub fn finish(self, outcome: &str) {
+        let m = self.metrics;
+        if !m.options.enabled {
+            return;
+        }
+        let elapsed = self.started.elapsed();
+        let fast = self
+            .protocol_series()
+            .zip(OUTCOMES.iter().position(|o| *o == outcome));
+        if let Some((p, o)) = fast {
+            p.outcomes[o].fetch_add(1, Ordering::Relaxed);
+            p.duration.observe(nanos(elapsed));
+            if o == 0 {
+                let s = self
+                    .series
+                    .as_ref()
+                    .expect("a protocol series has a version");
+                s.success_request_us
+                    .fetch_add(micros(elapsed), Ordering::Relaxed);
+                if let Some((queue, compute)) = self.queue_compute {
+                    s.success_queue_us
+                        .fetch_add(micros(queue), Ordering::Relaxed);
+                    s.success_compute_us
+                        .fetch_add(micros(compute), Ordering::Relaxed);
+                }
+            }
+            return;
+        }
+        let (model, version) = match &self.series {
+            Some(s) => (s.model.clone(), s.version.to_string()),
+            None => (self.model.clone(), self.version.clone()),
+        };
+        m.requests.add(
+            vec![
+                model.clone(),
+                version.clone(),
+                self.protocol.into(),
+                outcome.into(),
+            ],
+            1,
+        );
+        m.request_duration.observe(
+            vec![model, version, self.protocol.into()],
+            DURATION_BUCKETS,
+            elapsed.as_secs_f64(),
+        );
+    }
+}
+
+/// What the page shows of the moment of the scrape, gathered from the model table.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// (model, version, state, queue depth when loaded) of every version.
+    pub versions: Vec<(String, u64, &'static str, Option<usize>)>,
+    /// (model, version, drift report) of every loaded version with a baseline.
+    pub drift: Vec<(String, u64, crate::drift::Report)>,
+    /// The payload log's (queued, dropped) records, when it is on.
+    pub payload: Option<(u64, u64)>,
+    /// (model, candidate, state, candidate weight) of every canary rollout.
+    pub rollouts: Vec<(String, u64, &'static str, f64)>,
+}
+
+impl Metrics {
+    /// A registry with these options.
+    pub fn new(options: MetricsOptions) -> Metrics {
         Metrics {
+            options,
+            versions: RwLock::new(BTreeMap::new()),
             requests: Family::default(),
             request_duration: Family::default(),
-            queue_duration: Family::default(),
-            compute_duration: Family::default(),
-            batch_size: Family::default(),
-            request_bytes: Family::default(),
             load_duration: Family::default(),
             load_failures: Family::default(),
             rollout_decisions: Family::default(),
@@ -348,100 +831,48 @@ impl Default for Metrics {
             started: SystemTime::now(),
         }
     }
-}
 
-/// A request being handled: counted in flight until dropped, and recorded by [`RequestRecord::finish`].
-#[derive(Debug)]
-pub struct RequestRecord<'a> {
-    metrics: &'a Metrics,
-    protocol: &'static str,
-    started: Instant,
-    model: String,
-    version: String,
-    timing: Option<[(&'static str, String); 3]>,
-}
-
-impl Drop for RequestRecord<'_> {
-    fn drop(&mut self) {
-        self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl RequestRecord<'_> {
-    /// Labels the request with the model it turned out to be for. Call it only with names from the repository, so
-    /// label values stay bounded.
-    pub fn model(&mut self, model: &str, version: Option<u64>) {
-        self.model = model.to_string();
-        self.version = version.map(|v| v.to_string()).unwrap_or_default();
+    /// The options it was made with.
+    pub fn options(&self) -> MetricsOptions {
+        self.options
     }
 
-    /// Keeps a successful prediction's timing, for the response headers (`x-queue-time-us` and friends).
-    pub fn timing(&mut self, prediction: &crate::infer::Prediction) {
-        self.timing = Some(prediction.timing_headers());
+    /// The series of one model version, made on first use and kept (a reloaded version records into the same one).
+    pub fn version_series(&self, model: &str, version: u64) -> Arc<VersionSeries> {
+        let key = (model.to_string(), version);
+        if let Some(s) = self
+            .versions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return s.clone();
+        }
+        self.versions
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_insert_with(|| Arc::new(VersionSeries::new(model, version, self.options.enabled)))
+            .clone()
     }
 
-    /// The timing headers kept by [`RequestRecord::timing`], if any.
-    pub fn timing_headers(&self) -> Option<&[(&'static str, String); 3]> {
-        self.timing.as_ref()
-    }
-
-    /// Counts the request body.
-    pub fn body_bytes(&self, n: usize) {
-        self.metrics
-            .request_bytes
-            .add(vec![self.model.clone(), self.protocol.into()], n as u64);
-    }
-
-    /// Records the outcome (`success` or an error kind's label) and the latency.
-    pub fn finish(self, outcome: &str) {
-        let m = self.metrics;
-        m.requests.add(
-            vec![
-                self.model.clone(),
-                self.version.clone(),
-                self.protocol.into(),
-                outcome.into(),
-            ],
-            1,
-        );
-        m.request_duration.observe(
-            vec![
-                self.model.clone(),
-                self.version.clone(),
-                self.protocol.into(),
-            ],
-            DURATION_BUCKETS,
-            self.started.elapsed().as_secs_f64(),
-        );
-    }
-}
-
-impl Metrics {
     /// Starts recording one inference request on `protocol` (`rest_kserve`, `rest_tfserving`, `grpc_kserve`,
     /// `grpc_tfserving`).
     pub fn request(&self, protocol: &'static str) -> RequestRecord<'_> {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        if self.options.enabled {
+            self.in_flight.fetch_add(1, Ordering::Relaxed);
+        }
         RequestRecord {
             metrics: self,
             protocol,
+            protocol_index: PROTOCOLS.iter().position(|p| *p == protocol),
             started: Instant::now(),
+            series: None,
             model: String::new(),
             version: String::new(),
             timing: None,
+            queue_compute: None,
         }
-    }
-
-    /// Records one batch: its size, each request's wait, and the engine time.
-    pub fn batch(&self, model: &str, version: u64, waits: &[Duration], compute: Duration) {
-        let labels = vec![model.to_string(), version.to_string()];
-        self.batch_size
-            .observe(labels.clone(), BATCH_BUCKETS, waits.len() as f64);
-        for w in waits {
-            self.queue_duration
-                .observe(labels.clone(), DURATION_BUCKETS, w.as_secs_f64());
-        }
-        self.compute_duration
-            .observe(labels, DURATION_BUCKETS, compute.as_secs_f64());
     }
 
     /// Records a model version load.
@@ -490,126 +921,121 @@ impl Metrics {
             .add(agreement);
     }
 
-    /// The Prometheus text exposition (format 0.0.4). `versions` lists (model, version, state, queue depth) at the
-    /// moment of the scrape.
-    pub fn render(
-        &self,
-        versions: &[(String, u64, &'static str, Option<usize>)],
-        drift: &[(String, u64, Vec<crate::drift::FeatureDrift>)],
-        payload: Option<(u64, u64)>,
-        rollouts: &[(String, u64, &'static str, f64)],
-    ) -> String {
-        let mut out = String::with_capacity(8192);
-        let header = |out: &mut String, d: &MetricDef| {
-            let _ = writeln!(
-                out,
-                "# HELP {} {}\n# TYPE {} {}",
-                d.name, d.help, d.name, d.kind
-            );
+    /// The exposition in `format`, with the figures of the moment in `now`.
+    pub fn render(&self, now: &Snapshot, format: Format) -> String {
+        let mut out = Page {
+            text: String::with_capacity(16384),
+            format,
         };
-        let counters = |out: &mut String, d: &MetricDef, f: &Family<u64>| {
-            header(out, d);
-            for (labels, v) in f.series.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-                let _ = writeln!(out, "{}{} {v}", d.name, label_text(d.labels, labels, None));
-            }
-        };
-        let histograms =
-            |out: &mut String, d: &MetricDef, f: &Family<Histogram>, bounds: &[f64]| {
-                header(out, d);
-                for (labels, h) in f.series.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-                    let mut cumulative = 0;
-                    for (b, c) in bounds.iter().zip(&h.counts) {
-                        cumulative += c;
-                        let _ = writeln!(
-                            out,
-                            "{}_bucket{} {cumulative}",
-                            d.name,
-                            label_text(d.labels, labels, Some(&b.to_string()))
-                        );
+        let series: Vec<Arc<VersionSeries>> = self
+            .versions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+
+        // Requests by outcome: the lock-free series, then the labelled path.
+        out.header(&REQUESTS);
+        for s in &series {
+            for (p, ps) in PROTOCOLS.iter().zip(&s.protocols) {
+                for (o, n) in OUTCOMES.iter().zip(&ps.outcomes) {
+                    let n = n.load(Ordering::Relaxed);
+                    if n > 0 {
+                        let labels = [
+                            s.model.clone(),
+                            s.version.to_string(),
+                            (*p).to_string(),
+                            (*o).to_string(),
+                        ];
+                        out.sample(REQUESTS.name, REQUESTS.labels, &labels, None, n);
                     }
-                    let _ = writeln!(
-                        out,
-                        "{}_bucket{} {}",
-                        d.name,
-                        label_text(d.labels, labels, Some("+Inf")),
-                        h.count
-                    );
-                    let _ = writeln!(
-                        out,
-                        "{}_sum{} {}",
-                        d.name,
-                        label_text(d.labels, labels, None),
-                        h.sum
-                    );
-                    let _ = writeln!(
-                        out,
-                        "{}_count{} {}",
-                        d.name,
-                        label_text(d.labels, labels, None),
-                        h.count
-                    );
                 }
-            };
-        counters(&mut out, &REQUESTS, &self.requests);
-        histograms(
-            &mut out,
+            }
+        }
+        out.counters(&REQUESTS, &self.requests, false);
+
+        out.header(&REQUEST_DURATION);
+        for s in &series {
+            for (p, ps) in PROTOCOLS.iter().zip(&s.protocols) {
+                let labels = [s.model.clone(), s.version.to_string(), (*p).to_string()];
+                out.atomic_histogram(&REQUEST_DURATION, &labels, &ps.duration, 1e-9);
+            }
+        }
+        out.histograms(
             &REQUEST_DURATION,
             &self.request_duration,
             DURATION_BUCKETS,
+            false,
         );
-        histograms(
-            &mut out,
-            &QUEUE_DURATION,
-            &self.queue_duration,
-            DURATION_BUCKETS,
-        );
-        histograms(
-            &mut out,
-            &COMPUTE_DURATION,
-            &self.compute_duration,
-            DURATION_BUCKETS,
-        );
-        histograms(&mut out, &BATCH_SIZE, &self.batch_size, BATCH_BUCKETS);
-        counters(&mut out, &REQUEST_BYTES, &self.request_bytes);
-        header(&mut out, &IN_FLIGHT);
-        let _ = writeln!(
-            out,
-            "{} {}",
-            IN_FLIGHT.name,
-            self.in_flight.load(Ordering::Relaxed)
-        );
-        header(&mut out, &QUEUE_DEPTH);
-        for (model, version, _, depth) in versions {
-            if let Some(depth) = depth {
-                let _ = writeln!(
-                    out,
-                    "{}{} {depth}",
-                    QUEUE_DEPTH.name,
-                    label_text(
-                        QUEUE_DEPTH.labels,
-                        &[model.clone(), version.to_string()],
-                        None
-                    )
+
+        for (d, pick) in [
+            (
+                &QUEUE_DURATION,
+                (|s: &VersionSeries| &s.queue) as fn(&VersionSeries) -> &AtomicHistogram,
+            ),
+            (&COMPUTE_DURATION, |s| &s.compute),
+            (&BATCH_SIZE, |s| &s.batch_size),
+        ] {
+            out.header(d);
+            let scale = if d.name == BATCH_SIZE.name { 1.0 } else { 1e-9 };
+            for s in &series {
+                let labels = [s.model.clone(), s.version.to_string()];
+                out.atomic_histogram(d, &labels, pick(s), scale);
+            }
+        }
+
+        for (d, pick) in [
+            (
+                &REQUEST_BYTES,
+                (|p: &ProtocolSeries| &p.request_bytes) as fn(&ProtocolSeries) -> &AtomicU64,
+            ),
+            (&RESPONSE_BYTES, |p| &p.response_bytes),
+        ] {
+            out.header(d);
+            let mut by_model: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+            for s in &series {
+                for (p, ps) in PROTOCOLS.iter().zip(&s.protocols) {
+                    let n = pick(ps).load(Ordering::Relaxed);
+                    if n > 0 {
+                        *by_model.entry((s.model.as_str(), p)).or_default() += n;
+                    }
+                }
+            }
+            for ((model, protocol), n) in by_model {
+                out.sample(
+                    d.name,
+                    d.labels,
+                    &[model.to_string(), protocol.to_string()],
+                    None,
+                    n,
                 );
             }
         }
-        header(&mut out, &MODEL_STATE);
-        for (model, version, state, _) in versions {
-            let labels = [model.clone(), version.to_string(), (*state).to_string()];
-            let _ = writeln!(
-                out,
-                "{}{} 1",
-                MODEL_STATE.name,
-                label_text(MODEL_STATE.labels, &labels, None)
-            );
-        }
-        histograms(
-            &mut out,
-            &LOAD_DURATION,
-            &self.load_duration,
-            DURATION_BUCKETS,
+
+        out.header(&IN_FLIGHT);
+        out.sample(
+            IN_FLIGHT.name,
+            &[],
+            &[],
+            None,
+            self.in_flight.load(Ordering::Relaxed),
         );
-        counters(&mut out, &LOAD_FAILURES, &self.load_failures);
+        out.header(&QUEUE_DEPTH);
+        for (model, version, _, depth) in &now.versions {
+            if let Some(depth) = depth {
+                let labels = [model.clone(), version.to_string()];
+                out.sample(QUEUE_DEPTH.name, QUEUE_DEPTH.labels, &labels, None, depth);
+            }
+        }
+        out.header(&MODEL_STATE);
+        for (model, version, state, _) in &now.versions {
+            let labels = [model.clone(), version.to_string(), (*state).to_string()];
+            out.sample(MODEL_STATE.name, MODEL_STATE.labels, &labels, None, 1);
+        }
+        out.histograms(&LOAD_DURATION, &self.load_duration, DURATION_BUCKETS, true);
+        out.counters(&LOAD_FAILURES, &self.load_failures, true);
+
         for (d, value) in [
             (
                 &DRIFT_PSI,
@@ -617,42 +1043,51 @@ impl Metrics {
             ),
             (&DRIFT_KS, |f| f.ks),
         ] {
-            header(&mut out, d);
-            for (model, version, features) in drift {
-                for f in features {
+            out.header(d);
+            for (model, version, report) in &now.drift {
+                for f in &report.features {
                     let labels = [model.clone(), version.to_string(), f.name.clone()];
-                    let _ = writeln!(
-                        out,
-                        "{}{} {}",
-                        d.name,
-                        label_text(d.labels, &labels, None),
-                        value(f)
-                    );
+                    out.sample(d.name, d.labels, &labels, None, Float(value(f)));
                 }
             }
         }
-        counters(&mut out, &ROLLOUT_DECISIONS, &self.rollout_decisions);
-        header(&mut out, &ROLLOUT_STATE);
-        for (model, version, state, _) in rollouts {
+        for (d, value) in [
+            (
+                &PREDICTION_DRIFT_PSI,
+                (|p: &crate::drift::PredictionDrift| Some(p.psi))
+                    as fn(&crate::drift::PredictionDrift) -> Option<f64>,
+            ),
+            (&PREDICTION_DRIFT_KS, |p| p.ks),
+        ] {
+            out.header(d);
+            for (model, version, report) in &now.drift {
+                for p in &report.predictions {
+                    if let Some(v) = value(p) {
+                        let labels = [model.clone(), version.to_string(), p.output.clone()];
+                        out.sample(d.name, d.labels, &labels, None, Float(v));
+                    }
+                }
+            }
+        }
+
+        out.counters(&ROLLOUT_DECISIONS, &self.rollout_decisions, true);
+        out.header(&ROLLOUT_STATE);
+        for (model, version, state, _) in &now.rollouts {
             let labels = [model.clone(), version.to_string(), (*state).to_string()];
-            let _ = writeln!(
-                out,
-                "{}{} 1",
-                ROLLOUT_STATE.name,
-                label_text(ROLLOUT_STATE.labels, &labels, None)
-            );
+            out.sample(ROLLOUT_STATE.name, ROLLOUT_STATE.labels, &labels, None, 1);
         }
-        header(&mut out, &ROLLOUT_WEIGHT);
-        for (model, version, _, weight) in rollouts {
+        out.header(&ROLLOUT_WEIGHT);
+        for (model, version, _, weight) in &now.rollouts {
             let labels = [model.clone(), version.to_string()];
-            let _ = writeln!(
-                out,
-                "{}{} {weight}",
+            out.sample(
                 ROLLOUT_WEIGHT.name,
-                label_text(ROLLOUT_WEIGHT.labels, &labels, None)
+                ROLLOUT_WEIGHT.labels,
+                &labels,
+                None,
+                Float(*weight),
             );
         }
-        counters(&mut out, &SHADOW_REQUESTS, &self.shadow_requests);
+        out.counters(&SHADOW_REQUESTS, &self.shadow_requests, true);
         {
             let compared = self
                 .shadow_compared
@@ -666,27 +1101,25 @@ impl Metrics {
                 ),
                 (&SHADOW_DIFFERENCE, |a| a.mean_absolute_difference()),
             ] {
-                header(&mut out, d);
+                out.header(d);
                 for (labels, a) in compared.iter() {
                     if let Some(v) = pick(a) {
-                        let _ =
-                            writeln!(out, "{}{} {v}", d.name, label_text(d.labels, labels, None));
+                        out.sample(d.name, d.labels, labels, None, Float(v));
                     }
                 }
             }
         }
-        header(&mut out, &PAYLOAD_RECORDS);
-        if let Some((queued, dropped)) = payload {
-            let _ = writeln!(
-                out,
-                "{}{{outcome=\"queued\"}} {queued}",
-                PAYLOAD_RECORDS.name
-            );
-            let _ = writeln!(
-                out,
-                "{}{{outcome=\"dropped\"}} {dropped}",
-                PAYLOAD_RECORDS.name
-            );
+        out.header(&PAYLOAD_RECORDS);
+        if let Some((queued, dropped)) = now.payload {
+            for (outcome, n) in [("queued", queued), ("dropped", dropped)] {
+                out.sample(
+                    PAYLOAD_RECORDS.name,
+                    PAYLOAD_RECORDS.labels,
+                    &[outcome.to_string()],
+                    None,
+                    n,
+                );
+            }
         }
         let process = process_stats();
         for (d, v) in [
@@ -696,33 +1129,210 @@ impl Metrics {
             (&THREADS, process.threads),
         ] {
             if let Some(v) = v {
-                header(&mut out, d);
-                let _ = writeln!(out, "{} {v}", d.name);
+                out.header(d);
+                out.sample(d.name, &[], &[], None, Float(v));
             }
         }
-        header(&mut out, &START_TIME);
+        out.header(&START_TIME);
         let start = self
             .started
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs_f64();
-        let _ = writeln!(out, "{} {start}", START_TIME.name);
-        header(&mut out, &BUILD_INFO);
-        let _ = writeln!(
-            out,
-            "{}{} 1",
+        out.sample(START_TIME.name, &[], &[], None, Float(start));
+        out.header(&BUILD_INFO);
+        out.sample(
             BUILD_INFO.name,
-            label_text(
-                BUILD_INFO.labels,
-                &[env!("CARGO_PKG_VERSION").to_string()],
-                None
-            )
+            BUILD_INFO.labels,
+            &[env!("CARGO_PKG_VERSION").to_string()],
+            None,
+            1,
         );
-        out
+        if self.options.triton {
+            self.render_triton(&mut out, &series, now);
+        }
+        if format == Format::OpenMetrics {
+            out.text.push_str("# EOF\n");
+        }
+        out.text
+    }
+
+    /// Triton's families, from the same series: counts over every protocol, durations as cumulative microseconds of
+    /// successful requests (as Triton reports them), pending requests from the queue depth.
+    fn render_triton(&self, out: &mut Page, series: &[Arc<VersionSeries>], now: &Snapshot) {
+        let sum = |s: &VersionSeries, pick: &dyn Fn(&ProtocolSeries) -> u64| -> u64 {
+            s.protocols.iter().map(pick).sum()
+        };
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        type Value<'a> = &'a dyn Fn(&VersionSeries) -> u64;
+        let families: [(&MetricDef, Value<'_>); 7] = [
+            (&NV_SUCCESS, &|s| sum(s, &|p| load(&p.outcomes[0]))),
+            (&NV_FAILURE, &|s| {
+                sum(s, &|p| p.outcomes[1..].iter().map(load).sum())
+            }),
+            (&NV_COUNT, &|s| load(&s.rows)),
+            (&NV_EXEC_COUNT, &|s| s.batch_size.snapshot().0.iter().sum()),
+            (&NV_REQUEST_DURATION, &|s| load(&s.success_request_us)),
+            (&NV_QUEUE_DURATION, &|s| load(&s.success_queue_us)),
+            (&NV_COMPUTE_INFER_DURATION, &|s| load(&s.success_compute_us)),
+        ];
+        for (d, value) in families {
+            out.header(d);
+            for s in series {
+                let labels = [s.model.clone(), s.version.to_string()];
+                out.sample(d.name, d.labels, &labels, None, value(s));
+            }
+        }
+        out.header(&NV_PENDING);
+        for (model, version, _, depth) in &now.versions {
+            if let Some(depth) = depth {
+                let labels = [model.clone(), version.to_string()];
+                out.sample(NV_PENDING.name, NV_PENDING.labels, &labels, None, depth);
+            }
+        }
     }
 }
 
-/// `{a="x",b="y"}` with values escaped as the text format requires; `le` appended for histogram buckets.
+/// A float sample value, written as both formats require (`+Inf`, `-Inf`, `NaN`).
+struct Float(f64);
+
+impl std::fmt::Display for Float {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            v if v.is_nan() => f.write_str("NaN"),
+            v if v == f64::INFINITY => f.write_str("+Inf"),
+            v if v == f64::NEG_INFINITY => f.write_str("-Inf"),
+            v => write!(f, "{v}"),
+        }
+    }
+}
+
+/// The page being written, in one of the two formats.
+struct Page {
+    text: String,
+    format: Format,
+}
+
+impl Page {
+    /// `# HELP`, `# TYPE` (and, in OpenMetrics, `# UNIT`) of a family. OpenMetrics names a counter's family
+    /// without `_total` (its samples keep it) and an info family without `_info`; a counter whose name lacks `_total`
+    /// (Triton's) is typed `unknown` there, so its samples keep exactly the names dashboards query.
+    fn header(&mut self, d: &MetricDef) {
+        let (family, kind) = match self.format {
+            Format::Prometheus => (d.name, d.kind),
+            Format::OpenMetrics => match d.kind {
+                "counter" => match d.name.strip_suffix("_total") {
+                    Some(family) => (family, "counter"),
+                    None => (d.name, "unknown"),
+                },
+                "gauge" => match d.name.strip_suffix("_info") {
+                    Some(family) => (family, "info"),
+                    None => (d.name, "gauge"),
+                },
+                other => (d.name, other),
+            },
+        };
+        let _ = writeln!(
+            self.text,
+            "# HELP {family} {}\n# TYPE {family} {kind}",
+            d.help
+        );
+        if self.format == Format::OpenMetrics {
+            if let Some(unit) = ["seconds", "bytes"]
+                .into_iter()
+                .find(|u| family.ends_with(&format!("_{u}")))
+            {
+                let _ = writeln!(self.text, "# UNIT {family} {unit}");
+            }
+        }
+    }
+
+    fn sample(
+        &mut self,
+        name: &str,
+        names: &[&str],
+        values: &[String],
+        le: Option<&str>,
+        value: impl std::fmt::Display,
+    ) {
+        let _ = writeln!(self.text, "{name}{} {value}", label_text(names, values, le));
+    }
+
+    fn counters(&mut self, d: &MetricDef, f: &Family<u64>, with_header: bool) {
+        if with_header {
+            self.header(d);
+        }
+        for (labels, v) in f.series.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            self.sample(d.name, d.labels, labels, None, v);
+        }
+    }
+
+    fn histogram_lines(
+        &mut self,
+        d: &MetricDef,
+        labels: &[String],
+        bounds: impl Iterator<Item = String>,
+        counts: &[u64],
+        sum: impl std::fmt::Display,
+    ) {
+        let (bucket, count, sum_name) = (
+            format!("{}_bucket", d.name),
+            format!("{}_count", d.name),
+            format!("{}_sum", d.name),
+        );
+        let mut cumulative = 0;
+        for (b, c) in bounds.zip(counts) {
+            cumulative += c;
+            self.sample(&bucket, d.labels, labels, Some(&b), cumulative);
+        }
+        let total: u64 = counts.iter().sum();
+        self.sample(&bucket, d.labels, labels, Some("+Inf"), total);
+        self.sample(&sum_name, d.labels, labels, None, sum);
+        self.sample(&count, d.labels, labels, None, total);
+    }
+
+    fn histograms(
+        &mut self,
+        d: &MetricDef,
+        f: &Family<Histogram>,
+        bounds: &[f64],
+        with_header: bool,
+    ) {
+        if with_header {
+            self.header(d);
+        }
+        for (labels, h) in f.series.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            // Values past the last bound are only in the count: give them their own slot so `+Inf` is the sum.
+            let mut counts = h.counts.clone();
+            counts.push(h.count - h.counts.iter().sum::<u64>());
+            self.histogram_lines(
+                d,
+                labels,
+                bounds.iter().map(|b| b.to_string()),
+                &counts,
+                Float(h.sum),
+            );
+        }
+    }
+
+    /// A lock-free histogram's lines, when it has observed anything; `scale` turns its unit into the exported one.
+    fn atomic_histogram(
+        &mut self,
+        d: &MetricDef,
+        labels: &[String],
+        h: &AtomicHistogram,
+        scale: f64,
+    ) {
+        let (counts, sum) = h.snapshot();
+        if counts.iter().all(|c| *c == 0) {
+            return;
+        }
+        let bounds = h.le.iter().map(f64::to_string);
+        self.histogram_lines(d, labels, bounds, &counts, Float(sum as f64 * scale));
+    }
+}
+
+/// `{a="x",b="y"}` with values escaped as both formats require; `le` appended for histogram buckets.
 fn label_text(names: &[&str], values: &[String], le: Option<&str>) -> String {
     let mut parts: Vec<String> = names
         .iter()
@@ -795,59 +1405,197 @@ fn process_stats() -> ProcessStats {
 mod tests {
     use super::*;
 
-    #[test]
-    fn exposition_has_counters_histograms_and_escaped_labels() {
-        let m = Metrics::default();
+    fn sample_metrics(options: MetricsOptions) -> (Metrics, Snapshot) {
+        let m = Metrics::new(options);
+        let iris = m.version_series("iris", 1);
         let mut r = m.request("rest_kserve");
-        r.model("iris", Some(1));
+        r.version(&iris);
+        r.body_bytes(100);
+        r.response_bytes(40);
         r.finish("success");
+        let mut r = m.request("grpc_kserve");
+        r.version(&iris);
+        r.finish("invalid_argument");
         let mut r = m.request("rest_kserve");
         r.model("we\"ird", None);
         r.finish("not_found");
-        m.batch(
-            "iris",
-            1,
+        iris.batch(
             &[Duration::from_micros(80), Duration::from_micros(120)],
             Duration::from_micros(300),
+            5,
         );
         let drift = vec![(
             "iris".to_string(),
             1,
-            vec![crate::drift::FeatureDrift {
-                name: "f0".into(),
-                psi: 0.5,
-                ks: 0.25,
-                drifted: true,
-            }],
+            crate::drift::Report {
+                features: vec![crate::drift::FeatureDrift {
+                    name: "f0".into(),
+                    psi: 0.5,
+                    ks: 0.25,
+                    drifted: true,
+                }],
+                predictions: vec![crate::drift::PredictionDrift {
+                    output: "label".into(),
+                    kind: "categorical",
+                    window_rows: 10,
+                    classes: Vec::new(),
+                    psi: 0.75,
+                    ks: None,
+                    drifted: true,
+                }],
+            },
         )];
-        let text = m.render(
-            &[("iris".into(), 1, "READY", Some(0))],
-            &drift,
-            Some((3, 1)),
-            &[("iris".into(), 2, "running", 25.0)],
-        );
-        assert!(text.contains("ferry_payload_log_records_total{outcome=\"dropped\"} 1"));
-        assert!(text
-            .contains("ferry_rollout_candidate_weight_percent{model=\"iris\",version=\"2\"} 25"));
-        assert!(
-            text.contains("ferry_rollout_state{model=\"iris\",version=\"2\",state=\"running\"} 1")
-        );
-        assert!(text
-            .contains("ferry_feature_drift_psi{model=\"iris\",version=\"1\",feature=\"f0\"} 0.5"));
-        assert!(text.contains("ferry_requests_total{model=\"iris\",version=\"1\",protocol=\"rest_kserve\",outcome=\"success\"} 1"), "{text}");
-        assert!(text.contains("ferry_requests_total{model=\"we\\\"ird\",version=\"\",protocol=\"rest_kserve\",outcome=\"not_found\"} 1"));
-        assert!(text.contains("ferry_batch_size_bucket{model=\"iris\",version=\"1\",le=\"2\"} 1"));
-        assert!(text.contains("ferry_batch_size_bucket{model=\"iris\",version=\"1\",le=\"1\"} 0"));
-        assert!(text.contains("ferry_queue_duration_seconds_count{model=\"iris\",version=\"1\"} 2"));
-        assert!(text.contains("ferry_model_state{model=\"iris\",version=\"1\",state=\"READY\"} 1"));
-        assert!(text.contains("ferry_requests_in_flight 0"));
+        let now = Snapshot {
+            versions: vec![("iris".into(), 1, "READY", Some(3))],
+            drift,
+            payload: Some((3, 1)),
+            rollouts: vec![("iris".into(), 2, "running", 25.0)],
+        };
+        (m, now)
+    }
+
+    #[test]
+    fn exposition_has_counters_histograms_and_escaped_labels() {
+        let (m, now) = sample_metrics(MetricsOptions::default());
+        let text = m.render(&now, Format::Prometheus);
+        for line in [
+            "ferry_payload_log_records_total{outcome=\"dropped\"} 1",
+            "ferry_rollout_candidate_weight_percent{model=\"iris\",version=\"2\"} 25",
+            "ferry_rollout_state{model=\"iris\",version=\"2\",state=\"running\"} 1",
+            "ferry_feature_drift_psi{model=\"iris\",version=\"1\",feature=\"f0\"} 0.5",
+            "ferry_prediction_drift_psi{model=\"iris\",version=\"1\",output=\"label\"} 0.75",
+            "ferry_requests_total{model=\"iris\",version=\"1\",protocol=\"rest_kserve\",outcome=\"success\"} 1",
+            "ferry_requests_total{model=\"iris\",version=\"1\",protocol=\"grpc_kserve\",outcome=\"invalid_argument\"} 1",
+            "ferry_requests_total{model=\"we\\\"ird\",version=\"\",protocol=\"rest_kserve\",outcome=\"not_found\"} 1",
+            "ferry_request_duration_seconds_count{model=\"iris\",version=\"1\",protocol=\"rest_kserve\"} 1",
+            "ferry_request_bytes_total{model=\"iris\",protocol=\"rest_kserve\"} 100",
+            "ferry_response_bytes_total{model=\"iris\",protocol=\"rest_kserve\"} 40",
+            "ferry_batch_size_bucket{model=\"iris\",version=\"1\",le=\"2\"} 1",
+            "ferry_batch_size_bucket{model=\"iris\",version=\"1\",le=\"1\"} 0",
+            "ferry_queue_duration_seconds_bucket{model=\"iris\",version=\"1\",le=\"0.0001\"} 1",
+            "ferry_queue_duration_seconds_count{model=\"iris\",version=\"1\"} 2",
+            "ferry_queue_depth{model=\"iris\",version=\"1\"} 3",
+            "ferry_model_state{model=\"iris\",version=\"1\",state=\"READY\"} 1",
+            "ferry_requests_in_flight 0",
+        ] {
+            assert!(text.contains(&format!("{line}\n")), "{line} missing from\n{text}");
+        }
         assert!(text.contains("process_resident_memory_bytes "));
+        assert!(
+            !text.contains("nv_inference"),
+            "Triton's families only when asked"
+        );
+        assert!(!text.contains("# EOF"));
         for d in ALL {
             assert!(
-                text.contains(&format!("# TYPE {} {}", d.name, d.kind)),
+                text.contains(&format!("# TYPE {} {}\n", d.name, d.kind)),
                 "{} missing",
                 d.name
             );
         }
+    }
+
+    #[test]
+    fn openmetrics_names_counter_families_without_total_and_ends_with_eof() {
+        let (m, now) = sample_metrics(MetricsOptions {
+            enabled: true,
+            triton: true,
+        });
+        let text = m.render(&now, Format::OpenMetrics);
+        assert!(text.ends_with("# EOF\n"));
+        assert!(text.contains("# TYPE ferry_requests counter\n"));
+        assert!(text.contains("# HELP ferry_requests Inference requests"));
+        assert!(text.contains("ferry_requests_total{model=\"iris\""));
+        assert!(
+            text.contains("# TYPE ferry_request_bytes counter\n# UNIT ferry_request_bytes bytes\n")
+        );
+        assert!(text.contains("# UNIT ferry_request_duration_seconds seconds\n"));
+        assert!(text.contains("# TYPE ferry_build info\n"));
+        assert!(
+            text.contains("# TYPE process_cpu_seconds counter\n")
+                || !text.contains("process_cpu_seconds_total")
+        );
+        // Triton's counters keep their exact names as `unknown` families.
+        assert!(text.contains("# TYPE nv_inference_request_success unknown\n"));
+        assert!(!text.contains("# TYPE ferry_requests_total"));
+        assert_eq!(text.matches("# EOF").count(), 1);
+    }
+
+    #[test]
+    fn triton_families_follow_tritons_names_and_units() {
+        let (m, now) = sample_metrics(MetricsOptions {
+            enabled: true,
+            triton: true,
+        });
+        let text = m.render(&now, Format::Prometheus);
+        for line in [
+            "# TYPE nv_inference_request_success counter",
+            "nv_inference_request_success{model=\"iris\",version=\"1\"} 1",
+            "nv_inference_request_failure{model=\"iris\",version=\"1\"} 1",
+            "nv_inference_count{model=\"iris\",version=\"1\"} 5",
+            "nv_inference_exec_count{model=\"iris\",version=\"1\"} 1",
+            "nv_inference_pending_request_count{model=\"iris\",version=\"1\"} 3",
+            "# TYPE nv_inference_pending_request_count gauge",
+        ] {
+            assert!(
+                text.contains(&format!("{line}\n")),
+                "{line} missing from\n{text}"
+            );
+        }
+        for d in TRITON {
+            assert!(text.contains(&format!("# TYPE {} {}\n", d.name, d.kind)));
+        }
+    }
+
+    #[test]
+    fn disabled_metrics_record_nothing() {
+        let m = Metrics::new(MetricsOptions {
+            enabled: false,
+            triton: false,
+        });
+        let s = m.version_series("iris", 1);
+        let mut r = m.request("rest_kserve");
+        r.version(&s);
+        r.body_bytes(10);
+        r.finish("success");
+        s.batch(&[Duration::from_micros(1)], Duration::from_micros(1), 1);
+        let text = m.render(&Snapshot::default(), Format::Prometheus);
+        assert!(!text.contains("ferry_requests_total{"), "{text}");
+        assert!(!text.contains("ferry_batch_size_bucket"), "{text}");
+        assert!(text.contains("ferry_requests_in_flight 0"));
+    }
+
+    #[test]
+    fn negotiation_prefers_openmetrics_only_when_asked() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::negotiate(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(Format::negotiate(None), Format::Prometheus);
+        assert_eq!(Format::negotiate(Some("*/*")), Format::Prometheus);
+        assert_eq!(Format::negotiate(Some("text/plain")), Format::Prometheus);
+        assert_eq!(
+            Format::negotiate(Some("text/plain;q=0.9, application/openmetrics-text;q=0.5")),
+            Format::Prometheus
+        );
+        assert_eq!(
+            Format::negotiate(Some(
+                "application/openmetrics-text; version=1.0.0; charset=utf-8"
+            )),
+            Format::OpenMetrics
+        );
+    }
+
+    #[test]
+    fn duration_buckets_in_nanoseconds_match_seconds() {
+        assert_eq!(DURATION_BUCKETS.len(), DURATION_BUCKETS_NS.len());
+        for (s, ns) in DURATION_BUCKETS.iter().zip(DURATION_BUCKETS_NS) {
+            assert_eq!((s * 1e9).round() as u64, *ns);
+        }
+        let h = AtomicHistogram::new(DURATION_BUCKETS_NS, DURATION_BUCKETS);
+        h.observe(50_000);
+        h.observe(50_001);
+        h.observe(20_000_000_000);
+        let (counts, sum) = h.snapshot();
+        assert_eq!((counts[0], counts[1], counts[17]), (1, 1, 1));
+        assert_eq!(sum, 20_000_100_001);
     }
 }

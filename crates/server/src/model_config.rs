@@ -12,7 +12,7 @@
 //! preferred_batch_sizes = [8, 16]      # cut at once at these sizes
 //! max_queue_size = 1024                # more waiting requests are refused with 429
 //! drift_window = 2000                  # rows kept to compare with the training data (ferry.json)
-//! drift_sample_every = 1               # sample one request in N for drift
+//! drift_sample_every = 1               # sample one request in N for drift (0 turns drift off)
 //! max_concurrent_requests = 64        # more at once are refused with 429 (default: only the queue bounds them)
 //! [shadow]                           # copy live requests to another version and compare its answers
 //! version = 3
@@ -94,7 +94,7 @@ pub struct ModelConfig {
     pub batching: crate::batching::queue::Limits,
     /// Rows kept in the drift window.
     pub drift_window: usize,
-    /// Sample one request in this many for drift.
+    /// Sample one request in this many for drift (0: drift is off).
     pub drift_sample_every: u64,
     /// Shadow traffic, when on.
     pub shadow: Option<ShadowConfig>,
@@ -287,10 +287,8 @@ impl ModelConfig {
         if drift_window == 0 || drift_window > 1_000_000 {
             return Err("drift_window must be between 1 and 1000000 rows".into());
         }
+        // 0 turns drift off for the model.
         let drift_sample_every = raw.drift_sample_every.unwrap_or(1);
-        if drift_sample_every == 0 {
-            return Err("drift_sample_every must be at least 1".into());
-        }
         if let Some(shadow) = &raw.shadow {
             if shadow.version == 0 {
                 return Err("shadow.version: versions start at 1".into());

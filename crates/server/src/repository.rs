@@ -50,6 +50,9 @@ pub struct ModelMeta {
     pub classes: Option<Vec<String>>,
     /// Per-feature training histograms (`feature_stats`), the baseline for drift.
     pub baseline: Option<Vec<crate::drift::FeatureBaseline>>,
+    /// The distribution of the model's predictions on its training rows (`prediction_stats`), the baseline for
+    /// prediction drift.
+    pub predictions: Option<Vec<crate::drift::PredictionBaseline>>,
     /// The sha256 `model.onnx` must have (`model_sha256`), checked before it loads.
     pub sha256: Option<String>,
 }
@@ -68,7 +71,7 @@ pub struct LoadedVersion {
     pub backend: Arc<dyn Backend>,
     /// Its queue and batcher; every request goes through it.
     pub scheduler: crate::batching::Scheduler,
-    /// Its drift window, when `ferry.json` has a training baseline that fits its single input.
+    /// Its drift windows, when `ferry.json` has a training baseline that fits its single input or its outputs.
     pub drift: Option<crate::drift::Drift>,
 }
 
@@ -399,29 +402,51 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// A drift window for a version whose single input is a `[rows, features]` float matrix matching its baseline.
+/// Drift windows for a version: its input features when its single input is a `[rows, features]` float matrix
+/// matching the feature baseline, and each output of the prediction baseline the signature has with one value per
+/// row (`drift_sample_every = 0` turns both off).
 fn drift_window(
     signature: &Signature,
     meta: &ModelMeta,
     config: &ModelConfig,
 ) -> Option<crate::drift::Drift> {
-    let baseline = meta.baseline.clone()?;
-    let [input] = signature.inputs.as_slice() else {
-        return None;
+    let inputs = match (meta.baseline.clone(), signature.inputs.as_slice()) {
+        (Some(baseline), [input])
+            if input.dtype.is_float()
+                && input
+                    .shape
+                    .as_ref()
+                    .is_some_and(|s| s.len() == 2 && s[1] == baseline.len() as i64) =>
+        {
+            Some((baseline, input.name.clone()))
+        }
+        _ => None,
     };
-    let fits = input.dtype.is_float()
-        && input
-            .shape
-            .as_ref()
-            .is_some_and(|s| s.len() == 2 && s[1] == baseline.len() as i64);
-    fits.then(|| {
-        crate::drift::Drift::new(
-            baseline,
-            input.name.clone(),
-            config.drift_window,
-            config.drift_sample_every,
-        )
-    })
+    let predictions = meta
+        .predictions
+        .iter()
+        .flatten()
+        .filter(|p| {
+            signature.output(&p.output).is_some_and(|o| {
+                let one_per_row = o
+                    .shape
+                    .as_ref()
+                    .is_none_or(|s| s.len() == 1 || (s.len() == 2 && s[1] == 1));
+                let kind = match p.bins {
+                    crate::drift::PredictionBins::Edges(_) => o.dtype.is_float(),
+                    crate::drift::PredictionBins::Classes(_) => !o.dtype.is_float(),
+                };
+                one_per_row && kind
+            })
+        })
+        .cloned()
+        .collect();
+    crate::drift::Drift::from_parts(
+        inputs,
+        predictions,
+        config.drift_window,
+        config.drift_sample_every,
+    )
 }
 
 #[cfg(feature = "tract")]
@@ -470,6 +495,7 @@ fn parse_meta(bytes: Option<&[u8]>) -> Result<ModelMeta, String> {
         features: strings("features")?,
         classes: strings("classes")?,
         baseline: crate::drift::FeatureBaseline::from_ferry_json(&value),
+        predictions: crate::drift::PredictionBaseline::from_ferry_json(&value),
         sha256: match value.get("model_sha256") {
             None | Some(serde_json::Value::Null) => None,
             Some(serde_json::Value::String(s)) if s.is_empty() => None,

@@ -998,6 +998,109 @@ async fn metrics_count_what_was_sent() {
 }
 
 #[tokio::test]
+async fn openmetrics_on_request_response_bytes_and_triton_families() {
+    let s = TestServer::start_with(repository(), |c| ferry_server::ServeConfig {
+        metrics: ferry_server::metrics::MetricsOptions {
+            enabled: true,
+            triton: true,
+        },
+        ..c
+    })
+    .await;
+    let ok = json!({"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1, 2, 3, 4]}]});
+    let (status, body) = s.post("/v2/models/affine/infer", ok.clone()).await;
+    assert_eq!(status, 200);
+    let response_len = serde_json::to_vec(&body).unwrap().len();
+    let bad =
+        json!({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]});
+    assert_eq!(s.post("/v2/models/affine/infer", bad).await.0, 400);
+    let r = s
+        .client
+        .get(s.url("/metrics"))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let text = r.text().await.unwrap();
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    let has = |line: &str| {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing `{line}` in\n{text}"
+        )
+    };
+    has("# TYPE ferry_requests counter");
+    has(
+        r#"ferry_requests_total{model="affine",version="1",protocol="rest_kserve",outcome="success"} 1"#,
+    );
+    has("# UNIT ferry_response_bytes bytes");
+    // The JSON answer was re-serialized above, byte for byte the same length as what was sent.
+    has(&format!(
+        r#"ferry_response_bytes_total{{model="affine",protocol="rest_kserve"}} {response_len}"#
+    ));
+    has("# TYPE nv_inference_request_success unknown");
+    has(r#"nv_inference_request_success{model="affine",version="1"} 1"#);
+    has(r#"nv_inference_request_failure{model="affine",version="1"} 1"#);
+    has(r#"nv_inference_count{model="affine",version="1"} 2"#);
+    has(r#"nv_inference_exec_count{model="affine",version="1"} 1"#);
+    has(r#"nv_inference_pending_request_count{model="affine",version="1"} 0"#);
+    // Without the header: the Prometheus text format, Triton's counters typed as counters.
+    let r = s.client.get(s.url("/metrics")).send().await.unwrap();
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let text = r.text().await.unwrap();
+    assert!(text.contains("# TYPE nv_inference_queue_duration_us counter\n"));
+    assert!(text.contains("# TYPE ferry_requests_total counter\n"));
+    assert!(!text.contains("# EOF"));
+}
+
+#[tokio::test]
+async fn no_metrics_records_no_requests() {
+    let s = TestServer::start_with(repository(), |c| ferry_server::ServeConfig {
+        metrics: ferry_server::metrics::MetricsOptions {
+            enabled: false,
+            triton: false,
+        },
+        ..c
+    })
+    .await;
+    let ok =
+        json!({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]});
+    let r = s
+        .client
+        .post(s.url("/v2/models/affine/infer"))
+        .json(&ok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers().contains_key("x-total-time-us"),
+        "timing headers stay"
+    );
+    let text = s
+        .client
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!text.contains("ferry_requests_total{"), "{text}");
+    assert!(text.contains(r#"ferry_model_state{model="affine",version="1",state="READY"} 1"#));
+}
+
+#[tokio::test]
 async fn shape_overrides_are_checked_at_load() {
     let repo = TempDir::new("overrides");
     put_model(&repo.0, "rank", 1, &affine());

@@ -93,6 +93,104 @@ impl OnnxModel {
     }
 }
 
+/// The prediction drift baseline of any ONNX model whose single input is a `[rows, features]` float matrix, from its
+/// answers on `x` (run in chunks): a string or integer output with one value per row becomes class frequencies, a
+/// float output with one value per row a histogram. Other outputs (probability matrices, maps) are not tracked.
+pub fn prediction_baseline(
+    engine: &OrtEngine,
+    bytes: &[u8],
+    x: ArrayView2<'_, f64>,
+) -> Result<Vec<crate::stats::PredictionStats>, TrainError> {
+    use crate::stats::PredictionStats;
+    let options = EngineOptions {
+        instances: 1,
+        ..EngineOptions::default()
+    };
+    let backend = engine.load(bytes, &options)?;
+    let signature = backend.signature().clone();
+    let [input] = signature.inputs.as_slice() else {
+        return Err(engine_error(format!(
+            "the model takes {} inputs; a prediction baseline needs one [rows, features] input",
+            signature.inputs.len()
+        )));
+    };
+    let (name, dtype) = (input.name.clone(), input.dtype);
+    if !matches!(
+        dtype,
+        ferry_model::DataType::F32 | ferry_model::DataType::F64
+    ) {
+        return Err(engine_error(format!(
+            "input `{name}` is {dtype}; a prediction baseline needs FP32 or FP64 features"
+        )));
+    }
+    // Per output: labels (as text) or numbers, in row order.
+    let mut labels: Vec<(String, Vec<String>)> = Vec::new();
+    let mut numbers: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut first = true;
+    for chunk in x.axis_chunks_iter(Axis(0), CHUNK_ROWS) {
+        let shape = vec![chunk.nrows(), chunk.ncols()];
+        let data = match dtype {
+            ferry_model::DataType::F64 => TensorData::F64(chunk.iter().copied().collect()),
+            _ => TensorData::F32(chunk.iter().map(|&v| v as f32).collect()),
+        };
+        let tensor = Tensor::new(shape, data).expect("one value per cell");
+        let outputs = backend.predict(vec![NamedTensor::new(name.clone(), tensor)])?;
+        for out in outputs {
+            let one_per_row =
+                matches!(out.tensor.shape.as_slice(), [n] | [n, 1] if *n == chunk.nrows());
+            if !one_per_row || out.keys.is_some() {
+                continue;
+            }
+            let text: Option<Vec<String>> = match &out.tensor.data {
+                TensorData::Bytes(v) => Some(
+                    v.iter()
+                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .collect(),
+                ),
+                TensorData::I64(v) => Some(v.iter().map(i64::to_string).collect()),
+                TensorData::I32(v) => Some(v.iter().map(i32::to_string).collect()),
+                TensorData::U8(v) => Some(v.iter().map(u8::to_string).collect()),
+                TensorData::Bool(v) => Some(v.iter().map(|b| u8::from(*b).to_string()).collect()),
+                _ => None,
+            };
+            let floats: Option<Vec<f64>> = match &out.tensor.data {
+                TensorData::F32(v) => Some(v.iter().map(|&f| f64::from(f)).collect()),
+                TensorData::F64(v) => Some(v.clone()),
+                _ => None,
+            };
+            if let Some(t) = text {
+                match labels.iter_mut().find(|(n, _)| *n == out.name) {
+                    Some((_, all)) => all.extend(t),
+                    None if first => labels.push((out.name.clone(), t)),
+                    None => {}
+                }
+            } else if let Some(f) = floats {
+                match numbers.iter_mut().find(|(n, _)| *n == out.name) {
+                    Some((_, all)) => all.extend(f),
+                    None if first => numbers.push((out.name.clone(), f)),
+                    None => {}
+                }
+            }
+        }
+        first = false;
+    }
+    let rows = x.nrows();
+    let mut stats: Vec<PredictionStats> = labels
+        .iter()
+        .filter(|(_, v)| v.len() == rows && rows > 0)
+        .map(|(n, v)| PredictionStats::from_labels(n, v))
+        .collect();
+    stats.extend(
+        numbers
+            .iter()
+            .filter(|(_, v)| v.len() == rows && rows > 0)
+            .map(|(n, v)| PredictionStats::numeric(n, ndarray::ArrayView1::from(v))),
+    );
+    // Signature order, as the server lists outputs.
+    stats.sort_by_key(|s| signature.outputs.iter().position(|o| o.name == s.output));
+    Ok(stats)
+}
+
 /// Loads `model_dir` (its `model.onnx` and `ferry.json`), runs it on `data`, and scores it.
 pub fn evaluate(
     engine: &OrtEngine,

@@ -71,6 +71,9 @@ pub struct Metadata {
     /// Per-feature statistics of the training rows: the drift baseline.
     #[serde(default)]
     pub feature_stats: Vec<FeatureStats>,
+    /// The distribution of the model's predictions on its training rows: the prediction drift baseline.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prediction_stats: Vec<crate::stats::PredictionStats>,
     /// Hex sha256 of `model.onnx`.
     #[serde(default)]
     pub model_sha256: String,
@@ -165,6 +168,7 @@ pub fn metadata(trained: &Trained, dataset: &Dataset, imputed_with: Option<Imput
         training_seconds: trained.seconds,
         loss_curve: trained.curve.clone(),
         feature_stats: trained.feature_stats.clone(),
+        prediction_stats: trained.prediction_stats.clone(),
         model_sha256: String::new(),
         trained_by: format!("ferry {}", env!("CARGO_PKG_VERSION")),
         quantization: None,

@@ -193,6 +193,8 @@ pub struct Trained {
     pub validation_rows: usize,
     /// Per-feature statistics of the training rows.
     pub feature_stats: Vec<FeatureStats>,
+    /// The distribution of the model's predictions on the training rows (`label`, or `prediction`).
+    pub prediction_stats: Vec<crate::stats::PredictionStats>,
     /// Wall time of the fit in seconds.
     pub seconds: f64,
 }
@@ -565,8 +567,11 @@ pub fn fit(
         training_rows: train_idx.len(),
         validation_rows: valid_idx.len(),
         feature_stats,
+        prediction_stats: Vec::new(),
         seconds: 0.0,
     };
+    trained.prediction_stats =
+        training_predictions(&trained, dataset, &train_idx, class_index.as_deref());
     let scored = if has_validation {
         &valid_idx
     } else {
@@ -586,6 +591,58 @@ pub fn fit(
     };
     trained.seconds = started.elapsed().as_secs_f64();
     Ok(trained)
+}
+
+/// The prediction drift baseline: what the model predicts for its training rows, as the exported graph answers it
+/// (`label` class frequencies, or a histogram of `prediction`), computed in chunks so memory stays bounded. The
+/// training labels' frequencies go along for reference. The baseline is the model's own predictions, not the
+/// targets: a regressor's predictions are narrower than its targets, so comparing with the targets would flag drift
+/// on the training data itself.
+fn training_predictions(
+    trained: &Trained,
+    dataset: &Dataset,
+    rows: &[usize],
+    class_index: Option<&[usize]>,
+) -> Vec<crate::stats::PredictionStats> {
+    use crate::stats::PredictionStats;
+    const CHUNK: usize = 4096;
+    if rows.is_empty() {
+        return Vec::new();
+    }
+    let predict = |chunk: &[usize]| trained.predict(dataset.x.select(Axis(0), chunk).view());
+    match &trained.classes {
+        Some(classes) => {
+            let mut counts = vec![0usize; classes.len()];
+            for chunk in rows.chunks(CHUNK) {
+                for row in predict(chunk).rows() {
+                    counts[metrics::argmax(row.iter().copied())] += 1;
+                }
+            }
+            let labels = class_index.map(|ci| {
+                let mut c = vec![0usize; classes.len()];
+                for &i in rows {
+                    c[ci[i]] += 1;
+                }
+                c
+            });
+            vec![PredictionStats::categorical(
+                "label",
+                classes.clone(),
+                counts,
+                labels,
+            )]
+        }
+        None => {
+            let mut values = Vec::with_capacity(rows.len());
+            for chunk in rows.chunks(CHUNK) {
+                values.extend(predict(chunk).column(0).iter().copied());
+            }
+            vec![PredictionStats::numeric(
+                "prediction",
+                ndarray::ArrayView1::from(&values),
+            )]
+        }
+    }
 }
 
 /// Accuracy (classification) or R² (regression) straight from logits, for the progress display.

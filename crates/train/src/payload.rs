@@ -234,6 +234,32 @@ fn rows(inputs: &serde_json::Map<String, Value>, layout: &Layout) -> Result<Vec<
     }
 }
 
+/// The models the payload logs hold records of, sorted.
+pub fn models(logs: &[PathBuf]) -> Result<Vec<String>, TrainError> {
+    let mut names = std::collections::BTreeSet::new();
+    for log in logs {
+        let file = std::fs::File::open(log).map_err(|e| TrainError::Io {
+            path: log.clone(),
+            source: e,
+        })?;
+        for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+            let line = line.map_err(|e| TrainError::Io {
+                path: log.clone(),
+                source: e,
+            })?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let record: Value = serde_json::from_str(&line)
+                .map_err(|e| data_error(log, format!("line {}: not a JSON record: {e}", i + 1)))?;
+            if let Some(model) = record.get("model").and_then(Value::as_str) {
+                names.insert(model.to_string());
+            }
+        }
+    }
+    Ok(names.into_iter().collect())
+}
+
 /// Joins the records of `model` in the payload logs with the labels file, by request id. `features` names the
 /// columns (the live version's features) when known.
 pub fn join(

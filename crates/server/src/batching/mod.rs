@@ -53,8 +53,8 @@ struct Shared {
     backend: Arc<dyn Backend>,
     batchable: bool,
     label: String,
-    model: (String, u64),
-    metrics: Arc<crate::metrics::Metrics>,
+    /// The version's metric series: batches record into it without a lock.
+    series: Arc<crate::metrics::VersionSeries>,
     closed: std::sync::atomic::AtomicBool,
 }
 
@@ -114,8 +114,7 @@ impl Scheduler {
             backend,
             batchable,
             label,
-            model,
-            metrics,
+            series: metrics.version_series(&model.0, model.1),
             closed: std::sync::atomic::AtomicBool::new(false),
         });
         for i in 0..instances.max(1) {
@@ -191,6 +190,11 @@ impl Scheduler {
         Ok(receiver)
     }
 
+    /// The version's metric series, for requests to record into.
+    pub fn series(&self) -> &Arc<crate::metrics::VersionSeries> {
+        &self.shared.series
+    }
+
     /// How many requests wait.
     pub fn queue_len(&self) -> usize {
         self.shared
@@ -226,6 +230,7 @@ fn worker(shared: &Shared) {
                     .iter()
                     .map(|e| now.saturating_duration_since(e.enqueued))
                     .collect();
+                let rows: usize = batch.iter().map(|e| e.rows).sum();
                 let started = Instant::now();
                 // A panic inside the engine must not take the worker with it: its requests get an error (their
                 // oneshots are dropped) and the worker goes on.
@@ -235,9 +240,7 @@ fn worker(shared: &Shared) {
                 if ran.is_err() {
                     tracing::error!(model = %shared.label, "the engine panicked while running a batch");
                 }
-                shared
-                    .metrics
-                    .batch(&shared.model.0, shared.model.1, &waits, started.elapsed());
+                shared.series.batch(&waits, started.elapsed(), rows);
                 state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
             }
             Decision::Idle => {

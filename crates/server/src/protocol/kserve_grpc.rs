@@ -204,13 +204,13 @@ impl KserveGrpc {
         let deadline = grpc_deadline(request.metadata())?;
         let key = super::grpc_route_key(request.metadata());
         let r = request.into_inner();
-        self.infer.label(record, &r.model_name);
-        let loaded = self.infer.resolve_routed(
-            &r.model_name,
-            &selector(&r.model_version)?,
-            key.as_deref().or(Some(r.id.as_str())),
-        )?;
-        record.model(&loaded.model, Some(loaded.version));
+        let loaded = selector(&r.model_version)
+            .and_then(|s| {
+                self.infer
+                    .resolve_routed(&r.model_name, &s, key.as_deref().or(Some(r.id.as_str())))
+            })
+            .inspect_err(|_| self.infer.label(record, &r.model_name))?;
+        record.version(loaded.scheduler.series());
         record.body_bytes(r.encoded_len());
         let raw = r.raw_input_contents;
         if !raw.is_empty() && raw.len() != r.inputs.len() {
@@ -256,14 +256,16 @@ impl KserveGrpc {
                 contents: None,
             });
         }
-        Ok(ModelInferResponse {
+        let response = ModelInferResponse {
             model_name: loaded.model.clone(),
             model_version: loaded.version.to_string(),
             id: r.id,
             parameters: Default::default(),
             outputs: tensors,
             raw_output_contents,
-        })
+        };
+        record.response_bytes(response.encoded_len());
+        Ok(response)
     }
 }
 

@@ -151,7 +151,7 @@ fn model_ready_inner(infer: &Infer, model: &str, version: Option<&str>) -> Respo
     }
 }
 
-/// `GET /v2/models/{m}/drift`: per-feature drift of the latest version against its training data.
+/// `GET /v2/models/{m}/drift`: per-feature and prediction drift of the latest version against its training data.
 pub async fn model_drift(State(state): State<AppState>, Path(model): Path<String>) -> Response {
     drift_inner(&state.infer, &model, None).unwrap_or_else(IntoResponse::into_response)
 }
@@ -168,16 +168,18 @@ fn drift_inner(infer: &Infer, model: &str, version: Option<&str>) -> Result<Resp
     let loaded = infer.resolve(model, &selector(version)?)?;
     let drift = loaded.drift.as_ref().ok_or_else(|| {
         InferError::not_found(format!(
-            "version {} of model `{model}` has no drift baseline (feature_stats in ferry.json, for one [rows, features] input)",
+            "version {} of model `{model}` has no drift baseline (feature_stats in ferry.json for one [rows, features] input, or prediction_stats for its outputs), or drift_sample_every is 0",
             loaded.version
         ))
     })?;
+    let report = drift.report();
     Ok(axum::Json(serde_json::json!({
         "model_name": loaded.model,
         "model_version": loaded.version.to_string(),
         "window_rows": drift.rows(),
         "psi_threshold": crate::drift::PSI_THRESHOLD,
-        "features": drift.report(),
+        "features": report.features,
+        "predictions": report.predictions,
     }))
     .into_response())
 }
@@ -231,8 +233,10 @@ pub async fn infer(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let mut record = state.infer.metrics.request("rest_kserve");
-    state.infer.label(&mut record, &model);
     let result = infer_inner(&state.infer, &model, None, &headers, body, &mut record).await;
+    if !record.has_version() {
+        state.infer.label(&mut record, &model);
+    }
     finish(record, result)
 }
 
@@ -244,7 +248,6 @@ pub async fn infer_version(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let mut record = state.infer.metrics.request("rest_kserve");
-    state.infer.label(&mut record, &model);
     let result = infer_inner(
         &state.infer,
         &model,
@@ -254,6 +257,9 @@ pub async fn infer_version(
         &mut record,
     )
     .await;
+    if !record.has_version() {
+        state.infer.label(&mut record, &model);
+    }
     finish(record, result)
 }
 
@@ -279,7 +285,7 @@ async fn infer_inner(
     }
     // Resolve first: an unknown or unready model is reported as such whatever the body holds.
     let loaded = infer.resolve_routed(model, &selector(version)?, super::route_key(headers))?;
-    record.model(&loaded.model, Some(loaded.version));
+    record.version(loaded.scheduler.series());
     record.body_bytes(body.len());
     let (request, inputs) = decode_request(headers, &body, &infer.limits)?;
 
@@ -330,7 +336,9 @@ async fn infer_inner(
             .and_then(|r| r.iter().find(|(n, _)| n == name).map(|(_, b)| *b))
             .unwrap_or(default_binary)
     };
-    Ok(encode_response(&request, &loaded, &outputs, binary_of))
+    let response = encode_response(&request, &loaded, &outputs, binary_of);
+    record.response_body(&response);
+    Ok(response)
 }
 
 /// Decodes a KServe v2 REST inference body as `infer` does: splits it at `Inference-Header-Content-Length`, checks

@@ -246,11 +246,11 @@ impl TfServingGrpc {
         let key = super::grpc_route_key(request.metadata());
         let r = request.into_inner();
         let (model, selector, _) = spec_of(r.model_spec.clone())?;
-        self.infer.label(record, &model);
         let loaded = self
             .infer
-            .resolve_routed(&model, &selector, key.as_deref())?;
-        record.model(&loaded.model, Some(loaded.version));
+            .resolve_routed(&model, &selector, key.as_deref())
+            .inspect_err(|_| self.infer.label(record, &model))?;
+        record.version(loaded.scheduler.series());
         record.body_bytes(r.encoded_len());
         let mut inputs = Vec::with_capacity(r.inputs.len());
         for (name, tensor) in r.inputs {
@@ -267,13 +267,15 @@ impl TfServingGrpc {
         let prediction = self.infer.predict(valid, deadline).await?;
         record.timing(&prediction);
         let outputs = prediction.outputs;
-        Ok(PredictResponse {
+        let response = PredictResponse {
             model_spec: Some(resolved_spec(&loaded.model, loaded.version)),
             outputs: outputs
                 .iter()
                 .map(|o| (o.name.clone(), encode(&o.tensor)))
                 .collect(),
-        })
+        };
+        record.response_bytes(response.encoded_len());
+        Ok(response)
     }
 }
 

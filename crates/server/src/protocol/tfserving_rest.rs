@@ -93,14 +93,13 @@ pub async fn post(
     let mut record = state.infer.metrics.request("rest_tfserving");
     let result = async {
         let (model, selector, action) = parse_path(&Method::POST, &rest)?;
-        state.infer.label(&mut record, &model);
         let deadline = client_deadline(&headers)?;
         let body = body.map_err(body_error)?;
         // Resolve first: an unknown or unready model is reported as such whatever the body holds.
         let loaded = state
             .infer
             .resolve_routed(&model, &selector, super::route_key(&headers))?;
-        record.model(&loaded.model, Some(loaded.version));
+        record.version(loaded.scheduler.series());
         record.body_bytes(body.len());
         let request = parse_body(&body, &state.infer.limits)?;
         match action {
@@ -121,6 +120,16 @@ pub async fn post(
         }
     }
     .await;
+    match &result {
+        Ok(response) => record.response_body(response),
+        // Label a failure with the model it named, when the repository knows it.
+        Err(_) if !record.has_version() => {
+            if let Ok((model, _, _)) = parse_path(&Method::POST, &rest) {
+                state.infer.label(&mut record, &model);
+            }
+        }
+        Err(_) => {}
+    }
     finish(record, result)
 }
 
