@@ -123,6 +123,11 @@ pub struct RetrainArgs {
     /// The ONNX Runtime 1.32 library (else $ORT_DYLIB_PATH, beside the binary, or a Python `onnxruntime`).
     #[arg(long, env = "FERRY_ONNXRUNTIME_LIB", value_name = "FILE")]
     pub onnxruntime_lib: Option<PathBuf>,
+
+    /// Sign the published version with this Ed25519 secret key (its ferry.sig, as `ferry sign` writes it), for
+    /// servers started with --trusted-key.
+    #[arg(long, env = "FERRY_SIGN_KEY", value_name = "KEY_FILE")]
+    pub sign_key: Option<PathBuf>,
 }
 
 /// The version serving now, as read from the repository.
@@ -152,6 +157,15 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
     )?;
     let steps = Steps {
         quiet: args.quiet || args.json,
+    };
+    // Read the key first: a key that cannot sign should stop the run before any training.
+    let sign_key = match &args.sign_key {
+        Some(path) => Some(
+            ferry_server::integrity::SigningKey::read(path)
+                .map_err(anyhow::Error::msg)
+                .context("--sign-key")?,
+        ),
+        None => None,
     };
     let engine = ferry_engine::OrtEngine::init(args.onnxruntime_lib.as_deref())
         .context("starting ONNX Runtime")?;
@@ -359,13 +373,18 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
             p.state.name()
         ));
     }
-    let files = vec![
+    let mut files = vec![
         (
             ferry_train::export::METADATA_FILE.to_string(),
             metadata_json(&onnx, &meta),
         ),
         (ferry_train::export::MODEL_FILE.to_string(), onnx),
     ];
+    if let Some(key) = &sign_key {
+        let sig = ferry_server::integrity::sign_files(&model, version, &files, key)
+            .map_err(anyhow::Error::msg)?;
+        files.push((ferry_server::integrity::SIGNATURE_FILE.to_string(), sig));
+    }
     if let Err(e) = rt.block_on(repo.publish_version(&model, version, files)) {
         // Leave no plan behind for a version that never came: the earlier plan goes back, or the new one is
         // rolled back.

@@ -313,13 +313,46 @@ pub fn sign_version(
     version: u64,
     key: &SigningKey,
 ) -> Result<SignatureFile, String> {
+    let files = version_files(dir, &|_| None)?;
+    let sig = signature_file(model, version, files, key)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let text = serde_json::to_string_pretty(&sig).map_err(|e| e.to_string())? + "\n";
+    let tmp = dir.join(format!(".{SIGNATURE_FILE}.tmp"));
+    std::fs::write(&tmp, text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, dir.join(SIGNATURE_FILE))
+        .map_err(|e| format!("cannot write {}: {e}", dir.join(SIGNATURE_FILE).display()))?;
+    Ok(sig)
+}
+
+/// Signs a version held in memory (files about to be published, by relative path) for `model` and `version`:
+/// the contents of its `ferry.sig`, to publish with them.
+pub fn sign_files(
+    model: &str,
+    version: u64,
+    files: &[(String, Vec<u8>)],
+    key: &SigningKey,
+) -> Result<Vec<u8>, String> {
+    let files = files
+        .iter()
+        .filter(|(path, _)| path != SIGNATURE_FILE)
+        .map(|(path, bytes)| (path.clone(), sha256_hex(bytes)))
+        .collect();
+    let sig = signature_file(model, version, files, key)?;
+    Ok((serde_json::to_string_pretty(&sig).map_err(|e| e.to_string())? + "\n").into_bytes())
+}
+
+fn signature_file(
+    model: &str,
+    version: u64,
+    files: BTreeMap<String, String>,
+    key: &SigningKey,
+) -> Result<SignatureFile, String> {
     validate_name(model)?;
     if version == 0 {
         return Err("versions are positive integers".into());
     }
-    let files = version_files(dir, &|_| None)?;
     if !files.contains_key("model.onnx") {
-        return Err(format!("{} has no model.onnx", dir.display()));
+        return Err("the version has no model.onnx".into());
     }
     if let Some(bad) = files
         .keys()
@@ -330,7 +363,7 @@ pub fn sign_version(
         ));
     }
     let signature = key.sign(&signed_message(model, version, &files));
-    let sig = SignatureFile {
+    Ok(SignatureFile {
         format: FORMAT.into(),
         algorithm: "ed25519".into(),
         key_id: key.public_key().id(),
@@ -338,13 +371,7 @@ pub fn sign_version(
         version,
         files,
         signature: base64::engine::general_purpose::STANDARD.encode(signature),
-    };
-    let text = serde_json::to_string_pretty(&sig).map_err(|e| e.to_string())? + "\n";
-    let tmp = dir.join(format!(".{SIGNATURE_FILE}.tmp"));
-    std::fs::write(&tmp, text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, dir.join(SIGNATURE_FILE))
-        .map_err(|e| format!("cannot write {}: {e}", dir.join(SIGNATURE_FILE).display()))?;
-    Ok(sig)
+    })
 }
 
 /// Verifies a version's `ferry.sig` against the trusted keys, for the model and version it is served as, over
@@ -595,6 +622,21 @@ mod tests {
         .unwrap();
         let e = verify_version(&dir.0, "m", 1, &files, &[key.public_key()]).unwrap_err();
         assert!(e.contains("model.onnx changed"), "{e}");
+    }
+
+    #[test]
+    fn files_signed_in_memory_verify_once_written() {
+        let dir = version_dir("memory");
+        let key = SigningKey::from_seed(&[5; 32]);
+        let files: Vec<(String, Vec<u8>)> = ["model.onnx", "ferry.json", "warmup/1.json"]
+            .iter()
+            .map(|p| (p.to_string(), std::fs::read(dir.0.join(p)).unwrap()))
+            .collect();
+        let sig = sign_files("m", 2, &files, &key).unwrap();
+        std::fs::write(dir.0.join(SIGNATURE_FILE), sig).unwrap();
+        assert!(verify(&dir.0, "m", 2, &[key.public_key()]).is_ok());
+        let e = sign_files("m", 2, &files[1..], &key).unwrap_err();
+        assert!(e.contains("no model.onnx"), "{e}");
     }
 
     #[test]
