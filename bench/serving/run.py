@@ -730,6 +730,9 @@ def main():
     if tv:
         results["versions"]["triton"] = results["versions"]["triton"].replace("tritonserver ?", f"tritonserver {tv}")
     md = report(results) + f"\nWhole run: {results['elapsed_s'] / 60:.1f} minutes (setup excluded).\n"
+    # The monitoring-overhead table comes from its own script (bench/monitoring_overhead.py --write).
+    if (HERE / "MONITORING.md").exists():
+        md += "\n" + (HERE / "MONITORING.md").read_text()
     if not args.only:
         (HERE / "RESULTS.md").write_text(md)
         shutil.copy(WORK / "results.json", HERE / "results.json")
