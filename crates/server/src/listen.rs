@@ -87,14 +87,21 @@ impl Tls {
 
     /// Re-reads the certificate every two seconds when its files change, until `stop`.
     pub async fn watch(self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(2)) => {}
-                () = stopped(&mut stop) => return,
-            }
+        while sleep_unless_stopped(Duration::from_secs(2), &mut stop).await {
             let r = self.resolver.clone();
             let _ = tokio::task::spawn_blocking(move || r.reload_if_changed()).await;
         }
+    }
+}
+
+/// Sleeps `period`; `false` (at once) when `stop` turns true first. The loop of every periodic task.
+pub async fn sleep_unless_stopped(
+    period: Duration,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(period) => true,
+        () = stopped(stop) => false,
     }
 }
 

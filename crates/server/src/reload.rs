@@ -293,11 +293,7 @@ impl Manager {
         every: Duration,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(every) => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
+        while crate::listen::sleep_unless_stopped(every, &mut stop).await {
             if let Err(e) = self.poll().await {
                 tracing::warn!(error = %e, "repository poll failed; serving what is loaded");
             }
@@ -310,11 +306,7 @@ impl Manager {
         every: Duration,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(every) => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
+        while crate::listen::sleep_unless_stopped(every, &mut stop).await {
             self.rollout_tick().await;
         }
     }
@@ -400,7 +392,6 @@ impl Manager {
                 }
             }
             let merged = live.merged_with(stored.as_ref());
-            let _ = plan;
             if let Err(e) = self
                 .repo
                 .write_file(&name, PLAN_FILE, merged.to_json().into_bytes())
