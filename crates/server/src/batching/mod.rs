@@ -234,13 +234,16 @@ fn worker(shared: &Shared) {
                 let started = Instant::now();
                 // A panic inside the engine must not take the worker with it: its requests get an error (their
                 // oneshots are dropped) and the worker goes on.
+                // The batch is recorded before its requests are answered, so a client that scrapes `/metrics`
+                // after its answer sees its batch counted.
+                let record = || shared.series.batch(&waits, started.elapsed(), rows);
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_batch(shared.backend.as_ref(), batch, &waits);
+                    run_batch(shared.backend.as_ref(), batch, &waits, &record);
                 }));
                 if ran.is_err() {
                     tracing::error!(model = %shared.label, "the engine panicked while running a batch");
+                    record();
                 }
-                shared.series.batch(&waits, started.elapsed(), rows);
                 state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
             }
             Decision::Idle => {
@@ -261,8 +264,14 @@ fn worker(shared: &Shared) {
     }
 }
 
-/// Runs one batch on the engine and answers every request in it (`waits[i]` is how long request `i` queued).
-fn run_batch(backend: &dyn Backend, mut batch: Vec<Entry<Job>>, waits: &[std::time::Duration]) {
+/// Runs one batch on the engine and answers every request in it (`waits[i]` is how long request `i` queued);
+/// `record` runs once the engine is done, before any answer goes out.
+fn run_batch(
+    backend: &dyn Backend,
+    mut batch: Vec<Entry<Job>>,
+    waits: &[std::time::Duration],
+    record: &dyn Fn(),
+) {
     let started = Instant::now();
     let answered = |outputs, queue| Answered {
         outputs,
@@ -272,6 +281,7 @@ fn run_batch(backend: &dyn Backend, mut batch: Vec<Entry<Job>>, waits: &[std::ti
     if batch.len() == 1 {
         let e = batch.pop().expect("one entry");
         let answer = backend.predict(e.item.inputs).map_err(InferError::from);
+        record();
         let _ = e.item.respond.send(answer.map(|o| answered(o, waits[0])));
         return;
     }
@@ -287,6 +297,7 @@ fn run_batch(backend: &dyn Backend, mut batch: Vec<Entry<Job>>, waits: &[std::ti
         .collect();
     match answer.and_then(|outputs| split_outputs(outputs, &rows, total)) {
         Ok(parts) => {
+            record();
             for ((job, part), wait) in jobs.into_iter().zip(parts).zip(waits) {
                 let _ = job.respond.send(Ok(answered(part, *wait)));
             }
@@ -294,8 +305,12 @@ fn run_batch(backend: &dyn Backend, mut batch: Vec<Entry<Job>>, waits: &[std::ti
         Err(e) => {
             // One request's bad data must not fail its neighbours: answer each request from its own run.
             tracing::debug!(error = %e, "batch failed; running its requests one by one");
-            for ((job, inputs), wait) in jobs.into_iter().zip(originals).zip(waits) {
-                let answer = backend.predict(inputs).map_err(InferError::from);
+            let answers: Vec<_> = originals
+                .into_iter()
+                .map(|inputs| backend.predict(inputs).map_err(InferError::from))
+                .collect();
+            record();
+            for ((job, answer), wait) in jobs.into_iter().zip(answers).zip(waits) {
                 let _ = job.respond.send(answer.map(|o| answered(o, *wait)));
             }
         }
