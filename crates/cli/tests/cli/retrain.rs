@@ -3,18 +3,11 @@
 //! `ORT_DYLIB_PATH`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 
-fn ferry(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .env_remove("FERRY_MODEL_REPOSITORY")
-        .env_remove("FERRY_CONFIG")
-        .output()
-        .expect("the ferry binary runs")
-}
+use super::common::{examples, ferry, iris_csv};
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -38,18 +31,7 @@ fn expect(code: i32, args: &[&str]) -> String {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ferry-retrain-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("models")).unwrap();
-    dir
-}
-
-fn examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
-}
-
-fn iris_csv() -> String {
-    examples().join("data/iris.csv").display().to_string()
+    super::common::scratch("retrain", name)
 }
 
 fn read_json(path: &Path) -> Value {

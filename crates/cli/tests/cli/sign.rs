@@ -3,19 +3,10 @@
 //! `scripts/test`, which sets `ORT_DYLIB_PATH`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use ferry_server::integrity::{verify_version, version_files, PublicKey};
 
-fn ferry(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .env_remove("FERRY_MODEL_REPOSITORY")
-        .env_remove("FERRY_CONFIG")
-        .env_remove("FERRY_SIGN_KEY")
-        .output()
-        .expect("the ferry binary runs")
-}
+use super::common::{ferry, iris_csv};
 
 fn expect(code: i32, args: &[&str]) -> String {
     let out = ferry(args);
@@ -30,17 +21,7 @@ fn expect(code: i32, args: &[&str]) -> String {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ferry-sign-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("models")).unwrap();
-    dir
-}
-
-fn iris_csv() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../examples/data/iris.csv")
-        .display()
-        .to_string()
+    super::common::scratch("sign", name)
 }
 
 fn verify(dir: &Path, model: &str, version: u64, key: &Path) -> Result<String, String> {

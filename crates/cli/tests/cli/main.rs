@@ -1,0 +1,8 @@
+//! The `ferry` binary as users run it, in one test binary: training, baselines, signing, retraining and rollouts.
+//! Scoring runs ONNX Runtime: run through `scripts/test`, which sets `ORT_DYLIB_PATH`.
+
+mod baseline;
+mod common;
+mod retrain;
+mod sign;
+mod train;
