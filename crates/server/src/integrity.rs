@@ -471,11 +471,11 @@ pub fn read_model(path: &Path, max_bytes: u64) -> Result<Vec<u8>, String> {
     let too_big = |size: u64| {
         format!("model.onnx is {size} bytes, larger than the {max_bytes} bytes --max-model-bytes allows")
     };
-    let file =
-        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    // The reason reaches clients: name the file, not where the repository lives.
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read model.onnx: {e}"))?;
     let size = file
         .metadata()
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .map_err(|e| format!("cannot read model.onnx: {e}"))?
         .len();
     if size > max_bytes {
         return Err(too_big(size));
@@ -483,7 +483,7 @@ pub fn read_model(path: &Path, max_bytes: u64) -> Result<Vec<u8>, String> {
     let mut bytes = Vec::with_capacity(size as usize);
     file.take(max_bytes.saturating_add(1))
         .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        .map_err(|e| format!("cannot read model.onnx: {e}"))?;
     if bytes.len() as u64 > max_bytes {
         return Err(too_big(bytes.len() as u64));
     }

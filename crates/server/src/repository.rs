@@ -467,7 +467,8 @@ fn read_meta_bytes(dir: &Path) -> Result<Option<Vec<u8>>, String> {
     match std::fs::read(&path) {
         Ok(bytes) => Ok(Some(bytes)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        // The reason reaches clients: name the file, not where the repository lives.
+        Err(e) => Err(format!("cannot read ferry.json: {e}")),
     }
 }
 

@@ -21,7 +21,7 @@ pub fn run(dir: &Path, signature: &Signature, backend: &dyn Backend) -> Result<(
     let warmup = dir.join("warmup");
     if warmup.is_dir() {
         let mut files: Vec<_> = std::fs::read_dir(&warmup)
-            .map_err(|e| format!("cannot read {}: {e}", warmup.display()))?
+            .map_err(|e| format!("cannot read warmup/: {e}"))?
             .flatten()
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|x| x == "json"))
