@@ -18,6 +18,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
+/// mimalloc instead of glibc malloc (see Cargo.toml): measured with `bench/serving/run.py`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let command = match config::parse(std::env::args_os().collect()) {
         Ok(c) => c,

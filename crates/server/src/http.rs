@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderValue, Request};
+use axum::http::Request;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -31,12 +31,21 @@ pub struct AppState {
 
 /// The REST router, without a listener: tests call it in-process.
 pub fn app(state: AppState, max_request_bytes: usize) -> Router {
-    app_with_limit(state, max_request_bytes, usize::MAX >> 4)
+    app_with_limit(
+        state,
+        max_request_bytes,
+        Arc::new(tokio::sync::Semaphore::new(usize::MAX >> 4)),
+    )
 }
 
-/// The REST router, handling at most `max_concurrent` requests at once (the others wait, unread, in their
-/// connections), so the memory spent decoding bodies is bounded by `max_concurrent × max_request_bytes`.
-pub fn app_with_limit(state: AppState, max_request_bytes: usize, max_concurrent: usize) -> Router {
+/// The REST router, handling at most as many requests at once as `permits` has (the others wait, unread, in their
+/// connections), so the memory spent decoding bodies is bounded by `permits × max_request_bytes`. The listener's
+/// direct inference path ([`crate::front`]) takes its permits from the same semaphore.
+pub fn app_with_limit(
+    state: AppState,
+    max_request_bytes: usize,
+    permits: Arc<tokio::sync::Semaphore>,
+) -> Router {
     Router::new()
         .route("/v2", get(ks::server_metadata))
         .route("/v2/health/live", get(ks::live))
@@ -67,8 +76,8 @@ pub fn app_with_limit(state: AppState, max_request_bytes: usize, max_concurrent:
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_request_bytes))
         // One semaphore for the whole router (a `ConcurrencyLimitLayer` would make one per route).
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            max_concurrent,
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
+            permits,
         ))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
@@ -118,20 +127,10 @@ async fn method_not_allowed() -> Response {
 /// Gives every request an id (the client's `x-request-id`, or a new one), logs one line per request under a span
 /// that carries it, and echoes it in the response.
 async fn request_id(request: Request<axum::body::Body>, next: Next) -> Response {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    let id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128)
-        .map(str::to_string)
-        .unwrap_or_else(|| {
-            format!(
-                "{:016x}",
-                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            )
-        });
-    let span = tracing::info_span!("request", id = %id, method = %request.method(), path = %request.uri().path());
+    let id = crate::front::request_id(request.headers());
+    // A debug-level span: at the default level it is never built, so a request pays nothing for it; with
+    // `RUST_LOG=ferry_server=debug` every line a request logs carries its id, method and path.
+    let span = tracing::debug_span!("request", id = %id, method = %request.method(), path = %request.uri().path());
     let started = std::time::Instant::now();
     let mut response = next.run(request).instrument(span.clone()).await;
     span.in_scope(|| {
@@ -141,9 +140,7 @@ async fn request_id(request: Request<axum::body::Body>, next: Next) -> Response 
             "request done"
         )
     });
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        response.headers_mut().insert("x-request-id", v);
-    }
+    crate::front::echo_id(&mut response, &id);
     response
 }
 
@@ -153,7 +150,7 @@ pub struct Server {
     grpc_listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     admin_listener: Option<TcpListener>,
-    router: Router,
+    front: crate::front::Front,
     infer: Infer,
     manager: Arc<Manager>,
     tls: Option<crate::listen::Tls>,
@@ -269,12 +266,17 @@ impl Server {
         let names = store.model_names();
         tracing::info!(models = names.len(), "model repository loaded");
         health.set_loaded();
+        let permits = Arc::new(tokio::sync::Semaphore::new(
+            config
+                .max_concurrent_requests
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        ));
         let mut router = app_with_limit(
             AppState {
                 infer: infer.clone(),
             },
             config.max_request_bytes,
-            config.max_concurrent_requests,
+            permits.clone(),
         )
         // A request body may pause at most this long between chunks (slow clients hold nothing forever).
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
@@ -286,12 +288,22 @@ impl Server {
                 crate::auth::rest_layer,
             ));
         }
+        let front = crate::front::Front::with_direct_infer(
+            router,
+            crate::front::DirectInfer {
+                infer: infer.clone(),
+                auth: auth.clone(),
+                permits,
+                max_request_bytes: config.max_request_bytes,
+                client_timeout: config.client_timeout,
+            },
+        );
         Ok(Server {
             listener,
             grpc_listener,
             metrics_listener,
             admin_listener,
-            router,
+            front,
             infer,
             manager,
             tls,
@@ -349,7 +361,7 @@ impl Server {
             grpc_listener,
             metrics_listener,
             admin_listener,
-            router,
+            front,
             infer,
             manager,
             tls,
@@ -385,7 +397,7 @@ impl Server {
                 config.client_timeout,
             );
             tokio::spawn(async move {
-                let result = crate::listen::serve_http(l, tls, admin, timeout, stop).await;
+                let result = crate::listen::serve_http(l, tls, admin.into(), timeout, stop).await;
                 if let Err(e) = result {
                     tracing::error!(error = %e, "the management API stopped");
                 }
@@ -407,7 +419,7 @@ impl Server {
         let serve = crate::listen::serve_http(
             listener,
             tls.as_ref().map(|t| t.rest.clone()),
-            router,
+            front,
             config.client_timeout,
             drain_rx.clone(),
         );
@@ -458,7 +470,7 @@ impl Server {
                     crate::listen::serve_http(
                         l,
                         metrics_tls,
-                        metrics_router,
+                        metrics_router.into(),
                         metrics_timeout,
                         metrics_stop,
                     )

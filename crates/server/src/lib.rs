@@ -6,6 +6,7 @@
 //! - [`infer`]: [`infer::Infer`], the one path every protocol takes (resolve, validate, run, select outputs).
 //! - [`protocol`]: KServe v2 (REST with the binary tensor extension, and gRPC) and TF Serving (REST and gRPC)
 //!   adapters.
+//! - [`front`]: the REST listener's direct path for inference requests (everything else goes to the router).
 //! - [`http`]: the REST and gRPC routers and the server lifecycle (bind, serve, drain on shutdown).
 //! - [`drift`]: per-feature drift (PSI, KS) of live inputs against the training data.
 //! - [`payload_log`]: sampled request/response logging as rotated JSON lines.
@@ -21,6 +22,7 @@ pub mod batching;
 pub mod config;
 pub mod drift;
 pub mod error;
+pub mod front;
 pub mod http;
 pub mod infer;
 pub mod integrity;

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use axum::Router;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
@@ -201,12 +200,11 @@ impl ResolvesServerCert for Reloading {
 pub async fn serve_http(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    router: Router,
+    front: crate::front::Front,
     header_timeout: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
-    use tower::ServiceExt;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (tcp, _) = tokio::select! {
@@ -222,9 +220,11 @@ pub async fn serve_http(
             () = stopped(&mut stop) => break,
         };
         let _ = tcp.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(router.clone().map_request(
-            |r: axum::http::Request<hyper::body::Incoming>| r.map(axum::body::Body::new),
-        ));
+        let front = front.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let front = front.clone();
+            async move { Ok::<_, std::convert::Infallible>(front.call(request).await) }
+        });
         let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {

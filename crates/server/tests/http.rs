@@ -1284,3 +1284,58 @@ async fn metrics_can_have_their_own_port() {
         .unwrap();
     assert_eq!(r.status(), 404, "the metrics port serves nothing else");
 }
+
+/// The listener takes plain inference paths directly and sends every other spelling (here percent-escapes) through
+/// the router: both give the same answers, errors included, and both echo the request id.
+#[tokio::test]
+async fn direct_and_routed_inference_answer_alike() {
+    let repo = TempDir::new("direct");
+    put_model(&repo.0, "affine", 1, &affine());
+    let s = TestServer::start_with(repo, |c| ferry_server::ServeConfig {
+        max_request_bytes: 4096,
+        ..c
+    })
+    .await;
+    let input = |name: &str, datatype: &str| {
+        json!({"id": "7", "inputs": [{"name": name, "shape": [1, 2], "datatype": datatype, "data": [1, 2]}]})
+            .to_string()
+            .into_bytes()
+    };
+    let bodies = [
+        input("x", "FP32"),
+        input("x", "INT64"),
+        input("nope", "FP32"),
+        b"{\"inputs\": [".to_vec(),
+        vec![b' '; 8192],
+    ];
+    let pairs = [
+        ("/v2/models/affine/infer", "/v2/models/%61ffine/infer"),
+        (
+            "/v2/models/affine/versions/1/infer",
+            "/v2/models/affine/versions/%31/infer",
+        ),
+        ("/v2/models/missing/infer", "/v2/models/m%69ssing/infer"),
+    ];
+    let mut statuses = Vec::new();
+    for (direct, routed) in pairs {
+        for body in &bodies {
+            let id = [("x-request-id", "abc".to_string())];
+            let a = s.post_raw(direct, body.clone(), &id).await;
+            let b = s.post_raw(routed, body.clone(), &id).await;
+            assert_eq!(a.status, b.status, "{direct} vs {routed}");
+            assert_eq!(
+                String::from_utf8_lossy(&a.body),
+                String::from_utf8_lossy(&b.body),
+                "{direct} vs {routed}"
+            );
+            for r in [&a, &b] {
+                assert_eq!(r.headers["x-request-id"], "abc");
+            }
+            statuses.push(a.status);
+        }
+    }
+    assert_eq!(
+        statuses,
+        [200, 400, 400, 400, 413, 200, 400, 400, 400, 413, 404, 404, 404, 404, 413]
+    );
+}

@@ -56,6 +56,9 @@ struct Shared {
     /// The version's metric series: batches record into it without a lock.
     series: Arc<crate::metrics::VersionSeries>,
     closed: std::sync::atomic::AtomicBool,
+    /// Workers waiting on `wake`, changed and read only under `state`'s lock: a request that finds none asleep
+    /// skips the wake-up (a system call) because a busy worker will take it when its batch is done.
+    sleeping: std::sync::atomic::AtomicUsize,
 }
 
 /// The queue and workers of one model version. Dropping it stops the workers once the queue is empty.
@@ -116,6 +119,7 @@ impl Scheduler {
             label,
             series: metrics.version_series(&model.0, model.1),
             closed: std::sync::atomic::AtomicBool::new(false),
+            sleeping: std::sync::atomic::AtomicUsize::new(0),
         });
         for i in 0..instances.max(1) {
             let shared = shared.clone();
@@ -176,6 +180,11 @@ impl Scheduler {
                 refused
             }
         };
+        let asleep = self
+            .shared
+            .sleeping
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0;
         drop(state);
         if refused {
             return Err(InferError::new(
@@ -186,7 +195,9 @@ impl Scheduler {
                 ),
             ));
         }
-        self.shared.wake.notify_one();
+        if asleep {
+            self.shared.wake.notify_one();
+        }
         Ok(receiver)
     }
 
@@ -250,15 +261,27 @@ fn worker(shared: &Shared) {
                 if shared.closed.load(std::sync::atomic::Ordering::SeqCst) {
                     return;
                 }
+                shared
+                    .sleeping
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
+                shared
+                    .sleeping
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             }
             Decision::WaitUntil(at) => {
                 let wait = at.saturating_duration_since(now);
+                shared
+                    .sleeping
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 state = shared
                     .wake
                     .wait_timeout(state, wait)
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
+                shared
+                    .sleeping
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }

@@ -232,12 +232,14 @@ pub async fn infer(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let mut record = state.infer.metrics.request("rest_kserve");
-    let result = infer_inner(&state.infer, &model, None, &headers, body, &mut record).await;
-    if !record.has_version() {
-        state.infer.label(&mut record, &model);
-    }
-    finish(record, result)
+    infer_request(
+        &state.infer,
+        &model,
+        None,
+        &headers,
+        body.map_err(body_error),
+    )
+    .await
 }
 
 /// `POST /v2/models/{m}/versions/{v}/infer`.
@@ -247,18 +249,29 @@ pub async fn infer_version(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let mut record = state.infer.metrics.request("rest_kserve");
-    let result = infer_inner(
+    infer_request(
         &state.infer,
         &model,
         Some(&version),
         &headers,
-        body,
-        &mut record,
+        body.map_err(body_error),
     )
-    .await;
+    .await
+}
+
+/// One KServe v2 inference request, recorded in the metrics: the router's handlers and the listener's direct path
+/// ([`crate::front`]) both end here.
+pub(crate) async fn infer_request(
+    infer: &Infer,
+    model: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    body: Result<Bytes, InferError>,
+) -> Response {
+    let mut record = infer.metrics.request("rest_kserve");
+    let result = infer_inner(infer, model, version, headers, body, &mut record).await;
     if !record.has_version() {
-        state.infer.label(&mut record, &model);
+        infer.label(&mut record, model);
     }
     finish(record, result)
 }
@@ -268,10 +281,10 @@ async fn infer_inner(
     model: &str,
     version: Option<&str>,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Result<Bytes, InferError>,
     record: &mut RequestRecord<'_>,
 ) -> Result<Response, InferError> {
-    let body = body.map_err(body_error)?;
+    let body = body?;
     if let Some(enc) = headers.get(header::CONTENT_ENCODING) {
         if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
             return Err(InferError::new(
