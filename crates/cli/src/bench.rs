@@ -326,10 +326,7 @@ async fn caller(args: &BenchArgs, inputs: &[InputSpec]) -> anyhow::Result<Caller
                     args.model
                 ),
             };
-            let client = reqwest::Client::builder()
-                .pool_max_idle_per_host(1024)
-                .tcp_nodelay(true)
-                .build()?;
+            let client = rest_client()?;
             Ok(Caller::Rest {
                 client,
                 url,
@@ -401,25 +398,49 @@ fn report(
     }
 }
 
+/// An HTTP client that keeps one idle connection.
+fn rest_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .tcp_nodelay(true)
+        .build()
+}
+
 /// Closed loop: `concurrency` workers, each with its own connection.
 async fn closed_loop(
     args: &BenchArgs,
     template: &Caller,
     concurrency: usize,
 ) -> anyhow::Result<Report> {
-    let start = Instant::now();
-    let measure_from = start + args.warmup;
-    let end = measure_from + args.duration;
-    let mut workers = Vec::with_capacity(concurrency);
+    // Every worker's client is made before the clock starts: making a thousand takes seconds.
+    let mut callers = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
-        let mut caller = match template {
+        callers.push(match template {
             // A gRPC channel is one HTTP/2 connection: give each worker its own, as separate clients would have.
             Caller::Grpc { request, .. } => Caller::Grpc {
                 client: GrpcInferenceServiceClient::connect(grpc_url(&args.url)).await?,
                 request: request.clone(),
             },
-            rest => rest.clone(),
-        };
+            // One client per worker, holding one keep-alive connection, as separate clients would (a shared pool
+            // opens extra connections whenever a worker asks before its previous connection is back).
+            Caller::Rest {
+                url,
+                body,
+                header_len,
+                ..
+            } => Caller::Rest {
+                client: rest_client()?,
+                url: url.clone(),
+                body: body.clone(),
+                header_len: *header_len,
+            },
+        });
+    }
+    let start = Instant::now();
+    let measure_from = start + args.warmup;
+    let end = measure_from + args.duration;
+    let mut workers = Vec::with_capacity(concurrency);
+    for mut caller in callers {
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0usize;

@@ -70,20 +70,19 @@ impl Front {
     }
 
     /// Answers one request.
+    ///
+    /// The work is boxed, so this future stays a few words long: hyper keeps room for it in every open connection,
+    /// busy or idle, while the boxed work exists only during a request.
     pub async fn call(self, request: Request<Incoming>) -> Response {
         if let Some(direct) = &self.direct {
             if request.method() == Method::POST {
                 if let Some((model, version)) = infer_route(request.uri().path()) {
                     let (model, version) = (model.to_string(), version.map(str::to_string));
-                    return direct.infer(request, &model, version.as_deref()).await;
+                    return Box::pin(direct.infer(request, &model, version.as_deref())).await;
                 }
             }
         }
-        match self
-            .router
-            .oneshot(request.map(axum::body::Body::new))
-            .await
-        {
+        match Box::pin(self.router.oneshot(request.map(axum::body::Body::new))).await {
             Ok(response) => response,
             Err(never) => match never {},
         }

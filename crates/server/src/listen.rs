@@ -232,18 +232,19 @@ pub async fn serve_http(
             http.timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
                 .keep_alive(true);
+            // Each connection future is boxed: an idle plain connection then holds only its own state, not
+            // room for the larger TLS one (every open connection costs memory; see the overload benchmark).
             let result = match tls {
                 None => {
-                    watcher
-                        .watch(http.serve_connection(TokioIo::new(tcp), service))
-                        .await
+                    Box::pin(watcher.watch(http.serve_connection(TokioIo::new(tcp), service))).await
                 }
                 Some(acceptor) => {
                     match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
-                            watcher
-                                .watch(http.serve_connection(TokioIo::new(stream), service))
-                                .await
+                            Box::pin(
+                                watcher.watch(http.serve_connection(TokioIo::new(stream), service)),
+                            )
+                            .await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, "TLS handshake failed");
