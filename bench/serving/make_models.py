@@ -7,7 +7,7 @@
   (input `input` FP32 [-1,64], output `logits` FP32 [-1,10]); models/mlp.weights: the same weights in the format
   of crates/server/examples/ceiling.rs `--mlp` (little-endian: u32 layer count, then per layer u32 rows, u32 cols,
   rows*cols f32 weights row-major input dimension first, cols f32 biases).
-- ferry/: Ferry's repository: iris, mlp (batching off), mlp_batched (dynamic batching on), mlp_overload (batching on,
+- ferry/: Ferry's repository: iris (examples/models/iris/config.toml: batching on, no queue delay), mlp (batching off), mlp_batched (dynamic batching on), mlp_overload (batching on,
   max_queue_size = 64, for the overload run).
 
 Needs numpy and onnx (run.py runs it in its own venv). Usage: make_models.py [WORKDIR] [--batched-config TOML]
@@ -32,6 +32,9 @@ max_queue_size = 1024
 instances = 1
 intra_op_threads = 1
 """
+# iris runs as the bundled example does (dynamic batching without a queue delay, as Triton's iris in
+# pytriton_server.py batches with its default batcher).
+IRIS_CONFIG = (ROOT / "examples/models/iris/config.toml").read_text()
 UNBATCHED_CONFIG = """instances = 2
 intra_op_threads = 1
 """
@@ -114,7 +117,7 @@ def main():
 
     repo = work / "ferry"
     for name, data, config in [
-        ("iris", iris, UNBATCHED_CONFIG),
+        ("iris", iris, IRIS_CONFIG),
         ("mlp", mlp, UNBATCHED_CONFIG),
         ("mlp_batched", mlp, batched),
         ("mlp_overload", mlp, OVERLOAD_CONFIG),
