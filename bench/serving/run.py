@@ -138,7 +138,7 @@ def servers(lib):
     py_models = [f"iris={m / 'iris.onnx'}", f"mlp={m / 'mlp.onnx'}"]
     return {
         "ferry": dict(cmd=[FERRY, "serve", "--model-repository", WORK / "ferry", "--host", "127.0.0.1",
-                           "--rest-port", PORT, "--grpc-port", PORT + 1, "--onnxruntime-lib", lib],
+                           "--rest-port", PORT, "--grpc-port", PORT + 1, "--admin-port", 0, "--onnxruntime-lib", lib],
                       models=["iris", "mlp"]),
         "triton": dict(cmd=[VENVS / "pytriton/bin/python", HERE / "pytriton_server.py", PORT, PORT + 1, PORT + 2,
                             *py_models], models=["iris", "mlp"]),
