@@ -15,6 +15,7 @@ Standard library only; any python3 runs it.
 """
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -166,6 +167,60 @@ def infer(model, timeout=5.0, port=PORT):
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return r.status, json.loads(r.read())
+
+
+def probe_run(model, seconds, port=PORT, delay=0.0):
+    """A side client, one request at a time on one kept-alive connection, timing every answer whatever its status
+    (`ferry bench` times only the 200s): [(status, ms)], status -1 for a transport error."""
+    time.sleep(delay)
+    body = json.dumps(request_body(model)).encode()
+    conn, out = None, []
+    end = time.time() + seconds
+    while time.time() < end:
+        t = time.perf_counter()
+        try:
+            if conn is None:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("POST", f"/v2/models/{model}/infer", body, {"Content-Type": "application/json"})
+            r = conn.getresponse()
+            r.read()
+            status = r.status
+        except (OSError, http.client.HTTPException):
+            status, conn = -1, None
+        out.append((status, (time.perf_counter() - t) * 1000))
+    return out
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round((len(xs) - 1) * p)))] if xs else None
+
+
+def overload_run(s, model, args, port=PORT):
+    """Concurrency 1000 with `ferry bench` for args.duration (after args.warmup), a side probe meanwhile and the
+    server's resident memory sampled every 20 ms: (bench result, probes, peak RSS MiB)."""
+    stop = threading.Event()
+    peak = {"rss_mib": s.memory()["rss_mib"]}
+    probes = []
+
+    def sample():
+        while not stop.is_set():
+            peak["rss_mib"] = max(peak["rss_mib"], s.memory()["rss_mib"])
+            time.sleep(0.02)
+
+    def probe():
+        probes.extend(probe_run(model, max(args.duration - 1, 1), port=port, delay=args.warmup + 0.5))
+
+    threads = [threading.Thread(target=sample), threading.Thread(target=probe)]
+    for t in threads:
+        t.start()
+    try:
+        result = bench_once(model, 1, [1000], args.duration, args.warmup, server=s, port=port)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return result, probes, peak["rss_mib"]
 
 
 class Server:
@@ -476,38 +531,11 @@ def ferry_overload(s, args, results):
         "mlp_overload", lambda: bench("mlp_overload", 1, [1], args.duration, args.warmup, server=s))
     unloaded.update({k: v for k, v in bench("mlp_overload", 1, [64], args.duration, args.warmup, server=s).items()
                      if k == 64})
+    # The side probe alone, for the unloaded latency of the very client that probes during the overload.
+    probes_unloaded = probe_run("mlp_overload", max(args.duration - 1, 1))
     steady = s.memory()
-    stop = threading.Event()
-    peak = {"rss_mib": steady["rss_mib"]}
-    probes = []
-
-    def sample():
-        while not stop.is_set():
-            peak["rss_mib"] = max(peak["rss_mib"], s.memory()["rss_mib"])
-            time.sleep(0.02)
-
-    def probe():
-        # A side client, one request at a time, timing every answer (ferry bench times only the 200s).
-        time.sleep(args.warmup + 0.5)
-        end = time.time() + args.duration - 1
-        while time.time() < end:
-            t = time.perf_counter()
-            try:
-                status, _ = infer("mlp_overload", timeout=10)
-            except urllib.error.HTTPError as e:
-                status = e.code
-            except (urllib.error.URLError, OSError):
-                status = -1
-            probes.append((status, (time.perf_counter() - t) * 1000))
-
-    threads = [threading.Thread(target=sample), threading.Thread(target=probe)]
-    for t in threads:
-        t.start()
-    overload, overload_server = server_side(
-        "mlp_overload", lambda: bench("mlp_overload", 1, [1000], args.duration, args.warmup, server=s))
-    stop.set()
-    for t in threads:
-        t.join()
+    (overload, probes, peak), overload_server = server_side(
+        "mlp_overload", lambda: overload_run(s, "mlp_overload", args))
     time.sleep(1)
     after = s.memory()
     try:
@@ -515,10 +543,46 @@ def ferry_overload(s, args, results):
     except (urllib.error.URLError, OSError):
         ready = False
     results["overload"] = {
-        "unloaded": unloaded, "overload": overload, "rss_steady": steady, "rss_peak_during_mib": peak["rss_mib"],
+        "unloaded": unloaded, "overload": overload, "rss_steady": steady, "rss_peak_during_mib": peak,
         "rss_after": after, "alive": s.proc.poll() is None, "ready_after": ready, "probes": probes,
+        "probes_unloaded": probes_unloaded,
         "server_unloaded_p99_ms": unloaded_server, "server_overload_p99_ms": overload_server,
     }
+
+
+def bounds(lib, args, results, rounds=3):
+    """What any server could reach on this machine, measured against the bare-axum ceiling given the MLP's input
+    (it parses the same JSON and answers a constant: an engine that costs nothing).
+
+    Batching: Ferry's mlp (off) and mlp_batched (on) and the ceiling, alternated; ceiling ÷ off bounds what any
+    batching could gain here. Overload: the same concurrency-1000 run and side probe against the ceiling, whose
+    probe p99 ÷ its unloaded probe p99 is what a server with no queue and no engine keeps."""
+    specs = servers(lib)
+    cmd = [{PORT: PORT + 10, PORT + 1: PORT + 11}.get(c, c) for c in specs["ferry"]["cmd"]]
+    ferry = Server("ferry-bounds", dict(specs["ferry"], cmd=cmd), PORT + 10)
+    ceiling = Server("ceiling-mlp", dict(cmd=[CEILING, PORT + 30, "--input", "input:FP32:-1,64"], models=["mlp"]),
+                     PORT + 30)
+    out = {"mlp": [], "mlp_batched": [], "ceiling": [], "other_load": []}
+    try:
+        ferry.start()
+        ceiling.start()
+        for _ in range(rounds):
+            for key, srv, model in [("mlp", ferry, "mlp"), ("mlp_batched", ferry, "mlp_batched"),
+                                    ("ceiling", ceiling, "mlp")]:
+                r = bench_once(model, 1, [64], args.duration, args.warmup, server=srv, port=srv.port)
+                if 64 in r:
+                    out[key].append({"requests_per_second": r[64]["requests_per_second"], "p99_ms": r[64]["p99_ms"]})
+                out["other_load"].append(r["foreign_cores"])
+        ferry.stop()
+        time.sleep(1)
+        out["ceiling_probes_unloaded"] = probe_run("mlp", max(args.duration - 1, 1), port=ceiling.port)
+        overload, probes, _ = overload_run(ceiling, "mlp", args, port=ceiling.port)
+        out["ceiling_overload"] = overload
+        out["ceiling_probes"] = probes
+    finally:
+        ferry.stop()
+        ceiling.stop()
+    results["bounds"] = out
 
 
 def tune(args, lib):
@@ -672,7 +736,7 @@ def report(results):
         p429 = sorted(ms for st, ms in probes if st == 429)
         p200 = sorted(ms for st, ms in probes if st == 200)
         other = [st for st, _ in probes if st not in (200, 429)]
-        pct = lambda xs, p: xs[min(len(xs) - 1, int(round((len(xs) - 1) * p)))] if xs else None
+        pu = sorted(ms for st, ms in o.get("probes_unloaded", []) if st == 200)
         answers_per_s = ov.get("requests_per_second", 0) + ov.get("errors", 0) / results["duration"]
         lines += ["## Overload: mlp_overload (max_queue_size = 64, dynamic batching), batch 1, concurrency 1000", "",
                   f"- Unloaded (same model): c=1 {fmt(un.get(1, {}).get('requests_per_second'))} req/s, p99 "
@@ -682,7 +746,9 @@ def report(results):
                   f"({fmt(ov.get('requests_per_second'))} req/s), p50 {fmt(ov.get('p50_ms'), 2)} ms, p99 of the 200s "
                   f"{fmt(ov.get('p99_ms'), 2)} ms; {fmt(ov.get('errors'))} non-200 (429 from the full queue; "
                   "`ferry bench` counts them as errors and does not time them).",
-                  f"- Side probe during the overload (one request at a time): {len(p429)} × 429 (latency p50 "
+                  f"- Side probe (one request at a time on one kept-alive connection, every answer timed): alone "
+                  f"before the overload, {len(pu)} × 200 (p50 {fmt(pct(pu, .5), 2)} ms, p99 {fmt(pct(pu, .99), 2)} ms); "
+                  f"during the overload, {len(p429)} × 429 (latency p50 "
                   f"{fmt(pct(p429, .5), 2)} ms, p99 {fmt(pct(p429, .99), 2)} ms, max {fmt(max(p429) if p429 else None, 2)} ms), "
                   f"{len(p200)} × 200 (p50 {fmt(pct(p200, .5), 2)} ms, p99 {fmt(pct(p200, .99), 2)} ms), "
                   f"{len(other)} other.",
@@ -699,6 +765,36 @@ def report(results):
                   f"{fmt(o['rss_peak_during_mib'], 1)} MiB during (sampled every 20 ms), "
                   f"{fmt(o['rss_after']['rss_mib'], 1)} MiB after; VmHWM {fmt(o['rss_after']['hwm_mib'], 1)} MiB. "
                   f"Process alive: {o['alive']}; ready after: {o['ready_after']}.", ""]
+
+    bd = results.get("bounds")
+    if bd and bd.get("mlp") and bd.get("ceiling"):
+        mean = lambda k: statistics.mean(r["requests_per_second"] for r in bd[k]) if bd.get(k) else None
+        off, on, ceil = mean("mlp"), mean("mlp_batched"), mean("ceiling")
+        lines += ["## What any server could reach here: the ceiling given the MLP's input", "",
+                  "The bare-axum ceiling parses the MLP's request (64 floats) and answers a constant: an engine that "
+                  "costs nothing, behind the same HTTP stack, on the same 2 cores as the load generator.", "",
+                  f"Batching (batch 1, concurrency 64, {len(bd['mlp'])} alternating rounds, req/s):", "",
+                  "| round | Ferry mlp, batching off | Ferry mlp_batched, on | ceiling, no engine | on ÷ off | "
+                  "ceiling ÷ off |", "|---|---|---|---|---|---|"]
+        for i, (a, b_, c) in enumerate(zip(bd["mlp"], bd["mlp_batched"], bd["ceiling"]), 1):
+            lines.append(f"| {i} | {fmt(a['requests_per_second'])} | {fmt(b_['requests_per_second'])} | "
+                         f"{fmt(c['requests_per_second'])} | {b_['requests_per_second'] / a['requests_per_second']:.2f} "
+                         f"| {c['requests_per_second'] / a['requests_per_second']:.2f} |")
+        lines += ["", f"Means: off {fmt(off)}, on {fmt(on)}, ceiling {fmt(ceil)} req/s. Batching removes engine work "
+                  "and nothing else, so no batching can lift the unbatched server above the ceiling: "
+                  f"{ceil / off:.2f}× is the most any batching could give on this machine, against the "
+                  f"{on / off:.2f}× Ferry's gives. Other load at most {max(bd['other_load']):.2f} cores.", ""]
+        cu = sorted(ms for st, ms in bd.get("ceiling_probes_unloaded", []) if st == 200)
+        co = sorted(ms for st, ms in bd.get("ceiling_probes", []) if st == 200)
+        cov = bd.get("ceiling_overload", {}).get(1000, {})
+        if cu and co:
+            lines += [f"Overload, the same run against the ceiling (concurrency 1000 with `ferry bench`, the same side "
+                      f"probe): {fmt(cov.get('requests_per_second'))} req/s, `ferry bench` p99 "
+                      f"{fmt(cov.get('p99_ms'), 2)} ms; side probe alone p99 {pct(cu, .99):.2f} ms, during the "
+                      f"overload p99 {pct(co, .99):.2f} ms ({pct(co, .99) / pct(cu, .99):.1f}×). "
+                      + ("A server with no queue and no engine does not keep its p99 within 2× here either: the 1,000 "
+                         "clients, the load generator and the server share 2 cores." if pct(co, .99) > 2 * pct(cu, .99)
+                         else "A server with no queue and no engine keeps its p99 within 2× in this run."), ""]
 
     lines += done_when(results)
     return "\n".join(lines) + "\n"
@@ -742,6 +838,12 @@ def done_when(results):
         p_on = statistics.mean(r["p99_ms"] for r in b["mlp_batched"])
         row("mlp batch 1 c=64: batching on ÷ off", f"{on / off:.2f}× (p99 {p_on:.2f} vs {p_off:.2f} ms)",
             "≥ 2×, p99 no higher", on / off >= 2 and p_on <= p_off)
+    bd = results.get("bounds")
+    if bd and bd.get("mlp") and bd.get("mlp_batched") and bd.get("ceiling"):
+        mean = lambda k: statistics.mean(r["requests_per_second"] for r in bd[k])
+        row("mlp batch 1 c=64, alternating rounds: batching on ÷ off; the ceiling (no engine) ÷ off, the most any "
+            "batching could give here", f"{mean('mlp_batched') / mean('mlp'):.2f}×; {mean('ceiling') / mean('mlp'):.2f}×",
+            "≥ 2×", mean("mlp_batched") >= 2 * mean("mlp"))
     for c in LEVELS:
         f = point("Ferry REST JSON", "mlp/32", c)
         p = point("plain-loop Rust MLP REST", "mlp/32", c)
@@ -769,10 +871,17 @@ def done_when(results):
                 f"({ov['p99_ms']:.2f} vs {un['p99_ms']:.2f} ms)", "≤ 2×", ov["p99_ms"] <= 2 * un["p99_ms"])
         p200 = sorted(ms for st, ms in o["probes"] if st == 200)
         p429 = sorted(ms for st, ms in o["probes"] if st == 429)
-        if p200 and un:
-            p99 = p200[min(len(p200) - 1, int(round((len(p200) - 1) * 0.99)))]
-            row("overload: p99 of the side probe's 200s ÷ unloaded (c=1) p99",
-                f"{p99 / un['p99_ms']:.2f}× ({p99:.2f} vs {un['p99_ms']:.2f} ms)", "≤ 2×", p99 <= 2 * un["p99_ms"])
+        pu = sorted(ms for st, ms in o.get("probes_unloaded", []) if st == 200)
+        if p200 and pu:
+            p99, u99 = pct(p200, 0.99), pct(pu, 0.99)
+            row("overload: p99 of the side probe's 200s ÷ the same probe's p99 alone",
+                f"{p99 / u99:.2f}× ({p99:.2f} vs {u99:.2f} ms)", "≤ 2×", p99 <= 2 * u99)
+        bd = results.get("bounds") or {}
+        cu = [ms for st, ms in bd.get("ceiling_probes_unloaded", []) if st == 200]
+        co = [ms for st, ms in bd.get("ceiling_probes", []) if st == 200]
+        if cu and co:
+            row("overload, for reference: the bare-axum ceiling's probe p99 during the same overload ÷ alone",
+                f"{pct(co, 0.99) / pct(cu, 0.99):.2f}× ({pct(co, 0.99):.2f} vs {pct(cu, 0.99):.2f} ms)", "—", None)
         su, so = o.get("server_unloaded_p99_ms", {}), o.get("server_overload_p99_ms", {})
         if su.get("queue") is not None and so.get("queue") is not None:
             u, v = su["queue"] + su["compute"], so["queue"] + so["compute"]
@@ -833,6 +942,11 @@ def main():
             ceiling_rounds(lib, args, results)
         except Exception as e:  # noqa: BLE001 -- reported, the rest of the report stands
             log(f"!! ceiling rounds: {e!r}")
+        log("== what any server could reach here: the ceiling with the MLP's input")
+        try:
+            bounds(lib, args, results)
+        except Exception as e:  # noqa: BLE001 -- reported, the rest of the report stands
+            log(f"!! bounds: {e!r}")
     results["elapsed_s"] = time.time() - started
     (WORK / "results.json").write_text(json.dumps(results, indent=1))
     tv = results["servers"].get("triton", {}).get("server_metadata", {}).get("version")
