@@ -72,8 +72,8 @@ pub struct BenchArgs {
     #[arg(long, env = "FERRY_BENCH_DURATION", default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
 
-    /// Traffic sent before each measurement and not counted.
-    #[arg(long, env = "FERRY_BENCH_WARMUP", default_value = "2s", value_parser = parse_duration)]
+    /// Traffic sent before each measurement and not counted (`0` for none).
+    #[arg(long, env = "FERRY_BENCH_WARMUP", default_value = "2s", value_parser = crate::cli::parse_duration_or_zero)]
     pub warmup: Duration,
 
     /// Print one JSON object per measurement instead of a table.

@@ -443,22 +443,18 @@ impl ServeArgs {
     }
 }
 
+/// [`parse_duration`], where zero (`0`, `0s`, `0ms`) is allowed too and means none.
+pub fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
+    if seconds(text)? == 0.0 {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(text)
+}
+
 /// Parses `250ms`, `30s`, `2m` or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let seconds = seconds(text)?;
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration (try 500ms, 30s or 2m)"))?;
-    let seconds = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("`{text}` has an unknown unit (use ms, s or m)")),
-    };
     if seconds <= 0.0 || !seconds.is_finite() {
         return Err(format!("`{text}` must be longer than zero"));
     }
@@ -467,4 +463,22 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err(format!("`{text}` is longer than a day"));
     }
     Ok(Duration::from_secs_f64(seconds))
+}
+
+/// The seconds a duration's text stands for, unchecked.
+fn seconds(text: &str) -> Result<f64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration (try 500ms, 30s or 2m)"))?;
+    match unit {
+        "ms" => Ok(n / 1000.0),
+        "" | "s" => Ok(n),
+        "m" => Ok(n * 60.0),
+        _ => Err(format!("`{text}` has an unknown unit (use ms, s or m)")),
+    }
 }

@@ -465,6 +465,20 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("3h").is_err());
         assert!(parse_duration("fast").is_err());
+        use crate::cli::parse_duration_or_zero;
+        for zero in ["0", "0s", "0ms", "0.0s"] {
+            assert_eq!(
+                parse_duration_or_zero(zero).unwrap(),
+                Duration::ZERO,
+                "{zero}"
+            );
+        }
+        assert_eq!(
+            parse_duration_or_zero("2s").unwrap(),
+            Duration::from_secs(2)
+        );
+        assert!(parse_duration_or_zero("0h").is_err());
+        assert!(parse_duration_or_zero("-1s").is_err());
         assert!(parse_duration("99999999999999999999m").is_err());
     }
 }
