@@ -59,3 +59,20 @@ def test_bench_reports_what_the_server_answered(tmp_path):
         assert out.returncode != 0 and "nope" in out.stderr, out.stderr
     finally:
         server.stop()
+
+
+def test_bench_says_why_the_first_request_failed(tmp_path):
+    # A server whose body limit the request exceeds: the cause (413 and the server's message) is printed, and a URL
+    # without a scheme means http://. `--warmup 0` turns the warm-up off.
+    repo = str(tmp_path / "repo")
+    shutil.copytree(os.path.join(ROOT, "examples", "models"), repo)
+    server = start_ferry(repo, str(tmp_path / "ferry.log"), "--max-request-bytes", "50")
+    try:
+        bare = server.url.removeprefix("http://")
+        out = subprocess.run([ferry_binary(), "bench", "--model", "iris", "--url", bare, "--duration", "1s",
+                              "--warmup", "0"], capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0, out.stdout
+        assert "413" in out.stderr and "max-request-bytes" in out.stderr, out.stderr
+        assert "first request to model `iris` failed" in out.stderr, out.stderr
+    finally:
+        server.stop()

@@ -120,26 +120,57 @@ enum Caller {
 }
 
 impl Caller {
+    /// The REST request, ready to send (panics for gRPC: callers match on the variant first).
+    fn rest_request(&self) -> reqwest::RequestBuilder {
+        let Caller::Rest {
+            client,
+            url,
+            body,
+            header_len,
+        } = self
+        else {
+            unreachable!("rest_request on a gRPC caller")
+        };
+        let req = client.post(url.as_str()).body(body.clone());
+        match header_len {
+            Some(n) => req
+                .header("content-type", "application/octet-stream")
+                .header("inference-header-content-length", n.to_string()),
+            None => req.header("content-type", "application/json"),
+        }
+    }
+
+    /// Sends the request once and says why it failed, for the check before measuring.
+    async fn check(&mut self) -> anyhow::Result<()> {
+        match self {
+            Caller::Rest { url, .. } => {
+                let url = url.clone();
+                let r = self
+                    .rest_request()
+                    .send()
+                    .await
+                    .with_context(|| format!("POST {url}"))?;
+                let status = r.status();
+                let text = r.text().await.unwrap_or_default();
+                anyhow::ensure!(status.is_success(), "POST {url}: {status}: {}", text.trim());
+                Ok(())
+            }
+            Caller::Grpc { client, request } => {
+                client
+                    .model_infer((**request).clone())
+                    .await
+                    .map_err(|s| anyhow::anyhow!("ModelInfer: {:?}: {}", s.code(), s.message()))?;
+                Ok(())
+            }
+        }
+    }
+
     async fn call(&mut self) -> bool {
         match self {
-            Caller::Rest {
-                client,
-                url,
-                body,
-                header_len,
-            } => {
-                let mut req = client.post(url.as_str()).body(body.clone());
-                req = match header_len {
-                    Some(n) => req
-                        .header("content-type", "application/octet-stream")
-                        .header("inference-header-content-length", n.to_string()),
-                    None => req.header("content-type", "application/json"),
-                };
-                match req.send().await {
-                    Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
-                    Err(_) => false,
-                }
-            }
+            Caller::Rest { .. } => match self.rest_request().send().await {
+                Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                Err(_) => false,
+            },
             Caller::Grpc { client, request } => {
                 client.model_infer((**request).clone()).await.is_ok()
             }
@@ -257,7 +288,7 @@ async fn metadata(args: &BenchArgs) -> anyhow::Result<Vec<InputSpec>> {
             )
         }
         Protocol::Grpc => {
-            let mut client = GrpcInferenceServiceClient::connect(grpc_url(&args.url))
+            let mut client = GrpcInferenceServiceClient::connect(args.url.clone())
                 .await
                 .context("connecting over gRPC")?;
             let meta = client
@@ -281,8 +312,9 @@ async fn metadata(args: &BenchArgs) -> anyhow::Result<Vec<InputSpec>> {
     }
 }
 
-fn grpc_url(url: &str) -> String {
-    if url.starts_with("http://") {
+/// The server's URL with a scheme: `host:port` alone means `http://host:port`.
+fn with_scheme(url: &str) -> String {
+    if url.contains("://") {
         url.to_string()
     } else {
         format!("http://{url}")
@@ -355,7 +387,7 @@ async fn caller(args: &BenchArgs, inputs: &[InputSpec]) -> anyhow::Result<Caller
                 raw_input_contents: raw,
                 ..Default::default()
             };
-            let client = GrpcInferenceServiceClient::connect(grpc_url(&args.url))
+            let client = GrpcInferenceServiceClient::connect(args.url.clone())
                 .await
                 .context("connecting over gRPC")?;
             Ok(Caller::Grpc {
@@ -418,7 +450,7 @@ async fn closed_loop(
         callers.push(match template {
             // A gRPC channel is one HTTP/2 connection: give each worker its own, as separate clients would have.
             Caller::Grpc { request, .. } => Caller::Grpc {
-                client: GrpcInferenceServiceClient::connect(grpc_url(&args.url)).await?,
+                client: GrpcInferenceServiceClient::connect(args.url.clone()).await?,
                 request: request.clone(),
             },
             // One client per worker, holding one keep-alive connection, as separate clients would (a shared pool
@@ -524,8 +556,9 @@ async fn open_loop(args: &BenchArgs, template: &Caller, rate: f64) -> anyhow::Re
 }
 
 /// Runs the benchmark and prints its table (or JSON lines).
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
+    args.url = with_scheme(&args.url);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -533,11 +566,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let inputs = metadata(&args).await?;
         let template = caller(&args, &inputs).await?;
         let mut template_check = template.clone();
-        anyhow::ensure!(
-            template_check.call().await,
-            "the first request to model `{}` failed",
-            args.model
-        );
+        template_check
+            .check()
+            .await
+            .with_context(|| format!("the first request to model `{}` failed", args.model))?;
         let runs: Vec<Option<usize>> = match args.rate {
             Some(_) => vec![None],
             None => args.concurrency.iter().copied().map(Some).collect(),

@@ -15,8 +15,8 @@ use ferry_server::ServeConfig;
 #[derive(Debug, Parser)]
 #[command(name = "ferry", version, about, long_about = None, args_override_self = true)]
 pub struct Cli {
-    /// A TOML configuration file. Its `[serve]` table takes the same keys as the flags (`rest_port = 8501`);
-    /// precedence is file < environment < flags.
+    /// A TOML configuration file. The table named after the command (`[serve]`, `[bench]`, ...) takes the same keys as
+    /// that command's flags (`rest_port = 8501`); precedence is file < environment < flags.
     #[arg(long, env = "FERRY_CONFIG", global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -284,7 +284,7 @@ pub struct ServeArgs {
     pub max_model_bytes: u64,
 
     /// The ONNX Runtime 1.32 library (`libonnxruntime.so.1.32.0`). Without it Ferry looks at $ORT_DYLIB_PATH,
-    /// beside its own binary, and in an installed Python `onnxruntime` package.
+    /// beside its own binary (or in `lib/` next to it), and in an installed Python `onnxruntime` package.
     #[arg(long, env = "FERRY_ONNXRUNTIME_LIB", value_name = "FILE")]
     pub onnxruntime_lib: Option<PathBuf>,
 

@@ -1,8 +1,8 @@
 //! Merging the configuration file under the environment and flags, without touching the process environment.
 //!
-//! clap already gives flags precedence over environment variables. For each key of the file's `[serve]` table
-//! whose flag was set neither on the command line nor in the environment, we add `--key=value` to the arguments
-//! and parse again, so the file only fills what nothing else set.
+//! clap already gives flags precedence over environment variables. For each key of the file's table named after the
+//! command (`[serve]` for `ferry serve`) whose flag was set neither on the command line nor in the environment, we add
+//! `--key=value` to the arguments and parse again, so the file only fills what nothing else set.
 
 use std::ffi::OsString;
 use std::path::PathBuf;

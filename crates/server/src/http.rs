@@ -502,17 +502,23 @@ impl Server {
 }
 
 /// The gRPC services (KServe v2 and TF Serving) over the shared inference path.
+/// The gRPC server's layers: the status rewrite for oversized messages around the optional token check.
+type GrpcLayers = tower::layer::util::Stack<
+    tower::util::MapResponseLayer<
+        fn(axum::http::Response<tonic::body::Body>) -> axum::http::Response<tonic::body::Body>,
+    >,
+    tower::layer::util::Stack<
+        tower::util::Either<crate::auth::GrpcAuthLayer, tower::layer::util::Identity>,
+        tower::layer::util::Identity,
+    >,
+>;
+
 fn grpc_router(
     infer: &Infer,
     max_message_bytes: usize,
     auth: Option<Arc<crate::auth::Auth>>,
     call_timeout: std::time::Duration,
-) -> tonic::transport::server::Router<
-    tower::layer::util::Stack<
-        tower::util::Either<crate::auth::GrpcAuthLayer, tower::layer::util::Identity>,
-        tower::layer::util::Identity,
-    >,
-> {
+) -> tonic::transport::server::Router<GrpcLayers> {
     use crate::protocol::grpc::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
     use crate::protocol::grpc::tensorflow::serving::{
         model_service_server::ModelServiceServer,
@@ -529,6 +535,10 @@ fn grpc_router(
     tonic::transport::Server::builder()
         .layer(tower::util::option_layer(
             auth.map(crate::auth::GrpcAuthLayer),
+        ))
+        .layer(tower::util::MapResponseLayer::new(
+            crate::protocol::grpc::oversized_is_resource_exhausted::<tonic::body::Body>
+                as fn(_) -> _,
         ))
         .tcp_nodelay(true)
         // Slow or silent clients: dead connections are found by keepalive pings, and no call (its upload

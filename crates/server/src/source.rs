@@ -7,7 +7,7 @@
 //! retrain`). Credentials and endpoints for S3 come from the standard `AWS_*` environment variables
 //! (`AWS_ENDPOINT_URL` for a server other than AWS).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -279,7 +279,16 @@ fn scan_local(root: &Path) -> Result<Listing, String> {
             continue;
         }
         if let Err(reason) = validate_name(&name) {
-            tracing::warn!(path = %entry.path().display(), %reason, "skipping directory in the model repository");
+            // Said once per directory, not at every scan.
+            static WARNED: std::sync::Mutex<BTreeSet<PathBuf>> =
+                std::sync::Mutex::new(BTreeSet::new());
+            let first = WARNED
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(entry.path());
+            if first {
+                tracing::warn!(path = %entry.path().display(), %reason, "skipping directory in the model repository");
+            }
             continue;
         }
         let dir = entry.path();

@@ -383,3 +383,43 @@ async fn tfserving_predict_metadata_and_status() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
 }
+
+#[tokio::test]
+async fn oversized_messages_are_resource_exhausted() {
+    // As gRPC's reference servers and Triton answer (and REST's 413): RESOURCE_EXHAUSTED, not tonic's OUT_OF_RANGE.
+    let s = TestServer::start_with(repository(), |c| ferry_server::ServeConfig {
+        max_request_bytes: 1024,
+        ..c
+    })
+    .await;
+    let mut c = GrpcInferenceServiceClient::connect(s.grpc.clone())
+        .await
+        .unwrap();
+    let big = ModelInferRequest {
+        model_name: "affine".into(),
+        inputs: vec![x_input(vec![1.5; 400])],
+        ..Default::default()
+    };
+    let e = c.model_infer(big).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
+    assert!(e.message().contains("too large"), "{}", e.message());
+    let small = ModelInferRequest {
+        model_name: "affine".into(),
+        inputs: vec![x_input(vec![1.0, 2.0])],
+        ..Default::default()
+    };
+    c.model_infer(small)
+        .await
+        .expect("a message under the limit is served");
+
+    let mut p = PredictionServiceClient::connect(s.grpc.clone())
+        .await
+        .unwrap();
+    let request = PredictRequest {
+        model_spec: spec("affine"),
+        inputs: [("x".to_string(), tf_floats(&[200, 2], vec![1.5; 400]))].into(),
+        ..Default::default()
+    };
+    let e = p.predict(request).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
+}

@@ -45,6 +45,35 @@ pub(crate) fn finish<T>(
     Ok(response)
 }
 
+/// tonic refuses a message larger than `max_decoding_message_size` with OUT_OF_RANGE ("decoded message length too
+/// large"); gRPC's reference servers, Triton and Ferry's error table answer RESOURCE_EXHAUSTED. Applied to every gRPC
+/// response; only that refusal is changed.
+pub(crate) fn oversized_is_resource_exhausted<B>(
+    mut response: axum::http::Response<B>,
+) -> axum::http::Response<B> {
+    const OUT_OF_RANGE: &str = "11";
+    let headers = response.headers_mut();
+    let too_large = headers
+        .get("grpc-status")
+        .is_some_and(|s| s == OUT_OF_RANGE)
+        && headers.get("grpc-message").is_some_and(|m| {
+            let m = m.as_bytes();
+            [
+                &b"decoded%20message%20length%20too%20large"[..],
+                b"decoded message length too large",
+            ]
+            .iter()
+            .any(|needle| m.windows(needle.len()).any(|w| w == *needle))
+        });
+    if too_large {
+        headers.insert(
+            "grpc-status",
+            axum::http::HeaderValue::from(tonic::Code::ResourceExhausted as i32),
+        );
+    }
+    response
+}
+
 /// The client's deadline from the `grpc-timeout` header (`100m` is 100 ms; units H, M, S, m, u, n).
 pub(crate) fn grpc_deadline(
     metadata: &tonic::metadata::MetadataMap,
