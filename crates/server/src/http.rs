@@ -501,7 +501,6 @@ impl Server {
     }
 }
 
-/// The gRPC services (KServe v2 and TF Serving) over the shared inference path.
 /// The gRPC server's layers: the status rewrite for oversized messages around the optional token check.
 type GrpcLayers = tower::layer::util::Stack<
     tower::util::MapResponseLayer<
@@ -513,6 +512,7 @@ type GrpcLayers = tower::layer::util::Stack<
     >,
 >;
 
+/// The gRPC services (KServe v2 and TF Serving) over the shared inference path.
 fn grpc_router(
     infer: &Infer,
     max_message_bytes: usize,
