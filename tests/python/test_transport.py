@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import ROOT, start_ferry
+from conftest import ROOT, ferry_binary, start_ferry
 from test_updates import IRIS_BODY, iris_files, publish, wait_for
 
 TOKENS = "app:infer+read:tok-app,viewer:read:tok-viewer,ops:admin:tok-ops"
@@ -297,3 +297,41 @@ def test_per_model_concurrency_limit_answers_429(tmp_path):
         assert all("concurrent" in e for c, e in results if c == 429)
     finally:
         server.stop()
+
+
+def test_ports_refuse_connections_until_every_model_was_tried(tmp_path):
+    # Ports are bound at start (a port in use fails it at once) but listen only after loading, as TF Serving and
+    # Triton open theirs: a client connecting meanwhile is refused at once instead of left waiting.
+    repo = tmp_path / "repo"
+    shutil.copytree(os.path.join(ROOT, "examples", "models", "iris"), repo / "iris")
+    warmup = repo / "iris" / "1" / "warmup"
+    warmup.mkdir()
+    rows = 60000  # a slow warm-up: thirty requests of 60,000 rows each
+    (warmup / "00.json").write_text(json.dumps(
+        {"inputs": [{"name": "features", "shape": [rows, 4], "datatype": "FP32", "data": [1.5] * (4 * rows)}]}))
+    for i in range(1, 30):
+        os.link(warmup / "00.json", warmup / f"{i:02}.json")
+    log_path = tmp_path / "ferry.log"
+    proc = subprocess.Popen(
+        [ferry_binary(), "serve",
+         "--model-repository", str(repo), "--host", "127.0.0.1", "--rest-port", "0", "--grpc-port", "0",
+         "--admin-port", "0"], stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        port = None
+        while port is None and time.time() < deadline:
+            for line in open(log_path).read().splitlines():
+                if "REST port bound" in line:
+                    port = int(line.rsplit(":", 1)[1])
+            time.sleep(0.01)
+        assert port, open(log_path).read()
+        log = open(log_path).read()
+        assert "state=\"READY\"" not in log and "REST (KServe v2 and TF Serving) listening" not in log, log
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        # Once loaded, the same port answers, ready.
+        wait_for(lambda: "REST (KServe v2 and TF Serving) listening" in open(log_path).read(), timeout=60)
+        assert requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5).status_code == 200
+    finally:
+        proc.kill()
+        proc.wait()

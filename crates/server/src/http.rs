@@ -214,11 +214,11 @@ impl Server {
                 "tokens required on the inference ports"
             );
         }
-        let listener = TcpListener::bind(SocketAddr::new(config.host, config.rest_port)).await?;
-        tracing::info!(address = %listener.local_addr()?, "REST (KServe v2 and TF Serving) listening");
-        let grpc_listener =
-            TcpListener::bind(SocketAddr::new(config.host, config.grpc_port)).await?;
-        tracing::info!(address = %grpc_listener.local_addr()?, "gRPC (KServe v2 and TF Serving) listening");
+        // Every port is bound now, so one in use fails the start at once, but listens only once every model was
+        // tried: until then a connection is refused rather than left waiting (TF Serving and Triton also open their
+        // ports after loading).
+        let listener = bind(SocketAddr::new(config.host, config.rest_port), "REST")?;
+        let grpc_listener = bind(SocketAddr::new(config.host, config.grpc_port), "gRPC")?;
         let admin_listener = match config.admin {
             None => None,
             Some(addr) => {
@@ -232,18 +232,12 @@ impl Server {
                         format!("the management API would listen on {addr}, beyond loopback, without a token: set --admin-token (or FERRY_ADMIN_TOKEN), or keep --admin-host on 127.0.0.1"),
                     ));
                 }
-                let l = TcpListener::bind(addr).await?;
-                tracing::info!(address = %l.local_addr()?, token = config.admin_token.is_some(), "management API listening");
-                Some(l)
+                Some(bind(addr, "management API")?)
             }
         };
         let metrics_listener = match config.metrics_port {
             None => None,
-            Some(port) => {
-                let l = TcpListener::bind(SocketAddr::new(config.host, port)).await?;
-                tracing::info!(address = %l.local_addr()?, "metrics listening");
-                Some(l)
-            }
+            Some(port) => Some(bind(SocketAddr::new(config.host, port), "metrics")?),
         };
         let repo = Repository::open(&config.model_repository, &config.cache_dir)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -266,6 +260,16 @@ impl Server {
         let names = store.model_names();
         tracing::info!(models = names.len(), "model repository loaded");
         health.set_loaded();
+        let listener = listen(listener, "REST (KServe v2 and TF Serving) listening")?;
+        let grpc_listener = listen(grpc_listener, "gRPC (KServe v2 and TF Serving) listening")?;
+        let admin_listener = match admin_listener {
+            None => None,
+            Some(s) => Some(listen(s, "management API listening")?),
+        };
+        let metrics_listener = match metrics_listener {
+            None => None,
+            Some(s) => Some(listen(s, "metrics listening")?),
+        };
         let permits = Arc::new(tokio::sync::Semaphore::new(
             config
                 .max_concurrent_requests
@@ -499,6 +503,28 @@ impl Server {
         tracing::info!("server stopped");
         Ok(())
     }
+}
+
+/// A socket bound to `addr` (with `SO_REUSEADDR`, as `TcpListener::bind` sets it) that does not listen yet.
+fn bind(addr: SocketAddr, what: &str) -> std::io::Result<tokio::net::TcpSocket> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(addr)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))?;
+    tracing::info!(address = %socket.local_addr()?, "{what} port bound; it listens once every model was tried");
+    Ok(socket)
+}
+
+/// Starts listening on a bound socket (the backlog `TcpListener::bind` uses) and logs its address.
+fn listen(socket: tokio::net::TcpSocket, what: &str) -> std::io::Result<TcpListener> {
+    let listener = socket.listen(1024)?;
+    tracing::info!(address = %listener.local_addr()?, "{what}");
+    Ok(listener)
 }
 
 /// The gRPC server's layers: the status rewrite for oversized messages around the optional token check.
