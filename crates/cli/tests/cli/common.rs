@@ -31,3 +31,27 @@ pub fn examples() -> PathBuf {
 pub fn iris_csv() -> String {
     examples().join("data/iris.csv").display().to_string()
 }
+
+/// Publishes a deliberately poor iris classifier (one epoch at a tiny learning rate) as the next version of
+/// `<models>/iris`.
+pub fn publish_poor_iris(models: &Path) {
+    let target = models.join("iris");
+    let out = ferry(&[
+        "train",
+        &iris_csv(),
+        "--model",
+        "softmax",
+        "--epochs",
+        "1",
+        "--learning-rate",
+        "0.0001",
+        "--publish",
+        target.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(
+        out.status.success(),
+        "ferry train: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

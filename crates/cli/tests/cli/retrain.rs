@@ -7,7 +7,7 @@ use std::process::Output;
 
 use serde_json::Value;
 
-use super::common::{examples, ferry, iris_csv};
+use super::common::{examples, ferry, iris_csv, publish_poor_iris};
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -41,25 +41,19 @@ fn read_json(path: &Path) -> Value {
     .unwrap()
 }
 
-/// Publishes a deliberately poor iris classifier (one epoch at a tiny learning rate) as the next version.
-fn publish_poor_model(models: &Path) {
-    let target = models.join("iris");
-    expect(
-        0,
-        &[
-            "train",
-            &iris_csv(),
-            "--model",
-            "softmax",
-            "--epochs",
-            "1",
-            "--learning-rate",
-            "0.0001",
-            "--publish",
-            target.to_str().unwrap(),
-            "--quiet",
-        ],
-    );
+/// `ferry retrain iris` on the bundled iris CSV, with `extra` arguments.
+fn retrain_iris(repo: &str, extra: &[&str]) -> Output {
+    let data = iris_csv();
+    let mut args = vec![
+        "retrain",
+        "iris",
+        "--model-repository",
+        repo,
+        "--data",
+        &data,
+    ];
+    args.extend_from_slice(extra);
+    ferry(&args)
 }
 
 fn versions(models: &Path) -> Vec<String> {
@@ -76,7 +70,7 @@ fn versions(models: &Path) -> Vec<String> {
 fn a_better_candidate_is_published_behind_a_rollout_and_a_worse_one_is_refused() {
     let dir = scratch("gate");
     let models = dir.join("models");
-    publish_poor_model(&models);
+    publish_poor_iris(&models);
     let repo = models.to_str().unwrap();
 
     let summary: Value = serde_json::from_str(&expect(
@@ -139,14 +133,7 @@ fn a_better_candidate_is_published_behind_a_rollout_and_a_worse_one_is_refused()
     assert!(evaluated["accuracy"].as_f64().unwrap() > 0.9, "{evaluated}");
 
     // A running rollout is not replaced without --force.
-    let out = ferry(&[
-        "retrain",
-        "iris",
-        "--model-repository",
-        repo,
-        "--data",
-        &iris_csv(),
-    ]);
+    let out = retrain_iris(repo, &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("is running"), "{}", stderr(&out));
 
@@ -157,18 +144,8 @@ fn a_better_candidate_is_published_behind_a_rollout_and_a_worse_one_is_refused()
         &["rollout", "promote", "iris", "--model-repository", repo],
     );
     let before = std::fs::read(models.join("iris/rollout.json")).unwrap();
-    let out = ferry(&[
-        "retrain",
-        "iris",
-        "--model-repository",
-        repo,
-        "--data",
-        &iris_csv(),
-        "--epochs",
-        "1",
-        "--learning-rate",
-        "0.00001",
-    ]);
+    let poor = ["--epochs", "1", "--learning-rate", "0.00001"];
+    let out = retrain_iris(repo, &poor);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("refused the candidate"),
@@ -180,19 +157,7 @@ fn a_better_candidate_is_published_behind_a_rollout_and_a_worse_one_is_refused()
         std::fs::read(models.join("iris/rollout.json")).unwrap(),
         before
     );
-    let out = ferry(&[
-        "retrain",
-        "iris",
-        "--model-repository",
-        repo,
-        "--data",
-        &iris_csv(),
-        "--epochs",
-        "1",
-        "--learning-rate",
-        "0.00001",
-        "--json",
-    ]);
+    let out = retrain_iris(repo, &[&poor[..], &["--json"]].concat());
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     let refused: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(refused["live_version"], 2);
@@ -207,23 +172,10 @@ fn a_better_candidate_is_published_behind_a_rollout_and_a_worse_one_is_refused()
 fn a_failed_publish_leaves_no_plan_waiting_and_no_rollout_replaces_an_old_plan() {
     let dir = scratch("undo");
     let models = dir.join("models");
-    publish_poor_model(&models);
+    publish_poor_iris(&models);
     let repo = models.to_str().unwrap();
-    let data = iris_csv();
-    let retrain = |extra: &[&str]| {
-        let mut args = vec![
-            "retrain",
-            "iris",
-            "--model-repository",
-            repo,
-            "--data",
-            &data,
-            "--model",
-            "softmax",
-        ];
-        args.extend_from_slice(extra);
-        ferry(&args)
-    };
+    let retrain =
+        |extra: &[&str]| retrain_iris(repo, &[&["--model", "softmax"][..], extra].concat());
     // A file where version 2 would go makes publishing fail after the plan was written.
     std::fs::write(models.join("iris/2"), "in the way").unwrap();
     let out = retrain(&[]);
@@ -272,7 +224,7 @@ fn a_failed_publish_leaves_no_plan_waiting_and_no_rollout_replaces_an_old_plan()
 fn a_dry_run_decides_but_writes_nothing() {
     let dir = scratch("dry");
     let models = dir.join("models");
-    publish_poor_model(&models);
+    publish_poor_iris(&models);
     let out = expect(
         0,
         &[
@@ -300,7 +252,7 @@ fn a_dry_run_decides_but_writes_nothing() {
 fn payload_logs_joined_with_labels_train_a_candidate() {
     let dir = scratch("payload");
     let models = dir.join("models");
-    publish_poor_model(&models);
+    publish_poor_iris(&models);
     // Every iris row as a logged request (one in five batched with its neighbour), and the labels by request id.
     let text = std::fs::read_to_string(iris_csv()).unwrap();
     let rows: Vec<Vec<&str>> = text

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use ferry_server::integrity::{verify_version, version_files, PublicKey};
 
-use super::common::{ferry, iris_csv};
+use super::common::{ferry, iris_csv, publish_poor_iris};
 
 fn expect(code: i32, args: &[&str]) -> String {
     let out = ferry(args);
@@ -30,27 +30,6 @@ fn verify(dir: &Path, model: &str, version: u64, key: &Path) -> Result<String, S
     verify_version(dir, model, version, &files, &[key])
 }
 
-/// Trains a small iris classifier into `<models>/iris/1`.
-fn publish_first_version(models: &Path) {
-    let target = models.join("iris");
-    expect(
-        0,
-        &[
-            "train",
-            &iris_csv(),
-            "--model",
-            "softmax",
-            "--epochs",
-            "1",
-            "--learning-rate",
-            "0.0001",
-            "--publish",
-            target.to_str().unwrap(),
-            "--quiet",
-        ],
-    );
-}
-
 #[test]
 fn sign_and_retrain_write_signatures_the_server_accepts() {
     let dir = scratch("flow");
@@ -60,7 +39,7 @@ fn sign_and_retrain_write_signatures_the_server_accepts() {
     let out = expect(0, &["sign", "--generate-key", key.to_str().unwrap()]);
     assert!(out.contains("key id"), "{out}");
 
-    publish_first_version(&models);
+    publish_poor_iris(&models);
     let v1 = models.join("iris/1");
     assert!(verify(&v1, "iris", 1, &public)
         .unwrap_err()

@@ -5,12 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn ferry(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .output()
-        .expect("the ferry binary runs")
-}
+use super::common::ferry;
 
 fn json(out: &Output) -> serde_json::Value {
     assert!(
