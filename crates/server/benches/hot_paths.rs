@@ -28,7 +28,15 @@ fn json_decode(c: &mut Criterion) {
     g.throughput(Throughput::Elements((ROWS * COLS) as u64));
     let raw = serde_json::to_string(&sample()).unwrap();
     g.bench_function("decode_fp32_32x64_streaming", |b| {
-        b.iter(|| decode_data(DataType::F32, black_box(&raw), ROWS * COLS).unwrap())
+        b.iter(|| {
+            decode_data(
+                DataType::F32,
+                black_box(&raw),
+                ROWS * COLS,
+                &ferry_server::infer::Budget::for_request(raw.len()),
+            )
+            .unwrap()
+        })
     });
     g.bench_function("decode_fp32_32x64_tree", |b| {
         b.iter(|| {

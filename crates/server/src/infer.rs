@@ -40,41 +40,52 @@ impl Limits {
     /// Checks decoded inputs against the row and element limits.
     pub fn check(&self, inputs: &[NamedTensor]) -> Result<(), InferError> {
         for input in inputs {
-            let rows = input.tensor.shape.first().copied().unwrap_or(1);
-            if rows > self.max_rows {
-                return Err(InferError::invalid(format!(
-                    "input `{}` has {rows} rows; at most {} are allowed per request (--max-rows-per-request)",
-                    input.name, self.max_rows
-                )));
-            }
-            if input.tensor.data.len() > self.max_tensor_elements {
-                return Err(InferError::invalid(format!(
-                    "input `{}` has {} elements; at most {} are allowed per tensor (--max-tensor-elements)",
-                    input.name,
-                    input.tensor.data.len(),
-                    self.max_tensor_elements
-                )));
-            }
+            self.check_shape(&input.name, &input.tensor.shape)?;
+        }
+        Ok(())
+    }
+
+    /// Checks a shape a client declared against the row and element limits, before anything is decoded or
+    /// allocated for it.
+    pub fn check_shape(&self, name: &str, shape: &[usize]) -> Result<(), InferError> {
+        let rows = shape.first().copied().unwrap_or(1);
+        if rows > self.max_rows {
+            return Err(InferError::invalid(format!(
+                "input `{name}` has {rows} rows; at most {} are allowed per request (--max-rows-per-request)",
+                self.max_rows
+            )));
+        }
+        let elements = ferry_model::element_count(shape).unwrap_or(usize::MAX);
+        if elements > self.max_tensor_elements {
+            return Err(InferError::invalid(format!(
+                "input `{name}` has {elements} elements; at most {} are allowed per tensor (--max-tensor-elements)",
+                self.max_tensor_elements
+            )));
         }
         Ok(())
     }
 
     /// Checks that a JSON body nests at most `max_json_depth` levels (a byte scan, before parsing).
     pub fn check_json_depth(&self, body: &[u8]) -> Result<(), InferError> {
-        let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+        self.scan_json(body).map(|_| ())
+    }
+
+    /// Scans a JSON body before parsing it: refuses nesting deeper than `max_json_depth`, and says how many values
+    /// it holds (what a JSON tree of it would cost) and whether it spells non-finite numbers as bare tokens.
+    pub fn scan_json(&self, body: &[u8]) -> Result<JsonScan, InferError> {
+        let mut depth = 0usize;
+        let mut strings = JsonStrings::default();
+        let mut scan = JsonScan {
+            values: 1,
+            nonfinite: false,
+        };
         for &b in body {
-            if in_string {
-                match (escaped, b) {
-                    (true, _) => escaped = false,
-                    (false, b'\\') => escaped = true,
-                    (false, b'"') => in_string = false,
-                    _ => {}
-                }
+            if strings.inside(b) {
                 continue;
             }
             match b {
-                b'"' => in_string = true,
                 b'[' | b'{' => {
+                    scan.values += 1;
                     depth += 1;
                     if depth > self.max_json_depth {
                         return Err(InferError::invalid(format!(
@@ -84,11 +95,113 @@ impl Limits {
                     }
                 }
                 b']' | b'}' => depth = depth.saturating_sub(1),
+                b',' | b':' => scan.values += 1,
+                // Outside strings, JSON's literals are lower case: these start `NaN` and `Infinity`.
+                b'N' | b'I' => scan.nonfinite = true,
                 _ => {}
             }
         }
-        Ok(())
+        Ok(scan)
     }
+}
+
+/// Tracks whether a byte scan of JSON text is inside a string (escapes included).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct JsonStrings {
+    in_string: bool,
+    escaped: bool,
+}
+
+impl JsonStrings {
+    /// Takes the next byte; true when it belongs to a string (its quotes included).
+    pub fn inside(&mut self, b: u8) -> bool {
+        if self.in_string {
+            match (self.escaped, b) {
+                (true, _) => self.escaped = false,
+                (false, b'\\') => self.escaped = true,
+                (false, b'"') => self.in_string = false,
+                _ => {}
+            }
+            return true;
+        }
+        self.in_string = b == b'"';
+        self.in_string
+    }
+}
+
+/// What [`Limits::scan_json`] saw in a body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JsonScan {
+    /// About how many values (scalars, lists, objects, keys) the body holds.
+    pub values: usize,
+    /// Whether it has a `NaN` or `Infinity` token outside strings.
+    pub nonfinite: bool,
+}
+
+impl JsonScan {
+    /// About what parsing the body into a `serde_json::Value` tree would allocate: a `Value` and a map entry or
+    /// list slot per value.
+    pub fn tree_bytes(&self) -> usize {
+        self.values.saturating_mul(64)
+    }
+}
+
+/// How much memory a request's decoded tensors may take, as a multiple of the request's own size (see [`Budget`]).
+pub const EXPANSION_FACTOR: usize = 4;
+/// What any request may take beyond [`EXPANSION_FACTOR`] times its size, so small requests are never refused.
+pub const EXPANSION_FLOOR: usize = 1 << 20;
+
+/// The memory a request's decoding may still take, charged before each allocation: every path that expands data
+/// (a single value filling a shape, byte strings, nested JSON, typed gRPC fields) takes from it first, so a request
+/// of B bytes never decodes into more than `EXPANSION_FACTOR` × B + `EXPANSION_FLOOR` bytes.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    left: std::cell::Cell<usize>,
+    total: usize,
+    request_bytes: usize,
+}
+
+impl Budget {
+    /// The budget of a request whose body (or message) is `request_bytes` long.
+    pub fn for_request(request_bytes: usize) -> Budget {
+        let total = request_bytes
+            .saturating_mul(EXPANSION_FACTOR)
+            .saturating_add(EXPANSION_FLOOR);
+        Budget {
+            left: std::cell::Cell::new(total),
+            total,
+            request_bytes,
+        }
+    }
+
+    /// Takes `bytes`, or says why it cannot.
+    pub fn take(&self, bytes: usize) -> Result<(), String> {
+        match self.left.get().checked_sub(bytes) {
+            Some(left) => {
+                self.left.set(left);
+                Ok(())
+            }
+            None => Err(format!(
+                "decoding it would take more than {} bytes of memory, the most a request of {} bytes may take \
+                 ({EXPANSION_FACTOR} x its size + 1 MiB); send the elements themselves instead of a value that \
+                 fills a large shape",
+                self.total, self.request_bytes
+            )),
+        }
+    }
+
+    /// What is left.
+    pub fn left(&self) -> usize {
+        self.left.get()
+    }
+}
+
+/// The bytes one element of `dtype` takes in memory: its size, or for `BYTES` the vector that holds it (its content
+/// is charged on top).
+pub fn element_cost(dtype: ferry_model::DataType) -> usize {
+    dtype
+        .element_size()
+        .unwrap_or(std::mem::size_of::<Vec<u8>>())
 }
 
 /// Which version of a model a request wants.

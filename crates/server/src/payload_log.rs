@@ -15,7 +15,7 @@ use ferry_model::NamedTensor;
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 
-use crate::protocol::json::FlatJson;
+use crate::protocol::json::{FlatJson, NonFinite};
 
 /// How payloads are logged.
 #[derive(Debug, Clone, PartialEq)]
@@ -184,7 +184,7 @@ impl Serialize for OneTensor<'_> {
         if self.redacted {
             map.serialize_entry("data", "[redacted]")?;
         } else {
-            map.serialize_entry("data", &FlatJson(&self.tensor.tensor.data))?;
+            map.serialize_entry("data", &FlatJson(&self.tensor.tensor.data, NonFinite::Null))?;
         }
         map.end()
     }

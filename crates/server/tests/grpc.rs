@@ -311,7 +311,7 @@ async fn tfserving_predict_metadata_and_status() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("alias not found"), "{}", e.message());
 
-    // A single value may fill a shape, but not one larger than --max-request-bytes: refused before allocating.
+    // A shape is checked against the row limit before anything is decoded.
     let huge = PredictRequest {
         model_spec: spec("affine"),
         inputs: [("x".to_string(), tf_floats(&[1 << 40, 2], vec![1.0]))].into(),
@@ -320,10 +320,37 @@ async fn tfserving_predict_metadata_and_status() {
     let e = p.predict(huge).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(
-        e.message().contains("larger than --max-request-bytes"),
+        e.message().contains("--max-rows-per-request"),
         "{}",
         e.message()
     );
+
+    // A single value may fill a shape (as in TensorFlow), within the request's memory budget: one 1 KB string
+    // filling [32768, 2] would take 68 MB from a request of about 1 KB, and is refused before anything is allocated.
+    let fill = |rows: i64, text: &[u8]| PredictRequest {
+        model_spec: spec("strings"),
+        inputs: [(
+            "x".to_string(),
+            TensorProto {
+                dtype: TfType::DtString as i32,
+                string_val: vec![text.to_vec()],
+                ..tf_floats(&[rows, 2], vec![])
+            },
+        )]
+        .into(),
+        ..Default::default()
+    };
+    let e = p.predict(fill(32_768, &[b'a'; 1024])).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message()
+            .contains("a single value filling shape [32768, 2]")
+            && e.message().contains("bytes of memory"),
+        "{}",
+        e.message()
+    );
+    let r = p.predict(fill(2, b"hi")).await.unwrap().into_inner();
+    assert_eq!(r.outputs["y"].string_val, vec![b"hi".to_vec(); 4]);
     let meta = p
         .get_model_metadata(GetModelMetadataRequest {
             model_spec: spec("affine"),

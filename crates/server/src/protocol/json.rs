@@ -4,9 +4,11 @@
 use base64::Engine as _;
 use ferry_model::{DataType, TensorData};
 use half::f16;
-use serde::ser::{SerializeMap, SerializeSeq};
+use serde::ser::{SerializeMap, SerializeSeq, SerializeStruct};
 use serde::{Serialize, Serializer};
 use serde_json::Value;
+
+use crate::infer::Budget;
 
 /// The shape of nested JSON arrays, checking that every level is rectangular. A non-array is a scalar (`[]`).
 pub fn nested_shape(value: &Value) -> Result<Vec<usize>, String> {
@@ -82,7 +84,7 @@ pub fn decode_leaves(dtype: DataType, values: &[&Value], b64: bool) -> Result<Te
             _ => None,
         }
     }
-    let float = |v: &Value| v.as_f64();
+    let float = |v: &Value| v.as_f64().or_else(|| v.as_str().and_then(nonfinite));
     Ok(match dtype {
         DataType::Bool => TensorData::Bool(each(values, Value::as_bool, "true or false")?),
         DataType::U8 => TensorData::U8(each(values, int::<u8>, "an integer in 0..=255")?),
@@ -96,7 +98,15 @@ pub fn decode_leaves(dtype: DataType, values: &[&Value], b64: bool) -> Result<Te
         DataType::F16 => {
             TensorData::F16(each(values, |v| float(v).map(f16::from_f64), "a number")?)
         }
-        DataType::F32 => TensorData::F32(each(values, |v| float(v).map(|x| x as f32), "a number")?),
+        DataType::F32 => TensorData::F32(each(
+            values,
+            |v| {
+                float(v)
+                    .map(|x| x as f32)
+                    .filter(|x| x.is_finite() || float(v).is_some_and(|x| !x.is_finite()))
+            },
+            "a number in FP32's range",
+        )?),
         DataType::F64 => TensorData::F64(each(values, float, "a number")?),
         DataType::Bytes => TensorData::Bytes(each(
             values,
@@ -119,7 +129,16 @@ pub fn decode_leaves(dtype: DataType, values: &[&Value], b64: bool) -> Result<Te
 
 /// One element of a tensor as JSON. Byte strings are text (invalid UTF-8 replaced) or, with `b64`,
 /// `{"b64": "..."}`.
-struct Element<'a>(&'a TensorData, usize, bool);
+struct Element<'a>(&'a TensorData, usize, bool, NonFinite);
+
+/// How non-finite floats are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonFinite {
+    /// As the bare tokens `NaN`, `Infinity`, `-Infinity` (what Triton and TF Serving answer).
+    Tokens,
+    /// As `null`, so strict JSON readers can read the text (payload logs).
+    Null,
+}
 
 impl Serialize for Element<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -134,9 +153,12 @@ impl Serialize for Element<'_> {
             TensorData::I16(v) => s.serialize_i16(v[i]),
             TensorData::I32(v) => s.serialize_i32(v[i]),
             TensorData::I64(v) => s.serialize_i64(v[i]),
-            TensorData::F16(v) => s.serialize_f32(v[i].to_f32()),
-            TensorData::F32(v) => s.serialize_f32(v[i]),
-            TensorData::F64(v) => s.serialize_f64(v[i]),
+            TensorData::F16(v) if self.3 == NonFinite::Null => s.serialize_f32(v[i].to_f32()),
+            TensorData::F32(v) if self.3 == NonFinite::Null => s.serialize_f32(v[i]),
+            TensorData::F64(v) if self.3 == NonFinite::Null => s.serialize_f64(v[i]),
+            TensorData::F16(v) => float(s, v[i].to_f64(), |s| s.serialize_f32(v[i].to_f32())),
+            TensorData::F32(v) => float(s, f64::from(v[i]), |s| s.serialize_f32(v[i])),
+            TensorData::F64(v) => float(s, v[i], |s| s.serialize_f64(v[i])),
             TensorData::Bytes(v) if self.2 => {
                 let mut map = s.serialize_map(Some(1))?;
                 map.serialize_entry(
@@ -150,14 +172,40 @@ impl Serialize for Element<'_> {
     }
 }
 
+/// Writes a float: finite ones by `finite`, the others as the bare tokens `NaN`, `Infinity` and `-Infinity` that
+/// Triton and TF Serving write and Python's `json` and the clients built on it read (serde_json would write `null`,
+/// losing the value's kind and sign).
+fn float<S: Serializer>(
+    s: S,
+    x: f64,
+    finite: impl FnOnce(S) -> Result<S::Ok, S::Error>,
+) -> Result<S::Ok, S::Error> {
+    if x.is_finite() {
+        return finite(s);
+    }
+    let token = if x.is_nan() {
+        "NaN"
+    } else if x > 0.0 {
+        "Infinity"
+    } else {
+        "-Infinity"
+    };
+    // serde_json writes a struct of this name and field verbatim: it is how its `RawValue` is written (the name is
+    // private to serde_json; `nonfinite_outputs_are_bare_tokens` holds the output to the expected text).
+    const RAW: &str = "$serde_json::private::RawValue";
+    let mut raw = s.serialize_struct(RAW, 1)?;
+    raw.serialize_field(RAW, token)?;
+    raw.end()
+}
+
 /// A tensor's elements as one flat JSON list.
-pub struct FlatJson<'a>(pub &'a TensorData);
+pub struct FlatJson<'a>(pub &'a TensorData, pub NonFinite);
 
 impl Serialize for FlatJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut seq = s.serialize_seq(Some(self.0.len()))?;
         for i in 0..self.0.len() {
-            seq.serialize_element(&Element(self.0, i, false))?;
+            seq.serialize_element(&Element(self.0, i, false, self.1))?;
         }
         seq.end()
     }
@@ -178,7 +226,7 @@ pub struct NestedJson<'a> {
 impl Serialize for NestedJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self.shape.split_first() {
-            None => Element(self.data, self.start, self.b64).serialize(s),
+            None => Element(self.data, self.start, self.b64, NonFinite::Tokens).serialize(s),
             Some((n, rest)) => {
                 let stride: usize = rest.iter().product();
                 let mut seq = s.serialize_seq(Some(*n))?;
@@ -272,62 +320,185 @@ mod tests {
         .unwrap();
         assert_eq!(s, r#"[{"b64":"aGk="}]"#);
         assert_eq!(
-            serde_json::to_string(&FlatJson(&data)).unwrap(),
+            serde_json::to_string(&FlatJson(&data, NonFinite::Tokens)).unwrap(),
             "[1.0,2.5,3.0,4.0,5.0,6.0]"
         );
     }
 }
 
 /// Decodes a KServe `data` field (flat or nested lists) straight into elements of `dtype`, without building a JSON
-/// tree: the hot path for large JSON tensors. Elements beyond `expected` are counted, not stored.
-pub fn decode_data(dtype: DataType, raw: &str, expected: usize) -> Result<TensorData, String> {
-    // Size the buffer from the data actually sent (each element takes at least two bytes of JSON), not from the
-    // client's shape alone.
-    let mut sink = Sink {
-        data: TensorData::with_capacity(dtype, expected.min(raw.len() / 2 + 1)),
-        expected,
-        extra: 0,
-    };
-    let mut de = serde_json::Deserializer::from_str(raw);
-    serde::de::DeserializeSeed::deserialize(&mut sink, &mut de).map_err(|e| {
-        // serde_json appends the position inside `data`, which means nothing to the client.
-        let text = e.to_string();
-        match text.rfind(" at line ") {
-            Some(i) => text[..i].to_string(),
-            None => text,
-        }
-    })?;
-    let given = sink.data.len() + sink.extra;
+/// tree: the hot path for large JSON tensors. Elements beyond `expected` are counted, not stored; nested lists must
+/// be rectangular; every stored element is charged to `budget` first.
+pub fn decode_data(
+    dtype: DataType,
+    raw: &str,
+    expected: usize,
+    budget: &Budget,
+) -> Result<TensorData, String> {
+    let mut decoder = Decoder::new(dtype, false, Some(expected), raw.len(), budget);
+    decoder.decode_str(raw)?;
+    let given = decoder.given();
     if given != expected {
         return Err(format!(
             "the shape needs {expected} elements but `data` has {given}"
         ));
     }
-    Ok(sink.data)
+    Ok(decoder.finish())
 }
 
-/// Collects scalars into a typed vector while a deserializer walks nested arrays.
-struct Sink {
+/// Decodes one JSON value (a scalar or rectangular nested lists) into elements of `dtype` and its shape, without
+/// building a JSON tree; `{"b64": "..."}` objects are byte strings when `b64` is set.
+pub fn decode_value(
+    dtype: DataType,
+    raw: &str,
+    b64: bool,
+    budget: &Budget,
+) -> Result<(TensorData, Vec<usize>), String> {
+    let mut decoder = Decoder::new(dtype, b64, None, raw.len(), budget);
+    let shape = decoder.decode_str(raw)?;
+    Ok((decoder.finish(), shape))
+}
+
+/// The fewest bytes of JSON one element of `dtype` takes, with its separator (`0,`, `"",`, `true,`).
+fn min_json_bytes(dtype: DataType) -> usize {
+    match dtype {
+        DataType::Bytes => 3,
+        DataType::Bool => 5,
+        _ => 2,
+    }
+}
+
+/// Collects the scalars of JSON values into one typed vector while a deserializer walks their nested lists, checking
+/// that every value is rectangular and charging each element to the request's [`Budget`] before storing it.
+///
+/// Several values may go into one decoder (the instances of a TF Serving row-format request, one input at a time):
+/// [`Decoder::decode`] gives each one's shape.
+pub struct Decoder<'b> {
     data: TensorData,
-    expected: usize,
+    /// Store at most this many elements (more are only counted).
+    limit: Option<usize>,
     extra: usize,
+    b64: bool,
+    cost: usize,
+    budget: &'b Budget,
+    /// The lists open around the current position.
+    depth: usize,
+    /// The length every list at each depth must have (set by the first one that closes).
+    dims: Vec<Option<usize>>,
+    /// The depth at which scalars sit (set by the first one).
+    leaf_depth: Option<usize>,
 }
 
-impl Sink {
+impl<'b> Decoder<'b> {
+    /// A decoder for `dtype`; `json_bytes` (the size of the JSON it will read) sizes its first allocation.
+    pub fn new(
+        dtype: DataType,
+        b64: bool,
+        limit: Option<usize>,
+        json_bytes: usize,
+        budget: &'b Budget,
+    ) -> Decoder<'b> {
+        let cost = crate::infer::element_cost(dtype);
+        // Size the buffer from the data actually sent and what the budget allows, never from a client's shape.
+        let capacity = (json_bytes / min_json_bytes(dtype) + 1)
+            .min(limit.unwrap_or(usize::MAX))
+            .min(budget.left() / cost);
+        Decoder {
+            data: TensorData::with_capacity(dtype, capacity),
+            limit,
+            extra: 0,
+            b64,
+            cost,
+            budget,
+            depth: 0,
+            dims: Vec::new(),
+            leaf_depth: None,
+        }
+    }
+
+    /// Elements seen so far (stored or only counted).
+    pub fn given(&self) -> usize {
+        self.data.len() + self.extra
+    }
+
+    /// The elements stored.
+    pub fn finish(self) -> TensorData {
+        self.data
+    }
+
+    /// Decodes one value from JSON text and gives its shape; errors name the element and drop serde_json's position
+    /// (which means nothing to a client when `raw` is one field of a body).
+    pub fn decode_str(&mut self, raw: &str) -> Result<Vec<usize>, String> {
+        let mut de = serde_json::Deserializer::from_str(raw);
+        let shape = self.decode(&mut de).map_err(|e| self.explain(e))?;
+        de.end().map_err(|e| self.explain(e))?;
+        Ok(shape)
+    }
+
+    /// Turns a serde_json error into a client message naming the element it happened at.
+    pub fn explain(&self, e: serde_json::Error) -> String {
+        let text = e.to_string();
+        let text = match text.rfind(" at line ") {
+            Some(i) => text[..i].to_string(),
+            None => text,
+        };
+        if text.starts_with("element ") || text.starts_with("ragged") {
+            text
+        } else {
+            format!("element {}: {text}", self.given())
+        }
+    }
+
+    /// Decodes one value from a deserializer and gives its shape.
+    pub fn decode<'de, D: serde::Deserializer<'de>>(
+        &mut self,
+        d: D,
+    ) -> Result<Vec<usize>, D::Error> {
+        self.depth = 0;
+        self.dims.clear();
+        self.leaf_depth = None;
+        serde::de::DeserializeSeed::deserialize(&mut *self, d)?;
+        Ok(match self.leaf_depth {
+            Some(depth) => self.dims[..depth].iter().map(|d| d.unwrap_or(0)).collect(),
+            // Only lists, all empty at their deepest: `[]` is [0], `[[], []]` is [2, 0].
+            None => self.dims.iter().map(|d| d.unwrap_or(0)).collect(),
+        })
+    }
+
     fn fail<E: serde::de::Error>(&self, want: &str, got: &str) -> E {
         E::custom(format!(
             "element {}: expected {want}, got {got}",
-            self.data.len()
+            self.given()
         ))
     }
 
-    /// Whether the next element should be stored; past `expected` it is only counted.
-    fn room(&mut self) -> bool {
-        if self.data.len() >= self.expected {
-            self.extra += 1;
-            return false;
+    /// Checks that a scalar sits as deep as every other, and whether it should be stored (past the limit it is only
+    /// counted).
+    fn leaf<E: serde::de::Error>(&mut self) -> Result<bool, E> {
+        match self.leaf_depth {
+            None => self.leaf_depth = Some(self.depth),
+            Some(d) if d != self.depth => {
+                return Err(E::custom(format!(
+                    "ragged nested list: element {} is at depth {} but element 0 is at depth {d}",
+                    self.given(),
+                    self.depth
+                )))
+            }
+            Some(_) => {}
         }
-        true
+        if self.limit.is_some_and(|limit| self.data.len() >= limit) {
+            self.extra += 1;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Charges one element (and `content` bytes of a byte string) to the budget.
+    fn charge<E: serde::de::Error>(&mut self, content: usize) -> Result<(), E> {
+        let given = self.given();
+        self.budget
+            .take(self.cost + content)
+            .map_err(|e| E::custom(format!("element {given}: {e}")))
     }
 
     fn int<E: serde::de::Error>(
@@ -335,9 +506,10 @@ impl Sink {
         v: i128,
         shown: &dyn std::fmt::Display,
     ) -> Result<(), E> {
-        if !self.room() {
+        if !self.leaf()? {
             return Ok(());
         }
+        self.charge(0)?;
         fn put<T: TryFrom<i128>, E: serde::de::Error>(
             out: &mut Vec<T>,
             v: i128,
@@ -352,7 +524,7 @@ impl Sink {
             })?);
             Ok(())
         }
-        let i = self.data.len();
+        let i = self.given();
         match &mut self.data {
             TensorData::U8(o) => put(o, v, "an integer in 0..=255", i, shown),
             TensorData::U16(o) => put(o, v, "an integer in 0..=65535", i, shown),
@@ -371,20 +543,37 @@ impl Sink {
         v: f64,
         shown: &dyn std::fmt::Display,
     ) -> Result<(), E> {
-        if !self.room() {
+        if !self.leaf()? {
             return Ok(());
         }
+        self.charge(0)?;
         self.put_float(v, shown)
     }
 
+    /// Stores a number in a float tensor; a finite number too large for the type is refused, not made infinite.
     fn put_float<E: serde::de::Error>(
         &mut self,
         v: f64,
         shown: &dyn std::fmt::Display,
     ) -> Result<(), E> {
+        let i = self.given();
+        let out_of_range =
+            |name: &str| E::custom(format!("element {i}: {shown} is out of range for {name}"));
         match &mut self.data {
-            TensorData::F16(o) => o.push(f16::from_f64(v)),
-            TensorData::F32(o) => o.push(v as f32),
+            TensorData::F16(o) => {
+                let x = f16::from_f64(v);
+                if v.is_finite() && x.is_infinite() {
+                    return Err(out_of_range("FP16 (largest 65504)"));
+                }
+                o.push(x)
+            }
+            TensorData::F32(o) => {
+                let x = v as f32;
+                if v.is_finite() && x.is_infinite() {
+                    return Err(out_of_range("FP32 (largest 3.4028235e38)"));
+                }
+                o.push(x)
+            }
             TensorData::F64(o) => o.push(v),
             TensorData::Bool(_) => {
                 return Err(self.fail("true or false", &format!("a number ({shown})")))
@@ -412,14 +601,69 @@ impl Sink {
     fn want(&self) -> &'static str {
         match self.data.dtype() {
             DataType::Bool => "true or false",
+            DataType::Bytes if self.b64 => "a string or {\"b64\": \"...\"}",
             DataType::Bytes => "a string",
             t if t.is_float() => "a number",
             _ => "an integer",
         }
     }
+
+    fn bytes<E: serde::de::Error>(&mut self, v: Vec<u8>) -> Result<(), E> {
+        match &mut self.data {
+            TensorData::Bytes(o) => {
+                o.push(v);
+                Ok(())
+            }
+            _ => unreachable!("bytes() is called for BYTES tensors only"),
+        }
+    }
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for &mut Sink {
+/// The spellings of non-finite numbers: JSON has none, so Triton and TF Serving write these bare tokens (as
+/// Python's `json` module does), which [`nonfinite_as_strings`] turns into strings before parsing.
+fn nonfinite(text: &str) -> Option<f64> {
+    match text {
+        "NaN" => Some(f64::NAN),
+        "Infinity" => Some(f64::INFINITY),
+        "-Infinity" => Some(f64::NEG_INFINITY),
+        _ => None,
+    }
+}
+
+/// Rewrites the bare tokens `NaN`, `Infinity` and `-Infinity` outside strings as the strings `"NaN"`,
+/// `"Infinity"` and `"-Infinity"`, which float inputs accept, so standard JSON parsers can read the body. Called only
+/// when a scan saw such a token (`Limits::scan_json`); anything else is copied unchanged and left to the parser.
+pub fn nonfinite_as_strings(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 16);
+    let mut strings = crate::infer::JsonStrings::default();
+    let mut i = 0;
+    while i < body.len() {
+        let b = body[i];
+        if strings.inside(b) {
+            out.push(b);
+            i += 1;
+            continue;
+        }
+        match [&b"NaN"[..], b"Infinity", b"-Infinity"]
+            .into_iter()
+            .find(|t| body[i..].starts_with(t))
+        {
+            Some(t) => {
+                out.push(b'"');
+                out.extend_from_slice(t);
+                out.push(b'"');
+                i += t.len();
+            }
+            None => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for &mut Decoder<'_> {
     type Value = ();
 
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
@@ -427,7 +671,7 @@ impl<'de> serde::de::DeserializeSeed<'de> for &mut Sink {
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for &mut Sink {
+impl<'de> serde::de::Visitor<'de> for &mut Decoder<'_> {
     type Value = ();
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -435,21 +679,47 @@ impl<'de> serde::de::Visitor<'de> for &mut Sink {
     }
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element_seed(&mut *self)?.is_some() {}
+        use serde::de::Error;
+        let depth = self.depth;
+        if self.leaf_depth.is_some_and(|d| d <= depth) {
+            return Err(A::Error::custom(format!(
+                "ragged nested list: a list where element {} should be a value",
+                self.given()
+            )));
+        }
+        self.depth += 1;
+        let mut n = 0usize;
+        while seq.next_element_seed(&mut *self)?.is_some() {
+            n += 1;
+        }
+        self.depth -= 1;
+        if self.dims.len() <= depth {
+            self.dims.resize(depth + 1, None);
+        }
+        match self.dims[depth] {
+            None => self.dims[depth] = Some(n),
+            Some(m) if m != n => {
+                return Err(A::Error::custom(format!(
+                    "ragged nested list: a list at depth {depth} has {n} elements but an earlier one has {m}"
+                )))
+            }
+            Some(_) => {}
+        }
         Ok(())
     }
 
     fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<(), E> {
-        if !self.room() {
+        if !matches!(self.data, TensorData::Bool(_)) {
+            return Err(self.fail(self.want(), "a boolean"));
+        }
+        if !self.leaf()? {
             return Ok(());
         }
-        match &mut self.data {
-            TensorData::Bool(o) => {
-                o.push(v);
-                Ok(())
-            }
-            _ => Err(self.fail(self.want(), "a boolean")),
+        self.charge(0)?;
+        if let TensorData::Bool(o) = &mut self.data {
+            o.push(v);
         }
+        Ok(())
     }
 
     fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
@@ -461,35 +731,58 @@ impl<'de> serde::de::Visitor<'de> for &mut Sink {
     }
 
     fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
-        self.float(v, &v)
+        // Shown as Rust's Debug writes it: 3.5e38, not 39 digits.
+        self.float(v, &format_args!("{v:?}"))
     }
 
     fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
-        if !self.room() {
-            return Ok(());
-        }
-        match &mut self.data {
-            TensorData::Bytes(o) => {
-                o.push(v.as_bytes().to_vec());
-                Ok(())
+        if self.data.dtype() == DataType::Bytes {
+            if !self.leaf()? {
+                return Ok(());
             }
-            _ => {
-                let shown = if v.len() > 40 {
-                    format!("{}...", &v[..v.floor_char_boundary(40)])
-                } else {
-                    v.to_string()
-                };
-                Err(self.fail(self.want(), &format!("a string ({shown:?})")))
+            self.charge(v.len())?;
+            return self.bytes(v.as_bytes().to_vec());
+        }
+        if self.data.dtype().is_float() {
+            if let Some(x) = nonfinite(v) {
+                return self.float(x, &v);
             }
         }
+        let shown = if v.len() > 40 {
+            format!("{}...", &v[..v.floor_char_boundary(40)])
+        } else {
+            v.to_string()
+        };
+        Err(self.fail(self.want(), &format!("a string ({shown:?})")))
     }
 
     fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
         Err(self.fail(self.want(), "null"))
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<(), A::Error> {
-        Err(self.fail(self.want(), "an object"))
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        use serde::de::Error;
+        if !(self.b64 && self.data.dtype() == DataType::Bytes) {
+            return Err(self.fail(self.want(), "an object"));
+        }
+        let key: Option<std::borrow::Cow<'de, str>> = map.next_key()?;
+        if key.as_deref() != Some("b64") {
+            return Err(self.fail(self.want(), "an object"));
+        }
+        let text: std::borrow::Cow<'de, str> = map.next_value()?;
+        if map.next_key::<std::borrow::Cow<'de, str>>()?.is_some() {
+            return Err(self.fail(self.want(), "an object with more than `b64`"));
+        }
+        if !self.leaf()? {
+            return Ok(());
+        }
+        self.charge(text.len() / 4 * 3 + 3)?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map_err(|e| {
+                A::Error::custom(format!("element {}: invalid base64: {e}", self.given()))
+            })?;
+        self.bytes(decoded)
     }
 }
 
@@ -514,36 +807,195 @@ mod data_tests {
             let mut items = Vec::new();
             leaves(&v, &mut items);
             assert_eq!(
-                decode_data(dtype, raw, 4).unwrap(),
+                decode_data(dtype, raw, 4, &Budget::for_request(1)).unwrap(),
                 decode_leaves(dtype, &items, false).unwrap(),
                 "{dtype}"
             );
         }
     }
 
+    fn data(dtype: DataType, raw: &str, n: usize) -> Result<TensorData, String> {
+        decode_data(dtype, raw, n, &Budget::for_request(raw.len()))
+    }
+
+    #[test]
+    fn ragged_lists_are_refused() {
+        let e = data(DataType::F32, "[[1, 2, 3], [4]]", 4).unwrap_err();
+        assert!(e.starts_with("ragged nested list"), "{e}");
+        let e = data(DataType::F32, "[[1, 2], 3]", 3).unwrap_err();
+        assert!(e.starts_with("ragged nested list"), "{e}");
+        let e = data(DataType::F32, "[1, [2, 3]]", 3).unwrap_err();
+        assert!(e.starts_with("ragged nested list"), "{e}");
+        let e = data(DataType::F32, "[[], [1]]", 1).unwrap_err();
+        assert!(e.starts_with("ragged nested list"), "{e}");
+        assert_eq!(
+            data(DataType::F32, "[[1, 2], [3, 4]]", 4).unwrap(),
+            TensorData::F32(vec![1.0, 2.0, 3.0, 4.0])
+        );
+        let b = Budget::for_request(100);
+        assert_eq!(
+            decode_value(
+                DataType::I32,
+                "[[[1], [2]], [[3], [4]], [[5], [6]]]",
+                false,
+                &b
+            )
+            .unwrap()
+            .1,
+            vec![3, 2, 1]
+        );
+        assert_eq!(
+            decode_value(DataType::I32, "7", false, &b).unwrap().1,
+            Vec::<usize>::new()
+        );
+        assert_eq!(
+            decode_value(DataType::I32, "[[], []]", false, &b)
+                .unwrap()
+                .1,
+            vec![2, 0]
+        );
+    }
+
+    #[test]
+    fn nonfinite_numbers_round_trip_as_tokens() {
+        let body = br#"{"a": [NaN, Infinity, -Infinity, 1], "b": "NaN Infinity"}"#;
+        let text = String::from_utf8(nonfinite_as_strings(body)).unwrap();
+        assert_eq!(
+            text,
+            r#"{"a": ["NaN", "Infinity", "-Infinity", 1], "b": "NaN Infinity"}"#
+        );
+        let v = data(DataType::F32, r#"["NaN", "Infinity", "-Infinity", 1]"#, 4).unwrap();
+        let TensorData::F32(v) = v else { panic!() };
+        assert!(v[0].is_nan() && v[1] == f32::INFINITY && v[2] == f32::NEG_INFINITY && v[3] == 1.0);
+        // A string that is not one of the three spellings is still refused for a number.
+        assert!(data(DataType::F32, r#"["nan"]"#, 1).is_err());
+        assert!(data(DataType::I32, r#"["NaN"]"#, 1).is_err());
+        for (data, text) in [
+            (
+                TensorData::F32(vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.5]),
+                "[NaN,Infinity,-Infinity,0.5]",
+            ),
+            (
+                TensorData::F64(vec![f64::NAN, -f64::INFINITY]),
+                "[NaN,-Infinity]",
+            ),
+            (TensorData::F16(vec![f16::INFINITY]), "[Infinity]"),
+        ] {
+            assert_eq!(
+                serde_json::to_string(&FlatJson(&data, NonFinite::Tokens)).unwrap(),
+                text
+            );
+        }
+        let nulls = TensorData::F32(vec![f32::NAN, 1.0]);
+        assert_eq!(
+            serde_json::to_string(&FlatJson(&nulls, NonFinite::Null)).unwrap(),
+            "[null,1.0]"
+        );
+    }
+
+    #[test]
+    fn nonfinite_outputs_are_bare_tokens() {
+        let data = TensorData::F32(vec![f32::NAN, 2.0]);
+        let s = serde_json::to_string(&NestedJson {
+            data: &data,
+            shape: &[1, 2],
+            start: 0,
+            b64: false,
+        })
+        .unwrap();
+        assert_eq!(s, "[[NaN,2.0]]");
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_refused_not_rounded_to_infinity() {
+        let e = data(DataType::F32, "[1, 3.5e38]", 2).unwrap_err();
+        assert_eq!(
+            e,
+            "element 1: 3.5e38 is out of range for FP32 (largest 3.4028235e38)"
+        );
+        let e = data(DataType::F16, "[70000]", 1).unwrap_err();
+        assert!(e.contains("out of range for FP16"), "{e}");
+        assert!(data(DataType::F32, "[3.4028235e38]", 1).is_ok());
+        assert!(data(DataType::F64, "[3.5e38]", 1).is_ok());
+        let e = data(DataType::F64, "[1, 2, 1e400]", 3).unwrap_err();
+        assert!(e.starts_with("element 2: number out of range"), "{e}");
+    }
+
+    #[test]
+    fn decoding_stays_within_the_budget() {
+        // 20,000 empty strings in 60 KB would take 480 KB of vectors: within 1 MiB + 4 x 60 KB.
+        let raw = format!("[{}]", vec!["\"\""; 20_000].join(","));
+        assert!(decode_data(
+            DataType::Bytes,
+            &raw,
+            20_000,
+            &Budget::for_request(raw.len())
+        )
+        .is_ok());
+        // 200,000 of them (600 KB) would take 4.8 MB, more than 1 MiB + 2.4 MB.
+        let raw = format!("[{}]", vec!["\"\""; 200_000].join(","));
+        let e = decode_data(
+            DataType::Bytes,
+            &raw,
+            200_000,
+            &Budget::for_request(raw.len()),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("more than") && e.contains("bytes of memory"),
+            "{e}"
+        );
+        // Numbers never exceed it: FP64 takes at most 4 x the JSON it came from.
+        let raw = format!("[{}]", vec!["0"; 300_000].join(","));
+        assert!(decode_data(
+            DataType::F64,
+            &raw,
+            300_000,
+            &Budget::for_request(raw.len())
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn b64_objects_are_byte_strings_only_where_allowed() {
+        let b = Budget::for_request(100);
+        let (v, shape) =
+            decode_value(DataType::Bytes, r#"[{"b64": "aGk="}, "x"]"#, true, &b).unwrap();
+        assert_eq!(v, TensorData::Bytes(vec![b"hi".to_vec(), b"x".to_vec()]));
+        assert_eq!(shape, vec![2]);
+        assert!(decode_value(DataType::Bytes, r#"[{"b64": "aGk="}]"#, false, &b).is_err());
+        assert!(decode_value(DataType::Bytes, r#"[{"b64": "aGk=", "x": 1}]"#, true, &b).is_err());
+        assert!(decode_value(DataType::Bytes, r#"[{"b64": "!!"}]"#, true, &b).is_err());
+    }
+
     #[test]
     fn streaming_errors_name_the_element() {
-        let e = decode_data(DataType::F32, r#"[1, "two"]"#, 2).unwrap_err();
+        let e =
+            decode_data(DataType::F32, r#"[1, "two"]"#, 2, &Budget::for_request(1)).unwrap_err();
         assert_eq!(e, r#"element 1: expected a number, got a string ("two")"#);
-        let e = decode_data(DataType::U8, "[1, 300]", 2).unwrap_err();
+        let e = decode_data(DataType::U8, "[1, 300]", 2, &Budget::for_request(1)).unwrap_err();
         assert_eq!(
             e,
             "element 1: expected an integer in 0..=255, got a number (300)"
         );
-        let e = decode_data(DataType::I32, "[1.5]", 1).unwrap_err();
+        let e = decode_data(DataType::I32, "[1.5]", 1, &Budget::for_request(1)).unwrap_err();
         assert_eq!(
             e,
             "element 0: expected an INT32 integer, got a number (1.5)"
         );
-        let e = decode_data(DataType::F32, "[1, 2, 3]", 2).unwrap_err();
+        let e = decode_data(DataType::F32, "[1, 2, 3]", 2, &Budget::for_request(1)).unwrap_err();
         assert_eq!(e, "the shape needs 2 elements but `data` has 3");
-        let e = decode_data(DataType::F32, "[[1], [2]]", 3).unwrap_err();
+        let e = decode_data(DataType::F32, "[[1], [2]]", 3, &Budget::for_request(1)).unwrap_err();
         assert_eq!(e, "the shape needs 3 elements but `data` has 2");
-        assert!(decode_data(DataType::F32, "[null]", 1)
-            .unwrap_err()
-            .contains("got null"));
-        assert!(decode_data(DataType::Bool, "[1]", 1)
-            .unwrap_err()
-            .contains("expected true or false"));
+        assert!(
+            decode_data(DataType::F32, "[null]", 1, &Budget::for_request(1))
+                .unwrap_err()
+                .contains("got null")
+        );
+        assert!(
+            decode_data(DataType::Bool, "[1]", 1, &Budget::for_request(1))
+                .unwrap_err()
+                .contains("expected true or false")
+        );
     }
 }

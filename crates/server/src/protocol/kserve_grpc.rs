@@ -83,10 +83,16 @@ fn decode_contents(
     })
 }
 
-fn decode_input(input: InferInputTensor, raw: Option<Vec<u8>>) -> Result<NamedTensor, InferError> {
+fn decode_input(
+    input: InferInputTensor,
+    raw: Option<Vec<u8>>,
+    limits: &crate::infer::Limits,
+    budget: &crate::infer::Budget,
+) -> Result<NamedTensor, InferError> {
     let name = input.name;
     let (dtype, shape, expected) =
         super::kserve_input_header(&name, &input.datatype, &input.shape)?;
+    limits.check_shape(&name, &shape)?;
     let data = match (raw, input.contents) {
         (Some(_), Some(_)) => {
             return Err(InferError::invalid(format!(
@@ -94,6 +100,7 @@ fn decode_input(input: InferInputTensor, raw: Option<Vec<u8>>) -> Result<NamedTe
             )))
         }
         (Some(raw), None) => {
+            super::charge_binary(&name, dtype, &raw, budget)?;
             TensorData::from_le_bytes_at_most(dtype, &raw, expected).ok_or_else(|| {
                 InferError::invalid(format!(
                     "input `{name}`: {} raw bytes are not a whole number of {dtype} elements",
@@ -212,6 +219,7 @@ impl KserveGrpc {
             .inspect_err(|_| self.infer.label(record, &r.model_name))?;
         record.version(loaded.scheduler.series());
         record.body_bytes(r.encoded_len());
+        let budget = crate::infer::Budget::for_request(r.encoded_len());
         let raw = r.raw_input_contents;
         if !raw.is_empty() && raw.len() != r.inputs.len() {
             return Err(InferError::invalid(format!(
@@ -223,7 +231,12 @@ impl KserveGrpc {
         let mut raw = raw.into_iter();
         let mut inputs = Vec::with_capacity(r.inputs.len());
         for input in r.inputs {
-            inputs.push(decode_input(input, raw.next())?);
+            inputs.push(decode_input(
+                input,
+                raw.next(),
+                &self.infer.limits,
+                &budget,
+            )?);
         }
         let requested: Option<Vec<String>> =
             (!r.outputs.is_empty()).then(|| r.outputs.iter().map(|o| o.name.clone()).collect());

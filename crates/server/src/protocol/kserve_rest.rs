@@ -13,10 +13,11 @@ use ferry_model::{NamedTensor, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::json::{decode_data, FlatJson};
+use super::json::{decode_data, nonfinite_as_strings, FlatJson, NonFinite};
 use super::{body_error, client_deadline, finish};
 use crate::error::{ErrorKind, InferError};
 use crate::http::AppState;
+use crate::infer::Budget;
 use crate::infer::{Infer, VersionSelector};
 use crate::metrics::RequestRecord;
 use crate::repository::{parse_version, LoadedVersion};
@@ -370,13 +371,22 @@ fn decode_request(
     body: &Bytes,
     limits: &crate::infer::Limits,
 ) -> Result<(InferRequestBody, Vec<NamedTensor>), InferError> {
+    let budget = Budget::for_request(body.len());
     let (json, mut binary) = split_body(headers, body)?;
-    limits.check_json_depth(json)?;
+    let scan = limits.scan_json(json)?;
+    let rewritten;
+    let json = if scan.nonfinite {
+        rewritten = nonfinite_as_strings(json);
+        budget.take(rewritten.len()).map_err(InferError::invalid)?;
+        &rewritten[..]
+    } else {
+        json
+    };
     let request: InferRequestBody = serde_json::from_slice(json)
         .map_err(|e| InferError::invalid(format!("malformed inference request: {e}")))?;
     let mut inputs = Vec::with_capacity(request.inputs.len());
     for input in &request.inputs {
-        inputs.push(decode_input(input, &mut binary)?);
+        inputs.push(decode_input(input, &mut binary, limits, &budget)?);
     }
     if !binary.is_empty() {
         return Err(InferError::invalid(format!(
@@ -432,19 +442,23 @@ fn flag(parameters: Option<&Map<String, Value>>, key: &str) -> Result<Option<boo
 
 /// Decodes the inputs of a KServe v2 JSON inference request (a recorded warm-up request: JSON data only).
 pub fn decode_json_inputs(body: &[u8]) -> Result<Vec<NamedTensor>, InferError> {
-    let request: InferRequestBody = serde_json::from_slice(body)
-        .map_err(|e| InferError::invalid(format!("malformed inference request: {e}")))?;
-    let mut none: &[u8] = &[];
-    request
-        .inputs
-        .iter()
-        .map(|input| decode_input(input, &mut none))
-        .collect()
+    let headers = HeaderMap::new();
+    decode_request_body(
+        &headers,
+        &Bytes::copy_from_slice(body),
+        &crate::infer::Limits::default(),
+    )
 }
 
-fn decode_input(input: &InputBody, binary: &mut &[u8]) -> Result<NamedTensor, InferError> {
+fn decode_input(
+    input: &InputBody,
+    binary: &mut &[u8],
+    limits: &crate::infer::Limits,
+    budget: &Budget,
+) -> Result<NamedTensor, InferError> {
     let name = &input.name;
     let (dtype, shape, expected) = super::kserve_input_header(name, &input.datatype, &input.shape)?;
+    limits.check_shape(name, &shape)?;
     let binary_size = match input
         .parameters
         .as_ref()
@@ -477,13 +491,14 @@ fn decode_input(input: &InputBody, binary: &mut &[u8]) -> Result<NamedTensor, In
             }
             let (mine, rest) = binary.split_at(size);
             *binary = rest;
+            super::charge_binary(name, dtype, mine, budget)?;
             TensorData::from_le_bytes_at_most(dtype, mine, expected).ok_or_else(|| {
                 InferError::invalid(format!(
                     "input `{name}`: {size} bytes are not the {expected} {dtype} elements shape {shape:?} needs"
                 ))
             })?
         }
-        (None, Some(raw)) => decode_data(dtype, raw.get(), expected)
+        (None, Some(raw)) => decode_data(dtype, raw.get(), expected, budget)
             .map_err(|e| InferError::invalid(format!("input `{name}`: {e}")))?,
     };
     let tensor = Tensor::new(shape, data)
@@ -513,7 +528,7 @@ fn encode_response(
             );
             None
         } else {
-            Some(FlatJson(&out.tensor.data))
+            Some(FlatJson(&out.tensor.data, NonFinite::Tokens))
         };
         bodies.push(OutputBody {
             name: &out.name,

@@ -106,6 +106,33 @@ pub(crate) fn kserve_input_header(
     Ok((dtype, dims, count))
 }
 
+/// Charges the memory binary tensor data will take once decoded: its own size, or for `BYTES` a vector per element
+/// (counted from the length prefixes before anything is allocated) plus the content.
+pub(crate) fn charge_binary(
+    name: &str,
+    dtype: ferry_model::DataType,
+    raw: &[u8],
+    budget: &crate::infer::Budget,
+) -> Result<(), InferError> {
+    let bytes = match dtype.element_size() {
+        Some(_) => raw.len(),
+        None => {
+            let (mut count, mut rest) = (0usize, raw);
+            while let Some(prefix) = rest.get(..4) {
+                let len = u32::from_le_bytes(prefix.try_into().expect("4 bytes")) as usize;
+                count += 1;
+                rest = rest.get(4 + len..).unwrap_or_default();
+            }
+            count
+                .saturating_mul(crate::infer::element_cost(dtype))
+                .saturating_add(raw.len())
+        }
+    };
+    budget
+        .take(bytes)
+        .map_err(|e| InferError::invalid(format!("input `{name}`: {e}")))
+}
+
 /// Turns a body that could not be read (too large, broken connection) into our error format.
 pub(crate) fn body_error(rejection: BytesRejection) -> InferError {
     if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {

@@ -98,8 +98,9 @@ fn shape_proto(dims: &[i64]) -> TensorShapeProto {
 fn decode(
     name: &str,
     spec: &TensorSpec,
-    t: TensorProto,
-    max_bytes: usize,
+    mut t: TensorProto,
+    limits: &crate::infer::Limits,
+    budget: &crate::infer::Budget,
 ) -> Result<NamedTensor, InferError> {
     let err = |m: String| InferError::invalid(format!("input `{name}`: {m}"));
     let dtype =
@@ -131,15 +132,7 @@ fn decode(
             spec.display_shape()
         )));
     }
-    // A single value may fill the whole shape, so the shape alone decides the size: bound it before allocating.
-    if count
-        .checked_mul(dtype.element_size().unwrap_or(1))
-        .is_none_or(|bytes| bytes > max_bytes)
-    {
-        return Err(err(format!(
-            "shape {shape:?} is larger than --max-request-bytes allows"
-        )));
-    }
+    limits.check_shape(name, &shape)?;
     let data = if !t.tensor_content.is_empty() && dtype != DataType::Bytes {
         TensorData::from_le_bytes(dtype, &t.tensor_content).ok_or_else(|| {
             err(format!(
@@ -163,28 +156,37 @@ fn decode(
                 .collect()
         }
         match dtype {
-            DataType::F32 => TensorData::F32(t.float_val.clone()),
-            DataType::F64 => TensorData::F64(t.double_val.clone()),
-            DataType::I32 => TensorData::I32(t.int_val.clone()),
+            DataType::F32 => TensorData::F32(std::mem::take(&mut t.float_val)),
+            DataType::F64 => TensorData::F64(std::mem::take(&mut t.double_val)),
+            DataType::I32 => TensorData::I32(std::mem::take(&mut t.int_val)),
             DataType::I16 => TensorData::I16(narrow(name, "DT_INT16", &t.int_val)?),
             DataType::I8 => TensorData::I8(narrow(name, "DT_INT8", &t.int_val)?),
             DataType::U8 => TensorData::U8(narrow(name, "DT_UINT8", &t.int_val)?),
             DataType::U16 => TensorData::U16(narrow(name, "DT_UINT16", &t.int_val)?),
-            DataType::I64 => TensorData::I64(t.int64_val.clone()),
-            DataType::U32 => TensorData::U32(t.uint32_val.clone()),
-            DataType::U64 => TensorData::U64(t.uint64_val.clone()),
-            DataType::Bool => TensorData::Bool(t.bool_val.clone()),
+            DataType::I64 => TensorData::I64(std::mem::take(&mut t.int64_val)),
+            DataType::U32 => TensorData::U32(std::mem::take(&mut t.uint32_val)),
+            DataType::U64 => TensorData::U64(std::mem::take(&mut t.uint64_val)),
+            DataType::Bool => TensorData::Bool(std::mem::take(&mut t.bool_val)),
             DataType::F16 => TensorData::F16(
                 t.half_val
                     .iter()
                     .map(|b| f16::from_bits(*b as u16))
                     .collect(),
             ),
-            DataType::Bytes => TensorData::Bytes(t.string_val.clone()),
+            DataType::Bytes => TensorData::Bytes(std::mem::take(&mut t.string_val)),
         }
     };
-    // TensorFlow fills a whole tensor from a single value.
-    let data = if count > 1 {
+    // TensorFlow fills a whole tensor from a single value: a few bytes may ask for a large tensor, so the filled
+    // size is charged to the request's budget before anything is allocated.
+    let data = if count > 1 && data.len() == 1 {
+        let each = crate::infer::element_cost(dtype)
+            + match &data {
+                TensorData::Bytes(v) => v[0].len(),
+                _ => 0,
+            };
+        budget
+            .take(count.saturating_mul(each))
+            .map_err(|e| err(format!("a single value filling shape {shape:?}: {e}")))?;
         data.repeat_single(count).unwrap_or(data)
     } else {
         data
@@ -252,6 +254,7 @@ impl TfServingGrpc {
             .inspect_err(|_| self.infer.label(record, &model))?;
         record.version(loaded.scheduler.series());
         record.body_bytes(r.encoded_len());
+        let budget = crate::infer::Budget::for_request(r.encoded_len());
         let mut inputs = Vec::with_capacity(r.inputs.len());
         for (name, tensor) in r.inputs {
             let spec = loaded.signature.input(&name).ok_or_else(|| {
@@ -260,7 +263,7 @@ impl TfServingGrpc {
                     loaded.signature.inputs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(",")
                 ))
             })?;
-            inputs.push(decode(&name, spec, tensor, self.max_request_bytes)?);
+            inputs.push(decode(&name, spec, tensor, &self.infer.limits, &budget)?);
         }
         let filter = (!r.output_filter.is_empty()).then_some(r.output_filter);
         let valid = Infer::validate(loaded.clone(), inputs, filter)?;

@@ -12,10 +12,17 @@ use axum::response::{IntoResponse, Response};
 use ferry_model::{DataType, NamedTensor, Tensor, TensorData, TensorSpec};
 use serde_json::{json, Map, Value};
 
-use super::json::{decode_leaves, leaves, nested_shape, NestedJson};
+use std::collections::BTreeMap;
+
+use serde_json::value::RawValue;
+
+use super::json::{
+    decode_leaves, decode_value, leaves, nested_shape, nonfinite_as_strings, Decoder, NestedJson,
+};
 use super::{body_error, client_deadline, finish};
 use crate::error::InferError;
 use crate::http::AppState;
+use crate::infer::Budget;
 use crate::infer::{Infer, VersionSelector};
 use crate::repository::{parse_version, LoadedVersion, VersionState};
 
@@ -101,13 +108,12 @@ pub async fn post(
             .resolve_routed(&model, &selector, super::route_key(&headers))?;
         record.version(loaded.scheduler.series());
         record.body_bytes(body.len());
-        let request = parse_body(&body, &state.infer.limits)?;
         match action {
-            Action::Predict => predict(&state.infer, loaded, &request, deadline, &mut record).await,
+            Action::Predict => predict(&state.infer, loaded, &body, deadline, &mut record).await,
             Action::Classify | Action::Regress => classify_or_regress(
                 &state.infer,
                 loaded,
-                &request,
+                &parse_body(&body, &state.infer.limits)?,
                 action,
                 deadline,
                 &mut record,
@@ -133,8 +139,9 @@ pub async fn post(
     finish(record, result)
 }
 
-fn check_signature_name(request: &Map<String, Value>) -> Result<(), InferError> {
-    match request.get("signature_name") {
+fn check_signature_name(name: Option<&RawValue>) -> Result<(), InferError> {
+    let name = name.map(|raw| serde_json::from_str::<Value>(raw.get()).unwrap_or(Value::Null));
+    match name {
         None => Ok(()),
         Some(Value::String(s)) if s.is_empty() || s == "serving_default" => Ok(()),
         Some(Value::String(s)) => Err(InferError::invalid(format!(
@@ -189,23 +196,6 @@ fn metadata(infer: &Infer, model: &str, selector: &VersionSelector) -> Result<Va
     }))
 }
 
-fn is_b64(v: &Value) -> bool {
-    matches!(v, Value::Object(m) if m.len() == 1 && m.contains_key("b64"))
-}
-
-/// Builds one input tensor from a value whose full shape is its nesting.
-fn tensor_from(spec: &TensorSpec, value: &Value) -> Result<NamedTensor, InferError> {
-    let err = |e: String| InferError::invalid(format!("input `{}`: {e}", spec.name));
-    let shape = nested_shape(value).map_err(err)?;
-    let mut items = Vec::new();
-    leaves(value, &mut items);
-    let data = decode_leaves(spec.dtype, &items, true).map_err(err)?;
-    Ok(NamedTensor::new(
-        spec.name.clone(),
-        Tensor::new(shape, data).map_err(|e| err(e.to_string()))?,
-    ))
-}
-
 /// Builds one input tensor by stacking per-instance values along a new first dimension.
 fn stack(spec: &TensorSpec, values: &[&Value]) -> Result<NamedTensor, InferError> {
     let err = |e: String| InferError::invalid(format!("input `{}`: {e}", spec.name));
@@ -229,37 +219,65 @@ fn stack(spec: &TensorSpec, values: &[&Value]) -> Result<NamedTensor, InferError
     ))
 }
 
-/// Parses a TF Serving REST body as `post` does: nesting checked before parsing, a JSON object, and a
-/// `signature_name` that is absent or `serving_default`.
+/// A request body's JSON text, with the bare non-finite tokens turned into strings when it has any (charged to the
+/// request's budget), after the nesting check.
+fn json_text<'a>(
+    body: &'a [u8],
+    limits: &crate::infer::Limits,
+    budget: &Budget,
+) -> Result<(std::borrow::Cow<'a, [u8]>, crate::infer::JsonScan), InferError> {
+    let scan = limits.scan_json(body)?;
+    if !scan.nonfinite {
+        return Ok((std::borrow::Cow::Borrowed(body), scan));
+    }
+    let text = nonfinite_as_strings(body);
+    budget.take(text.len()).map_err(InferError::invalid)?;
+    Ok((std::borrow::Cow::Owned(text), scan))
+}
+
+/// The top level of a body: its keys, each value left as JSON text (nothing below is parsed yet).
+fn top_level(json: &[u8]) -> Result<BTreeMap<String, &RawValue>, InferError> {
+    if json.trim_ascii_start().first() != Some(&b'{') {
+        return Err(InferError::invalid("request body must be a JSON object"));
+    }
+    let top: BTreeMap<String, &RawValue> = serde_json::from_slice(json)
+        .map_err(|e| InferError::invalid(format!("JSON Parse error: {e}")))?;
+    check_signature_name(top.get("signature_name").copied())?;
+    Ok(top)
+}
+
+/// Parses a `:classify` or `:regress` body into a JSON tree, after checking the tree fits the request's budget.
 fn parse_body(
     body: &[u8],
     limits: &crate::infer::Limits,
 ) -> Result<Map<String, Value>, InferError> {
-    limits.check_json_depth(body)?;
-    let request: Value = serde_json::from_slice(body)
+    let budget = Budget::for_request(body.len());
+    let (json, scan) = json_text(body, limits, &budget)?;
+    budget
+        .take(scan.tree_bytes())
+        .map_err(InferError::invalid)?;
+    top_level(&json)?;
+    let request: Value = serde_json::from_slice(&json)
         .map_err(|e| InferError::invalid(format!("JSON Parse error: {e}")))?;
     let Value::Object(request) = request else {
         return Err(InferError::invalid("request body must be a JSON object"));
     };
-    check_signature_name(&request)?;
     Ok(request)
 }
 
 /// Decodes a TF Serving `:predict` body against a model's inputs as `post` does; also says whether it was in row
 /// format (`instances`) rather than columnar (`inputs`). The entry point of the fuzz targets and property tests.
+///
+/// No JSON tree is built: the top level is split into raw values, and each input's values are decoded straight into
+/// its elements, within the request's memory [`Budget`].
 pub fn decode_predict_body(
     specs: &[TensorSpec],
     body: &[u8],
     limits: &crate::infer::Limits,
 ) -> Result<(Vec<NamedTensor>, bool), InferError> {
-    predict_inputs(specs, &parse_body(body, limits)?)
-}
-
-/// The input tensors of a `:predict` request, and whether it was in row format.
-fn predict_inputs(
-    specs: &[TensorSpec],
-    request: &Map<String, Value>,
-) -> Result<(Vec<NamedTensor>, bool), InferError> {
+    let budget = Budget::for_request(body.len());
+    let (json, _) = json_text(body, limits, &budget)?;
+    let top = top_level(&json)?;
     let names = || {
         specs
             .iter()
@@ -267,108 +285,226 @@ fn predict_inputs(
             .collect::<Vec<_>>()
             .join(",")
     };
-    let (inputs, row_format) = match (request.get("instances"), request.get("inputs")) {
+    let inputs = match (top.get("instances"), top.get("inputs")) {
         (Some(_), Some(_)) => return Err(InferError::invalid(
             "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist",
         )),
         (None, None) => return Err(InferError::invalid("Missing 'inputs' or 'instances' key")),
-        (Some(instances), None) => {
-            let Value::Array(instances) = instances else {
-                return Err(InferError::invalid(
-                    "Excepting 'instances' to be an list/array",
-                ));
-            };
-            if instances.is_empty() {
-                return Err(InferError::invalid("No values in 'instances' array"));
-            }
-            let named = matches!(&instances[0], Value::Object(_)) && !is_b64(&instances[0]);
-            let inputs = if !named {
-                if specs.len() != 1 {
-                    return Err(InferError::invalid(format!(
-                        "instances is a plain list, but expecting list of objects as multiple input tensors required ({})",
-                        names()
-                    )));
-                }
-                let values: Vec<&Value> = instances.iter().collect();
-                if let Some(i) = values
-                    .iter()
-                    .position(|v| matches!(v, Value::Object(_)) && !is_b64(v))
-                {
-                    return Err(InferError::invalid(format!(
-                        "Expecting value/list but got object at item {i} of input list"
-                    )));
-                }
-                vec![stack(&specs[0], &values)?]
-            } else {
-                for (i, instance) in instances.iter().enumerate() {
-                    let Value::Object(obj) = instance else {
-                        return Err(InferError::invalid(format!(
-                            "Expecting object but got list at item {i} of input list"
-                        )));
-                    };
-                    if let Some(unknown) = obj.keys().find(|k| !specs.iter().any(|s| &s.name == *k))
-                    {
-                        return Err(InferError::invalid(format!(
-                            "Failed to process element: {i} key: {unknown} of 'instances' list: the model has no input named {unknown} (inputs: {})",
-                            names()
-                        )));
-                    }
-                    if obj.len() != specs.len() {
-                        return Err(InferError::invalid(format!(
-                            "Failed to process element: {i} of 'instances' list. JSON object must have keys: {}",
-                            names()
-                        )));
-                    }
-                }
+        (Some(instances), None) => (instances_of(specs, instances, &budget, &names)?, true),
+        (None, Some(columns)) => {
+            let text = columns.get();
+            let inputs = if text.starts_with('{') && !is_b64_text(text) {
+                let columns: BTreeMap<String, &RawValue> = serde_json::from_str(text)
+                    .map_err(|e| InferError::invalid(format!("JSON Parse error: {e}")))?;
                 specs
                     .iter()
                     .map(|spec| {
-                        let values: Vec<&Value> =
-                            instances.iter().map(|i| &i[&spec.name]).collect();
-                        stack(spec, &values)
-                    })
-                    .collect::<Result<Vec<_>, _>>()?
-            };
-            (inputs, true)
-        }
-        (None, Some(columns)) => {
-            let inputs = match columns {
-                Value::Object(obj) if !is_b64(columns) => specs
-                    .iter()
-                    .map(|spec| {
-                        let value = obj.get(&spec.name).ok_or_else(|| {
+                        let value = columns.get(&spec.name).ok_or_else(|| {
                             InferError::invalid(format!(
                                 "Missing named input: {} in 'inputs' object.",
                                 spec.name
                             ))
                         })?;
-                        tensor_from(spec, value)
+                        whole_tensor(spec, value.get(), &budget)
                     })
-                    .collect::<Result<Vec<_>, _>>()?,
-                value => {
-                    if specs.len() != 1 {
-                        return Err(InferError::invalid(format!(
-                            "inputs is a plain value/list, but expecting an object as multiple input tensors required ({})",
-                            names()
-                        )));
-                    }
-                    vec![tensor_from(&specs[0], value)?]
+                    .collect::<Result<Vec<_>, _>>()?
+            } else {
+                if specs.len() != 1 {
+                    return Err(InferError::invalid(format!(
+                        "inputs is a plain value/list, but expecting an object as multiple input tensors required ({})",
+                        names()
+                    )));
                 }
+                vec![whole_tensor(&specs[0], text, &budget)?]
             };
             (inputs, false)
         }
     };
-    Ok((inputs, row_format))
+    Ok(inputs)
+}
+
+/// Whether a JSON value's text is `{"b64": "..."}` (a byte string), not an object of named inputs.
+fn is_b64_text(text: &str) -> bool {
+    serde_json::from_str::<BTreeMap<std::borrow::Cow<'_, str>, serde::de::IgnoredAny>>(text)
+        .is_ok_and(|m| m.len() == 1 && m.contains_key("b64"))
+}
+
+/// One input from a value whose full shape is its nesting (the columnar format).
+fn whole_tensor(spec: &TensorSpec, text: &str, budget: &Budget) -> Result<NamedTensor, InferError> {
+    let err = |e: String| InferError::invalid(format!("input `{}`: {e}", spec.name));
+    let (data, shape) = decode_value(spec.dtype, text, true, budget).map_err(err)?;
+    Ok(NamedTensor::new(
+        spec.name.clone(),
+        Tensor::new(shape, data).map_err(|e| err(e.to_string()))?,
+    ))
+}
+
+/// The inputs of a row-format request: each instance's values stacked along a new first dimension, decoded one
+/// instance at a time.
+fn instances_of(
+    specs: &[TensorSpec],
+    instances: &RawValue,
+    budget: &Budget,
+    names: &dyn Fn() -> String,
+) -> Result<Vec<NamedTensor>, InferError> {
+    if !instances.get().starts_with('[') {
+        return Err(InferError::invalid(
+            "Excepting 'instances' to be an list/array",
+        ));
+    }
+    let mut rows = Rows {
+        specs,
+        decoders: specs
+            .iter()
+            .map(|s| {
+                Decoder::new(
+                    s.dtype,
+                    true,
+                    None,
+                    instances.get().len() / specs.len().max(1),
+                    budget,
+                )
+            })
+            .collect(),
+        shapes: vec![None; specs.len()],
+        named: None,
+        count: 0,
+        names,
+        error: None,
+    };
+    let mut de = serde_json::Deserializer::from_str(instances.get());
+    let parsed = serde::Deserializer::deserialize_seq(&mut de, &mut rows);
+    if let Some(e) = rows.error.take() {
+        return Err(e);
+    }
+    parsed.map_err(|e| InferError::invalid(format!("JSON Parse error: {e}")))?;
+    if rows.count == 0 {
+        return Err(InferError::invalid("No values in 'instances' array"));
+    }
+    let count = rows.count;
+    specs
+        .iter()
+        .zip(rows.decoders)
+        .zip(rows.shapes)
+        .map(|((spec, decoder), shape)| {
+            let mut full = vec![count];
+            full.extend(shape.unwrap_or_default());
+            Tensor::new(full, decoder.finish())
+                .map(|t| NamedTensor::new(spec.name.clone(), t))
+                .map_err(|e| InferError::invalid(format!("input `{}`: {e}", spec.name)))
+        })
+        .collect()
+}
+
+/// Walks the `instances` list, handing each instance's values to the decoder of their input.
+struct Rows<'s, 'b> {
+    specs: &'s [TensorSpec],
+    decoders: Vec<Decoder<'b>>,
+    /// Each input's per-instance shape, set by the first instance.
+    shapes: Vec<Option<Vec<usize>>>,
+    /// Whether instances are objects of named inputs (set by the first).
+    named: Option<bool>,
+    count: usize,
+    names: &'s dyn Fn() -> String,
+    /// The client's error, kept whole (a serde error would carry a position inside `instances`).
+    error: Option<InferError>,
+}
+
+impl Rows<'_, '_> {
+    /// Decodes one input's value of instance `i` and checks its shape against instance 0's.
+    fn value(&mut self, input: usize, i: usize, text: &str) -> Result<(), InferError> {
+        let name = &self.specs[input].name;
+        let shape = self.decoders[input]
+            .decode_str(text)
+            .map_err(|e| InferError::invalid(format!("input `{name}`: {e}")))?;
+        match &self.shapes[input] {
+            None => self.shapes[input] = Some(shape),
+            Some(first) if *first != shape => {
+                return Err(InferError::invalid(format!(
+                    "input `{name}`: instance {i} has shape {shape:?} but instance 0 has {first:?}"
+                )))
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
+    fn instance(&mut self, i: usize, text: &str) -> Result<(), InferError> {
+        let object = text.starts_with('{') && !is_b64_text(text);
+        let named = *self.named.get_or_insert(object);
+        if !named {
+            if self.specs.len() != 1 {
+                return Err(InferError::invalid(format!(
+                    "instances is a plain list, but expecting list of objects as multiple input tensors required ({})",
+                    (self.names)()
+                )));
+            }
+            if object {
+                return Err(InferError::invalid(format!(
+                    "Expecting value/list but got object at item {i} of input list"
+                )));
+            }
+            return self.value(0, i, text);
+        }
+        if !object {
+            return Err(InferError::invalid(format!(
+                "Expecting object but got list at item {i} of input list"
+            )));
+        }
+        let fields: BTreeMap<std::borrow::Cow<'_, str>, &RawValue> = serde_json::from_str(text)
+            .map_err(|e| InferError::invalid(format!("JSON Parse error: {e}")))?;
+        if let Some(unknown) = fields
+            .keys()
+            .find(|k| !self.specs.iter().any(|s| s.name == **k))
+        {
+            return Err(InferError::invalid(format!(
+                "Failed to process element: {i} key: {unknown} of 'instances' list: the model has no input named {unknown} (inputs: {})",
+                (self.names)()
+            )));
+        }
+        if fields.len() != self.specs.len() {
+            return Err(InferError::invalid(format!(
+                "Failed to process element: {i} of 'instances' list. JSON object must have keys: {}",
+                (self.names)()
+            )));
+        }
+        for input in 0..self.specs.len() {
+            let text = fields[self.specs[input].name.as_str()].get();
+            self.value(input, i, text)?;
+        }
+        Ok(())
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for &mut Rows<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a list of instances")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        use serde::de::Error;
+        while let Some(instance) = seq.next_element::<&RawValue>()? {
+            let i = self.count;
+            if let Err(e) = self.instance(i, instance.get()) {
+                self.error = Some(e);
+                return Err(A::Error::custom("instance refused"));
+            }
+            self.count += 1;
+        }
+        Ok(())
+    }
 }
 
 async fn predict(
     infer: &Infer,
     loaded: std::sync::Arc<LoadedVersion>,
-    request: &Map<String, Value>,
+    body: &[u8],
     deadline: Option<std::time::Instant>,
     record: &mut crate::metrics::RequestRecord<'_>,
 ) -> Result<Response, InferError> {
-    let (inputs, row_format) = predict_inputs(&loaded.signature.inputs, request)?;
+    let (inputs, row_format) = decode_predict_body(&loaded.signature.inputs, body, &infer.limits)?;
     let valid = Infer::validate(loaded.clone(), inputs, None)?;
     let prediction = infer.predict(valid, deadline).await?;
     record.timing(&prediction);
