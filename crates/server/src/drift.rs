@@ -19,6 +19,10 @@ use serde::Serialize;
 /// PSI above this is drift by the usual rule of thumb (0.1 to 0.2: moderate, above 0.2: significant).
 pub const PSI_THRESHOLD: f64 = 0.2;
 
+/// The rows a window needs before drift is judged (or the whole window, when `drift_window` is smaller): PSI over a
+/// handful of rows is noise (4 rows gave every feature of a healthy model a PSI of 7.4).
+pub const MIN_WINDOW_ROWS: usize = 100;
+
 /// Values binned on the stack before they go into a window (larger requests allocate).
 const SMALL: usize = 256;
 
@@ -197,10 +201,13 @@ pub struct ClassShare {
 /// A version's drift: per feature of its input, per tracked output.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Report {
-    /// Input features (empty while the window is empty, or without a feature baseline).
+    /// Input features (empty until the window holds enough rows, or without a feature baseline).
     pub features: Vec<FeatureDrift>,
-    /// Tracked outputs (those with rows in their window).
+    /// Tracked outputs (those with enough rows in their window).
     pub predictions: Vec<PredictionDrift>,
+    /// Why some figures are missing: `not enough rows (4 of the 100 needed)` while a window fills.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
 }
 
 /// A ring of binned rows and the count per bin of each column.
@@ -216,6 +223,11 @@ struct Window {
 }
 
 impl Window {
+    /// The rows needed before this window's drift is judged.
+    fn min_rows(&self) -> usize {
+        MIN_WINDOW_ROWS.min(self.capacity).max(1)
+    }
+
     fn new(capacity: usize, bins: impl Iterator<Item = usize>) -> Window {
         let counts: Vec<Vec<u64>> = bins.map(|b| vec![0; b]).collect();
         let capacity = capacity.max(1);
@@ -354,7 +366,7 @@ impl OutputWindow {
 
     fn report(&self) -> Option<PredictionDrift> {
         let w = self.window.lock().unwrap_or_else(|p| p.into_inner());
-        if w.filled == 0 {
+        if w.filled < w.min_rows() {
             return None;
         }
         let (psi, ks) = compare(&self.baseline.shares, &w.counts[0], w.filled);
@@ -536,6 +548,22 @@ impl Drift {
 
     /// PSI and KS per feature, and per tracked output, over the current windows.
     pub fn report(&self) -> Report {
+        let status = self
+            .inputs
+            .as_ref()
+            .map(|i| &i.window)
+            .into_iter()
+            .chain(self.outputs.iter().map(|o| &o.window))
+            .find_map(|w| {
+                let w = w.lock().unwrap_or_else(|p| p.into_inner());
+                (w.filled < w.min_rows()).then(|| {
+                    format!(
+                        "not enough rows ({} of the {} needed before drift is judged)",
+                        w.filled,
+                        w.min_rows()
+                    )
+                })
+            });
         Report {
             features: self
                 .inputs
@@ -547,6 +575,7 @@ impl Drift {
                 .iter()
                 .filter_map(OutputWindow::report)
                 .collect(),
+            status,
         }
     }
 }
@@ -554,7 +583,7 @@ impl Drift {
 impl InputWindow {
     fn report(&self) -> Vec<FeatureDrift> {
         let w = self.window.lock().unwrap_or_else(|p| p.into_inner());
-        if w.filled == 0 {
+        if w.filled < w.min_rows() {
             return Vec::new();
         }
         self.baseline
@@ -596,6 +625,46 @@ mod tests {
             "x",
             Tensor::new(vec![n, 2], TensorData::F32(flat)).unwrap(),
         )]
+    }
+
+    #[test]
+    fn drift_is_not_judged_on_a_few_rows() {
+        let baseline = vec![FeatureBaseline {
+            name: "a".into(),
+            edges: vec![0.0, 1.0, 2.0],
+            shares: vec![0.5, 0.5],
+        }];
+        let d = Drift::new(baseline, "x".into(), 1000, 1);
+        let x = |rows: usize| {
+            vec![NamedTensor::new(
+                "x",
+                Tensor::new(vec![rows, 1], ferry_model::TensorData::F32(vec![0.5; rows])).unwrap(),
+            )]
+        };
+        d.observe(&x(4));
+        let r = d.report();
+        assert!(r.features.is_empty(), "{r:?}");
+        assert_eq!(
+            r.status.as_deref(),
+            Some("not enough rows (4 of the 100 needed before drift is judged)")
+        );
+        d.observe(&x(96));
+        let r = d.report();
+        assert_eq!(r.status, None);
+        assert!(r.features[0].drifted, "all rows in one bin: {r:?}");
+        // A window smaller than the minimum is judged once full.
+        let small = Drift::new(
+            vec![FeatureBaseline {
+                name: "a".into(),
+                edges: vec![0.0, 1.0, 2.0],
+                shares: vec![0.5, 0.5],
+            }],
+            "x".into(),
+            10,
+            1,
+        );
+        small.observe(&x(10));
+        assert_eq!(small.report().features.len(), 1);
     }
 
     #[test]
@@ -689,7 +758,7 @@ mod tests {
             {"output": "v", "kind": "numeric", "histogram": {"edges": [0.0, 1.0, 2.0, 3.0, 4.0], "counts": [1, 1, 1, 1]}},
         ]});
         let baseline = PredictionBaseline::from_ferry_json(&meta).unwrap();
-        let d = Drift::from_parts(None, baseline, 100, 1).unwrap();
+        let d = Drift::from_parts(None, baseline, 4, 1).unwrap();
         let out = |ys: Vec<i64>, vs: Vec<f32>| {
             vec![
                 NamedTensor::new(

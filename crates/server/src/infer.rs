@@ -817,7 +817,10 @@ fn resolve_in(
                 })
                 .collect();
             return Err(InferError::unavailable(if reasons.is_empty() {
-                format!("model `{model}` has no version to serve")
+                match &record.layout {
+                    Some(layout) => format!("model `{model}` has no version to serve: {layout}"),
+                    None => format!("model `{model}` has no version to serve"),
+                }
             } else {
                 format!(
                     "model `{model}` has no ready version ({})",

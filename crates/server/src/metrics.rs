@@ -1434,6 +1434,7 @@ mod tests {
                     ks: 0.25,
                     drifted: true,
                 }],
+                status: None,
                 predictions: vec![crate::drift::PredictionDrift {
                     output: "label".into(),
                     kind: "categorical",

@@ -75,6 +75,14 @@ pub struct TensorOverride {
     pub shape: Vec<i64>,
 }
 
+/// The largest `max_batch_size` and `max_queue_size` a model may set (the default `--max-rows-per-request`).
+pub const MAX_BATCH_OR_QUEUE: usize = 65_536;
+
+/// The cores this process may use, which bound a model's threads and instances.
+pub fn machine_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// The parsed and checked `config.toml` of one model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelConfig {
@@ -201,7 +209,9 @@ impl ModelConfig {
         }
     }
 
-    /// Parses `config.toml` text; `engine` gives the server-wide defaults. Errors name the offending key.
+    /// Parses `config.toml` text; `engine` gives the server-wide defaults. Values beyond what this machine can run
+    /// (threads and instances relative to its cores, batch and queue sizes) are refused, so a file can never make
+    /// the engine start thousands of threads (ONNX Runtime crashed the process at `intra_op_threads = 100000`). Errors name the offending key.
     pub fn parse(text: &str, engine: &EngineOptions) -> Result<ModelConfig, String> {
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| e.message().to_string() + &locate(&e, text))?;
@@ -241,17 +251,34 @@ impl ModelConfig {
                 .parse::<OptimizationLevel>()
                 .map_err(|e| format!("graph_optimization_level: {e}"))?;
         }
+        let cores = machine_cores();
         if let Some(n) = raw.intra_op_threads {
-            if n == 0 {
-                return Err("intra_op_threads must be at least 1".into());
+            if n == 0 || n > 4 * cores {
+                return Err(format!(
+                    "intra_op_threads must be between 1 and {} (4 x this machine's {cores} cores), got {n}",
+                    4 * cores
+                ));
             }
             engine_options.intra_op_threads = n;
         }
         if let Some(n) = raw.instances {
-            if n == 0 {
-                return Err("instances must be at least 1".into());
+            if n == 0 || n > 4 * cores {
+                return Err(format!(
+                    "instances must be between 1 and {} (4 x this machine's {cores} cores), got {n}",
+                    4 * cores
+                ));
             }
             engine_options.instances = n;
+        }
+        let threads = engine_options
+            .instances
+            .saturating_mul(engine_options.intra_op_threads.max(1));
+        if threads > 8 * cores {
+            return Err(format!(
+                "instances x intra_op_threads is {threads}; at most {} (8 x this machine's {cores} cores) engine threads \
+                 are allowed per model",
+                8 * cores
+            ));
         }
         for (label, version) in &raw.labels {
             if *version == 0 {
@@ -260,6 +287,11 @@ impl ModelConfig {
         }
         let mut batching = default_limits();
         if let Some(n) = raw.max_batch_size {
+            if n > MAX_BATCH_OR_QUEUE {
+                return Err(format!(
+                    "max_batch_size must be at most {MAX_BATCH_OR_QUEUE}, got {n}"
+                ));
+            }
             // 0 (Triton's spelling) and 1 both mean every request runs alone.
             batching.max_batch_size = n.max(1);
         }
@@ -278,8 +310,10 @@ impl ModelConfig {
         }
         batching.preferred_batch_sizes = raw.preferred_batch_sizes;
         if let Some(n) = raw.max_queue_size {
-            if n == 0 {
-                return Err("max_queue_size must be at least 1".into());
+            if n == 0 || n > MAX_BATCH_OR_QUEUE {
+                return Err(format!(
+                    "max_queue_size must be between 1 and {MAX_BATCH_OR_QUEUE}, got {n}"
+                ));
             }
             batching.max_queue_size = n;
         }
@@ -335,6 +369,42 @@ mod tests {
 
     fn parse(text: &str) -> Result<ModelConfig, String> {
         ModelConfig::parse(text, &EngineOptions::default())
+    }
+
+    #[test]
+    fn thread_instance_batch_and_queue_values_are_bounded_by_the_machine() {
+        let cores = machine_cores();
+        for (text, key) in [
+            (
+                "intra_op_threads = 100000".to_string(),
+                "intra_op_threads must be between 1 and",
+            ),
+            (
+                format!("instances = {}", 4 * cores + 1),
+                "instances must be between 1 and",
+            ),
+            (
+                format!(
+                    "intra_op_threads = {}\ninstances = {}",
+                    4 * cores,
+                    4 * cores
+                ),
+                "instances x intra_op_threads is",
+            ),
+            (
+                "max_batch_size = 1000000".to_string(),
+                "max_batch_size must be at most 65536",
+            ),
+            (
+                "max_queue_size = 100000000".to_string(),
+                "max_queue_size must be between 1 and 65536",
+            ),
+        ] {
+            let e = parse(&text).unwrap_err();
+            assert!(e.starts_with(key), "{text}: {e}");
+        }
+        let fine = parse(&format!("intra_op_threads = {cores}\ninstances = 2")).unwrap();
+        assert_eq!(fine.engine_options.intra_op_threads, cores);
     }
 
     #[test]

@@ -217,7 +217,12 @@ impl Manager {
             Err(ManageError::Refused(format!(
                 "failed to load '{name}': {}",
                 if reasons.is_empty() {
-                    "it has no version to serve".to_string()
+                    self.store
+                        .with_model(name, |r| r.layout.clone())
+                        .flatten()
+                        .map_or("it has no version to serve".to_string(), |layout| {
+                            format!("it has no version to serve: {layout}")
+                        })
                 } else {
                     reasons
                 }
@@ -270,11 +275,12 @@ impl Manager {
                 .unwrap_or_default();
             if rows.is_empty() {
                 if !ready_only {
+                    let layout = listing.get(&name).and_then(|l| l.layout.clone());
                     out.push(IndexEntry {
                         name: name.clone(),
                         version: String::new(),
                         state: "UNAVAILABLE".into(),
-                        reason: "unloaded".into(),
+                        reason: layout.unwrap_or_else(|| "unloaded".into()),
                     });
                 }
                 continue;
@@ -472,6 +478,8 @@ impl Manager {
             let present: Vec<u64> = entry.versions.keys().copied().collect();
             let reason = known.config_error.clone().unwrap_or_default();
             self.store.ensure_model(name, defaults.clone());
+            self.store
+                .update(name, |r| r.layout.clone_from(&entry.layout));
             for v in defaults.version_policy.select(&present) {
                 self.store.set_version(
                     name,
@@ -488,6 +496,7 @@ impl Manager {
         let reload_all = self
             .store
             .update(name, |r| {
+                r.layout.clone_from(&entry.layout);
                 let reload = r.config.needs_reload(&config);
                 if r.config.max_concurrent_requests != config.max_concurrent_requests {
                     r.permits = config

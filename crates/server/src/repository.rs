@@ -108,6 +108,8 @@ pub struct ModelRecord {
     pub permits: Option<Arc<tokio::sync::Semaphore>>,
     /// A version loaded only as a shadow target: unversioned requests never resolve to it.
     pub shadow_only: Option<u64>,
+    /// What is wrong with the model folder's layout, when the scan found no version to load.
+    pub layout: Option<String>,
 }
 
 impl ModelRecord {
@@ -122,6 +124,7 @@ impl ModelRecord {
             api_labels: BTreeMap::new(),
             rollout: None,
             shadow_only: None,
+            layout: None,
         }
     }
 

@@ -22,6 +22,10 @@ pub struct ModelListing {
     pub rollout: Option<Result<String, String>>,
     /// Versions present (with a `model.onnx`) and a fingerprint of their files: it changes when any file does.
     pub versions: BTreeMap<u64, String>,
+    /// What is wrong with the folder's layout when it holds no version the server can load (a `model.onnx` outside
+    /// a numbered folder, a version folder without one, a number spelled `01`): logged, and shown wherever the
+    /// model's missing versions are.
+    pub layout: Option<String>,
 }
 
 /// What a scan found: every model by name.
@@ -296,15 +300,55 @@ fn scan_local(root: &Path) -> Result<Listing, String> {
             config: read_small(&dir.join("config.toml")),
             rollout: read_small(&dir.join(crate::rollout::PLAN_FILE)),
             versions: BTreeMap::new(),
+            layout: None,
         };
+        let mut problems = Vec::new();
         for v in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let Some(version) = parse_version(&v.file_name().to_string_lossy()) else {
+            let file = v.file_name().to_string_lossy().into_owned();
+            if !v.path().is_dir() {
+                if file.ends_with(".onnx") {
+                    problems.push(format!(
+                        "{name}/{file} is not in a version folder (versions are numbered folders: {name}/1/model.onnx)"
+                    ));
+                }
+                continue;
+            }
+            let Some(version) = parse_version(&file) else {
                 continue;
             };
+            if version.to_string() != file {
+                problems.push(format!(
+                    "version folder {name}/{file} is skipped: name it {version} (no leading zeros)"
+                ));
+                continue;
+            }
             // A version exists once its model.onnx does (publishers write it last).
             if v.path().join("model.onnx").is_file() {
                 model.versions.insert(version, fingerprint_local(&v.path()));
+            } else {
+                problems.push(format!("version folder {name}/{file} has no model.onnx"));
             }
+        }
+        if parse_version(&name).is_some() && dir.join("model.onnx").is_file() {
+            problems.clear();
+            problems.push(format!(
+                "{} looks like one model's folder (it holds version folders): point --model-repository at the folder \
+                 that holds model folders",
+                root.display()
+            ));
+        }
+        if model.versions.is_empty() && !problems.is_empty() {
+            let layout = problems.join("; ");
+            static WARNED: std::sync::Mutex<BTreeSet<String>> =
+                std::sync::Mutex::new(BTreeSet::new());
+            if WARNED
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(layout.clone())
+            {
+                tracing::warn!(model = %name, %layout, "model folder has no version to load");
+            }
+            model.layout = Some(layout);
         }
         listing.insert(name, model);
     }

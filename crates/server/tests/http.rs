@@ -1339,3 +1339,35 @@ async fn direct_and_routed_inference_answer_alike() {
         [200, 400, 400, 400, 413, 200, 400, 400, 400, 413, 404, 404, 404, 404, 413]
     );
 }
+
+#[tokio::test]
+async fn a_wrong_repository_layout_is_explained_where_versions_are_missing() {
+    let repo = TempDir::new("layout");
+    // model.onnx straight in the model folder, a version spelled with a leading zero, and a version folder
+    // without its model: none of them loads, and each says what was expected.
+    std::fs::create_dir_all(repo.0.join("flat")).unwrap();
+    std::fs::write(repo.0.join("flat/model.onnx"), affine()).unwrap();
+    std::fs::create_dir_all(repo.0.join("zero/01")).unwrap();
+    std::fs::write(repo.0.join("zero/01/model.onnx"), affine()).unwrap();
+    std::fs::create_dir_all(repo.0.join("empty/1")).unwrap();
+    // The repository pointed at one model's folder: its version folder `1` looks like a model.
+    std::fs::create_dir_all(repo.0.join("7")).unwrap();
+    std::fs::write(repo.0.join("7/model.onnx"), affine()).unwrap();
+    put_model(&repo.0, "fine", 1, &affine());
+    let s = TestServer::start(repo).await;
+    let x = json!({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]});
+    let (status, _) = s.post("/v2/models/fine/infer", x.clone()).await;
+    assert_eq!(status, 200);
+    for (model, expected) in [
+        (
+            "flat",
+            "flat/model.onnx is not in a version folder (versions are numbered folders: flat/1/model.onnx)",
+        ),
+        ("zero", "version folder zero/01 is skipped: name it 1 (no leading zeros)"),
+        ("empty", "version folder empty/1 has no model.onnx"),
+        ("7", "looks like one model's folder"),
+    ] {
+        let (status, body) = s.post(&format!("/v2/models/{model}/infer"), x.clone()).await;
+        assert_error(status, &body, 503, &["has no version to serve", expected]);
+    }
+}

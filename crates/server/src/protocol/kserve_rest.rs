@@ -179,6 +179,8 @@ fn drift_inner(infer: &Infer, model: &str, version: Option<&str>) -> Result<Resp
         "model_version": loaded.version.to_string(),
         "window_rows": drift.rows(),
         "psi_threshold": crate::drift::PSI_THRESHOLD,
+        "min_window_rows": crate::drift::MIN_WINDOW_ROWS,
+        "status": report.status.as_deref().unwrap_or("ok"),
         "features": report.features,
         "predictions": report.predictions,
     }))
