@@ -81,6 +81,11 @@ impl OrtEngine {
             .map_err(load)?
             .with_optimization_level(level)
             .map_err(load)?
+            // No CPU memory arena: ONNX Runtime's arena keeps the largest run's tensors for the session's life (one
+            // large request left every session of a version holding its size); without it, tensors go back to the
+            // C allocator when freed. Measured in tests/python/test_memory.py and bench/serving.
+            .with_execution_providers([ort::ep::CPU::default().with_arena_allocator(false).build()])
+            .map_err(load)?
             .commit_from_memory(model)
             .map_err(|e| EngineError::Load(e.to_string()))
     }

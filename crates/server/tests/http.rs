@@ -1371,3 +1371,30 @@ async fn a_wrong_repository_layout_is_explained_where_versions_are_missing() {
         assert_error(status, &body, 503, &["has no version to serve", expected]);
     }
 }
+
+#[tokio::test]
+async fn thread_counts_beyond_the_machine_make_the_model_unavailable_not_the_server() {
+    let repo = TempDir::new("threads");
+    // ONNX Runtime crashed the whole process at intra_op_threads = 100000; now the value never reaches it.
+    put_model(&repo.0, "greedy", 1, &affine());
+    put_file(
+        &repo.0,
+        "greedy",
+        "config.toml",
+        "intra_op_threads = 100000\n",
+    );
+    put_model(&repo.0, "fine", 1, &affine());
+    let s = TestServer::start(repo).await;
+    let x = json!({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]});
+    assert_eq!(s.post("/v2/models/fine/infer", x.clone()).await.0, 200);
+    let (status, body) = s.post("/v2/models/greedy/infer", x).await;
+    assert_error(
+        status,
+        &body,
+        503,
+        &[
+            "version 1 is unavailable",
+            "config.toml: intra_op_threads must be between 1 and",
+        ],
+    );
+}

@@ -304,6 +304,8 @@ async fn infer_inner(
     record.version(loaded.scheduler.series());
     record.body_bytes(body.len());
     let (request, inputs) = decode_request(headers, &body, &infer.limits)?;
+    // Everything the body held is decoded: it need not wait for the answer.
+    drop(body);
 
     let mut deadline = client_deadline(headers)?;
     // Triton's per-request `timeout` parameter, in microseconds.
@@ -384,11 +386,13 @@ fn decode_request(
     } else {
         json
     };
-    let request: InferRequestBody = serde_json::from_slice(json)
+    let mut request: InferRequestBody = serde_json::from_slice(json)
         .map_err(|e| InferError::invalid(format!("malformed inference request: {e}")))?;
     let mut inputs = Vec::with_capacity(request.inputs.len());
-    for input in &request.inputs {
+    for input in &mut request.inputs {
         inputs.push(decode_input(input, &mut binary, limits, &budget)?);
+        // The data's JSON text is a copy of its part of the body: free it as soon as it is decoded.
+        input.data = None;
     }
     if !binary.is_empty() {
         return Err(InferError::invalid(format!(
