@@ -69,7 +69,8 @@ pub struct QuantizeArgs {
     #[arg(long, env = "FERRY_QUANTIZE_JSON", num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
     pub json: bool,
 
-    /// The ONNX Runtime 1.32 library (else $ORT_DYLIB_PATH, beside the binary, or a Python `onnxruntime`).
+    /// The ONNX Runtime 1.32 library (else $ORT_DYLIB_PATH, `.ferry/lib` above the working directory or the
+    /// binary, beside the binary, or a Python `onnxruntime`).
     #[arg(long, env = "FERRY_ONNXRUNTIME_LIB", value_name = "FILE")]
     pub onnxruntime_lib: Option<PathBuf>,
 }

@@ -3,6 +3,7 @@
 
 mod baseline;
 mod common;
+mod library;
 mod retrain;
 mod sign;
 mod train;
