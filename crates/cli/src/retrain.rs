@@ -224,6 +224,8 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
             .filter(|h| !h.is_empty());
     }
     let task = ferry_train::fit::resolve_task(&options, &dataset)?;
+    // Judged on every row: the candidate, trained on fewer, keeps it.
+    options.task = Some(task);
     if let Some(l) = &live {
         anyhow::ensure!(
             l.meta.task == task,

@@ -149,6 +149,61 @@ fn a_bad_file_fails_with_line_and_column() {
 }
 
 #[test]
+fn a_classifier_refuses_a_continuous_target_unless_told() {
+    let dir = scratch("continuous");
+    let out = dir.join("m");
+    // diabetes.csv: the target is a disease score, 214 distinct whole numbers in 442 rows.
+    for model in ["softmax", "logistic"] {
+        let run = ferry(&[
+            "train",
+            &example("diabetes.csv"),
+            "--model",
+            model,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("looks continuous")
+                && stderr.contains("214 distinct values in 442 rows")
+                && stderr.contains("--model linear")
+                && stderr.contains("--task classification"),
+            "{stderr}"
+        );
+        assert!(!out.exists());
+    }
+    // Values that are not whole numbers are not classes either.
+    let csv = dir.join("fractions.csv");
+    std::fs::write(&csv, "x,y\n1,0.5\n2,1.5\n3,0.5\n4,1.5\n").unwrap();
+    let run = ferry(&[
+        "train",
+        csv.to_str().unwrap(),
+        "--model",
+        "softmax",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("0.5 is not a whole number"), "{stderr}");
+    // --task classification says they are classes.
+    json(&ferry(&[
+        "train",
+        &example("diabetes.csv"),
+        "--model",
+        "softmax",
+        "--task",
+        "classification",
+        "--epochs",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn optimize_prints_the_table_and_publishes_the_best() {
     let repo = scratch("optimize");
     let model = repo.join("iris");
