@@ -177,7 +177,10 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
     let plan = match rt.block_on(read_plan(&repo, &model)) {
         Ok(p) => p,
         Err(e) if args.force => {
-            steps.say(format_args!("replacing an unreadable plan: {e:#}"));
+            steps.say(format_args!(
+                "replacing an unreadable plan: {}",
+                crate::describe(&e)
+            ));
             None
         }
         Err(e) => return Err(e.context("--force replaces it")),
@@ -404,7 +407,7 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         };
         if let Some(p) = restore {
             if let Err(undo) = rt.block_on(write_plan(&repo, &model, &p)) {
-                eprintln!("ferry: could not undo the plan: {undo:#}");
+                eprintln!("ferry: could not undo the plan: {}", crate::describe(&undo));
             }
         }
         bail!("publishing version {version} of {model}: {e}");

@@ -323,7 +323,10 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     let existing = match read_plan(&repo, model).await {
         Ok(p) => p,
         Err(e) if args.force => {
-            eprintln!("ferry: replacing an unreadable plan: {e:#}");
+            eprintln!(
+                "ferry: replacing an unreadable plan: {}",
+                crate::describe(&e)
+            );
             None
         }
         Err(e) => return Err(e.context("--force replaces it")),

@@ -149,6 +149,60 @@ fn a_bad_file_fails_with_line_and_column() {
 }
 
 #[test]
+fn a_missing_file_or_a_broken_model_is_reported_once() {
+    let dir = scratch("missing");
+    let missing = dir.join("missing.csv");
+    let iris_model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/models/iris/1");
+    let broken = dir.join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::copy(iris_model.join("ferry.json"), broken.join("ferry.json")).unwrap();
+    std::fs::write(broken.join("model.onnx"), b"not a model").unwrap();
+    let iris = example("iris.csv");
+    let (out_dir, nope) = (dir.join("m"), dir.join("nope"));
+    let runs: [(Vec<&str>, &str); 4] = [
+        (
+            vec![
+                "train",
+                missing.to_str().unwrap(),
+                "--model",
+                "softmax",
+                "--out",
+                out_dir.to_str().unwrap(),
+            ],
+            "No such file or directory",
+        ),
+        (
+            vec![
+                "evaluate",
+                iris_model.to_str().unwrap(),
+                missing.to_str().unwrap(),
+            ],
+            "No such file or directory",
+        ),
+        (
+            vec!["evaluate", nope.to_str().unwrap(), &iris],
+            "No such file or directory",
+        ),
+        (
+            vec!["evaluate", broken.to_str().unwrap(), &iris],
+            "protobuf parsing failed",
+        ),
+    ];
+    for (args, cause) in runs {
+        let out = ferry(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.matches(cause).count(), 1, "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.lines().filter(|l| l.starts_with("ferry: ")).count(),
+            1,
+            "{stderr}"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn a_classifier_refuses_a_continuous_target_unless_told() {
     let dir = scratch("continuous");
     let out = dir.join("m");
