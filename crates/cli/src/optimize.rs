@@ -36,7 +36,7 @@ pub enum OptimizeCommand {
     /// Search hyper-parameters (grid or random; k-fold or validation split), then train and write the best.
     Search(Box<SearchArgs>),
     /// Quantize a trained model's Gemm/MatMul weights to int8; compare size, latency and score with the float
-    /// model, and write it only if the score drops by at most --max-accuracy-drop.
+    /// model, and write it only if it is smaller and the score drops by at most --max-accuracy-drop.
     Quantize(QuantizeArgs),
 }
 
@@ -215,6 +215,13 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
         c.metric,
         c.drop,
         args.max_accuracy_drop
+    );
+    anyhow::ensure!(
+        c.int8_bytes < c.float_bytes,
+        "not written: the int8 model ({} bytes) is not smaller than the float model ({} bytes); its weights are \
+         too few for int8 to outweigh the DequantizeLinear nodes and scales it adds",
+        c.int8_bytes,
+        c.float_bytes
     );
     meta.quantization = Some(c);
     let destination = Destination::from_flags(args.out.as_deref(), args.publish.as_deref())

@@ -393,6 +393,43 @@ fn quantize_writes_a_smaller_model_only_when_the_score_holds() {
 }
 
 #[test]
+fn quantize_refuses_a_model_it_cannot_shrink() {
+    // Softmax on iris has 12 weights: int8 saves 36 bytes and the DequantizeLinear node and scales cost more.
+    let dir = scratch("quantize-small");
+    let float = dir.join("float");
+    json(&ferry(&[
+        "train",
+        &example("iris.csv"),
+        "--model",
+        "softmax",
+        "--out",
+        float.to_str().unwrap(),
+        "--json",
+    ]));
+    let int8 = dir.join("int8");
+    let out = ferry(&[
+        "optimize",
+        "quantize",
+        float.to_str().unwrap(),
+        &example("iris.csv"),
+        "--out",
+        int8.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let float_bytes = std::fs::metadata(float.join("model.onnx")).unwrap().len();
+    assert!(
+        stderr.contains("not written: the int8 model (")
+            && stderr.contains(&format!(
+                "is not smaller than the float model ({float_bytes} bytes)"
+            )),
+        "{stderr}"
+    );
+    assert!(!int8.exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn train_reads_payload_logs_joined_with_labels() {
     let dir = scratch("payload");
     // A log as `ferry serve --payload-log` writes it: iris rows, one request of two rows, another model's record.
