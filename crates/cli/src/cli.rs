@@ -355,7 +355,7 @@ impl ServeArgs {
                 "--auth-open: unknown endpoint `{bad}` (expected health, metrics or none)"
             );
         }
-        Ok(ServeConfig {
+        let config = ServeConfig {
             model_repository: self.model_repository,
             cache_dir: self
                 .cache_dir
@@ -441,7 +441,9 @@ impl ServeArgs {
                     })
                 }
             },
-        })
+        };
+        config.check_admin_exposure().map_err(anyhow::Error::msg)?;
+        Ok(config)
     }
 }
 

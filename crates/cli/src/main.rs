@@ -38,10 +38,23 @@ fn main() -> ExitCode {
             eprintln!("ferry: {}", describe(&e));
             if e.downcast_ref::<retrain::Refused>().is_some() {
                 ExitCode::from(retrain::EXIT_REFUSED)
+            } else if e.downcast_ref::<BadServeConfig>().is_some() {
+                ExitCode::from(64)
             } else {
                 ExitCode::from(1)
             }
         }
+    }
+}
+
+/// `ferry serve` flags that cannot work together, found before any port is bound or model loaded: exit status 64
+/// (EX_USAGE), as for a bad configuration file.
+#[derive(Debug)]
+struct BadServeConfig;
+
+impl std::fmt::Display for BadServeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("checking the serve configuration")
     }
 }
 
@@ -80,9 +93,7 @@ fn run(command: cli::Command) -> anyhow::Result<()> {
         cli::Command::Top(args) => top::run(args),
         cli::Command::Serve(args) => {
             telemetry::init(args.log_format, &args.log_level).context("setting up logging")?;
-            let config = (*args)
-                .into_config()
-                .context("checking the serve configuration")?;
+            let config = (*args).into_config().context(BadServeConfig)?;
             tracing::info!(?config, "effective configuration");
             let engine = ferry_engine::OrtEngine::init(config.onnxruntime_lib.as_deref());
             if let Err(e) = &engine {

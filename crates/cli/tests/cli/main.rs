@@ -5,5 +5,6 @@ mod baseline;
 mod common;
 mod library;
 mod retrain;
+mod serve;
 mod sign;
 mod train;
