@@ -645,3 +645,58 @@ fn the_example_pipeline_runs_and_flags_override_it() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The output line as compared: a fit's time (`in 0.02s`) varies from run to run.
+fn without_time(line: &str) -> String {
+    match (line.find(" rows in "), line.find("s (")) {
+        (Some(a), Some(b)) if a < b => format!("{}{}", &line[..a + 9], &line[b + 1..]),
+        _ => line.to_string(),
+    }
+}
+
+#[test]
+fn the_readme_retrain_example_runs_as_written() {
+    let checkout = examples().join("..");
+    let readme = std::fs::read_to_string(checkout.join("README.md")).unwrap();
+    let section = &readme[readme.find("## Retraining and rollouts").unwrap()..];
+    let start = section.find("```console\n").unwrap() + "```console\n".len();
+    let block = &section[start..start + section[start..].find("```").unwrap()];
+    // Its repository under /tmp/models becomes this test's own folder.
+    let dir = scratch("readme");
+    let models = dir.join("models").display().to_string();
+    let mut runs: Vec<(Vec<String>, Vec<String>)> = Vec::new();
+    for line in block.lines() {
+        match line.strip_prefix("$ ") {
+            Some(command) => runs.push((
+                command
+                    .split_whitespace()
+                    .map(|w| w.replace("/tmp/models", &models))
+                    .collect(),
+                Vec::new(),
+            )),
+            None => runs
+                .last_mut()
+                .unwrap()
+                .1
+                .push(without_time(&line.replace("/tmp/models", &models))),
+        }
+    }
+    assert_eq!(runs.len(), 2, "{block}");
+    for (command, expected) in runs {
+        assert_eq!(command[0], "ferry");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(&command[1..])
+            .current_dir(&checkout)
+            .env_remove("FERRY_MODEL_REPOSITORY")
+            .output()
+            .unwrap();
+        let printed = stderr(&out) + &stdout(&out);
+        assert!(out.status.success(), "{command:?}: {printed}");
+        let mut printed: Vec<String> = printed.lines().map(without_time).collect();
+        let mut expected = expected;
+        printed.sort();
+        expected.sort();
+        assert_eq!(printed, expected, "{command:?}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
