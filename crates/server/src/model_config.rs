@@ -182,7 +182,7 @@ struct RawPolicyTable {
 }
 
 /// The forms `version_policy` takes, for error messages.
-const POLICY_FORMS: &str = "\"all\", { latest = N } or { specific = [N, ...] }";
+const POLICY_FORMS: &str = "\"all\", { latest = N } or { specific = [..] }";
 
 /// By hand rather than `untagged`, whose error names no key ("data did not match any variant").
 impl<'de> Deserialize<'de> for RawPolicy {
@@ -248,26 +248,15 @@ impl ModelConfig {
             None => VersionPolicy::Latest(1),
             Some(RawPolicy::Word(w)) if w == "all" => VersionPolicy::All,
             Some(RawPolicy::Word(w)) => {
-                return Err(format!(
-                    "version_policy: expected {POLICY_FORMS}, got \"{w}\""
-                ))
+                return Err(format!("version_policy: expected \"all\", {{ latest = N }} or {{ specific = [..] }}, got \"{w}\""))
             }
-            Some(RawPolicy::Table(RawPolicyTable {
-                latest: Some(0),
-                specific: None,
-            })) => return Err("version_policy.latest must be at least 1".into()),
-            Some(RawPolicy::Table(RawPolicyTable {
-                latest: Some(n),
-                specific: None,
-            })) => VersionPolicy::Latest(n),
-            Some(RawPolicy::Table(RawPolicyTable {
-                latest: None,
-                specific: Some(v),
-            })) => {
+            Some(RawPolicy::Table(RawPolicyTable { latest: Some(0), specific: None })) => {
+                return Err("version_policy.latest must be at least 1".into())
+            }
+            Some(RawPolicy::Table(RawPolicyTable { latest: Some(n), specific: None })) => VersionPolicy::Latest(n),
+            Some(RawPolicy::Table(RawPolicyTable { latest: None, specific: Some(v) })) => {
                 if v.is_empty() || v.contains(&0) {
-                    return Err(
-                        "version_policy.specific must list version numbers of 1 or more".into(),
-                    );
+                    return Err("version_policy.specific must list version numbers of 1 or more".into());
                 }
                 VersionPolicy::Specific(v)
             }
@@ -445,7 +434,7 @@ mod tests {
         let e = parse("engine = \"auto\"\nversion_policy = { lastest = 1 }").unwrap_err();
         assert!(
             e.contains("unknown key `lastest`")
-                && e.contains("\"all\", { latest = N } or { specific = [N, ...] }")
+                && e.contains("\"all\", { latest = N } or { specific = [..] }")
                 && e.contains("line 2,"),
             "{e}"
         );
