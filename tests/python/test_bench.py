@@ -53,10 +53,12 @@ def test_bench_reports_what_the_server_answered(tmp_path):
         answered = successes(server.url) - before
         counted = sum(r["ok"] for r in reports)
         assert answered >= counted, (answered, counted)
-        # A model the server does not have is an error, not an empty report.
-        out = subprocess.run([ferry_binary(), "bench", "--model", "nope", "--url", server.url, "--duration", "1s"],
-                             capture_output=True, text=True, timeout=60)
-        assert out.returncode != 0 and "nope" in out.stderr, out.stderr
+        # A model the server does not have is an error, not an empty report, with the server's own message.
+        for url, protocol in [(server.url, "rest"), (server.grpc, "grpc")]:
+            out = subprocess.run([ferry_binary(), "bench", "--model", "nope", "--url", url, "--protocol", protocol,
+                                  "--duration", "1s"], capture_output=True, text=True, timeout=60)
+            assert out.returncode != 0 and "model `nope` not found" in out.stderr, out.stderr
+            assert ("404 Not Found" if protocol == "rest" else "NotFound") in out.stderr, out.stderr
     finally:
         server.stop()
 

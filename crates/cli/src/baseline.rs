@@ -29,8 +29,8 @@ pub struct BaselineArgs {
     #[arg(long, env = "FERRY_BASELINE_NO_PREDICTIONS")]
     pub no_predictions: bool,
 
-    /// The ONNX Runtime 1.32 library, to run the model (else $ORT_DYLIB_PATH, beside the binary, or a Python
-    /// `onnxruntime`).
+    /// The ONNX Runtime 1.32 library, to run the model (else $ORT_DYLIB_PATH, `.ferry/lib` above the working
+    /// directory or the binary, beside the binary, or a Python `onnxruntime`).
     #[arg(long, env = "FERRY_ONNXRUNTIME_LIB", value_name = "FILE")]
     pub onnxruntime_lib: Option<PathBuf>,
 }

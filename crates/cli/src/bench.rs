@@ -150,10 +150,7 @@ impl Caller {
                     .send()
                     .await
                     .with_context(|| format!("POST {url}"))?;
-                let status = r.status();
-                let text = r.text().await.unwrap_or_default();
-                anyhow::ensure!(status.is_success(), "POST {url}: {status}: {}", text.trim());
-                Ok(())
+                refused("POST", &url, r).await.map(drop)
             }
             Caller::Grpc { client, request } => {
                 client
@@ -273,11 +270,11 @@ async fn metadata(args: &BenchArgs) -> anyhow::Result<Vec<InputSpec>> {
                 args.url.trim_end_matches('/'),
                 args.model
             );
-            let meta: Value = reqwest::get(&url)
+            let answer = reqwest::get(&url)
                 .await
-                .with_context(|| format!("fetching {url}"))?
-                .error_for_status()
-                .with_context(|| format!("fetching {url}"))?
+                .with_context(|| format!("GET {url}"))?;
+            let meta: Value = refused("GET", &url, answer)
+                .await?
                 .json()
                 .await
                 .context("reading model metadata")?;
@@ -297,7 +294,7 @@ async fn metadata(args: &BenchArgs) -> anyhow::Result<Vec<InputSpec>> {
                     version: args.model_version.clone().unwrap_or_default(),
                 })
                 .await
-                .context("fetching model metadata")?
+                .map_err(|s| anyhow::anyhow!("ModelMetadata: {:?}: {}", s.code(), s.message()))?
                 .into_inner();
             Ok(meta
                 .inputs
@@ -553,6 +550,25 @@ async fn open_loop(args: &BenchArgs, template: &Caller, rate: f64) -> anyhow::Re
         args.duration,
         args.batch,
     ))
+}
+
+/// The answer if it is a success; else an error with its status and the server's message (the `error` of a JSON
+/// body, else the body).
+async fn refused(
+    method: &str,
+    url: &str,
+    answer: reqwest::Response,
+) -> anyhow::Result<reqwest::Response> {
+    let status = answer.status();
+    if status.is_success() {
+        return Ok(answer);
+    }
+    let text = answer.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| text.trim().to_string());
+    bail!("{method} {url}: {status}: {message}")
 }
 
 /// Runs the benchmark and prints its table (or JSON lines).

@@ -283,8 +283,10 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_MAX_MODEL_BYTES", default_value_t = ferry_server::integrity::DEFAULT_MAX_MODEL_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_model_bytes: u64,
 
-    /// The ONNX Runtime 1.32 library (`libonnxruntime.so.1.32.0`). Without it Ferry looks at $ORT_DYLIB_PATH,
-    /// beside its own binary (or in `lib/` next to it), and in an installed Python `onnxruntime` package.
+    /// The ONNX Runtime 1.32 library (`libonnxruntime.so.1.32.0`). Without it Ferry looks at $ORT_DYLIB_PATH, in
+    /// `.ferry/lib` (where scripts/fetch-onnxruntime puts it) in the working directory or any folder above it or
+    /// above its own binary, beside the binary (or in `lib/` next to it), and in an installed Python `onnxruntime`
+    /// package.
     #[arg(long, env = "FERRY_ONNXRUNTIME_LIB", value_name = "FILE")]
     pub onnxruntime_lib: Option<PathBuf>,
 
@@ -353,7 +355,7 @@ impl ServeArgs {
                 "--auth-open: unknown endpoint `{bad}` (expected health, metrics or none)"
             );
         }
-        Ok(ServeConfig {
+        let config = ServeConfig {
             model_repository: self.model_repository,
             cache_dir: self
                 .cache_dir
@@ -439,7 +441,9 @@ impl ServeArgs {
                     })
                 }
             },
-        })
+        };
+        config.check_admin_exposure().map_err(anyhow::Error::msg)?;
+        Ok(config)
     }
 }
 

@@ -131,7 +131,7 @@ fn pipeline_args(
 ) -> Result<Vec<OsString>, ConfigError> {
     let fail = |m: String| ConfigError::File(format!("pipeline file {}: {m}", path.display()));
     let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
-    let table: toml::Table = toml::from_str(&text).map_err(|e| fail(e.message().to_string()))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| fail(syntax(&e, &text)))?;
     let mut keys: Vec<(String, toml::Value)> = Vec::new();
     for (key, value) in table {
         match value {
@@ -212,6 +212,11 @@ fn pipeline_args(
     Ok(extra)
 }
 
+/// A TOML syntax error with its line and column.
+fn syntax(e: &toml::de::Error, text: &str) -> String {
+    e.message().trim_end().to_string() + &ferry_server::model_config::locate(e, text)
+}
+
 /// Where the subcommand's name stands among the arguments: the first argument equal to it that is not the value of
 /// the global `--config` option (`ferry --config serve serve` names a file called `serve`).
 fn subcommand_position(args: &[OsString], sub_name: &str) -> usize {
@@ -237,7 +242,7 @@ fn file_args(
 ) -> Result<Vec<OsString>, ConfigError> {
     let fail = |m: String| ConfigError::File(format!("config file {}: {m}", path.display()));
     let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
-    let table: toml::Table = toml::from_str(&text).map_err(|e| fail(e.message().to_string()))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| fail(syntax(&e, &text)))?;
     for key in table.keys() {
         if key != sub_name {
             return Err(fail(format!(
@@ -374,6 +379,8 @@ mod tests {
         assert!(e.contains("--rest-port"), "{e}");
         let e = file_error("[serve\n");
         assert!(e.starts_with("config file"), "{e}");
+        let e = file_error("[serve]\nrest_port = 9000\nhost = localhost\n");
+        assert!(e.ends_with("(line 3, column 8)"), "{e}");
     }
 
     #[test]
@@ -452,6 +459,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("given twice"), "{e}");
+        let broken = file("[train]\nseed = 1\nmodel = mlp\n");
+        let e = retrain(&["ferry", "retrain", "--pipeline", &broken.arg()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("pipeline file") && e.ends_with("(line 3, column 9)"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -22,8 +22,8 @@ pub struct EvaluateArgs {
     #[arg(long, env = "FERRY_EVALUATE_JSON", num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
     pub json: bool,
 
-    /// The ONNX Runtime 1.32 library. Without it Ferry looks at $ORT_DYLIB_PATH, beside its own binary, and in
-    /// an installed Python `onnxruntime` package.
+    /// The ONNX Runtime 1.32 library. Without it Ferry looks at $ORT_DYLIB_PATH, in `.ferry/lib` above the
+    /// working directory or its own binary, beside the binary, and in an installed Python `onnxruntime` package.
     #[arg(long, env = "FERRY_ONNXRUNTIME_LIB", value_name = "FILE")]
     pub onnxruntime_lib: Option<PathBuf>,
 }

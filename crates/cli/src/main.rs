@@ -35,14 +35,49 @@ fn main() -> ExitCode {
     match run(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferry: {e:#}");
+            eprintln!("ferry: {}", describe(&e));
             if e.downcast_ref::<retrain::Refused>().is_some() {
                 ExitCode::from(retrain::EXIT_REFUSED)
+            } else if e.downcast_ref::<BadServeConfig>().is_some() {
+                ExitCode::from(64)
             } else {
                 ExitCode::from(1)
             }
         }
     }
+}
+
+/// `ferry serve` flags that cannot work together, found before any port is bound or model loaded: exit status 64
+/// (EX_USAGE), as for a bad configuration file.
+#[derive(Debug)]
+struct BadServeConfig;
+
+impl std::fmt::Display for BadServeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("checking the serve configuration")
+    }
+}
+
+/// An error and its causes as `anyhow`'s `{:#}` joins them, but a cause whose text the message before it already
+/// ends with (an error type that prints its source too, as `TrainError` and the engine's do) is not
+/// repeated; the continuation lines of a multi-line message (ONNX Runtime's) are indented under it.
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        let text = text.trim();
+        if text.is_empty() || parts.last().is_some_and(|before| before.ends_with(text)) {
+            continue;
+        }
+        parts.push(text.to_string());
+    }
+    parts
+        .join(": ")
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join("\n  ")
 }
 
 fn run(command: cli::Command) -> anyhow::Result<()> {
@@ -58,9 +93,7 @@ fn run(command: cli::Command) -> anyhow::Result<()> {
         cli::Command::Top(args) => top::run(args),
         cli::Command::Serve(args) => {
             telemetry::init(args.log_format, &args.log_level).context("setting up logging")?;
-            let config = (*args)
-                .into_config()
-                .context("checking the serve configuration")?;
+            let config = (*args).into_config().context(BadServeConfig)?;
             tracing::info!(?config, "effective configuration");
             let engine = ferry_engine::OrtEngine::init(config.onnxruntime_lib.as_deref());
             if let Err(e) = &engine {
@@ -89,5 +122,41 @@ fn run(command: cli::Command) -> anyhow::Result<()> {
             runtime.shutdown_timeout(grace);
             result
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct PrintsItsSource(std::io::Error);
+
+    impl std::fmt::Display for PrintsItsSource {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "data.csv: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for PrintsItsSource {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn causes_are_printed_once_and_multi_line_messages_indented() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let e = anyhow::Error::new(PrintsItsSource(io)).context("loading");
+        assert_eq!(describe(&e), "loading: data.csv: No such file");
+        let e = anyhow::anyhow!("Load model failed:\nIn Node Gemm\n\nbad input  \n")
+            .context("evaluating");
+        assert_eq!(
+            describe(&e),
+            "evaluating: Load model failed:\n  In Node Gemm\n  bad input"
+        );
+        // A cause is dropped only when the message ends with it, not merely contains it.
+        let e = anyhow::anyhow!("model").context("reading the model file");
+        assert_eq!(describe(&e), "reading the model file: model");
     }
 }

@@ -36,7 +36,7 @@ pub enum OptimizeCommand {
     /// Search hyper-parameters (grid or random; k-fold or validation split), then train and write the best.
     Search(Box<SearchArgs>),
     /// Quantize a trained model's Gemm/MatMul weights to int8; compare size, latency and score with the float
-    /// model, and write it only if the score drops by at most --max-accuracy-drop.
+    /// model, and write it only if it is smaller and the score drops by at most --max-accuracy-drop.
     Quantize(QuantizeArgs),
 }
 
@@ -69,7 +69,8 @@ pub struct QuantizeArgs {
     #[arg(long, env = "FERRY_QUANTIZE_JSON", num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
     pub json: bool,
 
-    /// The ONNX Runtime 1.32 library (else $ORT_DYLIB_PATH, beside the binary, or a Python `onnxruntime`).
+    /// The ONNX Runtime 1.32 library (else $ORT_DYLIB_PATH, `.ferry/lib` above the working directory or the
+    /// binary, beside the binary, or a Python `onnxruntime`).
     #[arg(long, env = "FERRY_ONNXRUNTIME_LIB", value_name = "FILE")]
     pub onnxruntime_lib: Option<PathBuf>,
 }
@@ -214,6 +215,13 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
         c.metric,
         c.drop,
         args.max_accuracy_drop
+    );
+    anyhow::ensure!(
+        c.int8_bytes < c.float_bytes,
+        "not written: the int8 model ({} bytes) is not smaller than the float model ({} bytes); its weights are \
+         too few for int8 to outweigh the DequantizeLinear nodes and scales it adds",
+        c.int8_bytes,
+        c.float_bytes
     );
     meta.quantization = Some(c);
     let destination = Destination::from_flags(args.out.as_deref(), args.publish.as_deref())

@@ -120,7 +120,8 @@ pub struct RetrainArgs {
     #[arg(long, env = "FERRY_RETRAIN_JSON", num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
     pub json: bool,
 
-    /// The ONNX Runtime 1.32 library (else $ORT_DYLIB_PATH, beside the binary, or a Python `onnxruntime`).
+    /// The ONNX Runtime 1.32 library (else $ORT_DYLIB_PATH, `.ferry/lib` above the working directory or the
+    /// binary, beside the binary, or a Python `onnxruntime`).
     #[arg(long, env = "FERRY_ONNXRUNTIME_LIB", value_name = "FILE")]
     pub onnxruntime_lib: Option<PathBuf>,
 
@@ -176,7 +177,10 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
     let plan = match rt.block_on(read_plan(&repo, &model)) {
         Ok(p) => p,
         Err(e) if args.force => {
-            steps.say(format_args!("replacing an unreadable plan: {e:#}"));
+            steps.say(format_args!(
+                "replacing an unreadable plan: {}",
+                crate::describe(&e)
+            ));
             None
         }
         Err(e) => return Err(e.context("--force replaces it")),
@@ -223,6 +227,8 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
             .filter(|h| !h.is_empty());
     }
     let task = ferry_train::fit::resolve_task(&options, &dataset)?;
+    // Judged on every row: the candidate, trained on fewer, keeps it.
+    options.task = Some(task);
     if let Some(l) = &live {
         anyhow::ensure!(
             l.meta.task == task,
@@ -401,7 +407,7 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         };
         if let Some(p) = restore {
             if let Err(undo) = rt.block_on(write_plan(&repo, &model, &p)) {
-                eprintln!("ferry: could not undo the plan: {undo:#}");
+                eprintln!("ferry: could not undo the plan: {}", crate::describe(&undo));
             }
         }
         bail!("publishing version {version} of {model}: {e}");

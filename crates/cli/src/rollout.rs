@@ -323,13 +323,21 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     let existing = match read_plan(&repo, model).await {
         Ok(p) => p,
         Err(e) if args.force => {
-            eprintln!("ferry: replacing an unreadable plan: {e:#}");
+            eprintln!(
+                "ferry: replacing an unreadable plan: {}",
+                crate::describe(&e)
+            );
             None
         }
         Err(e) => return Err(e.context("--force replaces it")),
     };
     check_no_running_plan(model, existing.as_ref(), args.force)?;
     let present = repo.versions(model).await.map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        !present.is_empty(),
+        "{model} has no versions in {}",
+        repo.describe()
+    );
     let stable = match args.stable {
         Some(v) => v,
         None => {
@@ -343,7 +351,17 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     };
     anyhow::ensure!(
         present.contains(&stable),
-        "the stable version {stable} of {model} is not in the repository"
+        "the stable version {stable} of {model} is not in the repository ({})",
+        versions_present(&present)
+    );
+    // A candidate not published yet is a version to come, numbered after those present; a lower number that is
+    // missing is a mistake the rollout would wait on for ever.
+    anyhow::ensure!(
+        present.contains(&args.version) || present.iter().all(|v| *v < args.version),
+        "version {} of {model} is not in the repository ({}); a candidate still to be published must be numbered \
+         after them",
+        args.version,
+        versions_present(&present)
     );
     let plan = args.rollout.plan(stable, args.version)?;
     write_plan(&repo, model, &plan).await?;
@@ -381,6 +399,16 @@ async fn decide(args: DecideArgs, state: RolloutState) -> anyhow::Result<()> {
             plan.state.name().replace('_', " ")
         );
     }
+    if state == RolloutState::Promoted {
+        let present = repo.versions(model).await.map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            present.contains(&plan.candidate),
+            "cannot promote {model}: its candidate, version {}, is not in the repository ({}); publish it first, \
+             or roll back",
+            plan.candidate,
+            versions_present(&present)
+        );
+    }
     plan.finish(state, "by operator".into());
     write_plan(&repo, model, &plan).await?;
     println!(
@@ -389,6 +417,17 @@ async fn decide(args: DecideArgs, state: RolloutState) -> anyhow::Result<()> {
         plan.settled_version()
     );
     Ok(())
+}
+
+/// "versions present: 1, 2", or "no versions".
+fn versions_present(present: &[u64]) -> String {
+    if present.is_empty() {
+        return "no versions".into();
+    }
+    let mut sorted = present.to_vec();
+    sorted.sort_unstable();
+    let list: Vec<String> = sorted.iter().map(u64::to_string).collect();
+    format!("versions present: {}", list.join(", "))
 }
 
 /// The step a running plan is in by its history (the step after the last one that passed), and since when.

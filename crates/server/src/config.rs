@@ -74,6 +74,26 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
+    /// Refuses a management API beyond loopback that no token guards (neither `admin_token` nor a token with the
+    /// admin scope). `ferry serve` checks it before it binds a port or loads anything; `Server::start` checks again.
+    pub fn check_admin_exposure(&self) -> Result<(), String> {
+        let Some(addr) = self.admin else {
+            return Ok(());
+        };
+        let guarded = self.admin_token.is_some()
+            || self
+                .tokens
+                .iter()
+                .any(|t| t.scopes.contains(&crate::auth::Scope::Admin));
+        if addr.ip().is_loopback() || guarded {
+            return Ok(());
+        }
+        Err(format!(
+            "the management API would listen on {addr}, beyond loopback, without a token: set --admin-token (or \
+             FERRY_ADMIN_TOKEN), give a token the admin scope, or keep --admin-host on 127.0.0.1"
+        ))
+    }
+
     /// A configuration for tests: loopback, a free port, short timeouts.
     pub fn for_tests(model_repository: PathBuf) -> ServeConfig {
         ServeConfig {

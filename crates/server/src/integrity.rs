@@ -132,8 +132,30 @@ impl SigningKey {
         Ok((SigningKey::from_seed(&seed), seed))
     }
 
-    /// Reads a secret key file. On Unix it must not be readable by group or others (as ssh insists).
+    /// Reads a secret key file. On Unix it must not be readable by group or others (as ssh insists). A file named
+    /// `*.pub` is refused as the public key `--generate-key` writes (the same 64 hex digits as a seed), unless it is
+    /// itself the secret key of a `*.pub.pub` beside it.
     pub fn read(path: &Path) -> Result<SigningKey, String> {
+        if path.extension().is_some_and(|e| e == "pub") {
+            let own_public = PublicKey::read(&public_key_path(path));
+            let seed = read_small(path).and_then(|t| decode_key(&t));
+            let is_secret = matches!((own_public, seed), (Ok(p), Ok(s)) if SigningKey::from_seed(&s).public_key() == p);
+            if !is_secret {
+                let secret = path.with_extension("");
+                return Err(format!(
+                    "{} is a public key (the .pub file servers take with --trusted-key): sign with the secret key file{}",
+                    path.display(),
+                    if secret.is_file() {
+                        format!(" beside it, {}", secret.display())
+                    } else {
+                        format!(
+                            " it was made with (`ferry sign --generate-key {}` wrote both)",
+                            secret.display()
+                        )
+                    }
+                ));
+            }
+        }
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

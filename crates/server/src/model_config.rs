@@ -177,18 +177,57 @@ pub fn default_limits() -> crate::batching::queue::Limits {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 enum RawPolicy {
     Word(String),
     Table(RawPolicyTable),
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Default)]
 struct RawPolicyTable {
     latest: Option<usize>,
     specific: Option<Vec<u64>>,
+}
+
+/// The forms `version_policy` takes, for error messages.
+const POLICY_FORMS: &str = "\"all\", { latest = N } or { specific = [..] }";
+
+/// By hand rather than `untagged`, whose error names no key ("data did not match any variant").
+impl<'de> Deserialize<'de> for RawPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Policy;
+        impl<'de> serde::de::Visitor<'de> for Policy {
+            type Value = RawPolicy;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "version_policy as {POLICY_FORMS}")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, word: &str) -> Result<RawPolicy, E> {
+                Ok(RawPolicy::Word(word.to_string()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RawPolicy, A::Error> {
+                let mut table = RawPolicyTable::default();
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "latest" => table.latest = Some(map.next_value()?),
+                        "specific" => table.specific = Some(map.next_value()?),
+                        other => {
+                            return Err(serde::de::Error::custom(format!(
+                                "version_policy: unknown key `{other}` (expected {POLICY_FORMS})"
+                            )))
+                        }
+                    }
+                }
+                Ok(RawPolicy::Table(table))
+            }
+        }
+        deserializer.deserialize_any(Policy)
+    }
 }
 
 impl ModelConfig {
@@ -352,15 +391,19 @@ impl ModelConfig {
     }
 }
 
-/// " (line L)" for a TOML error that has a position.
-fn locate(e: &toml::de::Error, text: &str) -> String {
-    match e.span() {
-        Some(span) => format!(
-            " (line {})",
-            text[..span.start.min(text.len())].lines().count().max(1)
-        ),
-        None => String::new(),
-    }
+/// " (line L, column C)" for a TOML error that has a position in `text` (both from 1; the column counts characters),
+/// else "".
+pub fn locate(e: &toml::de::Error, text: &str) -> String {
+    let Some(span) = e.span() else {
+        return String::new();
+    };
+    let before = text.get(..span.start).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    format!(
+        " (line {}, column {})",
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1
+    )
 }
 
 #[cfg(test)]
@@ -443,9 +486,32 @@ mod tests {
         let e = parse("graph_optimization_level = \"max\"").unwrap_err();
         assert!(e.starts_with("graph_optimization_level"), "{e}");
         let e = parse("[labels]\nstable = \"x\"").unwrap_err();
-        assert!(e.contains("line 2"), "{e}");
+        assert!(e.contains("(line 2, column 10)"), "{e}");
+        // A key at the start of a line is on that line, not the one before.
+        let e = parse("version_policy = \"all\"\ninstancs = 2").unwrap_err();
+        assert!(
+            e.contains("instancs") && e.ends_with("(line 2, column 1)"),
+            "{e}"
+        );
+        let e = parse("engine = \"auto\"\n\nmax_batch_size = [\n").unwrap_err();
+        assert!(e.contains("(line 3, column "), "{e}");
         let e = parse("engine = \"tensorrt\"").unwrap_err();
         assert!(e.starts_with("engine"), "{e}");
+    }
+
+    #[test]
+    fn a_misspelt_policy_names_its_key_the_forms_and_the_line() {
+        let e = parse("engine = \"auto\"\nversion_policy = { lastest = 1 }").unwrap_err();
+        assert!(
+            e.contains("unknown key `lastest`")
+                && e.contains("\"all\", { latest = N } or { specific = [..] }")
+                && e.contains("line 2,"),
+            "{e}"
+        );
+        let e = parse("version_policy = 3").unwrap_err();
+        assert!(e.contains("{ latest = N }") && e.contains("line 1,"), "{e}");
+        let e = parse("version_policy = { latest = 2, specific = [1] }").unwrap_err();
+        assert!(e.contains("exactly one"), "{e}");
     }
 
     #[test]

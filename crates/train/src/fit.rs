@@ -233,18 +233,62 @@ pub fn resolve_task(options: &TrainOptions, dataset: &Dataset) -> Result<Task, T
             ))
         }
         (ModelKind::Linear, _) => Task::Regression,
-        (ModelKind::Logistic | ModelKind::Softmax, _) => Task::Classification,
+        (ModelKind::Logistic | ModelKind::Softmax, Some(_)) => Task::Classification,
+        (ModelKind::Logistic | ModelKind::Softmax, None) => {
+            refuse_continuous_target(dataset)?;
+            Task::Classification
+        }
         (ModelKind::Mlp, Some(task)) => task,
         (ModelKind::Mlp, None) => match &dataset.target {
             crate::data::Target::Labels { .. } => Task::Classification,
             crate::data::Target::Numeric { labels, .. } => match labels {
-                Some(l) if l.len() <= 20 && l.iter().all(|(_, v)| v.fract() == 0.0) => {
+                Some(l) if l.len() <= AUTO_CLASSES && l.iter().all(|(_, v)| v.fract() == 0.0) => {
                     Task::Classification
                 }
                 _ => Task::Regression,
             },
         },
     })
+}
+
+/// Classes need at least this many rows each on average once there are more than [`AUTO_CLASSES`] of them.
+pub const MIN_ROWS_PER_CLASS: usize = 5;
+
+/// The most distinct integers `mlp` takes for classes without `--task`; past it a numeric target must also have
+/// [`MIN_ROWS_PER_CLASS`] rows per class on average for a classifier.
+pub const AUTO_CLASSES: usize = 20;
+
+/// Refuses a numeric target that looks like a measurement rather than classes, for a classifier chosen by its
+/// family alone: a value that is not a whole number, or more than [`AUTO_CLASSES`] distinct values with fewer than
+/// [`MIN_ROWS_PER_CLASS`] rows each on average. `--task classification` overrides it.
+fn refuse_continuous_target(dataset: &Dataset) -> Result<(), TrainError> {
+    let crate::data::Target::Numeric { values, labels } = &dataset.target else {
+        return Ok(());
+    };
+    let advice = "to predict it as a number train a regressor (--model linear, or mlp); if these values really are \
+                  classes, say so with --task classification";
+    let name = &dataset.target_name;
+    if let Some(v) = values.iter().find(|v| v.fract() != 0.0) {
+        return Err(TrainError::Config(format!(
+            "the target `{name}` looks continuous ({v} is not a whole number), not like class labels: {advice}"
+        )));
+    }
+    let classes = labels
+        .as_ref()
+        .map_or(crate::data::MAX_CLASSES + 1, Vec::len);
+    let rows = values.len();
+    if classes > AUTO_CLASSES && rows < classes * MIN_ROWS_PER_CLASS {
+        let count = match labels {
+            Some(l) => format!("{} distinct values", l.len()),
+            None => format!("more than {} distinct values", crate::data::MAX_CLASSES),
+        };
+        return Err(TrainError::Config(format!(
+            "the target `{name}` looks continuous, not like class labels: {count} in {rows} rows, fewer than \
+             {MIN_ROWS_PER_CLASS} rows per class on average (more than {AUTO_CLASSES} classes need at least \
+             {MIN_ROWS_PER_CLASS} rows each on average): {advice}"
+        )));
+    }
+    Ok(())
 }
 
 fn resolve(options: &TrainOptions, dataset: &Dataset) -> Result<HyperParameters, TrainError> {

@@ -112,7 +112,13 @@ pub fn cross_validate(
     if folds < 2 {
         return Err(TrainError::Config("--folds must be at least 2".into()));
     }
-    let classification = crate::fit::resolve_task(options, dataset)? == Task::Classification;
+    let task = crate::fit::resolve_task(options, dataset)?;
+    let classification = task == Task::Classification;
+    // The task is judged on the whole file; the folds, fewer rows each, keep it.
+    let options = &TrainOptions {
+        task: Some(task),
+        ..options.clone()
+    };
     let strata = if classification {
         Some(dataset.classes()?.index)
     } else {

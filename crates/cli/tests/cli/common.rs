@@ -10,6 +10,8 @@ pub fn ferry(args: &[&str]) -> Output {
         .env_remove("FERRY_MODEL_REPOSITORY")
         .env_remove("FERRY_CONFIG")
         .env_remove("FERRY_SIGN_KEY")
+        .env_remove("FERRY_ADMIN_TOKEN")
+        .env_remove("FERRY_TOKENS")
         .output()
         .expect("the ferry binary runs")
 }

@@ -3,6 +3,8 @@
 
 mod baseline;
 mod common;
+mod library;
 mod retrain;
+mod serve;
 mod sign;
 mod train;

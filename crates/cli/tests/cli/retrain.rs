@@ -346,17 +346,78 @@ fn payload_logs_joined_with_labels_train_a_candidate() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-#[test]
-fn rollouts_start_show_promote_and_roll_back() {
-    let dir = scratch("rollout");
-    let models = dir.join("models");
-    for v in ["1", "2"] {
+/// Copies the example iris model into `<models>/iris/<v>` for each of `versions`.
+fn example_iris_versions(models: &Path, versions: &[&str]) {
+    for v in versions {
         let to = models.join("iris").join(v);
         std::fs::create_dir_all(&to).unwrap();
         for f in ["model.onnx", "ferry.json"] {
             std::fs::copy(examples().join("models/iris/1").join(f), to.join(f)).unwrap();
         }
     }
+}
+
+#[test]
+fn rollouts_refuse_versions_that_are_not_in_the_repository() {
+    let dir = scratch("missing-versions");
+    let models = dir.join("models");
+    example_iris_versions(&models, &["1", "3"]);
+    let repo = models.to_str().unwrap();
+    let refused = |args: &[&str]| {
+        let out = ferry(&[&["rollout"], args, &["--model-repository", repo]].concat());
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        stderr(&out)
+    };
+    let e = refused(&["start", "iris", "--version", "3", "--stable", "2"]);
+    assert!(
+        e.contains(
+            "the stable version 2 of iris is not in the repository (versions present: 1, 3)"
+        ),
+        "{e}"
+    );
+    // A missing candidate numbered below a present version can never be published by ferry: a typo.
+    let e = refused(&["start", "iris", "--version", "2"]);
+    assert!(
+        e.contains("version 2 of iris is not in the repository (versions present: 1, 3)"),
+        "{e}"
+    );
+    let e = refused(&["start", "irsi", "--version", "2"]);
+    assert!(e.contains("irsi has no versions"), "{e}");
+    assert!(!models.join("iris/rollout.json").exists());
+
+    // A candidate still to be published waits, but cannot be promoted before it exists.
+    expect(
+        0,
+        &[
+            "rollout",
+            "start",
+            "iris",
+            "--version",
+            "4",
+            "--model-repository",
+            repo,
+        ],
+    );
+    let e = refused(&["promote", "iris"]);
+    assert!(
+        e.contains("cannot promote iris: its candidate, version 4, is not in the repository (versions present: 1, 3)"),
+        "{e}"
+    );
+    let plan = read_json(&models.join("iris/rollout.json"));
+    assert_eq!(plan["state"], "running");
+    example_iris_versions(&models, &["4"]);
+    expect(
+        0,
+        &["rollout", "promote", "iris", "--model-repository", repo],
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn rollouts_start_show_promote_and_roll_back() {
+    let dir = scratch("rollout");
+    let models = dir.join("models");
+    example_iris_versions(&models, &["1", "2"]);
     let repo = models.to_str().unwrap();
     let rollout = |code: i32, args: &[&str]| {
         let mut all = vec!["rollout"];
@@ -516,11 +577,7 @@ fn rollouts_start_show_promote_and_roll_back() {
 fn the_example_pipeline_runs_and_flags_override_it() {
     let dir = scratch("pipeline");
     let models = dir.join("models");
-    let to = models.join("iris/1");
-    std::fs::create_dir_all(&to).unwrap();
-    for f in ["model.onnx", "ferry.json"] {
-        std::fs::copy(examples().join("models/iris/1").join(f), to.join(f)).unwrap();
-    }
+    example_iris_versions(&models, &["1"]);
     let pipeline = examples().join("pipeline.toml");
     let pipeline = pipeline.to_str().unwrap();
     let repo = models.to_str().unwrap();
@@ -586,5 +643,60 @@ fn the_example_pipeline_runs_and_flags_override_it() {
         "{}",
         stderr(&out)
     );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The output line as compared: a fit's time (`in 0.02s`) varies from run to run.
+fn without_time(line: &str) -> String {
+    match (line.find(" rows in "), line.find("s (")) {
+        (Some(a), Some(b)) if a < b => format!("{}{}", &line[..a + 9], &line[b + 1..]),
+        _ => line.to_string(),
+    }
+}
+
+#[test]
+fn the_readme_retrain_example_runs_as_written() {
+    let checkout = examples().join("..");
+    let readme = std::fs::read_to_string(checkout.join("README.md")).unwrap();
+    let section = &readme[readme.find("## Retraining and rollouts").unwrap()..];
+    let start = section.find("```console\n").unwrap() + "```console\n".len();
+    let block = &section[start..start + section[start..].find("```").unwrap()];
+    // Its repository under /tmp/models becomes this test's own folder.
+    let dir = scratch("readme");
+    let models = dir.join("models").display().to_string();
+    let mut runs: Vec<(Vec<String>, Vec<String>)> = Vec::new();
+    for line in block.lines() {
+        match line.strip_prefix("$ ") {
+            Some(command) => runs.push((
+                command
+                    .split_whitespace()
+                    .map(|w| w.replace("/tmp/models", &models))
+                    .collect(),
+                Vec::new(),
+            )),
+            None => runs
+                .last_mut()
+                .unwrap()
+                .1
+                .push(without_time(&line.replace("/tmp/models", &models))),
+        }
+    }
+    assert_eq!(runs.len(), 2, "{block}");
+    for (command, expected) in runs {
+        assert_eq!(command[0], "ferry");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(&command[1..])
+            .current_dir(&checkout)
+            .env_remove("FERRY_MODEL_REPOSITORY")
+            .output()
+            .unwrap();
+        let printed = stderr(&out) + &stdout(&out);
+        assert!(out.status.success(), "{command:?}: {printed}");
+        let mut printed: Vec<String> = printed.lines().map(without_time).collect();
+        let mut expected = expected;
+        printed.sort();
+        expected.sort();
+        assert_eq!(printed, expected, "{command:?}");
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }

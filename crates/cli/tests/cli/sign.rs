@@ -119,3 +119,42 @@ fn a_readable_secret_key_stops_retrain_before_training() {
     assert!(out.contains("chmod 600"), "{out}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_public_key_given_as_the_signing_key_is_refused_naming_the_secret_one() {
+    let dir = scratch("public");
+    let v1 = dir.join("models/iris/1");
+    std::fs::create_dir_all(&v1).unwrap();
+    std::fs::write(v1.join("model.onnx"), b"not really a model").unwrap();
+    let key = dir.join("signing.key");
+    expect(0, &["sign", "--generate-key", key.to_str().unwrap()]);
+    let public = dir.join("signing.key.pub");
+    let out = expect(
+        1,
+        &[
+            "sign",
+            v1.to_str().unwrap(),
+            "--key",
+            public.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.contains("is a public key")
+            && out.contains(&format!(
+                "sign with the secret key file beside it, {}",
+                key.display()
+            ))
+            && !out.contains("chmod"),
+        "{out}"
+    );
+    assert!(!v1.join("ferry.sig").exists());
+    // A secret key that happens to be named *.pub (its public key is *.pub.pub) still signs.
+    let odd = dir.join("odd.pub");
+    expect(0, &["sign", "--generate-key", odd.to_str().unwrap()]);
+    expect(
+        0,
+        &["sign", v1.to_str().unwrap(), "--key", odd.to_str().unwrap()],
+    );
+    assert!(verify(&v1, "iris", 1, &dir.join("odd.pub.pub")).is_ok());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -149,6 +149,115 @@ fn a_bad_file_fails_with_line_and_column() {
 }
 
 #[test]
+fn a_missing_file_or_a_broken_model_is_reported_once() {
+    let dir = scratch("missing");
+    let missing = dir.join("missing.csv");
+    let iris_model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/models/iris/1");
+    let broken = dir.join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::copy(iris_model.join("ferry.json"), broken.join("ferry.json")).unwrap();
+    std::fs::write(broken.join("model.onnx"), b"not a model").unwrap();
+    let iris = example("iris.csv");
+    let (out_dir, nope) = (dir.join("m"), dir.join("nope"));
+    let runs: [(Vec<&str>, &str); 4] = [
+        (
+            vec![
+                "train",
+                missing.to_str().unwrap(),
+                "--model",
+                "softmax",
+                "--out",
+                out_dir.to_str().unwrap(),
+            ],
+            "No such file or directory",
+        ),
+        (
+            vec![
+                "evaluate",
+                iris_model.to_str().unwrap(),
+                missing.to_str().unwrap(),
+            ],
+            "No such file or directory",
+        ),
+        (
+            vec!["evaluate", nope.to_str().unwrap(), &iris],
+            "No such file or directory",
+        ),
+        (
+            vec!["evaluate", broken.to_str().unwrap(), &iris],
+            "protobuf parsing failed",
+        ),
+    ];
+    for (args, cause) in runs {
+        let out = ferry(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.matches(cause).count(), 1, "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.lines().filter(|l| l.starts_with("ferry: ")).count(),
+            1,
+            "{stderr}"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_classifier_refuses_a_continuous_target_unless_told() {
+    let dir = scratch("continuous");
+    let out = dir.join("m");
+    // diabetes.csv: the target is a disease score, 214 distinct whole numbers in 442 rows.
+    for model in ["softmax", "logistic"] {
+        let run = ferry(&[
+            "train",
+            &example("diabetes.csv"),
+            "--model",
+            model,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("looks continuous")
+                && stderr.contains("214 distinct values in 442 rows")
+                && stderr.contains("--model linear")
+                && stderr.contains("--task classification"),
+            "{stderr}"
+        );
+        assert!(!out.exists());
+    }
+    // Values that are not whole numbers are not classes either.
+    let csv = dir.join("fractions.csv");
+    std::fs::write(&csv, "x,y\n1,0.5\n2,1.5\n3,0.5\n4,1.5\n").unwrap();
+    let run = ferry(&[
+        "train",
+        csv.to_str().unwrap(),
+        "--model",
+        "softmax",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("0.5 is not a whole number"), "{stderr}");
+    // --task classification says they are classes.
+    json(&ferry(&[
+        "train",
+        &example("diabetes.csv"),
+        "--model",
+        "softmax",
+        "--task",
+        "classification",
+        "--epochs",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn optimize_prints_the_table_and_publishes_the_best() {
     let repo = scratch("optimize");
     let model = repo.join("iris");
@@ -280,6 +389,43 @@ fn quantize_writes_a_smaller_model_only_when_the_score_holds() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not written"));
     assert!(!refused.exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn quantize_refuses_a_model_it_cannot_shrink() {
+    // Softmax on iris has 12 weights: int8 saves 36 bytes and the DequantizeLinear node and scales cost more.
+    let dir = scratch("quantize-small");
+    let float = dir.join("float");
+    json(&ferry(&[
+        "train",
+        &example("iris.csv"),
+        "--model",
+        "softmax",
+        "--out",
+        float.to_str().unwrap(),
+        "--json",
+    ]));
+    let int8 = dir.join("int8");
+    let out = ferry(&[
+        "optimize",
+        "quantize",
+        float.to_str().unwrap(),
+        &example("iris.csv"),
+        "--out",
+        int8.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let float_bytes = std::fs::metadata(float.join("model.onnx")).unwrap().len();
+    assert!(
+        stderr.contains("not written: the int8 model (")
+            && stderr.contains(&format!(
+                "is not smaller than the float model ({float_bytes} bytes)"
+            )),
+        "{stderr}"
+    );
+    assert!(!int8.exists());
     std::fs::remove_dir_all(dir).unwrap();
 }
 
