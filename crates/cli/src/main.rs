@@ -1,6 +1,7 @@
 //! `ferry`: the single binary. Parses the command line (flags < env < config file merged in [`config`]),
 //! sets up logging, and runs the chosen subcommand.
 
+mod allocator;
 mod baseline;
 mod bench;
 mod cli;
@@ -92,7 +93,11 @@ fn run(command: cli::Command) -> anyhow::Result<()> {
         cli::Command::Sign(args) => sign::run(args),
         cli::Command::Top(args) => top::run(args),
         cli::Command::Serve(args) => {
+            let restart_failed = allocator::restart_with_settings();
             telemetry::init(args.log_format, &args.log_level).context("setting up logging")?;
+            if let Some(why) = restart_failed {
+                tracing::warn!(%why, "serving with the allocators' default settings: memory may stay resident after large requests");
+            }
             let config = (*args).into_config().context(BadServeConfig)?;
             tracing::info!(?config, "effective configuration");
             let engine = ferry_engine::OrtEngine::init(config.onnxruntime_lib.as_deref());
