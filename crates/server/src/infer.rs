@@ -194,6 +194,20 @@ impl Budget {
     pub fn left(&self) -> usize {
         self.left.get()
     }
+
+    /// The whole budget.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+}
+
+/// The memory decoded tensor data takes, counted as [`Budget`] charges it.
+pub fn memory_cost(data: &ferry_model::TensorData) -> usize {
+    let content = match data {
+        ferry_model::TensorData::Bytes(v) => v.iter().map(Vec::len).sum(),
+        _ => 0,
+    };
+    data.len() * element_cost(data.dtype()) + content
 }
 
 /// The bytes one element of `dtype` takes in memory: its size, or for `BYTES` the vector that holds it (its content

@@ -198,8 +198,12 @@ use axum::http::HeaderMap;
 use ferry_model::external::{check_location, check_self_contained, external_tensors};
 use ferry_model::onnx::{GraphBuilder, ModelProto, TensorProto};
 use ferry_model::{element_count, NamedTensor, TensorSpec};
-use ferry_server::infer::Limits;
+use ferry_server::infer::{memory_cost, Budget, Limits};
+use ferry_server::protocol::grpc::inference as kserve;
+use ferry_server::protocol::grpc::tensorflow as tf;
+use ferry_server::protocol::kserve_grpc::decode_infer_inputs;
 use ferry_server::protocol::kserve_rest::{decode_json_inputs, decode_request_body, HEADER_LENGTH};
+use ferry_server::protocol::tfserving_grpc::decode_predict_inputs;
 use ferry_server::protocol::tfserving_rest::decode_predict_body;
 use prost::Message;
 
@@ -233,13 +237,54 @@ fn consistent(inputs: &[NamedTensor]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// Decoded tensors of a request of `request_bytes` never take more memory than its budget.
+fn within_budget(inputs: &[NamedTensor], request_bytes: usize) -> Result<(), TestCaseError> {
+    let used: usize = inputs.iter().map(|i| memory_cost(&i.tensor.data)).sum();
+    let total = Budget::for_request(request_bytes).total();
+    prop_assert!(
+        used <= total,
+        "{used} bytes decoded from a request of {request_bytes} (budget {total})"
+    );
+    Ok(())
+}
+
+/// A TF Serving `Predict` input of `dtype` with `shape`, holding `values` in its typed field (one value fills).
+fn tf_tensor(dtype: DataType, shape: &[i64], values: usize, text: &[u8]) -> tf::TensorProto {
+    let mut t = tf::TensorProto {
+        dtype: match dtype {
+            DataType::F32 => tf::DataType::DtFloat,
+            DataType::I64 => tf::DataType::DtInt64,
+            _ => tf::DataType::DtString,
+        } as i32,
+        tensor_shape: Some(tf::TensorShapeProto {
+            dim: shape
+                .iter()
+                .map(|d| tf::tensor_shape_proto::Dim {
+                    size: *d,
+                    name: String::new(),
+                })
+                .collect(),
+            unknown_rank: false,
+        }),
+        ..Default::default()
+    };
+    match dtype {
+        DataType::F32 => t.float_val = vec![1.5; values],
+        DataType::I64 => t.int64_val = vec![7; values],
+        _ => t.string_val = vec![text.to_vec(); values],
+    }
+    t
+}
+
 fn kserve_direct(body: Vec<u8>, header: Option<usize>) -> Result<(), TestCaseError> {
     let mut headers = HeaderMap::new();
     if let Some(n) = header {
         headers.insert(HEADER_LENGTH, n.into());
     }
+    let n = body.len();
     if let Ok(inputs) = decode_request_body(&headers, &body.into(), &Limits::default()) {
         consistent(&inputs)?;
+        within_budget(&inputs, n)?;
     }
     Ok(())
 }
@@ -297,6 +342,7 @@ proptest! {
         let body = if use_raw { raw } else { json!({key: value}).to_string().into_bytes() };
         if let Ok((inputs, _)) = decode_predict_body(specs, &body, &Limits::default()) {
             consistent(&inputs)?;
+            within_budget(&inputs, body.len())?;
             for i in &inputs {
                 prop_assert!(specs.iter().any(|s| s.name == i.name && s.dtype == i.tensor.dtype()));
             }
@@ -313,6 +359,39 @@ proptest! {
         for body in [json!({"instances": instances}), json!({"inputs": instances[0].clone()})] {
             if let Ok((inputs, _)) = decode_predict_body(specs, body.to_string().as_bytes(), &Limits::default()) {
                 consistent(&inputs)?;
+            }
+        }
+    }
+
+    #[test]
+    fn tfserving_grpc_fills_stay_within_the_budget(
+        dtype in prop::sample::select(vec![DataType::F32, DataType::I64, DataType::Bytes]),
+        shape in prop::collection::vec(prop_oneof![0i64..4, 0i64..70_000, Just(-1i64), Just(1i64 << 40)], 0..4),
+        values in 0usize..4,
+        text_len in 0usize..3000,
+    ) {
+        let specs = vec![TensorSpec::tensor("x", dtype, vec![-1; shape.len()])];
+        let mut request = tf::serving::PredictRequest::default();
+        request.inputs.insert("x".into(), tf_tensor(dtype, &shape, values, &vec![b's'; text_len]));
+        let n = request.encoded_len();
+        if let Ok(inputs) = decode_predict_inputs(&specs, request.inputs, n, &Limits::default()) {
+            consistent(&inputs)?;
+            within_budget(&inputs, n)?;
+        }
+    }
+
+    #[test]
+    fn grpc_decoders_on_arbitrary_messages(bytes in prop::collection::vec(any::<u8>(), 0..512), pick in 0usize..5) {
+        if let Ok(request) = kserve::ModelInferRequest::decode(bytes.as_slice()) {
+            if let Ok(inputs) = decode_infer_inputs(request.inputs, request.raw_input_contents, bytes.len(), &Limits::default()) {
+                consistent(&inputs)?;
+                within_budget(&inputs, bytes.len())?;
+            }
+        }
+        if let Ok(request) = tf::serving::PredictRequest::decode(bytes.as_slice()) {
+            if let Ok(inputs) = decode_predict_inputs(&signatures()[pick], request.inputs, bytes.len(), &Limits::default()) {
+                consistent(&inputs)?;
+                within_budget(&inputs, bytes.len())?;
             }
         }
     }

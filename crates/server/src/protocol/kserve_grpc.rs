@@ -126,6 +126,30 @@ fn decode_input(
     Ok(NamedTensor::new(name, tensor))
 }
 
+/// Decodes a `ModelInfer` request's inputs (typed contents or raw little-endian bytes), within the memory budget of
+/// a request of `request_bytes`. The entry point of the fuzz targets and property tests.
+pub fn decode_infer_inputs(
+    inputs: Vec<InferInputTensor>,
+    raw: Vec<Vec<u8>>,
+    request_bytes: usize,
+    limits: &crate::infer::Limits,
+) -> Result<Vec<NamedTensor>, InferError> {
+    let budget = crate::infer::Budget::for_request(request_bytes);
+    if !raw.is_empty() && raw.len() != inputs.len() {
+        return Err(InferError::invalid(format!(
+            "raw_input_contents has {} entries for {} inputs; give one per input or none",
+            raw.len(),
+            inputs.len()
+        )));
+    }
+    let mut raw = raw.into_iter();
+    let mut decoded = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        decoded.push(decode_input(input, raw.next(), limits, &budget)?);
+    }
+    Ok(decoded)
+}
+
 #[tonic::async_trait]
 impl GrpcInferenceService for KserveGrpc {
     async fn server_live(
@@ -219,25 +243,13 @@ impl KserveGrpc {
             .inspect_err(|_| self.infer.label(record, &r.model_name))?;
         record.version(loaded.scheduler.series());
         record.body_bytes(r.encoded_len());
-        let budget = crate::infer::Budget::for_request(r.encoded_len());
-        let raw = r.raw_input_contents;
-        if !raw.is_empty() && raw.len() != r.inputs.len() {
-            return Err(InferError::invalid(format!(
-                "raw_input_contents has {} entries for {} inputs; give one per input or none",
-                raw.len(),
-                r.inputs.len()
-            )));
-        }
-        let mut raw = raw.into_iter();
-        let mut inputs = Vec::with_capacity(r.inputs.len());
-        for input in r.inputs {
-            inputs.push(decode_input(
-                input,
-                raw.next(),
-                &self.infer.limits,
-                &budget,
-            )?);
-        }
+        let request_bytes = r.encoded_len();
+        let inputs = decode_infer_inputs(
+            r.inputs,
+            r.raw_input_contents,
+            request_bytes,
+            &self.infer.limits,
+        )?;
         let requested: Option<Vec<String>> =
             (!r.outputs.is_empty()).then(|| r.outputs.iter().map(|o| o.name.clone()).collect());
         let valid = Infer::validate(loaded.clone(), inputs, requested)?.with_id(Some(r.id.clone()));

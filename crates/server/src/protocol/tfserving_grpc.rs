@@ -238,6 +238,28 @@ fn resolved_spec(model: &str, version: u64) -> ModelSpec {
     }
 }
 
+/// Decodes a `Predict` request's inputs against a model's inputs, within the memory budget of a request of
+/// `request_bytes`. The entry point of the fuzz targets and property tests.
+pub fn decode_predict_inputs(
+    specs: &[TensorSpec],
+    inputs: std::collections::HashMap<String, TensorProto>,
+    request_bytes: usize,
+    limits: &crate::infer::Limits,
+) -> Result<Vec<NamedTensor>, InferError> {
+    let budget = crate::infer::Budget::for_request(request_bytes);
+    let mut decoded = Vec::with_capacity(inputs.len());
+    for (name, tensor) in inputs {
+        let spec = specs.iter().find(|s| s.name == name).ok_or_else(|| {
+            InferError::invalid(format!(
+                "input tensor alias not found in signature: {name}. Inputs expected to be in the set {{{}}}.",
+                specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(",")
+            ))
+        })?;
+        decoded.push(decode(&name, spec, tensor, limits, &budget)?);
+    }
+    Ok(decoded)
+}
+
 impl TfServingGrpc {
     async fn predict_inner(
         &self,
@@ -254,17 +276,13 @@ impl TfServingGrpc {
             .inspect_err(|_| self.infer.label(record, &model))?;
         record.version(loaded.scheduler.series());
         record.body_bytes(r.encoded_len());
-        let budget = crate::infer::Budget::for_request(r.encoded_len());
-        let mut inputs = Vec::with_capacity(r.inputs.len());
-        for (name, tensor) in r.inputs {
-            let spec = loaded.signature.input(&name).ok_or_else(|| {
-                InferError::invalid(format!(
-                    "input tensor alias not found in signature: {name}. Inputs expected to be in the set {{{}}}.",
-                    loaded.signature.inputs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(",")
-                ))
-            })?;
-            inputs.push(decode(&name, spec, tensor, &self.infer.limits, &budget)?);
-        }
+        let request_bytes = r.encoded_len();
+        let inputs = decode_predict_inputs(
+            &loaded.signature.inputs,
+            r.inputs,
+            request_bytes,
+            &self.infer.limits,
+        )?;
         let filter = (!r.output_filter.is_empty()).then_some(r.output_filter);
         let valid = Infer::validate(loaded.clone(), inputs, filter)?;
         let prediction = self.infer.predict(valid, deadline).await?;
