@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferry_model::{DataType, TensorData};
 use ferry_server::batching::queue::{Decision, Entry, Limits, State};
-use ferry_server::protocol::json::{decode_data, decode_leaves, leaves, FlatJson, NestedJson};
+use ferry_server::protocol::json::{
+    decode_data, decode_leaves, leaves, FlatJson, NestedJson, NonFinite,
+};
 
 const ROWS: usize = 32;
 const COLS: usize = 64;
@@ -48,7 +50,7 @@ fn json_decode(c: &mut Criterion) {
     });
     let data = TensorData::F32(sample());
     g.bench_function("encode_flat_fp32_32x64", |b| {
-        b.iter(|| serde_json::to_vec(&FlatJson(black_box(&data))).unwrap())
+        b.iter(|| serde_json::to_vec(&FlatJson(black_box(&data), NonFinite::Tokens)).unwrap())
     });
     g.bench_function("encode_nested_fp32_32x64", |b| {
         b.iter(|| {
