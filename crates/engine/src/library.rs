@@ -19,7 +19,7 @@ const LIBRARY_NAMES: [&str; 2] = ["libonnxruntime.so.1.32.0", "libonnxruntime.so
 const FETCHED_DIR: &str = ".ferry/lib";
 
 /// Finds `libonnxruntime`: the explicit path if given, else `$ORT_DYLIB_PATH`, else the first of
-/// [`search_dirs`] that holds it.
+/// `search_dirs` that holds it.
 pub fn find_onnxruntime(explicit: Option<&Path>) -> Result<PathBuf, EngineError> {
     if let Some(path) = explicit {
         return existing(path).ok_or_else(|| {

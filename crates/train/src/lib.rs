@@ -5,7 +5,7 @@
 //!   sha256 of the bytes) and [`split`] makes seeded, stratified train/validation splits.
 //! - [`network`]: the one model all families share (dense layers and an output head) with its losses and exact
 //!   gradients; [`optim`]: gradient descent, SGD, momentum, Adam and the learning-rate schedule.
-//! - [`fit`]: the training loop with early stopping, turning [`TrainOptions`] into a [`Trained`] model.
+//! - [`fit()`]: the training loop with early stopping, turning [`TrainOptions`] into a [`Trained`] model.
 //! - [`export`]: the ONNX graph (standardization folded in) and the `ferry.json` metadata, written to a
 //!   directory or published as the next version in a model repository.
 //! - [`evaluate`](mod@evaluate): runs an exported model through the serving engine and scores it ([`metrics`]).

@@ -36,7 +36,7 @@ pub enum Head {
 pub struct Dense {
     /// Weights [inputs, outputs].
     pub w: Array2<f64>,
-    /// Biases [outputs].
+    /// Biases `[outputs]`.
     pub b: Array1<f64>,
 }
 
