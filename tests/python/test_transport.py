@@ -335,3 +335,67 @@ def test_ports_refuse_connections_until_every_model_was_tried(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_grpc_errors_naming_a_huge_model_still_arrive(tmp_path):
+    # An error message echoing an 8 KB model name travels percent-encoded in the grpc-message header: spaces or
+    # non-ASCII letters triple it, past the client's 16 KB metadata limit, and the client lost the status
+    # (RESOURCE_EXHAUSTED "received metadata size exceeds hard limit"). Messages are cut at 1 KB. Such a name cannot
+    # be a model name (at most 255 characters), so the answer is INVALID_ARGUMENT, as for any invalid name.
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+    root = str(tmp_path / "repo")
+    publish(root, "iris", 1, iris_files())
+    server = start_ferry(root, str(tmp_path / "ferry.log"))
+    try:
+        with grpc.insecure_channel(server.grpc) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            for name in ["é" * 4096, "m " * 4096]:
+                infer = service_pb2.ModelInferRequest(model_name=name)
+                infer.inputs.add(name="features", datatype="FP32", shape=[1, 4]).contents.fp32_contents.extend([1.0] * 4)
+                for call, request in [(stub.ModelMetadata, service_pb2.ModelMetadataRequest(name=name)),
+                                      (stub.ModelInfer, infer)]:
+                    with pytest.raises(grpc.RpcError) as e:
+                        call(request, timeout=10)
+                    details = e.value.details()
+                    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.value.code(), details[:200])
+                    assert details.startswith("invalid model name `" + name[:20]), details[:200]
+                    assert details.endswith("…") and len(details.encode()) <= 1024, details
+            # A valid name that is not there: NOT_FOUND, the whole message.
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ModelMetadata(service_pb2.ModelMetadataRequest(name="n" * 255), timeout=10)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND and "n" * 255 in e.value.details(), e.value
+    finally:
+        server.stop()
+
+
+def test_a_grpc_call_whose_request_never_finishes_gets_deadline_exceeded(tmp_path):
+    # The call's headers arrive, its message never does: past --request-timeout + --client-timeout the server ends
+    # it with DEADLINE_EXCEEDED (tonic's own timeout answered CANCELLED). The client sets no deadline of its own, so
+    # the status it reports is the server's.
+    import threading
+    import grpc
+    root = str(tmp_path / "repo")
+    publish(root, "iris", 1, iris_files())
+    server = start_ferry(root, str(tmp_path / "ferry.log"), "--request-timeout", "1s", "--client-timeout", "1s")
+    stop = threading.Event()
+
+    def never_sends():
+        stop.wait(30)
+        return
+        yield
+
+    try:
+        with grpc.insecure_channel(server.grpc) as channel:
+            call = channel.stream_unary("/inference.GRPCInferenceService/ModelInfer",
+                                        request_serializer=lambda m: m, response_deserializer=lambda m: m)
+            t0 = time.time()
+            with pytest.raises(grpc.RpcError) as e:
+                call(never_sends())
+            elapsed = time.time() - t0
+            stop.set()
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, (e.value.code(), e.value.details())
+            assert 1.5 < elapsed < 6, elapsed
+    finally:
+        stop.set()
+        server.stop()

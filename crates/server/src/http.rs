@@ -527,14 +527,18 @@ fn listen(socket: tokio::net::TcpSocket, what: &str) -> std::io::Result<TcpListe
     Ok(listener)
 }
 
-/// The gRPC server's layers: the status rewrite for oversized messages around the optional token check.
+/// The gRPC server's layers: the status rewrite for oversized messages around the optional token check, and the
+/// call deadline inside both.
 type GrpcLayers = tower::layer::util::Stack<
-    tower::util::MapResponseLayer<
-        fn(axum::http::Response<tonic::body::Body>) -> axum::http::Response<tonic::body::Body>,
-    >,
+    crate::protocol::grpc::GrpcDeadlineLayer,
     tower::layer::util::Stack<
-        tower::util::Either<crate::auth::GrpcAuthLayer, tower::layer::util::Identity>,
-        tower::layer::util::Identity,
+        tower::util::MapResponseLayer<
+            fn(axum::http::Response<tonic::body::Body>) -> axum::http::Response<tonic::body::Body>,
+        >,
+        tower::layer::util::Stack<
+            tower::util::Either<crate::auth::GrpcAuthLayer, tower::layer::util::Identity>,
+            tower::layer::util::Identity,
+        >,
     >,
 >;
 
@@ -566,12 +570,13 @@ fn grpc_router(
             crate::protocol::grpc::oversized_is_resource_exhausted::<tonic::body::Body>
                 as fn(_) -> _,
         ))
-        .tcp_nodelay(true)
         // Slow or silent clients: dead connections are found by keepalive pings, and no call (its upload
-        // included) may take longer than the request timeout plus the client timeout.
+        // included) may take longer than the request timeout plus the client timeout; past it the call ends with
+        // DEADLINE_EXCEEDED (tonic's own `timeout` would answer CANCELLED).
+        .layer(crate::protocol::grpc::GrpcDeadlineLayer(call_timeout))
+        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-        .timeout(call_timeout)
         // Bound the calls decoded at once per connection, as the REST router does across connections.
         .concurrency_limit_per_connection(256)
         .max_concurrent_streams(Some(256))
