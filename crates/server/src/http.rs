@@ -437,18 +437,15 @@ impl Server {
             auth.clone(),
             config.request_timeout + config.client_timeout,
         );
-        let grpc: std::pin::Pin<
-            Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
-        > = match &tls {
-            None => Box::pin(grpc_routes.serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-                grpc_stop,
-            )),
-            Some(t) => Box::pin(grpc_routes.serve_with_incoming_shutdown(
-                crate::listen::tls_incoming(grpc_listener, t.grpc.clone(), config.client_timeout),
-                grpc_stop,
-            )),
-        };
+        // A connection (plain or TLS) must send the HTTP/2 preface within the client timeout.
+        let grpc = grpc_routes.serve_with_incoming_shutdown(
+            crate::listen::grpc_incoming(
+                grpc_listener,
+                tls.as_ref().map(|t| t.grpc.clone()),
+                config.client_timeout,
+            ),
+            grpc_stop,
+        );
         // The metrics page can also have its own port, so scrapers need not reach the inference port.
         let mut metrics_router =
             Router::new()
