@@ -31,20 +31,26 @@ pub struct AppState {
 
 /// The REST router, without a listener: tests call it in-process.
 pub fn app(state: AppState, max_request_bytes: usize) -> Router {
+    let defaults = ServeConfig::for_tests(Default::default());
     app_with_limit(
         state,
         max_request_bytes,
-        Arc::new(tokio::sync::Semaphore::new(usize::MAX >> 4)),
+        Arc::new(crate::front::Admission::new(
+            usize::MAX,
+            max_request_bytes,
+            defaults.client_timeout,
+            defaults.request_timeout,
+        )),
     )
 }
 
-/// The REST router, handling at most as many requests at once as `permits` has (the others wait, unread, in their
-/// connections), so the memory spent decoding bodies is bounded by `permits × max_request_bytes`. The listener's
-/// direct inference path ([`crate::front`]) takes its permits from the same semaphore.
+/// The REST router, letting requests in through `admission` ([`crate::front::Admission`]: bodies read first, then
+/// at most `--max-concurrent-requests` handled at once, probes exempt). The listener's direct inference path
+/// ([`crate::front`]) shares the same admission.
 pub fn app_with_limit(
     state: AppState,
     max_request_bytes: usize,
-    permits: Arc<tokio::sync::Semaphore>,
+    admission: Arc<crate::front::Admission>,
 ) -> Router {
     Router::new()
         .route("/v2", get(ks::server_metadata))
@@ -75,9 +81,9 @@ pub fn app_with_limit(
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_request_bytes))
-        // One semaphore for the whole router (a `ConcurrencyLimitLayer` would make one per route).
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
-            permits,
+        .layer(middleware::from_fn_with_state(
+            admission,
+            crate::front::admit,
         ))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
@@ -270,22 +276,19 @@ impl Server {
             None => None,
             Some(s) => Some(listen(s, "metrics listening")?),
         };
-        let permits = Arc::new(tokio::sync::Semaphore::new(
-            config
-                .max_concurrent_requests
-                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        let admission = Arc::new(crate::front::Admission::new(
+            config.max_concurrent_requests,
+            config.max_request_bytes,
+            config.client_timeout,
+            config.request_timeout,
         ));
         let mut router = app_with_limit(
             AppState {
                 infer: infer.clone(),
             },
             config.max_request_bytes,
-            permits.clone(),
-        )
-        // A request body may pause at most this long between chunks (slow clients hold nothing forever).
-        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-            config.client_timeout,
-        ));
+            admission.clone(),
+        );
         if let Some(a) = &auth {
             router = router.layer(middleware::from_fn_with_state(
                 a.clone(),
@@ -297,9 +300,7 @@ impl Server {
             crate::front::DirectInfer {
                 infer: infer.clone(),
                 auth: auth.clone(),
-                permits,
-                max_request_bytes: config.max_request_bytes,
-                client_timeout: config.client_timeout,
+                admission,
             },
         );
         Ok(Server {
