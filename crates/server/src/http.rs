@@ -80,6 +80,7 @@ pub fn app_with_limit(
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::max(max_request_bytes))
         .layer(middleware::from_fn_with_state(
             admission,
@@ -118,6 +119,38 @@ async fn metrics(
         text,
     )
         .into_response()
+}
+
+/// Every error the router answers is `{"error": "..."}`: axum's own rejections (a path segment that is not UTF-8
+/// once percent-decoded, say) come as plain text, and are rewritten here with that text as the message (cut at
+/// 1 KB, as it may echo the path).
+async fn json_errors(response: Response) -> Response {
+    use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+    let status = response.status();
+    let json = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_lowercase()
+    } else {
+        crate::error::bounded_message(text, crate::error::MAX_GRPC_MESSAGE_BYTES)
+    };
+    parts.headers.remove(CONTENT_LENGTH);
+    parts.headers.insert(
+        CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    let body = serde_json::json!({ "error": message }).to_string();
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 async fn not_found() -> Response {

@@ -1419,3 +1419,46 @@ async fn slow_uploads_hold_no_permit_and_probes_never_wait() {
         assert!(elapsed < std::time::Duration::from_secs(8), "{elapsed:?}");
     }
 }
+
+#[tokio::test]
+async fn every_router_error_is_json() {
+    let s = server().await;
+    // Path segments that are not UTF-8 once percent-decoded: axum's rejection was plain text.
+    for (method, path) in [
+        ("GET", "/v2/models/%FF/ready"),
+        ("GET", "/v2/models/%FF"),
+        ("GET", "/v2/models/affine/versions/%C3%28"),
+        ("POST", "/v2/models/%FF/infer"),
+        ("POST", "/v2/models/affine/versions/%FF/infer"),
+        ("GET", "/v1/models/%FF"),
+        ("POST", "/v1/models/%FF:predict"),
+    ] {
+        let r = s
+            .client
+            .request(method.parse().unwrap(), s.url(path))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/json",
+            "{method} {path}"
+        );
+        let body: Value = r.json().await.unwrap();
+        assert_error(status, &body, 400, &["UTF-8"]);
+    }
+    // The fallbacks.
+    let (status, body) = s.get("/nowhere").await;
+    assert_error(status, &body, 404, &["no such endpoint"]);
+    let r = s
+        .client
+        .delete(s.url("/v2/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["error"].is_string(), "{body}");
+}
