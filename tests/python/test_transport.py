@@ -399,3 +399,41 @@ def test_a_grpc_call_whose_request_never_finishes_gets_deadline_exceeded(tmp_pat
     finally:
         stop.set()
         server.stop()
+
+
+def test_requests_cut_by_the_shutdown_grace_period_get_503_and_a_failed_exit(tmp_path):
+    # Requests wait in the batch queue far longer than the grace period (a 20 s batch delay). When it runs out, the
+    # queued requests are answered 503 "server shutting down" (they got no answer at all before) and the process
+    # exits with status 1, saying how many it answered and cut (it exited 0 before).
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+    root = str(tmp_path / "repo")
+    publish(root, "iris", 1, iris_files())
+    with open(os.path.join(root, "iris", "config.toml"), "w") as f:
+        f.write("max_batch_size = 8\nmax_queue_delay_us = 20000000\n")
+    server = start_ferry(root, str(tmp_path / "ferry.log"), "--shutdown-grace-period", "1s")
+    try:
+        url = server.url + "/v2/models/iris/infer"
+
+        def call(_):
+            try:
+                r = requests.post(url, json=IRIS_BODY, timeout=30)
+                return r.status_code, r.json()
+            except requests.RequestException as e:
+                return None, str(e)
+
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(call, i) for i in range(3)]
+            wait_for(lambda: 'ferry_queue_depth{model="iris",version="1"} 3' in
+                     requests.get(server.url + "/metrics", timeout=5).text, timeout=10)
+            t0 = time.time()
+            server.process.send_signal(signal.SIGTERM)
+            answers = [f.result() for f in futures]
+        code = server.process.wait(timeout=30)
+        assert time.time() - t0 < 10
+        assert answers == [(503, {"error": "server shutting down"})] * 3, answers
+        assert code == 1, code
+        log = open(server.log).read()
+        assert "answered_503=3" in log and "ran out with requests in flight" in log, log[-2000:]
+    finally:
+        server.stop()

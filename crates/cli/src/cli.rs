@@ -252,7 +252,8 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
-    /// After SIGTERM or SIGINT, how long in-flight requests may take to finish before the process exits anyway.
+    /// After SIGTERM or SIGINT, how long in-flight requests may take to finish before the process exits anyway
+    /// (then queued requests get 503, the rest are cut, and the exit status is 1).
     /// Keep Kubernetes' terminationGracePeriodSeconds longer than this.
     #[arg(long, env = "FERRY_SHUTDOWN_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace_period: Duration,

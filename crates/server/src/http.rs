@@ -526,15 +526,38 @@ impl Server {
             let _ = grace_rx.wait_for(|d| *d).await;
             tokio::time::sleep(grace).await;
         };
+        let mut serve = std::pin::pin!(serve);
         tokio::select! {
-            result = serve => result?,
-            () = grace_timer => tracing::warn!(grace_ms = grace.as_millis() as u64, "shutdown grace period ran out with requests still in flight"),
+            result = &mut serve => result?,
+            () = grace_timer => {
+                // Requests still queued get 503 now; batches already running may still finish. Their answers get
+                // a moment to reach the clients (the server stops sooner once every connection has closed).
+                let answered = store.cut_queues();
+                let _ = tokio::time::timeout(CUT_FLUSH.min(grace), &mut serve).await;
+                let left = infer.metrics.requests_in_flight();
+                store.mark_all_unloading();
+                let left = left.map_or_else(|| "an unknown number of".to_string(), |n| n.to_string());
+                tracing::error!(
+                    grace_ms = grace.as_millis() as u64,
+                    answered_503 = answered,
+                    cut = %left,
+                    "shutdown grace period ran out with requests still in flight"
+                );
+                return Err(std::io::Error::other(format!(
+                    "the shutdown grace period ({} ms) ran out with requests in flight: {answered} queued \
+                     request(s) answered 503, {left} request(s) cut without an answer",
+                    grace.as_millis()
+                )));
+            }
         }
         store.mark_all_unloading();
         tracing::info!("server stopped");
         Ok(())
     }
 }
+
+/// How long, once the shutdown grace period ran out, the 503 answers to queued requests get to reach their clients.
+const CUT_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A socket bound to `addr` (with `SO_REUSEADDR`, as `TcpListener::bind` sets it) that does not listen yet.
 fn bind(addr: SocketAddr, what: &str) -> std::io::Result<tokio::net::TcpSocket> {
