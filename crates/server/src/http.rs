@@ -477,6 +477,7 @@ impl Server {
                 grpc_listener,
                 tls.as_ref().map(|t| t.grpc.clone()),
                 config.client_timeout,
+                drain_rx.clone(),
             ),
             grpc_stop,
         );
@@ -545,7 +546,8 @@ impl Server {
                 );
                 return Err(std::io::Error::other(format!(
                     "the shutdown grace period ({} ms) ran out with requests in flight: {answered} queued \
-                     request(s) answered 503, {left} request(s) cut without an answer",
+                     request(s) answered 503, {left} inference request(s) still running cut without an answer \
+                     (with any request whose body was still arriving)",
                     grace.as_millis()
                 )));
             }

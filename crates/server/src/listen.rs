@@ -275,22 +275,36 @@ enum GrpcIo {
 }
 
 /// A connection gRPC can serve (plain or TLS) that must send the HTTP/2 client preface (24 bytes) within the
-/// client timeout: tonic (hyper, h2) would otherwise wait for it forever, and silent connections would hold file
-/// descriptors until the ports starve.
+/// client timeout, and is closed at shutdown if it has not: tonic (hyper, h2) would otherwise wait for it forever
+/// (holding file descriptors until the ports starve, and shutdown for the whole grace period).
 pub struct GrpcConnection {
     io: GrpcIo,
-    /// Preface bytes seen so far and the time they must all have arrived by; `None` once they did.
-    preface: Option<(usize, std::pin::Pin<Box<tokio::time::Sleep>>)>,
+    /// Preface bytes seen so far, and what ends the wait for the rest (the timeout or shutdown); `None` once they
+    /// all came.
+    preface: Option<(
+        usize,
+        std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    )>,
 }
 
 /// The HTTP/2 client connection preface's length (RFC 9113, 3.4).
 const PREFACE_BYTES: usize = 24;
 
 impl GrpcConnection {
-    fn new(io: GrpcIo, timeout: Duration) -> GrpcConnection {
+    fn new(
+        io: GrpcIo,
+        timeout: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> GrpcConnection {
+        let give_up = async move {
+            tokio::select! {
+                () = tokio::time::sleep(timeout) => {}
+                () = stopped(&mut stop) => {}
+            }
+        };
         GrpcConnection {
             io,
-            preface: Some((0, Box::pin(tokio::time::sleep(timeout)))),
+            preface: Some((0, Box::pin(give_up))),
         }
     }
 }
@@ -306,7 +320,6 @@ impl tokio::io::AsyncRead for GrpcConnection {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        use std::future::Future;
         use std::task::Poll;
         let this = &mut *self;
         let before = buf.filled().len();
@@ -328,7 +341,7 @@ impl tokio::io::AsyncRead for GrpcConnection {
                     if deadline.as_mut().poll(cx).is_ready() {
                         return Poll::Ready(Err(io::Error::new(
                             io::ErrorKind::TimedOut,
-                            "no HTTP/2 preface within --client-timeout",
+                            "no HTTP/2 preface within --client-timeout (or before shutdown)",
                         )));
                     }
                 }
@@ -370,11 +383,13 @@ impl tokio::io::AsyncWrite for GrpcConnection {
 }
 
 /// Accepts TCP connections for gRPC, completing TLS handshakes (when `tls` is given) off the accept loop within
-/// `client_timeout`, and yields connections that must then send the HTTP/2 preface within `client_timeout` too.
+/// `client_timeout`, and yields connections that must then send the HTTP/2 preface within `client_timeout` too
+/// (and before `stop`).
 pub fn grpc_incoming(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     client_timeout: Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<GrpcConnection>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
@@ -394,18 +409,20 @@ pub fn grpc_incoming(
             };
             let _ = tcp.set_nodelay(true);
             let Some(acceptor) = tls.clone() else {
-                let connection = GrpcConnection::new(GrpcIo::Plain(tcp), client_timeout);
+                let connection =
+                    GrpcConnection::new(GrpcIo::Plain(tcp), client_timeout, stop.clone());
                 if tx.send(Ok(connection)).await.is_err() {
                     return;
                 }
                 continue;
             };
-            let tx = tx.clone();
+            let (tx, stop) = (tx.clone(), stop.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(client_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let io = GrpcIo::Tls(Box::new(stream));
-                        let _ = tx.send(Ok(GrpcConnection::new(io, client_timeout))).await;
+                        let connection = GrpcConnection::new(io, client_timeout, stop);
+                        let _ = tx.send(Ok(connection)).await;
                     }
                     Ok(Err(e)) => tracing::debug!(error = %e, "gRPC TLS handshake failed"),
                     Err(_) => tracing::debug!("gRPC TLS handshake timed out"),

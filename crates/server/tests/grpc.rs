@@ -461,4 +461,23 @@ async fn silent_connections_are_closed_after_the_client_timeout() {
         .await
         .unwrap();
     assert!(!closed_within(&mut live, timeout * 3).await);
+    // A connection that has not sent its preface does not hold shutdown for the grace period (10 s here).
+    let timeout = std::time::Duration::from_secs(5);
+    let s = TestServer::start_with(repository(), |c| ferry_server::ServeConfig {
+        client_timeout: timeout,
+        ..c
+    })
+    .await;
+    let _silent = tokio::net::TcpStream::connect(s.grpc.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut s = s;
+    s.shutdown();
+    let handle = std::mem::replace(&mut s.handle, tokio::spawn(async { Ok(()) }));
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(2), handle).await;
+    assert!(
+        matches!(stopped, Ok(Ok(Ok(())))),
+        "shutdown waited for a silent connection: {stopped:?}"
+    );
 }
