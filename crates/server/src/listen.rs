@@ -281,11 +281,11 @@ pub struct GrpcConnection {
     io: GrpcIo,
     /// Preface bytes seen so far, and what ends the wait for the rest (the timeout or shutdown); `None` once they
     /// all came.
-    preface: Option<(
-        usize,
-        std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-    )>,
+    preface: Option<(usize, GiveUp)>,
 }
+
+/// Completes when a connection has waited long enough for its preface.
+type GiveUp = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// The HTTP/2 client connection preface's length (RFC 9113, 3.4).
 const PREFACE_BYTES: usize = 24;
