@@ -335,3 +335,105 @@ def test_ports_refuse_connections_until_every_model_was_tried(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_grpc_errors_naming_a_huge_model_still_arrive(tmp_path):
+    # An error message echoing an 8 KB model name travels percent-encoded in the grpc-message header: spaces or
+    # non-ASCII letters triple it, past the client's 16 KB metadata limit, and the client lost the status
+    # (RESOURCE_EXHAUSTED "received metadata size exceeds hard limit"). Messages are cut at 1 KB. Such a name cannot
+    # be a model name (at most 255 characters), so the answer is INVALID_ARGUMENT, as for any invalid name.
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+    root = str(tmp_path / "repo")
+    publish(root, "iris", 1, iris_files())
+    server = start_ferry(root, str(tmp_path / "ferry.log"))
+    try:
+        with grpc.insecure_channel(server.grpc) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            for name in ["é" * 4096, "m " * 4096]:
+                infer = service_pb2.ModelInferRequest(model_name=name)
+                infer.inputs.add(name="features", datatype="FP32", shape=[1, 4]).contents.fp32_contents.extend([1.0] * 4)
+                for call, request in [(stub.ModelMetadata, service_pb2.ModelMetadataRequest(name=name)),
+                                      (stub.ModelInfer, infer)]:
+                    with pytest.raises(grpc.RpcError) as e:
+                        call(request, timeout=10)
+                    details = e.value.details()
+                    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.value.code(), details[:200])
+                    assert details.startswith("invalid model name `" + name[:20]), details[:200]
+                    assert details.endswith("…") and len(details.encode()) <= 1024, details
+            # A valid name that is not there: NOT_FOUND, the whole message.
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ModelMetadata(service_pb2.ModelMetadataRequest(name="n" * 255), timeout=10)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND and "n" * 255 in e.value.details(), e.value
+    finally:
+        server.stop()
+
+
+def test_a_grpc_call_whose_request_never_finishes_gets_deadline_exceeded(tmp_path):
+    # The call's headers arrive, its message never does: past --request-timeout + --client-timeout the server ends
+    # it with DEADLINE_EXCEEDED (tonic's own timeout answered CANCELLED). The client sets no deadline of its own, so
+    # the status it reports is the server's.
+    import threading
+    import grpc
+    root = str(tmp_path / "repo")
+    publish(root, "iris", 1, iris_files())
+    server = start_ferry(root, str(tmp_path / "ferry.log"), "--request-timeout", "1s", "--client-timeout", "1s")
+    stop = threading.Event()
+
+    def never_sends():
+        stop.wait(30)
+        return
+        yield
+
+    try:
+        with grpc.insecure_channel(server.grpc) as channel:
+            call = channel.stream_unary("/inference.GRPCInferenceService/ModelInfer",
+                                        request_serializer=lambda m: m, response_deserializer=lambda m: m)
+            t0 = time.time()
+            with pytest.raises(grpc.RpcError) as e:
+                call(never_sends())
+            elapsed = time.time() - t0
+            stop.set()
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, (e.value.code(), e.value.details())
+            assert 1.5 < elapsed < 6, elapsed
+    finally:
+        stop.set()
+        server.stop()
+
+
+def test_requests_cut_by_the_shutdown_grace_period_get_503_and_a_failed_exit(tmp_path):
+    # Requests wait in the batch queue far longer than the grace period (a 20 s batch delay). When it runs out, the
+    # queued requests are answered 503 "server shutting down" (they got no answer at all before) and the process
+    # exits with status 1, saying how many it answered and cut (it exited 0 before).
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+    root = str(tmp_path / "repo")
+    publish(root, "iris", 1, iris_files())
+    with open(os.path.join(root, "iris", "config.toml"), "w") as f:
+        f.write("max_batch_size = 8\nmax_queue_delay_us = 20000000\n")
+    server = start_ferry(root, str(tmp_path / "ferry.log"), "--shutdown-grace-period", "1s")
+    try:
+        url = server.url + "/v2/models/iris/infer"
+
+        def call(_):
+            try:
+                r = requests.post(url, json=IRIS_BODY, timeout=30)
+                return r.status_code, r.json()
+            except requests.RequestException as e:
+                return None, str(e)
+
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(call, i) for i in range(3)]
+            wait_for(lambda: 'ferry_queue_depth{model="iris",version="1"} 3' in
+                     requests.get(server.url + "/metrics", timeout=5).text, timeout=10)
+            t0 = time.time()
+            server.process.send_signal(signal.SIGTERM)
+            answers = [f.result() for f in futures]
+        code = server.process.wait(timeout=30)
+        assert time.time() - t0 < 10
+        assert answers == [(503, {"error": "server shutting down"})] * 3, answers
+        assert code == 1, code
+        log = open(server.log).read()
+        assert "answered_503=3" in log and "ran out with requests in flight" in log, log[-2000:]
+    finally:
+        server.stop()

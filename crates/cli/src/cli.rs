@@ -240,16 +240,20 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_MAX_REQUEST_BYTES", default_value_t = 64 << 20)]
     pub max_request_bytes: usize,
 
-    /// REST requests handled at once; more wait, unread, in their connections until one finishes. With
-    /// --max-request-bytes this bounds the memory spent on request bodies. gRPC allows 256 calls per connection.
+    /// REST requests handled at once; a request takes its place only once its body has arrived whole, and four times
+    /// as many bodies are read at once (more wait, unread, in their connections). With --max-request-bytes this
+    /// bounds the memory spent on request bodies. Health, readiness and /metrics never wait. gRPC allows 256 calls
+    /// per connection.
     #[arg(long, env = "FERRY_MAX_CONCURRENT_REQUESTS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_requests: u32,
 
-    /// The longest one inference may take before the client gets 504 (`500ms`, `30s`, `2m`).
+    /// The longest one inference may take before the client gets 504 (`500ms`, `30s`, `2m`); also the longest a
+    /// whole REST request body may take to arrive (400 past it).
     #[arg(long, env = "FERRY_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
-    /// After SIGTERM or SIGINT, how long in-flight requests may take to finish before the process exits anyway.
+    /// After SIGTERM or SIGINT, how long in-flight requests may take to finish before the process exits anyway
+    /// (then queued requests get 503, the rest are cut, and the exit status is 1).
     /// Keep Kubernetes' terminationGracePeriodSeconds longer than this.
     #[arg(long, env = "FERRY_SHUTDOWN_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace_period: Duration,

@@ -121,9 +121,31 @@ impl From<ferry_engine::EngineError> for InferError {
     }
 }
 
+/// The longest gRPC status message, in bytes: it travels percent-encoded in the `grpc-message` header, and
+/// clients refuse headers past their metadata limit (8 KB in gRPC's C core), losing the status with it. A message
+/// that echoes a long client-supplied name is cut here, on a character boundary, ending in `…`.
+pub const MAX_GRPC_MESSAGE_BYTES: usize = 1024;
+
+/// `message` cut to at most `max` bytes on a character boundary, ending in `…` when it was cut.
+pub fn bounded_message(mut message: String, max: usize) -> String {
+    const ELLIPSIS: &str = "…";
+    if message.len() > max {
+        let mut end = max.saturating_sub(ELLIPSIS.len());
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str(ELLIPSIS);
+    }
+    message
+}
+
 impl From<InferError> for tonic::Status {
     fn from(e: InferError) -> tonic::Status {
-        tonic::Status::new(e.kind.grpc_code(), e.message)
+        tonic::Status::new(
+            e.kind.grpc_code(),
+            bounded_message(e.message, MAX_GRPC_MESSAGE_BYTES),
+        )
     }
 }
 
@@ -150,5 +172,24 @@ impl axum::response::IntoResponse for InferError {
             );
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_messages_are_bounded_on_a_char_boundary() {
+        let short = InferError::not_found("model `iris` is not in the repository");
+        assert_eq!(tonic::Status::from(short.clone()).message(), short.message);
+        let name = "é".repeat(4096);
+        let long = InferError::not_found(format!("model `{name}` is not in the repository"));
+        let status = tonic::Status::from(long);
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert!(status.message().len() <= MAX_GRPC_MESSAGE_BYTES);
+        assert!(status.message().starts_with("model `éé"));
+        assert!(status.message().ends_with('…'));
+        assert_eq!(bounded_message("abcdef".into(), 5), "ab…");
     }
 }

@@ -3,7 +3,9 @@
 //! through the axum [`Router`].
 //!
 //! The direct path applies exactly what the router's layers apply, in the same order: the token check, the request
-//! id, the shared concurrency limit (one semaphore for both paths), the body size limit and the body-stall timeout.
+//! id, then [`Admission`] (one for both paths): the body is read whole first (size limit, stall timeout, overall
+//! deadline), and only then does the request wait for one of the `--max-concurrent-requests` permits, so a slow
+//! upload never holds a permit. Probes (health, readiness, metrics) never wait for a permit.
 //! It skips the router's per-request boxing and cloning, about a fifth of a small model's server time per request
 //! (`bench/serving/run.py`). Any path it is not sure of (percent-escapes, empty segments) goes to the router, which
 //! gives the same answer more slowly.
@@ -52,12 +54,145 @@ pub struct DirectInfer {
     pub infer: Infer,
     /// Token checks, when tokens are configured.
     pub auth: Option<Arc<crate::auth::Auth>>,
-    /// The REST concurrency limit, shared with the router's `GlobalConcurrencyLimitLayer`.
-    pub permits: Arc<tokio::sync::Semaphore>,
-    /// `--max-request-bytes`.
-    pub max_request_bytes: usize,
-    /// How long a request body may pause between chunks (`--client-timeout`).
-    pub client_timeout: Duration,
+    /// Body reading and the concurrency limit, shared with the router's [`admit`] layer.
+    pub admission: Arc<Admission>,
+}
+
+/// How REST requests are let in, on both paths. A request with a body first takes one of `4 ×
+/// --max-concurrent-requests` body slots and reads its body whole (at most `--max-request-bytes`, no pause longer
+/// than `--client-timeout`, all of it within `--request-timeout`); only then does it wait for one of the
+/// `--max-concurrent-requests` permits, and it keeps both until it is answered. So slow uploads hold body slots,
+/// never permits, and the bodies in memory are at most `4 × --max-concurrent-requests × --max-request-bytes`.
+/// Requests beyond the body slots wait, unread, in their connections. Probes take neither.
+#[derive(Debug)]
+pub struct Admission {
+    /// Requests handled at once (`--max-concurrent-requests`).
+    permits: tokio::sync::Semaphore,
+    /// Requests with a body admitted at once: reading it, waiting for a permit, or being handled.
+    bodies: tokio::sync::Semaphore,
+    max_request_bytes: usize,
+    /// The longest pause between two chunks of a body.
+    stall: Duration,
+    /// How long a whole body may take to arrive.
+    deadline: Duration,
+}
+
+/// A request that was let in: the permits it holds until it is answered.
+#[derive(Debug)]
+pub struct Admitted<'a> {
+    _body: Option<tokio::sync::SemaphorePermit<'a>>,
+    _permit: Option<tokio::sync::SemaphorePermit<'a>>,
+}
+
+/// Body slots per concurrency permit.
+pub const BODY_SLOTS_PER_PERMIT: usize = 4;
+
+impl Admission {
+    /// `max_concurrent` permits, four times as many body slots, and the body limits.
+    pub fn new(
+        max_concurrent: usize,
+        max_request_bytes: usize,
+        client_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Admission {
+        let max = tokio::sync::Semaphore::MAX_PERMITS;
+        Admission {
+            permits: tokio::sync::Semaphore::new(max_concurrent.min(max)),
+            bodies: tokio::sync::Semaphore::new(
+                max_concurrent
+                    .saturating_mul(BODY_SLOTS_PER_PERMIT)
+                    .min(max),
+            ),
+            max_request_bytes,
+            stall: client_timeout,
+            deadline: request_timeout,
+        }
+    }
+
+    /// Lets a request in: reads its body (when it has one) under a body slot, then, unless it is a probe or its body
+    /// failed, waits for a permit. The semaphores are never closed; were they, the request would go on without.
+    pub async fn admit<B>(
+        &self,
+        body: B,
+        headers: &HeaderMap,
+        probe: bool,
+    ) -> (Result<Bytes, InferError>, Admitted<'_>)
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let mut admitted = Admitted {
+            _body: None,
+            _permit: None,
+        };
+        let body = if body.is_end_stream() {
+            Ok(Bytes::new())
+        } else {
+            admitted._body = self.bodies.acquire().await.ok();
+            let read = read_chunks(body, headers, self.max_request_bytes, self.stall);
+            tokio::time::timeout(self.deadline, read)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(InferError::invalid(
+                        "cannot read the request body: it did not arrive whole within --request-timeout",
+                    ))
+                })
+        };
+        if !probe && body.is_ok() {
+            admitted._permit = self.permits.acquire().await.ok();
+        }
+        (body, admitted)
+    }
+}
+
+/// A body that failed to arrive, left by [`admit`] for the handler to answer (and count) as it would any other.
+#[derive(Debug, Clone)]
+struct BodyError(InferError);
+
+/// The router's admission layer ([`Admission`]): the body is read first, then the permit is taken.
+pub async fn admit(
+    axum::extract::State(admission): axum::extract::State<Arc<Admission>>,
+    request: Request<axum::body::Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    let (mut parts, body) = request.into_parts();
+    let (read, _admitted) = admission
+        .admit(body, &parts.headers, is_probe(parts.uri.path()))
+        .await;
+    let body = match read {
+        Ok(bytes) => axum::body::Body::from(bytes),
+        Err(e) => {
+            parts.extensions.insert(BodyError(e));
+            axum::body::Body::empty()
+        }
+    };
+    next.run(Request::from_parts(parts, body)).await
+}
+
+/// Health, readiness and metrics: answered without waiting for a permit, so a busy server still answers its probes.
+fn is_probe(path: &str) -> bool {
+    matches!(path, "/v2/health/live" | "/v2/health/ready" | "/metrics")
+        || (path.starts_with("/v2/models/") && path.ends_with("/ready"))
+}
+
+/// A request body as [`admit`] read it: the bytes, or why they could not be read (413, 400). Read directly when the
+/// layer is not there.
+#[derive(Debug)]
+pub struct AdmittedBody(pub Result<Bytes, InferError>);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for AdmittedBody {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request(
+        mut request: Request<axum::body::Body>,
+        state: &S,
+    ) -> Result<AdmittedBody, Self::Rejection> {
+        if let Some(BodyError(e)) = request.extensions_mut().remove::<BodyError>() {
+            return Ok(AdmittedBody(Err(e)));
+        }
+        let read = Bytes::from_request(request, state).await;
+        Ok(AdmittedBody(read.map_err(crate::protocol::body_error)))
+    }
 }
 
 impl Front {
@@ -124,16 +259,8 @@ impl DirectInfer {
             }
         }
         let id = request_id(request.headers());
-        // The semaphore is never closed; were it, the request would go on without a permit rather than fail.
-        let _permit = self.permits.acquire().await.ok();
         let (parts, body) = request.into_parts();
-        let body = read_body(
-            body,
-            &parts.headers,
-            self.max_request_bytes,
-            self.client_timeout,
-        )
-        .await;
+        let (body, _admitted) = self.admission.admit(body, &parts.headers, false).await;
         let mut response = crate::protocol::kserve_rest::infer_request(
             &self.infer,
             model,
@@ -176,16 +303,18 @@ pub(crate) fn echo_id(response: &mut Response, id: &str) {
     }
 }
 
-/// Reads a whole body of at most `limit` bytes, each chunk arriving within `stall` of the previous one: the
-/// router's `DefaultBodyLimit` and `RequestBodyTimeoutLayer`, with the same answers (413, and 400 for a body that
-/// stalls or breaks off).
-async fn read_body(
-    mut body: Incoming,
+/// Reads a whole body of at most `limit` bytes, each chunk arriving within `stall` of the previous one: 413 past
+/// the limit, 400 for a body that stalls or breaks off.
+async fn read_chunks<B>(
+    mut body: B,
     headers: &HeaderMap,
     limit: usize,
     stall: Duration,
-) -> Result<Bytes, InferError> {
-    use hyper::body::Body;
+) -> Result<Bytes, InferError>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     let too_large = || {
         InferError::new(
             ErrorKind::PayloadTooLarge,

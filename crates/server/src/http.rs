@@ -31,20 +31,26 @@ pub struct AppState {
 
 /// The REST router, without a listener: tests call it in-process.
 pub fn app(state: AppState, max_request_bytes: usize) -> Router {
+    let defaults = ServeConfig::for_tests(Default::default());
     app_with_limit(
         state,
         max_request_bytes,
-        Arc::new(tokio::sync::Semaphore::new(usize::MAX >> 4)),
+        Arc::new(crate::front::Admission::new(
+            usize::MAX,
+            max_request_bytes,
+            defaults.client_timeout,
+            defaults.request_timeout,
+        )),
     )
 }
 
-/// The REST router, handling at most as many requests at once as `permits` has (the others wait, unread, in their
-/// connections), so the memory spent decoding bodies is bounded by `permits × max_request_bytes`. The listener's
-/// direct inference path ([`crate::front`]) takes its permits from the same semaphore.
+/// The REST router, letting requests in through `admission` ([`crate::front::Admission`]: bodies read first, then
+/// at most `--max-concurrent-requests` handled at once, probes exempt). The listener's direct inference path
+/// ([`crate::front`]) shares the same admission.
 pub fn app_with_limit(
     state: AppState,
     max_request_bytes: usize,
-    permits: Arc<tokio::sync::Semaphore>,
+    admission: Arc<crate::front::Admission>,
 ) -> Router {
     Router::new()
         .route("/v2", get(ks::server_metadata))
@@ -74,10 +80,11 @@ pub fn app_with_limit(
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::max(max_request_bytes))
-        // One semaphore for the whole router (a `ConcurrencyLimitLayer` would make one per route).
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
-            permits,
+        .layer(middleware::from_fn_with_state(
+            admission,
+            crate::front::admit,
         ))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
@@ -112,6 +119,38 @@ async fn metrics(
         text,
     )
         .into_response()
+}
+
+/// Every error the router answers is `{"error": "..."}`: axum's own rejections (a path segment that is not UTF-8
+/// once percent-decoded, say) come as plain text, and are rewritten here with that text as the message (cut at
+/// 1 KB, as it may echo the path).
+async fn json_errors(response: Response) -> Response {
+    use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+    let status = response.status();
+    let json = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_lowercase()
+    } else {
+        crate::error::bounded_message(text, crate::error::MAX_GRPC_MESSAGE_BYTES)
+    };
+    parts.headers.remove(CONTENT_LENGTH);
+    parts.headers.insert(
+        CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    let body = serde_json::json!({ "error": message }).to_string();
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 async fn not_found() -> Response {
@@ -270,22 +309,19 @@ impl Server {
             None => None,
             Some(s) => Some(listen(s, "metrics listening")?),
         };
-        let permits = Arc::new(tokio::sync::Semaphore::new(
-            config
-                .max_concurrent_requests
-                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        let admission = Arc::new(crate::front::Admission::new(
+            config.max_concurrent_requests,
+            config.max_request_bytes,
+            config.client_timeout,
+            config.request_timeout,
         ));
         let mut router = app_with_limit(
             AppState {
                 infer: infer.clone(),
             },
             config.max_request_bytes,
-            permits.clone(),
-        )
-        // A request body may pause at most this long between chunks (slow clients hold nothing forever).
-        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-            config.client_timeout,
-        ));
+            admission.clone(),
+        );
         if let Some(a) = &auth {
             router = router.layer(middleware::from_fn_with_state(
                 a.clone(),
@@ -297,9 +333,7 @@ impl Server {
             crate::front::DirectInfer {
                 infer: infer.clone(),
                 auth: auth.clone(),
-                permits,
-                max_request_bytes: config.max_request_bytes,
-                client_timeout: config.client_timeout,
+                admission,
             },
         );
         Ok(Server {
@@ -437,18 +471,16 @@ impl Server {
             auth.clone(),
             config.request_timeout + config.client_timeout,
         );
-        let grpc: std::pin::Pin<
-            Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
-        > = match &tls {
-            None => Box::pin(grpc_routes.serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-                grpc_stop,
-            )),
-            Some(t) => Box::pin(grpc_routes.serve_with_incoming_shutdown(
-                crate::listen::tls_incoming(grpc_listener, t.grpc.clone(), config.client_timeout),
-                grpc_stop,
-            )),
-        };
+        // A connection (plain or TLS) must send the HTTP/2 preface within the client timeout.
+        let grpc = grpc_routes.serve_with_incoming_shutdown(
+            crate::listen::grpc_incoming(
+                grpc_listener,
+                tls.as_ref().map(|t| t.grpc.clone()),
+                config.client_timeout,
+                drain_rx.clone(),
+            ),
+            grpc_stop,
+        );
         // The metrics page can also have its own port, so scrapers need not reach the inference port.
         let mut metrics_router =
             Router::new()
@@ -495,15 +527,39 @@ impl Server {
             let _ = grace_rx.wait_for(|d| *d).await;
             tokio::time::sleep(grace).await;
         };
+        let mut serve = std::pin::pin!(serve);
         tokio::select! {
-            result = serve => result?,
-            () = grace_timer => tracing::warn!(grace_ms = grace.as_millis() as u64, "shutdown grace period ran out with requests still in flight"),
+            result = &mut serve => result?,
+            () = grace_timer => {
+                // Requests still queued get 503 now; batches already running may still finish. Their answers get
+                // a moment to reach the clients (the server stops sooner once every connection has closed).
+                let answered = store.cut_queues();
+                let _ = tokio::time::timeout(CUT_FLUSH.min(grace), &mut serve).await;
+                let left = infer.metrics.requests_in_flight();
+                store.mark_all_unloading();
+                let left = left.map_or_else(|| "an unknown number of".to_string(), |n| n.to_string());
+                tracing::error!(
+                    grace_ms = grace.as_millis() as u64,
+                    answered_503 = answered,
+                    cut = %left,
+                    "shutdown grace period ran out with requests still in flight"
+                );
+                return Err(std::io::Error::other(format!(
+                    "the shutdown grace period ({} ms) ran out with requests in flight: {answered} queued \
+                     request(s) answered 503, {left} inference request(s) still running cut without an answer \
+                     (with any request whose body was still arriving)",
+                    grace.as_millis()
+                )));
+            }
         }
         store.mark_all_unloading();
         tracing::info!("server stopped");
         Ok(())
     }
 }
+
+/// How long, once the shutdown grace period ran out, the 503 answers to queued requests get to reach their clients.
+const CUT_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A socket bound to `addr` (with `SO_REUSEADDR`, as `TcpListener::bind` sets it) that does not listen yet.
 fn bind(addr: SocketAddr, what: &str) -> std::io::Result<tokio::net::TcpSocket> {
@@ -527,14 +583,18 @@ fn listen(socket: tokio::net::TcpSocket, what: &str) -> std::io::Result<TcpListe
     Ok(listener)
 }
 
-/// The gRPC server's layers: the status rewrite for oversized messages around the optional token check.
+/// The gRPC server's layers: the status rewrite for oversized messages around the optional token check, and the
+/// call deadline inside both.
 type GrpcLayers = tower::layer::util::Stack<
-    tower::util::MapResponseLayer<
-        fn(axum::http::Response<tonic::body::Body>) -> axum::http::Response<tonic::body::Body>,
-    >,
+    crate::protocol::grpc::GrpcDeadlineLayer,
     tower::layer::util::Stack<
-        tower::util::Either<crate::auth::GrpcAuthLayer, tower::layer::util::Identity>,
-        tower::layer::util::Identity,
+        tower::util::MapResponseLayer<
+            fn(axum::http::Response<tonic::body::Body>) -> axum::http::Response<tonic::body::Body>,
+        >,
+        tower::layer::util::Stack<
+            tower::util::Either<crate::auth::GrpcAuthLayer, tower::layer::util::Identity>,
+            tower::layer::util::Identity,
+        >,
     >,
 >;
 
@@ -566,12 +626,13 @@ fn grpc_router(
             crate::protocol::grpc::oversized_is_resource_exhausted::<tonic::body::Body>
                 as fn(_) -> _,
         ))
-        .tcp_nodelay(true)
         // Slow or silent clients: dead connections are found by keepalive pings, and no call (its upload
-        // included) may take longer than the request timeout plus the client timeout.
+        // included) may take longer than the request timeout plus the client timeout; past it the call ends with
+        // DEADLINE_EXCEEDED (tonic's own `timeout` would answer CANCELLED).
+        .layer(crate::protocol::grpc::GrpcDeadlineLayer(call_timeout))
+        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-        .timeout(call_timeout)
         // Bound the calls decoded at once per connection, as the REST router does across connections.
         .concurrency_limit_per_connection(256)
         .max_concurrent_streams(Some(256))

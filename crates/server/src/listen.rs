@@ -1,5 +1,6 @@
 //! Accepting connections: plain TCP or TLS (rustls), the HTTP/1 connection loop for REST with a header-read
-//! timeout against slow clients and graceful shutdown, and the TLS stream of connections gRPC serves.
+//! timeout against slow clients and graceful shutdown, and the stream of connections (plain or TLS) gRPC serves, each
+//! closed unless it sends the HTTP/2 preface within the client timeout.
 //!
 //! Certificates are re-read when their files change (checked every two seconds), so a rotated certificate
 //! takes effect without a restart; a file that fails to parse leaves the previous certificate in use. With a client
@@ -267,52 +268,129 @@ pub async fn serve_http(
     Ok(())
 }
 
-/// A TLS connection gRPC can serve.
-pub struct TlsConnection(tokio_rustls::server::TlsStream<TcpStream>);
+/// What a gRPC connection runs over.
+enum GrpcIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
 
-impl tonic::transport::server::Connected for TlsConnection {
+/// A connection gRPC can serve (plain or TLS) that must send the HTTP/2 client preface (24 bytes) within the
+/// client timeout, and is closed at shutdown if it has not: tonic (hyper, h2) would otherwise wait for it forever
+/// (holding file descriptors until the ports starve, and shutdown for the whole grace period).
+pub struct GrpcConnection {
+    io: GrpcIo,
+    /// Preface bytes seen so far, and what ends the wait for the rest (the timeout or shutdown); `None` once they
+    /// all came.
+    preface: Option<(usize, GiveUp)>,
+}
+
+/// Completes when a connection has waited long enough for its preface.
+type GiveUp = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// The HTTP/2 client connection preface's length (RFC 9113, 3.4).
+const PREFACE_BYTES: usize = 24;
+
+impl GrpcConnection {
+    fn new(
+        io: GrpcIo,
+        timeout: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> GrpcConnection {
+        let give_up = async move {
+            tokio::select! {
+                () = tokio::time::sleep(timeout) => {}
+                () = stopped(&mut stop) => {}
+            }
+        };
+        GrpcConnection {
+            io,
+            preface: Some((0, Box::pin(give_up))),
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for GrpcConnection {
     type ConnectInfo = ();
     fn connect_info(&self) {}
 }
 
-impl tokio::io::AsyncRead for TlsConnection {
+impl tokio::io::AsyncRead for GrpcConnection {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+        use std::task::Poll;
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let read = match &mut this.io {
+            GrpcIo::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            GrpcIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        };
+        if let Some((seen, deadline)) = &mut this.preface {
+            match &read {
+                Poll::Ready(Ok(())) => {
+                    let n = buf.filled().len() - before;
+                    *seen += n;
+                    if *seen >= PREFACE_BYTES || n == 0 {
+                        this.preface = None;
+                    }
+                }
+                Poll::Ready(Err(_)) => {}
+                Poll::Pending => {
+                    if deadline.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "no HTTP/2 preface within --client-timeout (or before shutdown)",
+                        )));
+                    }
+                }
+            }
+        }
+        read
     }
 }
 
-impl tokio::io::AsyncWrite for TlsConnection {
+impl tokio::io::AsyncWrite for GrpcConnection {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+        match &mut self.io {
+            GrpcIo::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            GrpcIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
     }
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+        match &mut self.io {
+            GrpcIo::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            GrpcIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
     }
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+        match &mut self.io {
+            GrpcIo::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            GrpcIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 
-/// Accepts TCP connections and completes their TLS handshakes off the accept loop, yielding the finished ones.
-pub fn tls_incoming(
+/// Accepts TCP connections for gRPC, completing TLS handshakes (when `tls` is given) off the accept loop within
+/// `client_timeout`, and yields connections that must then send the HTTP/2 preface within `client_timeout` too
+/// (and before `stop`).
+pub fn grpc_incoming(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
-    handshake_timeout: Duration,
-) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConnection>> {
+    tls: Option<TlsAcceptor>,
+    client_timeout: Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<GrpcConnection>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         loop {
@@ -330,11 +408,21 @@ pub fn tls_incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let Some(acceptor) = tls.clone() else {
+                let connection =
+                    GrpcConnection::new(GrpcIo::Plain(tcp), client_timeout, stop.clone());
+                if tx.send(Ok(connection)).await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let (tx, stop) = (tx.clone(), stop.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(client_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(TlsConnection(stream))).await;
+                        let io = GrpcIo::Tls(Box::new(stream));
+                        let connection = GrpcConnection::new(io, client_timeout, stop);
+                        let _ = tx.send(Ok(connection)).await;
                     }
                     Ok(Err(e)) => tracing::debug!(error = %e, "gRPC TLS handshake failed"),
                     Err(_) => tracing::debug!("gRPC TLS handshake timed out"),

@@ -856,6 +856,13 @@ impl Metrics {
             .clone()
     }
 
+    /// Inference requests being handled now; `None` when requests are not recorded (`--no-metrics`).
+    pub fn requests_in_flight(&self) -> Option<i64> {
+        self.options
+            .enabled
+            .then(|| self.in_flight.load(Ordering::Relaxed))
+    }
+
     /// Starts recording one inference request on `protocol` (`rest_kserve`, `rest_tfserving`, `grpc_kserve`,
     /// `grpc_tfserving`).
     pub fn request(&self, protocol: &'static str) -> RequestRecord<'_> {

@@ -231,6 +231,19 @@ impl ModelStore {
         }
     }
 
+    /// Answers every request queued on any version with 503 "server shutting down" (when the shutdown grace period
+    /// ran out); returns how many there were.
+    pub fn cut_queues(&self) -> usize {
+        let loaded: Vec<Arc<LoadedVersion>> = self
+            .models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .flat_map(|r| r.versions.values().filter_map(|s| s.loaded.clone()))
+            .collect();
+        loaded.iter().map(|l| l.scheduler.cut()).sum()
+    }
+
     /// Marks every ready version as unloading (during shutdown), so status reports tell the truth.
     pub fn mark_all_unloading(&self) {
         let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());

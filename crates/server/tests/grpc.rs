@@ -450,3 +450,61 @@ async fn oversized_messages_are_resource_exhausted() {
     let e = p.predict(request).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
 }
+
+#[tokio::test]
+async fn silent_connections_are_closed_after_the_client_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let timeout = std::time::Duration::from_millis(500);
+    let s = TestServer::start_with(repository(), |c| ferry_server::ServeConfig {
+        client_timeout: timeout,
+        ..c
+    })
+    .await;
+    let addr = s.grpc.trim_start_matches("http://").to_string();
+    // Reads until the server closes the connection (or `limit` passes): whether it closed, and when.
+    async fn closed_within(stream: &mut tokio::net::TcpStream, limit: std::time::Duration) -> bool {
+        let mut buf = [0u8; 1024];
+        let read_to_end = async {
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(limit, read_to_end).await.is_ok()
+    }
+    // Silent from the start: closed once the client timeout passes.
+    let started = std::time::Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    assert!(closed_within(&mut silent, timeout * 6).await);
+    assert!(started.elapsed() >= timeout, "{:?}", started.elapsed());
+    // Half a preface, then silence: closed too.
+    let mut partial = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    partial.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    assert!(closed_within(&mut partial, timeout * 6).await);
+    // The whole preface and a SETTINGS frame: the connection stays open past the client timeout.
+    let mut live = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    live.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    assert!(!closed_within(&mut live, timeout * 3).await);
+    // A connection that has not sent its preface does not hold shutdown for the grace period (10 s here).
+    let timeout = std::time::Duration::from_secs(5);
+    let s = TestServer::start_with(repository(), |c| ferry_server::ServeConfig {
+        client_timeout: timeout,
+        ..c
+    })
+    .await;
+    let _silent = tokio::net::TcpStream::connect(s.grpc.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut s = s;
+    s.shutdown();
+    let handle = std::mem::replace(&mut s.handle, tokio::spawn(async { Ok(()) }));
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(2), handle).await;
+    assert!(
+        matches!(stopped, Ok(Ok(Ok(())))),
+        "shutdown waited for a silent connection: {stopped:?}"
+    );
+}

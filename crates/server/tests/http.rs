@@ -1398,3 +1398,126 @@ async fn thread_counts_beyond_the_machine_make_the_model_unavailable_not_the_ser
         ],
     );
 }
+
+#[tokio::test]
+async fn slow_uploads_hold_no_permit_and_probes_never_wait() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let repo = TempDir::new("admission");
+    put_model(&repo.0, "affine", 1, &affine());
+    let client_timeout = std::time::Duration::from_millis(1000);
+    let s = TestServer::start_with(repo, |c| ferry_server::ServeConfig {
+        max_concurrent_requests: 2,
+        client_timeout,
+        request_timeout: std::time::Duration::from_secs(4),
+        ..c
+    })
+    .await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    // Four uploads that trickle a byte every half client timeout, two on the direct path and two through the router
+    // (a percent-escaped path): none stalls long enough to be cut, none ever finishes.
+    let mut uploads = Vec::new();
+    for path in [
+        "/v2/models/affine/infer",
+        "/v2/models/%61ffine/infer",
+        "/v2/models/affine/infer",
+        "/v2/models/%61ffine/infer",
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{");
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        uploads.push(tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let mut answer = Vec::new();
+            loop {
+                let mut buf = [0u8; 4096];
+                tokio::select! {
+                    () = tokio::time::sleep(client_timeout / 2) => {
+                        if tcp.write_all(b" ").await.is_err() {
+                            break;
+                        }
+                    }
+                    n = tcp.read(&mut buf) => match n {
+                        Ok(n) if n > 0 => {
+                            answer.extend_from_slice(&buf[..n]);
+                            if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+                                break;
+                            }
+                        }
+                        _ => break,
+                    },
+                }
+            }
+            (started.elapsed(), String::from_utf8_lossy(&answer).to_string())
+        }));
+    }
+    tokio::time::sleep(client_timeout).await;
+    let quick = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(1))
+        .build()
+        .unwrap();
+    for path in [
+        "/v2/health/ready",
+        "/v2/health/live",
+        "/metrics",
+        "/v2/models/affine/ready",
+    ] {
+        let r = quick.get(s.url(path)).send().await;
+        assert_eq!(r.map(|r| r.status().as_u16()).ok(), Some(200), "{path}");
+    }
+    let body =
+        json!({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]});
+    for path in ["/v2/models/affine/infer", "/v2/models/%61ffine/infer"] {
+        let r = quick.post(s.url(path)).json(&body).send().await;
+        assert_eq!(r.map(|r| r.status().as_u16()).ok(), Some(200), "{path}");
+    }
+    // A body must also arrive whole within --request-timeout: the uploads end with 400 then.
+    for upload in uploads {
+        let (elapsed, answer) = upload.await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("within --request-timeout"), "{answer}");
+        assert!(elapsed < std::time::Duration::from_secs(8), "{elapsed:?}");
+    }
+}
+
+#[tokio::test]
+async fn every_router_error_is_json() {
+    let s = server().await;
+    // Path segments that are not UTF-8 once percent-decoded: axum's rejection was plain text.
+    for (method, path) in [
+        ("GET", "/v2/models/%FF/ready"),
+        ("GET", "/v2/models/%FF"),
+        ("GET", "/v2/models/affine/versions/%C3%28"),
+        ("POST", "/v2/models/%FF/infer"),
+        ("POST", "/v2/models/affine/versions/%FF/infer"),
+        ("GET", "/v1/models/%FF"),
+        ("POST", "/v1/models/%FF:predict"),
+    ] {
+        let r = s
+            .client
+            .request(method.parse().unwrap(), s.url(path))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/json",
+            "{method} {path}"
+        );
+        let body: Value = r.json().await.unwrap();
+        assert_error(status, &body, 400, &["UTF-8"]);
+    }
+    // The fallbacks.
+    let (status, body) = s.get("/nowhere").await;
+    assert_error(status, &body, 404, &["no such endpoint"]);
+    let r = s
+        .client
+        .delete(s.url("/v2/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["error"].is_string(), "{body}");
+}

@@ -206,6 +206,22 @@ impl Scheduler {
         &self.shared.series
     }
 
+    /// Answers every queued request with 503 "server shutting down" (when the shutdown grace period ran out) and
+    /// returns how many there were. Batches already running are left to finish.
+    pub fn cut(&self) -> usize {
+        let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let queued = state.remove_stale(Instant::now(), |_| false);
+        drop(state);
+        let n = queued.len();
+        for e in queued {
+            let _ = e
+                .item
+                .respond
+                .send(Err(InferError::unavailable("server shutting down")));
+        }
+        n
+    }
+
     /// How many requests wait.
     pub fn queue_len(&self) -> usize {
         self.shared

@@ -2,6 +2,7 @@
 
 #![allow(missing_docs, clippy::all, unreachable_pub)]
 
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::error::InferError;
@@ -82,25 +83,100 @@ pub(crate) fn grpc_deadline(
         return Ok(None);
     };
     let text = value.to_str().unwrap_or_default();
-    let bad = || InferError::invalid(format!("malformed grpc-timeout `{text}`"));
+    let duration = grpc_timeout(text)
+        .ok_or_else(|| InferError::invalid(format!("malformed grpc-timeout `{text}`")))?;
+    Ok(Instant::now().checked_add(before_tonic(duration)))
+}
+
+/// A `grpc-timeout` value as a duration; `None` when malformed.
+fn grpc_timeout(text: &str) -> Option<Duration> {
     if text.len() < 2 {
-        return Err(bad());
+        return None;
     }
     let (digits, unit) = text.split_at(text.len() - 1);
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    let duration = match unit {
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
         "H" => Duration::from_secs(n.saturating_mul(3600)),
         "M" => Duration::from_secs(n.saturating_mul(60)),
         "S" => Duration::from_secs(n),
         "m" => Duration::from_millis(n),
         "u" => Duration::from_micros(n),
         "n" => Duration::from_nanos(n),
-        _ => return Err(bad()),
-    };
-    // tonic enforces the same header itself and answers CANCELLED when it fires; finishing a little earlier lets
-    // the answer be the DEADLINE_EXCEEDED the protocol promises.
+        _ => return None,
+    })
+}
+
+/// tonic enforces the `grpc-timeout` header itself and answers CANCELLED when it fires; finishing a little earlier
+/// lets the answer be the DEADLINE_EXCEEDED the protocol promises.
+fn before_tonic(duration: Duration) -> Duration {
     let margin = (duration / 20).clamp(Duration::from_micros(200), Duration::from_millis(5));
-    Ok(Instant::now().checked_add(duration.saturating_sub(margin)))
+    duration.saturating_sub(margin)
+}
+
+/// Ends every gRPC call, its upload included, with DEADLINE_EXCEEDED once it has run for `limit` (or the client's
+/// `grpc-timeout`, a little before tonic's own timer, when that is shorter). tonic's `Server::timeout` would end it
+/// with CANCELLED, which tells the client nothing about why (a request message that never finished arriving, say).
+#[derive(Debug, Clone, Copy)]
+pub struct GrpcDeadlineLayer(pub Duration);
+
+impl<S> tower::Layer<S> for GrpcDeadlineLayer {
+    type Service = GrpcDeadline<S>;
+    fn layer(&self, inner: S) -> GrpcDeadline<S> {
+        GrpcDeadline {
+            limit: self.0,
+            inner,
+        }
+    }
+}
+
+/// The service [`GrpcDeadlineLayer`] makes.
+#[derive(Debug, Clone)]
+pub struct GrpcDeadline<S> {
+    limit: Duration,
+    inner: S,
+}
+
+/// What [`GrpcDeadline`] makes of the call's result or its timer running out.
+type Deadlined<R, E> = fn(Result<Result<R, E>, tokio::time::error::Elapsed>) -> Result<R, E>;
+
+fn deadline_exceeded<E>(
+    answer: Result<Result<axum::http::Response<tonic::body::Body>, E>, tokio::time::error::Elapsed>,
+) -> Result<axum::http::Response<tonic::body::Body>, E> {
+    answer.unwrap_or_else(|_| {
+        Ok(tonic::Status::deadline_exceeded(
+            "the call did not finish in time (--request-timeout plus --client-timeout, or the client's grpc-timeout)",
+        )
+        .into_http())
+    })
+}
+
+impl<S, B> tower::Service<axum::http::Request<B>> for GrpcDeadline<S>
+where
+    S: tower::Service<axum::http::Request<B>, Response = axum::http::Response<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures_util::future::Map<
+        tokio::time::Timeout<S::Future>,
+        Deadlined<S::Response, S::Error>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        use futures_util::FutureExt;
+        let client = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(grpc_timeout)
+            .map(before_tonic);
+        let limit = client.map_or(self.limit, |c| c.min(self.limit));
+        tokio::time::timeout(limit, self.inner.call(request))
+            .map(deadline_exceeded as Deadlined<S::Response, S::Error>)
+    }
 }
 
 #[cfg(test)]

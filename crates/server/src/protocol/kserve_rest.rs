@@ -5,7 +5,6 @@
 //! raw data of every input that carries `parameters.binary_data_size`, in the order of the `inputs` list.
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -14,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::json::{decode_data, nonfinite_as_strings, FlatJson, NonFinite};
-use super::{body_error, client_deadline, finish};
+use super::{client_deadline, finish};
 use crate::error::{ErrorKind, InferError};
 use crate::http::AppState;
 use crate::infer::Budget;
@@ -233,16 +232,9 @@ pub async fn infer(
     State(state): State<AppState>,
     Path(model): Path<String>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    crate::front::AdmittedBody(body): crate::front::AdmittedBody,
 ) -> Response {
-    infer_request(
-        &state.infer,
-        &model,
-        None,
-        &headers,
-        body.map_err(body_error),
-    )
-    .await
+    infer_request(&state.infer, &model, None, &headers, body).await
 }
 
 /// `POST /v2/models/{m}/versions/{v}/infer`.
@@ -250,16 +242,9 @@ pub async fn infer_version(
     State(state): State<AppState>,
     Path((model, version)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    crate::front::AdmittedBody(body): crate::front::AdmittedBody,
 ) -> Response {
-    infer_request(
-        &state.infer,
-        &model,
-        Some(&version),
-        &headers,
-        body.map_err(body_error),
-    )
-    .await
+    infer_request(&state.infer, &model, Some(&version), &headers, body).await
 }
 
 /// One KServe v2 inference request, recorded in the metrics: the router's handlers and the listener's direct path

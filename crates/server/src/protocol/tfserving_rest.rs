@@ -4,8 +4,6 @@
 //! Routes are parsed by hand from `/v1/models/{rest}` because TF Serving puts the method after a colon
 //! (`/v1/models/iris/versions/2:predict`).
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::Method;
 use axum::response::{IntoResponse, Response};
@@ -19,7 +17,7 @@ use serde_json::value::RawValue;
 use super::json::{
     decode_leaves, decode_value, leaves, nested_shape, nonfinite_as_strings, Decoder, NestedJson,
 };
-use super::{body_error, client_deadline, finish};
+use super::{client_deadline, finish};
 use crate::error::InferError;
 use crate::http::AppState;
 use crate::infer::Budget;
@@ -95,13 +93,13 @@ pub async fn post(
     State(state): State<AppState>,
     Path(rest): Path<String>,
     headers: axum::http::HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    crate::front::AdmittedBody(body): crate::front::AdmittedBody,
 ) -> Response {
     let mut record = state.infer.metrics.request("rest_tfserving");
     let result = async {
         let (model, selector, action) = parse_path(&Method::POST, &rest)?;
         let deadline = client_deadline(&headers)?;
-        let body = body.map_err(body_error)?;
+        let body = body?;
         // Resolve first: an unknown or unready model is reported as such whatever the body holds.
         let loaded = state
             .infer
