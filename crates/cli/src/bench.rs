@@ -517,7 +517,7 @@ async fn open_loop(args: &BenchArgs, template: &Caller, rate: f64) -> anyhow::Re
     let start = Instant::now();
     let measure_from = start + args.warmup;
     let end = measure_from + args.duration;
-    let results = Arc::new(std::sync::Mutex::new((Vec::new(), 0usize)));
+    let results = Arc::new(parking_lot::Mutex::new((Vec::new(), 0usize)));
     let mut tasks = tokio::task::JoinSet::new();
     let mut next = start;
     while next < end {
@@ -528,7 +528,7 @@ async fn open_loop(args: &BenchArgs, template: &Caller, rate: f64) -> anyhow::Re
         tasks.spawn(async move {
             let ok = caller.call().await;
             if scheduled >= measure_from {
-                let mut r = results.lock().unwrap_or_else(|p| p.into_inner());
+                let mut r = results.lock();
                 if ok {
                     r.0.push(scheduled.elapsed().as_micros() as u64);
                 } else {
@@ -540,8 +540,7 @@ async fn open_loop(args: &BenchArgs, template: &Caller, rate: f64) -> anyhow::Re
         while tasks.try_join_next().is_some() {}
     }
     while tasks.join_next().await.is_some() {}
-    let (latencies, errors) =
-        std::mem::take(&mut *results.lock().unwrap_or_else(|p| p.into_inner()));
+    let (latencies, errors) = std::mem::take(&mut *results.lock());
     Ok(report(
         "rate",
         rate,

@@ -5,7 +5,9 @@
 //! session runs.
 
 use std::path::Path;
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::OnceLock;
+
+use parking_lot::{Condvar, Mutex};
 
 use ferry_model::{DataType, NamedTensor, Signature, Tensor, TensorData, TensorSpec, ValueKind};
 use ort::environment::Environment;
@@ -107,7 +109,7 @@ struct Lease<'a> {
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
         if let Some(session) = self.session.take() {
-            let mut pool = self.backend.pool.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pool = self.backend.pool.lock();
             pool.push(session);
             self.backend.returned.notify_one();
         }
@@ -124,7 +126,7 @@ impl std::fmt::Debug for OrtBackend {
 
 impl OrtBackend {
     fn lease(&self) -> Lease<'_> {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pool = self.pool.lock();
         loop {
             if let Some(session) = pool.pop() {
                 return Lease {
@@ -132,7 +134,7 @@ impl OrtBackend {
                     session: Some(session),
                 };
             }
-            pool = self.returned.wait(pool).unwrap_or_else(|p| p.into_inner());
+            self.returned.wait(&mut pool);
         }
     }
 }

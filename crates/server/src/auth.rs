@@ -6,9 +6,9 @@
 //! presented token is compared with every stored digest without an early exit. With no token configured, nothing
 //! is checked (as before).
 
+use parking_lot::Mutex;
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Instant;
 
 use serde::Deserialize;
@@ -285,7 +285,7 @@ impl Auth {
             ));
         }
         if let (Some(bucket), Some(rate)) = (&token.bucket, token.spec.rate_limit) {
-            let mut b = bucket.lock().unwrap_or_else(|p| p.into_inner());
+            let mut b = bucket.lock();
             let now = Instant::now();
             let burst = rate.max(1.0);
             b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);

@@ -9,9 +9,9 @@
 //! Kolmogorov–Smirnov statistic for numeric values. One request in `sample_every` is sampled; the cost on the request
 //! path is one binary search (or one class lookup) per sampled value, under short locks.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use ferry_model::{NamedTensor, TensorData};
 use serde::Serialize;
@@ -365,7 +365,7 @@ impl OutputWindow {
     }
 
     fn report(&self) -> Option<PredictionDrift> {
-        let w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        let w = self.window.lock();
         if w.filled < w.min_rows() {
             return None;
         }
@@ -510,10 +510,7 @@ impl Drift {
         } else {
             std::borrow::Cow::Owned((0..n).map(bin).collect())
         };
-        side.window
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(&bins);
+        side.window.lock().push(&bins);
     }
 
     /// Records the tracked outputs of a sampled request (outputs of another kind or shape are ignored).
@@ -526,10 +523,7 @@ impl Drift {
                 continue;
             }
             if let Some(bins) = w.bins(&out.tensor.data) {
-                w.window
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(&bins);
+                w.window.lock().push(&bins);
             }
         }
     }
@@ -541,9 +535,7 @@ impl Drift {
 
     /// The number of input rows in the window.
     pub fn rows(&self) -> usize {
-        self.inputs.as_ref().map_or(0, |i| {
-            i.window.lock().unwrap_or_else(|p| p.into_inner()).filled
-        })
+        self.inputs.as_ref().map_or(0, |i| i.window.lock().filled)
     }
 
     /// PSI and KS per feature, and per tracked output, over the current windows.
@@ -555,7 +547,7 @@ impl Drift {
             .into_iter()
             .chain(self.outputs.iter().map(|o| &o.window))
             .find_map(|w| {
-                let w = w.lock().unwrap_or_else(|p| p.into_inner());
+                let w = w.lock();
                 (w.filled < w.min_rows()).then(|| {
                     format!(
                         "not enough rows ({} of the {} needed before drift is judged)",
@@ -582,7 +574,7 @@ impl Drift {
 
 impl InputWindow {
     fn report(&self) -> Vec<FeatureDrift> {
-        let w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        let w = self.window.lock();
         if w.filled < w.min_rows() {
             return Vec::new();
         }

@@ -8,7 +8,9 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::pem::PemObject;
@@ -151,7 +153,7 @@ fn modified(path: &Path) -> Option<SystemTime> {
 struct Reloading {
     files: TlsFiles,
     current: RwLock<Arc<CertifiedKey>>,
-    stamp: std::sync::Mutex<(Option<SystemTime>, Option<SystemTime>)>,
+    stamp: parking_lot::Mutex<(Option<SystemTime>, Option<SystemTime>)>,
 }
 
 impl Reloading {
@@ -161,19 +163,19 @@ impl Reloading {
         Ok(Reloading {
             files,
             current: RwLock::new(key),
-            stamp: std::sync::Mutex::new(stamp),
+            stamp: parking_lot::Mutex::new(stamp),
         })
     }
 
     fn reload_if_changed(&self) {
         let now = (modified(&self.files.cert), modified(&self.files.key));
-        let mut stamp = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stamp = self.stamp.lock();
         if *stamp == now {
             return;
         }
         match load_key(&self.files) {
             Ok(key) => {
-                *self.current.write().unwrap_or_else(|p| p.into_inner()) = key;
+                *self.current.write() = key;
                 *stamp = now;
                 tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
             }
@@ -187,12 +189,7 @@ impl Reloading {
 
 impl ResolvesServerCert for Reloading {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(
-            self.current
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-        )
+        Some(self.current.read().clone())
     }
 }
 

@@ -17,7 +17,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// A metric's catalogue entry.
@@ -627,12 +629,7 @@ impl<V> Default for Family<V> {
 
 impl Family<u64> {
     fn add(&self, labels: Vec<String>, n: u64) {
-        *self
-            .series
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(labels)
-            .or_insert(0) += n;
+        *self.series.lock().entry(labels).or_insert(0) += n;
     }
 }
 
@@ -640,7 +637,6 @@ impl Family<Histogram> {
     fn observe(&self, labels: Vec<String>, bounds: &[f64], v: f64) {
         self.series
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .entry(labels)
             .or_insert_with(|| Histogram::new(bounds.len()))
             .observe(bounds, v);
@@ -840,17 +836,11 @@ impl Metrics {
     /// The series of one model version, made on first use and kept (a reloaded version records into the same one).
     pub fn version_series(&self, model: &str, version: u64) -> Arc<VersionSeries> {
         let key = (model.to_string(), version);
-        if let Some(s) = self
-            .versions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-        {
+        if let Some(s) = self.versions.read().get(&key) {
             return s.clone();
         }
         self.versions
             .write()
-            .unwrap_or_else(|p| p.into_inner())
             .entry(key)
             .or_insert_with(|| Arc::new(VersionSeries::new(model, version, self.options.enabled)))
             .clone()
@@ -918,7 +908,6 @@ impl Metrics {
     ) {
         self.shadow_compared
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .entry(vec![
                 model.to_string(),
                 version.to_string(),
@@ -934,13 +923,7 @@ impl Metrics {
             text: String::with_capacity(16384),
             format,
         };
-        let series: Vec<Arc<VersionSeries>> = self
-            .versions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let series: Vec<Arc<VersionSeries>> = self.versions.read().values().cloned().collect();
 
         // Requests by outcome: the lock-free series, then the labelled path.
         out.header(&REQUESTS);
@@ -1096,10 +1079,7 @@ impl Metrics {
         }
         out.counters(&SHADOW_REQUESTS, &self.shadow_requests, true);
         {
-            let compared = self
-                .shadow_compared
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let compared = self.shadow_compared.lock();
             for (d, pick) in [
                 (
                     &SHADOW_AGREEMENT,
@@ -1269,7 +1249,7 @@ impl Page {
         if with_header {
             self.header(d);
         }
-        for (labels, v) in f.series.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for (labels, v) in f.series.lock().iter() {
             self.sample(d.name, d.labels, labels, None, v);
         }
     }
@@ -1308,7 +1288,7 @@ impl Page {
         if with_header {
             self.header(d);
         }
-        for (labels, h) in f.series.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for (labels, h) in f.series.lock().iter() {
             // Values past the last bound are only in the count: give them their own slot so `+Inf` is the sum.
             let mut counts = h.counts.clone();
             counts.push(h.count - h.counts.iter().sum::<u64>());

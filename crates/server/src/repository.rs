@@ -9,7 +9,9 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 
 use ferry_engine::{Backend, EngineError, EngineOptions, OrtEngine};
 use ferry_model::Signature;
@@ -153,64 +155,40 @@ pub struct ModelStore {
 impl ModelStore {
     /// A snapshot of one model's record.
     pub fn model(&self, name: &str) -> Option<ModelRecord> {
-        self.models
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .cloned()
+        self.models.read().get(name).cloned()
     }
 
     /// Runs `f` on one model's record under the read lock, without copying it.
     pub fn with_model<R>(&self, name: &str, f: impl FnOnce(&ModelRecord) -> R) -> Option<R> {
-        self.models
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .map(f)
+        self.models.read().get(name).map(f)
     }
 
     /// Whether the repository has a model of this name.
     pub fn contains(&self, name: &str) -> bool {
-        self.models
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(name)
+        self.models.read().contains_key(name)
     }
 
     /// The names of all models.
     pub fn model_names(&self) -> Vec<String> {
-        self.models
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect()
+        self.models.read().keys().cloned().collect()
     }
 
     /// Changes one model's record under the write lock.
     pub fn update<R>(&self, name: &str, f: impl FnOnce(&mut ModelRecord) -> R) -> Option<R> {
-        self.models
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(name)
-            .map(f)
+        self.models.write().get_mut(name).map(f)
     }
 
     /// Adds a model (with no versions) unless it is there.
     pub(crate) fn ensure_model(&self, name: &str, config: Arc<ModelConfig>) {
         self.models
             .write()
-            .unwrap_or_else(|p| p.into_inner())
             .entry(name.to_string())
             .or_insert_with(|| ModelRecord::new(config));
     }
 
     /// Removes a model from the table.
     pub(crate) fn remove_model(&self, name: &str) {
-        self.models
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        self.models.write().remove(name);
     }
 
     pub(crate) fn set_version(&self, name: &str, version: u64, slot: VersionSlot) {
@@ -225,7 +203,7 @@ impl ModelStore {
                 "model version state changed"
             ),
         }
-        let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
+        let mut models = self.models.write();
         if let Some(record) = models.get_mut(name) {
             record.versions.insert(version, slot);
         }
@@ -237,7 +215,6 @@ impl ModelStore {
         let loaded: Vec<Arc<LoadedVersion>> = self
             .models
             .read()
-            .unwrap_or_else(|p| p.into_inner())
             .values()
             .flat_map(|r| r.versions.values().filter_map(|s| s.loaded.clone()))
             .collect();
@@ -246,7 +223,7 @@ impl ModelStore {
 
     /// Marks every ready version as unloading (during shutdown), so status reports tell the truth.
     pub fn mark_all_unloading(&self) {
-        let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
+        let mut models = self.models.write();
         for record in models.values_mut() {
             for slot in record.versions.values_mut() {
                 if slot.state == VersionState::Ready {

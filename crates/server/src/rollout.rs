@@ -526,13 +526,13 @@ mod tests {
 /// A plan as one server applies it: the stored plan plus this replica's step clock and per-arm counters.
 #[derive(Debug)]
 pub struct Live {
-    plan: std::sync::Mutex<RolloutPlan>,
+    plan: parking_lot::Mutex<RolloutPlan>,
     /// The candidate's counters for the current step.
     pub candidate: ArmCounters,
     /// The stable version's counters for the current step.
     pub stable: ArmCounters,
     step: std::sync::atomic::AtomicUsize,
-    step_started: std::sync::Mutex<std::time::Instant>,
+    step_started: parking_lot::Mutex<std::time::Instant>,
     extended: std::sync::atomic::AtomicBool,
     next_key: AtomicU64,
 }
@@ -554,11 +554,11 @@ impl Live {
     /// Starts applying `plan` at its first step.
     pub fn new(plan: RolloutPlan) -> Live {
         Live {
-            plan: std::sync::Mutex::new(plan),
+            plan: parking_lot::Mutex::new(plan),
             candidate: ArmCounters::default(),
             stable: ArmCounters::default(),
             step: std::sync::atomic::AtomicUsize::new(0),
-            step_started: std::sync::Mutex::new(std::time::Instant::now()),
+            step_started: parking_lot::Mutex::new(std::time::Instant::now()),
             extended: std::sync::atomic::AtomicBool::new(false),
             next_key: AtomicU64::new(0),
         }
@@ -566,13 +566,13 @@ impl Live {
 
     /// A copy of the plan as this replica knows it.
     pub fn plan(&self) -> RolloutPlan {
-        self.plan.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.plan.lock().clone()
     }
 
     /// Whether `other` (read from the repository) is the same rollout as this one (so this replica's step clock
     /// carries on).
     pub fn same_rollout(&self, other: &RolloutPlan) -> bool {
-        let p = self.plan.lock().unwrap_or_else(|p| p.into_inner());
+        let p = self.plan.lock();
         p.candidate == other.candidate
             && p.stable == other.stable
             && p.created_at == other.created_at
@@ -580,7 +580,7 @@ impl Live {
 
     /// Adopts the stored plan of the same rollout (its history and state: an operator may have ended it).
     pub fn adopt(&self, stored: RolloutPlan) {
-        let mut plan = self.plan.lock().unwrap_or_else(|p| p.into_inner());
+        let mut plan = self.plan.lock();
         // A decision this replica took is not undone by a file written before it.
         if plan.state != RolloutState::Running && stored.state == RolloutState::Running {
             return;
@@ -612,7 +612,7 @@ impl Live {
 
     /// The candidate's share of unversioned traffic now, in percent (0 once rolled back, 100 once promoted).
     pub fn weight(&self) -> f64 {
-        let p = self.plan.lock().unwrap_or_else(|p| p.into_inner());
+        let p = self.plan.lock();
         match p.state {
             RolloutState::Running => p.steps.get(self.step()).copied().unwrap_or(100.0),
             RolloutState::Promoted => 100.0,
@@ -624,7 +624,7 @@ impl Live {
     /// current weight. Returns `(candidate, stable, state, to_candidate)`.
     pub fn choose(&self, key: Option<u64>) -> (u64, u64, RolloutState, bool) {
         let (candidate, stable, state, weight) = {
-            let p = self.plan.lock().unwrap_or_else(|p| p.into_inner());
+            let p = self.plan.lock();
             let w = match p.state {
                 RolloutState::Running => p.steps.get(self.step()).copied().unwrap_or(100.0),
                 RolloutState::Promoted => 100.0,
@@ -638,7 +638,7 @@ impl Live {
 
     /// The counters a request answered by `version` counts in, while the rollout runs.
     pub fn arm(&self, version: u64) -> Option<&ArmCounters> {
-        let p = self.plan.lock().unwrap_or_else(|p| p.into_inner());
+        let p = self.plan.lock();
         if p.state != RolloutState::Running {
             return None;
         }
@@ -653,18 +653,18 @@ impl Live {
 
     /// Holds the step clock at its start (while the candidate or the stable version is not ready).
     pub fn hold(&self) {
-        *self.step_started.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
+        *self.step_started.lock() = std::time::Instant::now();
         self.candidate.take();
         self.stable.take();
     }
 
     /// Judges the current step when its interval is over, advancing, extending or finishing the plan.
     pub fn tick(&self) -> Tick {
-        let mut plan = self.plan.lock().unwrap_or_else(|p| p.into_inner());
+        let mut plan = self.plan.lock();
         if plan.state != RolloutState::Running {
             return Tick::Wait;
         }
-        let mut started = self.step_started.lock().unwrap_or_else(|p| p.into_inner());
+        let mut started = self.step_started.lock();
         if started.elapsed().as_secs_f64() < plan.step_interval_secs {
             return Tick::Wait;
         }

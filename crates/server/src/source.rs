@@ -284,12 +284,9 @@ fn scan_local(root: &Path) -> Result<Listing, String> {
         }
         if let Err(reason) = validate_name(&name) {
             // Said once per directory, not at every scan.
-            static WARNED: std::sync::Mutex<BTreeSet<PathBuf>> =
-                std::sync::Mutex::new(BTreeSet::new());
-            let first = WARNED
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(entry.path());
+            static WARNED: parking_lot::Mutex<BTreeSet<PathBuf>> =
+                parking_lot::Mutex::new(BTreeSet::new());
+            let first = WARNED.lock().insert(entry.path());
             if first {
                 tracing::warn!(path = %entry.path().display(), %reason, "skipping directory in the model repository");
             }
@@ -339,13 +336,9 @@ fn scan_local(root: &Path) -> Result<Listing, String> {
         }
         if model.versions.is_empty() && !problems.is_empty() {
             let layout = problems.join("; ");
-            static WARNED: std::sync::Mutex<BTreeSet<String>> =
-                std::sync::Mutex::new(BTreeSet::new());
-            if WARNED
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(layout.clone())
-            {
+            static WARNED: parking_lot::Mutex<BTreeSet<String>> =
+                parking_lot::Mutex::new(BTreeSet::new());
+            if WARNED.lock().insert(layout.clone()) {
                 tracing::warn!(model = %name, %layout, "model folder has no version to load");
             }
             model.layout = Some(layout);

@@ -13,12 +13,13 @@
 
 pub mod queue;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
 use std::time::Instant;
 
 use ferry_engine::Backend;
 use ferry_model::{NamedTensor, Tensor, TensorData};
-use std::sync::Condvar;
 
 use tokio::sync::oneshot;
 
@@ -166,7 +167,7 @@ impl Scheduler {
             deadline,
             solo,
         };
-        let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.shared.state.lock();
         let refused = match state.push(entry) {
             Ok(()) => false,
             Err((_, entry)) => {
@@ -209,7 +210,7 @@ impl Scheduler {
     /// Answers every queued request with 503 "server shutting down" (when the shutdown grace period ran out) and
     /// returns how many there were. Batches already running are left to finish.
     pub fn cut(&self) -> usize {
-        let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.shared.state.lock();
         let queued = state.remove_stale(Instant::now(), |_| false);
         drop(state);
         let n = queued.len();
@@ -224,11 +225,7 @@ impl Scheduler {
 
     /// How many requests wait.
     pub fn queue_len(&self) -> usize {
-        self.shared
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
+        self.shared.state.lock().len()
     }
 }
 
@@ -242,7 +239,7 @@ fn late_in_queue() -> InferError {
 
 /// One worker thread: take a batch when the policy says so, run it, repeat; exit once closed and empty.
 fn worker(shared: &Shared) {
-    let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+    let mut state = shared.state.lock();
     loop {
         let now = Instant::now();
         for e in state.remove_stale(now, |job| !job.respond.is_closed()) {
@@ -271,7 +268,7 @@ fn worker(shared: &Shared) {
                     tracing::error!(model = %shared.label, "the engine panicked while running a batch");
                     record();
                 }
-                state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+                state = shared.state.lock();
             }
             Decision::Idle => {
                 if shared.closed.load(std::sync::atomic::Ordering::SeqCst) {
@@ -280,7 +277,7 @@ fn worker(shared: &Shared) {
                 shared
                     .sleeping
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
+                shared.wake.wait(&mut state);
                 shared
                     .sleeping
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -290,11 +287,7 @@ fn worker(shared: &Shared) {
                 shared
                     .sleeping
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                state = shared
-                    .wake
-                    .wait_timeout(state, wait)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
+                shared.wake.wait_for(&mut state, wait);
                 shared
                     .sleeping
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
