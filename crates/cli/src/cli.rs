@@ -338,6 +338,19 @@ impl ServeArgs {
                 && (0.05..=86_400.0).contains(&self.repository_poll_secs),
             "--repository-poll-secs must be between 0.05 and 86400"
         );
+        // The same bounds a model's config.toml has: a flag must not start thousands of engine threads either.
+        let cores = ferry_server::model_config::machine_cores();
+        let (threads, instances) = (
+            usize::from(self.intra_op_threads),
+            usize::from(self.instances),
+        );
+        anyhow::ensure!(
+            threads <= 4 * cores && instances <= 4 * cores && threads * instances <= 8 * cores,
+            "--intra-op-threads ({threads}) and --instances ({instances}) may each be at most {} (4 x this machine's \
+             {cores} cores), and their product at most {}",
+            4 * cores,
+            8 * cores
+        );
         for name in &self.load_model {
             ferry_server::repository::validate_name(name)
                 .map_err(|e| anyhow::anyhow!("--load-model: {e}"))?;

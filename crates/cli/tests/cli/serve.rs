@@ -41,3 +41,24 @@ fn a_management_api_beyond_loopback_without_a_token_is_refused_before_binding() 
     drop(taken);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn engine_threads_beyond_the_machine_are_refused_before_anything_starts() {
+    let dir = scratch("serve", "threads");
+    std::fs::create_dir_all(dir.join("models")).unwrap();
+    let repo = dir.join("models");
+    let out = ferry(&[
+        "serve",
+        "--model-repository",
+        repo.to_str().unwrap(),
+        "--intra-op-threads",
+        "60000",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--intra-op-threads (60000) and --instances (2) may each be at most"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
