@@ -334,14 +334,17 @@ fn scan_local(root: &Path) -> Result<Listing, String> {
                 root.display()
             ));
         }
-        if model.versions.is_empty() && !problems.is_empty() {
+        if !problems.is_empty() {
             let layout = problems.join("; ");
             static WARNED: parking_lot::Mutex<BTreeSet<String>> =
                 parking_lot::Mutex::new(BTreeSet::new());
             if WARNED.lock().insert(layout.clone()) {
-                tracing::warn!(model = %name, %layout, "model folder has no version to load");
+                tracing::warn!(model = %name, %layout, "model folder holds something that is not a version");
             }
-            model.layout = Some(layout);
+            // Shown to clients only when it explains why nothing loads.
+            if model.versions.is_empty() {
+                model.layout = Some(layout);
+            }
         }
         listing.insert(name, model);
     }

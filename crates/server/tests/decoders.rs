@@ -428,6 +428,42 @@ proptest! {
     }
 }
 
+#[test]
+fn grpc_typed_byte_strings_are_charged_to_the_budget() {
+    // 200,000 empty strings: 400 KB on the wire, 4.8 MB as vectors.
+    let request = kserve::ModelInferRequest {
+        inputs: vec![kserve::model_infer_request::InferInputTensor {
+            name: "s".into(),
+            datatype: "BYTES".into(),
+            shape: vec![100, 2000],
+            contents: Some(kserve::InferTensorContents {
+                bytes_contents: vec![Vec::new(); 200_000],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let n = request.encoded_len();
+    let e = decode_infer_inputs(
+        request.inputs,
+        request.raw_input_contents,
+        n,
+        &Limits::default(),
+    )
+    .unwrap_err();
+    assert!(e.message.contains("bytes of memory"), "{}", e.message);
+    let mut request = tf::serving::PredictRequest::default();
+    request.inputs.insert(
+        "s".into(),
+        tf_tensor(DataType::Bytes, &[100, 2000], 200_000, b""),
+    );
+    let n = request.encoded_len();
+    let specs = vec![TensorSpec::tensor("s", DataType::Bytes, vec![-1, -1])];
+    let e = decode_predict_inputs(&specs, request.inputs, n, &Limits::default()).unwrap_err();
+    assert!(e.message.contains("bytes of memory"), "{}", e.message);
+}
+
 /// `[[[...]]]` and `{"a":{"a":...}}` nested `depth` times.
 fn nested(depth: usize) -> [String; 2] {
     [

@@ -403,6 +403,12 @@ impl<'b> Decoder<'b> {
         let capacity = (json_bytes / min_json_bytes(dtype) + 1)
             .min(limit.unwrap_or(usize::MAX))
             .min(budget.left() / cost);
+        // The first allocation is charged like every later growth (see `charge`).
+        let capacity = if budget.take(capacity * cost).is_ok() {
+            capacity
+        } else {
+            0
+        };
         Decoder {
             data: TensorData::with_capacity(dtype, capacity),
             limit,
@@ -476,6 +482,14 @@ impl<'b> Decoder<'b> {
     /// counted).
     fn leaf<E: serde::de::Error>(&mut self) -> Result<bool, E> {
         match self.leaf_depth {
+            // A list already closed at this depth or deeper held no value here: `[[[]], [1]]` is ragged.
+            None if self.dims.len() > self.depth => {
+                return Err(E::custom(format!(
+                    "ragged nested list: element {} is at depth {} below an empty list",
+                    self.given(),
+                    self.depth
+                )))
+            }
             None => self.leaf_depth = Some(self.depth),
             Some(d) if d != self.depth => {
                 return Err(E::custom(format!(
@@ -494,11 +508,25 @@ impl<'b> Decoder<'b> {
     }
 
     /// Charges one element (and `content` bytes of a byte string) to the budget.
+    /// Charges the room for one more element (and `content` bytes of a byte string) to the budget. The budget
+    /// follows the vector's capacity: when it is full, the growth is charged first and then reserved exactly, so
+    /// the memory held is the memory charged.
     fn charge<E: serde::de::Error>(&mut self, content: usize) -> Result<(), E> {
         let given = self.given();
-        self.budget
-            .take(self.cost + content)
-            .map_err(|e| E::custom(format!("element {given}: {e}")))
+        let refuse = |e: String| E::custom(format!("element {given}: {e}"));
+        let (len, capacity) =
+            ferry_model::with_tensor_data!(&self.data, v => (v.len(), v.capacity()));
+        if len == capacity {
+            let grow = capacity.max(16);
+            self.budget
+                .take(grow.saturating_mul(self.cost))
+                .map_err(refuse)?;
+            ferry_model::with_tensor_data!(&mut self.data, v => v.reserve_exact(grow));
+        }
+        if content > 0 {
+            self.budget.take(content).map_err(refuse)?;
+        }
+        Ok(())
     }
 
     fn int<E: serde::de::Error>(
@@ -828,6 +856,11 @@ mod data_tests {
         assert!(e.starts_with("ragged nested list"), "{e}");
         let e = data(DataType::F32, "[[], [1]]", 1).unwrap_err();
         assert!(e.starts_with("ragged nested list"), "{e}");
+        let e = data(DataType::I32, "[[[], []], [1, 2]]", 2).unwrap_err();
+        assert!(e.starts_with("ragged nested list"), "{e}");
+        let b = Budget::for_request(100);
+        let e = decode_value(DataType::I32, "[[[]], [1]]", false, &b).unwrap_err();
+        assert!(e.starts_with("ragged nested list"), "{e}");
         assert_eq!(
             data(DataType::F32, "[[1, 2], [3, 4]]", 4).unwrap(),
             TensorData::F32(vec![1.0, 2.0, 3.0, 4.0])
@@ -954,6 +987,26 @@ mod data_tests {
             &Budget::for_request(raw.len())
         )
         .is_ok());
+    }
+
+    #[test]
+    fn the_budget_follows_the_capacity_a_decoder_holds() {
+        let b = Budget::for_request(0);
+        let total = b.total();
+        // No first allocation, then 300,000 values: every growth is charged before it is reserved.
+        let mut d = Decoder::new(DataType::F64, false, None, 0, &b);
+        let raw = format!("[{}]", vec!["0"; 100_000].join(","));
+        for _ in 0..3 {
+            if d.decode_str(&raw).is_err() {
+                break;
+            }
+        }
+        let capacity = ferry_model::with_tensor_data!(&d.data, v => v.capacity());
+        assert!(
+            capacity * 8 <= total - b.left(),
+            "{capacity} elements held, {} bytes charged",
+            total - b.left()
+        );
     }
 
     #[test]

@@ -108,7 +108,15 @@ fn decode_input(
                 ))
             })?
         }
-        (None, Some(contents)) => decode_contents(&name, dtype, contents)?,
+        (None, Some(contents)) => {
+            // prost has already decoded them (packed varints and empty strings take up to 8-12 x their bytes on
+            // the wire); what does not fit the budget is refused here, before anything else is made of it.
+            let data = decode_contents(&name, dtype, contents)?;
+            budget
+                .take(crate::infer::memory_cost(&data))
+                .map_err(|e| InferError::invalid(format!("input `{name}`: {e}")))?;
+            data
+        }
         (None, None) => {
             return Err(InferError::invalid(format!(
                 "input `{name}`: no contents and no raw_input_contents"

@@ -176,6 +176,11 @@ fn decode(
             DataType::Bytes => TensorData::Bytes(std::mem::take(&mut t.string_val)),
         }
     };
+    // prost has already decoded the typed fields (packed varints and empty strings take up to 8-12 x their bytes on
+    // the wire): what they hold is charged too, and refused when it does not fit.
+    budget
+        .take(crate::infer::memory_cost(&data))
+        .map_err(&err)?;
     // TensorFlow fills a whole tensor from a single value: a few bytes may ask for a large tensor, so the filled
     // size is charged to the request's budget before anything is allocated.
     let data = if count > 1 && data.len() == 1 {

@@ -244,16 +244,29 @@ fn top_level(json: &[u8]) -> Result<BTreeMap<String, &RawValue>, InferError> {
     Ok(top)
 }
 
-/// Parses a `:classify` or `:regress` body into a JSON tree, after checking the tree fits the request's budget.
+/// How many times its own size a `:classify` or `:regress` body may take as a JSON tree.
+const TREE_FACTOR: usize = 24;
+
+/// Parses a `:classify` or `:regress` body into a JSON tree, after checking the tree fits its allowance.
 fn parse_body(
     body: &[u8],
     limits: &crate::infer::Limits,
 ) -> Result<Map<String, Value>, InferError> {
     let budget = Budget::for_request(body.len());
     let (json, scan) = json_text(body, limits, &budget)?;
-    budget
-        .take(scan.tree_bytes())
-        .map_err(InferError::invalid)?;
+    // A JSON tree takes far more than the text it came from (a 4-byte number becomes a 32-byte value in a list):
+    // it gets its own allowance, TREE_FACTOR x the body, instead of the tensor decoders' budget.
+    let tree = body
+        .len()
+        .saturating_mul(TREE_FACTOR)
+        .saturating_add(crate::infer::EXPANSION_FLOOR);
+    if scan.tree_bytes() > tree {
+        return Err(InferError::invalid(format!(
+            "this body would take about {} bytes as a JSON tree, more than {TREE_FACTOR} x its size + 1 MiB allows; \
+             send fewer examples per request",
+            scan.tree_bytes()
+        )));
+    }
     top_level(&json)?;
     let request: Value = serde_json::from_slice(&json)
         .map_err(|e| InferError::invalid(format!("JSON Parse error: {e}")))?;
@@ -355,13 +368,8 @@ fn instances_of(
         decoders: specs
             .iter()
             .map(|s| {
-                Decoder::new(
-                    s.dtype,
-                    true,
-                    None,
-                    instances.get().len() / specs.len().max(1),
-                    budget,
-                )
+                // No first allocation: which input holds most of the data shows only as instances arrive.
+                Decoder::new(s.dtype, true, None, 0, budget)
             })
             .collect(),
         shapes: vec![None; specs.len()],
@@ -809,6 +817,20 @@ async fn classify_or_regress(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn classify_bodies_of_thousands_of_examples_are_parsed() {
+        let example = r#"{"x0": 5.1, "x1": 3.5, "x2": 1.4, "x3": 0.2}"#;
+        let body = format!(r#"{{"examples": [{}]}}"#, vec![example; 3000].join(","));
+        assert!(parse_body(body.as_bytes(), &crate::infer::Limits::default()).is_ok());
+        // A body of nothing but tiny values would make a tree far larger than itself.
+        let body = format!(
+            r#"{{"examples": [{}]}}"#,
+            vec!["[[[0]]]"; 400_000].join(",")
+        );
+        let e = parse_body(body.as_bytes(), &crate::infer::Limits::default()).unwrap_err();
+        assert!(e.message.contains("as a JSON tree"), "{}", e.message);
+    }
 
     #[test]
     fn paths() {
