@@ -53,6 +53,17 @@ pub fn restart_with_settings() -> Option<String> {
         Ok(exe) => exe,
         Err(e) => return Some(format!("cannot find the executable to restart: {e}")),
     };
+    // Started through another program (the dynamic loader, `ld.so /path/ferry serve`), the executable is that
+    // program, which would not know what to do with the arguments: do not restart then.
+    let program = std::env::args_os()
+        .next()
+        .and_then(|a| std::fs::canonicalize(a).ok());
+    if program.is_some_and(|p| std::fs::canonicalize(&exe).ok() != Some(p)) {
+        return Some(format!(
+            "started through {}, not the ferry binary itself",
+            exe.display()
+        ));
+    }
     let mut command = std::process::Command::new(exe);
     command.args(std::env::args_os().skip(1)).env(MARK, "1");
     for (k, v) in add {

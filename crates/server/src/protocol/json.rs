@@ -672,10 +672,15 @@ pub fn nonfinite_as_strings(body: &[u8]) -> Vec<u8> {
             i += 1;
             continue;
         }
-        match [&b"NaN"[..], b"Infinity", b"-Infinity"]
+        // Only where a value may stand (after `[`, `,` or `:`): a bare `NaN` as an object key stays the error it is.
+        let value_position = matches!(
+            out.iter().rev().find(|c| !c.is_ascii_whitespace()),
+            Some(b'[' | b',' | b':')
+        );
+        let token = [&b"NaN"[..], b"Infinity", b"-Infinity"]
             .into_iter()
-            .find(|t| body[i..].starts_with(t))
-        {
+            .find(|t| body[i..].starts_with(t));
+        match token.filter(|_| value_position) {
             Some(t) => {
                 out.push(b'"');
                 out.extend_from_slice(t);
@@ -892,6 +897,8 @@ mod data_tests {
     #[test]
     fn nonfinite_numbers_round_trip_as_tokens() {
         let body = br#"{"a": [NaN, Infinity, -Infinity, 1], "b": "NaN Infinity"}"#;
+        // A key is not a value: `{NaN: 1}` is left for the parser to refuse.
+        assert_eq!(nonfinite_as_strings(b"{NaN: [NaN]}"), b"{NaN: [\"NaN\"]}");
         let text = String::from_utf8(nonfinite_as_strings(body)).unwrap();
         assert_eq!(
             text,
