@@ -65,11 +65,6 @@ impl Limits {
         Ok(())
     }
 
-    /// Checks that a JSON body nests at most `max_json_depth` levels (a byte scan, before parsing).
-    pub fn check_json_depth(&self, body: &[u8]) -> Result<(), InferError> {
-        self.scan_json(body).map(|_| ())
-    }
-
     /// Scans a JSON body before parsing it: refuses nesting deeper than `max_json_depth`, and says how many values
     /// it holds (what a JSON tree of it would cost) and whether it spells non-finite numbers as bare tokens.
     pub fn scan_json(&self, body: &[u8]) -> Result<JsonScan, InferError> {
@@ -901,11 +896,9 @@ mod tests {
             .unwrap_err()
             .message
             .contains("elements"));
-        assert!(limits.check_json_depth(br#"{"a": [[1]]}"#).is_ok());
-        assert!(limits.check_json_depth(br#"{"a": [[[1]]]}"#).is_err());
+        assert!(limits.scan_json(br#"{"a": [[1]]}"#).is_ok());
+        assert!(limits.scan_json(br#"{"a": [[[1]]]}"#).is_err());
         // Brackets inside strings (and escaped quotes) do not count.
-        assert!(limits
-            .check_json_depth(br#"{"a": "[[[[\"[[[", "b": [1]}"#)
-            .is_ok());
+        assert!(limits.scan_json(br#"{"a": "[[[[\"[[[", "b": [1]}"#).is_ok());
     }
 }

@@ -95,16 +95,14 @@ pub fn decode_leaves(dtype: DataType, values: &[&Value], b64: bool) -> Result<Te
         DataType::I16 => TensorData::I16(each(values, int::<i16>, "an INT16 integer")?),
         DataType::I32 => TensorData::I32(each(values, int::<i32>, "an INT32 integer")?),
         DataType::I64 => TensorData::I64(each(values, int::<i64>, "an INT64 integer")?),
-        DataType::F16 => {
-            TensorData::F16(each(values, |v| float(v).map(f16::from_f64), "a number")?)
-        }
+        DataType::F16 => TensorData::F16(each(
+            values,
+            |v| float(v).and_then(to_f16),
+            "a number in FP16's range",
+        )?),
         DataType::F32 => TensorData::F32(each(
             values,
-            |v| {
-                float(v)
-                    .map(|x| x as f32)
-                    .filter(|x| x.is_finite() || float(v).is_some_and(|x| !x.is_finite()))
-            },
+            |v| float(v).and_then(to_f32),
             "a number in FP32's range",
         )?),
         DataType::F64 => TensorData::F64(each(values, float, "a number")?),
@@ -125,6 +123,18 @@ pub fn decode_leaves(dtype: DataType, values: &[&Value], b64: bool) -> Result<Te
             },
         )?),
     })
+}
+
+/// `x` as FP32, unless it is finite and beyond FP32's range (a cast would make it infinite).
+fn to_f32(x: f64) -> Option<f32> {
+    let y = x as f32;
+    (y.is_finite() || !x.is_finite()).then_some(y)
+}
+
+/// `x` as FP16, unless it is finite and beyond FP16's range.
+fn to_f16(x: f64) -> Option<f16> {
+    let y = f16::from_f64(x);
+    (y.is_finite() || !x.is_finite()).then_some(y)
 }
 
 /// One element of a tensor as JSON. Byte strings are text (invalid UTF-8 replaced) or, with `b64`,
@@ -153,12 +163,11 @@ impl Serialize for Element<'_> {
             TensorData::I16(v) => s.serialize_i16(v[i]),
             TensorData::I32(v) => s.serialize_i32(v[i]),
             TensorData::I64(v) => s.serialize_i64(v[i]),
-            TensorData::F16(v) if self.3 == NonFinite::Null => s.serialize_f32(v[i].to_f32()),
-            TensorData::F32(v) if self.3 == NonFinite::Null => s.serialize_f32(v[i]),
-            TensorData::F64(v) if self.3 == NonFinite::Null => s.serialize_f64(v[i]),
-            TensorData::F16(v) => float(s, v[i].to_f64(), |s| s.serialize_f32(v[i].to_f32())),
-            TensorData::F32(v) => float(s, f64::from(v[i]), |s| s.serialize_f32(v[i])),
-            TensorData::F64(v) => float(s, v[i], |s| s.serialize_f64(v[i])),
+            TensorData::F16(v) => {
+                float(s, self.3, v[i].to_f64(), |s| s.serialize_f32(v[i].to_f32()))
+            }
+            TensorData::F32(v) => float(s, self.3, f64::from(v[i]), |s| s.serialize_f32(v[i])),
+            TensorData::F64(v) => float(s, self.3, v[i], |s| s.serialize_f64(v[i])),
             TensorData::Bytes(v) if self.2 => {
                 let mut map = s.serialize_map(Some(1))?;
                 map.serialize_entry(
@@ -172,15 +181,17 @@ impl Serialize for Element<'_> {
     }
 }
 
-/// Writes a float: finite ones by `finite`, the others as the bare tokens `NaN`, `Infinity` and `-Infinity` that
+/// Writes a float: finite ones (and, with [`NonFinite::Null`], all of them: serde_json writes `null`) by `finite`,
+/// the others as the bare tokens `NaN`, `Infinity` and `-Infinity` that
 /// Triton and TF Serving write and Python's `json` and the clients built on it read (serde_json would write `null`,
 /// losing the value's kind and sign).
 fn float<S: Serializer>(
     s: S,
+    mode: NonFinite,
     x: f64,
     finite: impl FnOnce(S) -> Result<S::Ok, S::Error>,
 ) -> Result<S::Ok, S::Error> {
-    if x.is_finite() {
+    if x.is_finite() || mode == NonFinite::Null {
         return finite(s);
     }
     let token = if x.is_nan() {
@@ -442,7 +453,7 @@ impl<'b> Decoder<'b> {
     }
 
     /// Turns a serde_json error into a client message naming the element it happened at.
-    pub fn explain(&self, e: serde_json::Error) -> String {
+    fn explain(&self, e: serde_json::Error) -> String {
         let text = e.to_string();
         let text = match text.rfind(" at line ") {
             Some(i) => text[..i].to_string(),
@@ -456,10 +467,7 @@ impl<'b> Decoder<'b> {
     }
 
     /// Decodes one value from a deserializer and gives its shape.
-    pub fn decode<'de, D: serde::Deserializer<'de>>(
-        &mut self,
-        d: D,
-    ) -> Result<Vec<usize>, D::Error> {
+    fn decode<'de, D: serde::Deserializer<'de>>(&mut self, d: D) -> Result<Vec<usize>, D::Error> {
         self.depth = 0;
         self.dims.clear();
         self.leaf_depth = None;
@@ -589,18 +597,10 @@ impl<'b> Decoder<'b> {
             |name: &str| E::custom(format!("element {i}: {shown} is out of range for {name}"));
         match &mut self.data {
             TensorData::F16(o) => {
-                let x = f16::from_f64(v);
-                if v.is_finite() && x.is_infinite() {
-                    return Err(out_of_range("FP16 (largest 65504)"));
-                }
-                o.push(x)
+                o.push(to_f16(v).ok_or_else(|| out_of_range("FP16 (largest 65504)"))?)
             }
             TensorData::F32(o) => {
-                let x = v as f32;
-                if v.is_finite() && x.is_infinite() {
-                    return Err(out_of_range("FP32 (largest 3.4028235e38)"));
-                }
-                o.push(x)
+                o.push(to_f32(v).ok_or_else(|| out_of_range("FP32 (largest 3.4028235e38)"))?)
             }
             TensorData::F64(o) => o.push(v),
             TensorData::Bool(_) => {
@@ -645,6 +645,24 @@ impl<'b> Decoder<'b> {
             _ => unreachable!("bytes() is called for BYTES tensors only"),
         }
     }
+}
+
+/// A request body's JSON text after the nesting scan, with the bare non-finite tokens turned into strings when it
+/// has any (the copy is charged to the request's budget), and what the scan saw.
+pub fn json_text<'a>(
+    body: &'a [u8],
+    limits: &crate::infer::Limits,
+    budget: &Budget,
+) -> Result<(std::borrow::Cow<'a, [u8]>, crate::infer::JsonScan), crate::error::InferError> {
+    let scan = limits.scan_json(body)?;
+    if !scan.nonfinite {
+        return Ok((std::borrow::Cow::Borrowed(body), scan));
+    }
+    let text = nonfinite_as_strings(body);
+    budget
+        .take(text.len())
+        .map_err(crate::error::InferError::invalid)?;
+    Ok((std::borrow::Cow::Owned(text), scan))
 }
 
 /// The spellings of non-finite numbers: JSON has none, so Triton and TF Serving write these bare tokens (as

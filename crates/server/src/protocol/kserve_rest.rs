@@ -12,7 +12,7 @@ use ferry_model::{NamedTensor, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::json::{decode_data, nonfinite_as_strings, FlatJson, NonFinite};
+use super::json::{decode_data, json_text, FlatJson, NonFinite};
 use super::{client_deadline, finish};
 use crate::error::{ErrorKind, InferError};
 use crate::http::AppState;
@@ -362,16 +362,8 @@ fn decode_request(
 ) -> Result<(InferRequestBody, Vec<NamedTensor>), InferError> {
     let budget = Budget::for_request(body.len());
     let (json, mut binary) = split_body(headers, body)?;
-    let scan = limits.scan_json(json)?;
-    let rewritten;
-    let json = if scan.nonfinite {
-        rewritten = nonfinite_as_strings(json);
-        budget.take(rewritten.len()).map_err(InferError::invalid)?;
-        &rewritten[..]
-    } else {
-        json
-    };
-    let mut request: InferRequestBody = serde_json::from_slice(json)
+    let (json, _) = json_text(json, limits, &budget)?;
+    let mut request: InferRequestBody = serde_json::from_slice(&json)
         .map_err(|e| InferError::invalid(format!("malformed inference request: {e}")))?;
     let mut inputs = Vec::with_capacity(request.inputs.len());
     for input in &mut request.inputs {

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use serde_json::value::RawValue;
 
 use super::json::{
-    decode_leaves, decode_value, leaves, nested_shape, nonfinite_as_strings, Decoder, NestedJson,
+    decode_leaves, decode_value, json_text, leaves, nested_shape, Decoder, NestedJson,
 };
 use super::{client_deadline, finish};
 use crate::error::InferError;
@@ -215,22 +215,6 @@ fn stack(spec: &TensorSpec, values: &[&Value]) -> Result<NamedTensor, InferError
         spec.name.clone(),
         Tensor::new(shape, data).map_err(|e| err(e.to_string()))?,
     ))
-}
-
-/// A request body's JSON text, with the bare non-finite tokens turned into strings when it has any (charged to the
-/// request's budget), after the nesting check.
-fn json_text<'a>(
-    body: &'a [u8],
-    limits: &crate::infer::Limits,
-    budget: &Budget,
-) -> Result<(std::borrow::Cow<'a, [u8]>, crate::infer::JsonScan), InferError> {
-    let scan = limits.scan_json(body)?;
-    if !scan.nonfinite {
-        return Ok((std::borrow::Cow::Borrowed(body), scan));
-    }
-    let text = nonfinite_as_strings(body);
-    budget.take(text.len()).map_err(InferError::invalid)?;
-    Ok((std::borrow::Cow::Owned(text), scan))
 }
 
 /// The top level of a body: its keys, each value left as JSON text (nothing below is parsed yet).
