@@ -178,8 +178,8 @@ impl Budget {
             }
             None => Err(format!(
                 "decoding it would take more than {} bytes of memory, the most a request of {} bytes may take \
-                 ({EXPANSION_FACTOR} x its size + 1 MiB); send the elements themselves instead of a value that \
-                 fills a large shape",
+                 ({EXPANSION_FACTOR} x its size + 1 MiB): split the request, or send the elements themselves rather \
+                 than one value filling a large shape",
                 self.total, self.request_bytes
             )),
         }
