@@ -383,7 +383,7 @@ fn min_json_bytes(dtype: DataType) -> usize {
 /// that every value is rectangular and charging each element to the request's [`Budget`] before storing it.
 ///
 /// Several values may go into one decoder (the instances of a TF Serving row-format request, one input at a time):
-/// [`Decoder::decode`] gives each one's shape.
+/// [`Decoder::decode_str`] gives each one's shape.
 pub struct Decoder<'b> {
     data: TensorData,
     /// Store at most this many elements (more are only counted).
