@@ -111,6 +111,7 @@ fn queue(c: &mut Criterion) {
         max_queue_delay: Duration::from_micros(500),
         preferred_batch_sizes: vec![],
         max_queue_size: 4096,
+        max_batch_tokens: usize::MAX,
     };
     c.bench_function("queue/push_64_cut_2_batches", |b| {
         b.iter(|| {
@@ -121,6 +122,7 @@ fn queue(c: &mut Criterion) {
                 let _ = state.push(Entry {
                     item: i,
                     rows: 1,
+                    tokens: 0,
                     key,
                     enqueued: now,
                     deadline: None,

@@ -110,6 +110,12 @@ impl InferError {
     pub fn unavailable(message: impl Into<String>) -> InferError {
         InferError::new(ErrorKind::Unavailable, message)
     }
+
+    /// The same error with `prefix` before its message (which input it was about).
+    pub fn with_prefix(mut self, prefix: &str) -> InferError {
+        self.message.insert_str(0, prefix);
+        self
+    }
 }
 
 impl From<ferry_engine::EngineError> for InferError {

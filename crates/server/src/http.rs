@@ -78,6 +78,8 @@ pub fn app_with_limit(
         )
         .route("/v1/models/{*rest}", get(tf::get).post(tf::post))
         .route("/metrics", get(metrics))
+        .merge(crate::protocol::tei::routes())
+        .merge(crate::protocol::openai::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::map_response(json_errors))

@@ -688,6 +688,25 @@ impl Infer {
         deadline: Instant,
     ) -> Result<crate::batching::Answered, InferError> {
         let receiver = version.scheduler.submit(inputs, Some(deadline))?;
+        self.await_answer(version, receiver, start, deadline).await
+    }
+
+    /// The earlier of `--request-timeout` from `start` and the client's own deadline.
+    pub(crate) fn deadline(&self, start: Instant, client: Option<Instant>) -> Instant {
+        let ours = start
+            .checked_add(self.timeout)
+            .unwrap_or(start + Duration::from_secs(86_400 * 365));
+        client.map_or(ours, |d| d.min(ours))
+    }
+
+    /// Awaits a queued request's answer under `deadline`.
+    pub(crate) async fn await_answer(
+        &self,
+        version: &Arc<LoadedVersion>,
+        receiver: tokio::sync::oneshot::Receiver<crate::batching::Answer>,
+        start: Instant,
+        deadline: Instant,
+    ) -> Result<crate::batching::Answered, InferError> {
         let late = || {
             let budget = deadline.saturating_duration_since(start).as_millis();
             InferError::new(

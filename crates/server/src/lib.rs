@@ -36,6 +36,7 @@ pub mod repository;
 pub mod rollout;
 pub mod shadow;
 pub mod source;
+pub mod text;
 pub mod warmup;
 
 pub use config::ServeConfig;

@@ -380,11 +380,13 @@ pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0,
 const BATCH_BUCKETS_INT: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256];
 
 /// The protocols a request can come in by, the `protocol` label's values.
-pub const PROTOCOLS: [&str; 4] = [
+pub const PROTOCOLS: [&str; 6] = [
     "rest_kserve",
     "rest_tfserving",
     "grpc_kserve",
     "grpc_tfserving",
+    "rest_tei",
+    "rest_openai",
 ];
 
 /// The outcomes the request path counts without a lock: `success` and the error kinds' labels. An outcome not in

@@ -14,6 +14,12 @@
 //! drift_window = 2000                  # rows kept to compare with the training data (ferry.json)
 //! drift_sample_every = 1               # sample one request in N for drift (0 turns drift off)
 //! max_concurrent_requests = 64        # more at once are refused with 429 (default: only the queue bounds them)
+//! max_batch_tokens = 16384             # text models: the most tokens in one batch (TEI's --max-batch-tokens)
+//! [text]                             # text models: override what the folder's Hugging Face files say
+//! max_length = 256                     # tokens of one text, special tokens included
+//! truncation_side = "Right"            # or "Left": the side cut when a request asks to truncate
+//! pooling = "mean"                     # "mean" | "cls" | "last_token" | "max"
+//! normalize = true                     # L2-normalize embeddings unless the request says otherwise
 //! [shadow]                           # copy live requests to another version and compare its answers
 //! version = 3
 //! fraction = 1.0                       # the share of requests copied
@@ -108,7 +114,17 @@ pub struct ModelConfig {
     pub shadow: Option<ShadowConfig>,
     /// Requests this model handles at once; more are refused with 429. `None`: no limit beyond its queue.
     pub max_concurrent_requests: Option<usize>,
+    /// `[text]`: overrides of a text model's settings.
+    pub text: ferry_text::Overrides,
+    /// Whether `max_batch_size` was set (text models batch by default, tensor models do not).
+    pub batch_size_given: bool,
 }
+
+/// How many texts a text model's batch holds when `config.toml` sets no `max_batch_size`.
+pub const TEXT_BATCH_SIZE: usize = 64;
+
+/// TEI's default `--max-batch-tokens`.
+pub const DEFAULT_BATCH_TOKENS: usize = 16_384;
 
 /// Shadow traffic: a copy of a share of live requests goes to another version, whose answers are compared with the
 /// live ones and never returned.
@@ -139,6 +155,16 @@ impl ModelConfig {
             || self.batching != other.batching
             || self.drift_window != other.drift_window
             || self.drift_sample_every != other.drift_sample_every
+            || self.text != other.text
+    }
+
+    /// The batching limits of a text model: as configured, but batching by default.
+    pub fn text_batching(&self) -> crate::batching::queue::Limits {
+        let mut limits = self.batching.clone();
+        if !self.batch_size_given {
+            limits.max_batch_size = TEXT_BATCH_SIZE;
+        }
+        limits
     }
 }
 
@@ -165,6 +191,9 @@ struct RawConfig {
     drift_sample_every: Option<u64>,
     shadow: Option<ShadowConfig>,
     max_concurrent_requests: Option<usize>,
+    max_batch_tokens: Option<usize>,
+    #[serde(default)]
+    text: ferry_text::Overrides,
 }
 
 /// The queue limits of a model without batching settings: no batching, at most 1024 waiting requests.
@@ -174,6 +203,7 @@ pub fn default_limits() -> crate::batching::queue::Limits {
         max_queue_delay: std::time::Duration::from_micros(500),
         preferred_batch_sizes: Vec::new(),
         max_queue_size: 1024,
+        max_batch_tokens: DEFAULT_BATCH_TOKENS,
     }
 }
 
@@ -245,6 +275,8 @@ impl ModelConfig {
             drift_sample_every: 1,
             shadow: None,
             max_concurrent_requests: None,
+            text: ferry_text::Overrides::default(),
+            batch_size_given: false,
         }
     }
 
@@ -356,6 +388,21 @@ impl ModelConfig {
             }
             batching.max_queue_size = n;
         }
+        if let Some(n) = raw.max_batch_tokens {
+            if !(1..=1 << 24).contains(&n) {
+                return Err(format!(
+                    "max_batch_tokens must be between 1 and 16777216, got {n}"
+                ));
+            }
+            batching.max_batch_tokens = n;
+        }
+        if let Some(n) = raw.text.max_length {
+            if !(1..=1 << 20).contains(&n) {
+                return Err(format!(
+                    "text.max_length must be between 1 and 1048576, got {n}"
+                ));
+            }
+        }
         let drift_window = raw.drift_window.unwrap_or(2000);
         if drift_window == 0 || drift_window > 1_000_000 {
             return Err("drift_window must be between 1 and 1000000 rows".into());
@@ -376,6 +423,8 @@ impl ModelConfig {
             }
         }
         Ok(ModelConfig {
+            batch_size_given: raw.max_batch_size.is_some(),
+            text: raw.text,
             max_concurrent_requests: raw.max_concurrent_requests,
             shadow: raw.shadow,
             batching,

@@ -75,6 +75,8 @@ pub struct LoadedVersion {
     pub scheduler: crate::batching::Scheduler,
     /// Its drift windows, when `ferry.json` has a training baseline that fits its single input or its outputs.
     pub drift: Option<crate::drift::Drift>,
+    /// Its tokenizer and settings, for a text model (a `tokenizer.json` in the version folder).
+    pub text: Option<Arc<ferry_text::TextModel>>,
 }
 
 impl std::fmt::Debug for LoadedVersion {
@@ -268,13 +270,23 @@ pub(crate) fn activate(
     config: &ModelConfig,
     metrics: &Arc<crate::metrics::Metrics>,
 ) -> LoadedVersion {
+    let (text, runner) = match parts.text {
+        Some((model, runner)) => (Some(model), Some(runner)),
+        None => (None, None),
+    };
+    let limits = if runner.is_some() {
+        config.text_batching()
+    } else {
+        config.batching.clone()
+    };
     let scheduler = crate::batching::Scheduler::start(
         parts.backend.clone(),
         &parts.signature,
-        config.batching.clone(),
+        limits,
         config.engine_options.instances,
         (name.to_string(), version),
         metrics.clone(),
+        runner,
     );
     let drift = drift_window(&parts.signature, &parts.meta, config);
     LoadedVersion {
@@ -285,6 +297,7 @@ pub(crate) fn activate(
         backend: parts.backend,
         scheduler,
         drift,
+        text,
     }
 }
 
@@ -293,6 +306,66 @@ pub(crate) struct Prepared {
     signature: Signature,
     meta: ModelMeta,
     backend: Arc<dyn Backend>,
+    text: Option<(Arc<ferry_text::TextModel>, crate::batching::text::Runner)>,
+}
+
+/// Loads a text model's tokenizer and settings and works out how its graph is fed: `input_ids` and, when the graph
+/// takes them, `attention_mask` and `token_type_ids` (no other input); the output read is the pooled
+/// `sentence_embedding` or the token vectors (`last_hidden_state`, `token_embeddings`) of an embedding model, a
+/// classifier's `logits`, or else the first output.
+fn text_model(
+    dir: &Path,
+    signature: &Signature,
+    config: &ModelConfig,
+) -> Result<(Arc<ferry_text::TextModel>, crate::batching::text::Runner), String> {
+    let model = ferry_text::TextModel::load(dir, &config.text).map_err(|e| e.to_string())?;
+    let settings = model.settings();
+    let has = |n: &str| signature.input(n).is_some();
+    if !has("input_ids") {
+        return Err("a text model's graph must take `input_ids`".into());
+    }
+    if let Some(other) = signature.inputs.iter().find(|i| {
+        !matches!(
+            i.name.as_str(),
+            "input_ids" | "attention_mask" | "token_type_ids"
+        )
+    }) {
+        return Err(format!(
+            "a text model's graph takes input_ids, attention_mask and token_type_ids, not `{}`",
+            other.name
+        ));
+    }
+    let wanted: &[&str] = match settings.task {
+        ferry_text::Task::Embedding => &[
+            "sentence_embedding",
+            "last_hidden_state",
+            "token_embeddings",
+        ],
+        ferry_text::Task::Classifier | ferry_text::Task::Reranker => &["logits"],
+    };
+    let output = wanted
+        .iter()
+        .find(|w| signature.output(w).is_some())
+        .map(|w| w.to_string())
+        .or_else(|| signature.outputs.first().map(|o| o.name.clone()))
+        .ok_or("the model has no outputs")?;
+    let runner = crate::batching::text::Runner {
+        input_ids: "input_ids".into(),
+        attention_mask: has("attention_mask").then(|| "attention_mask".into()),
+        token_type_ids: has("token_type_ids").then(|| "token_type_ids".into()),
+        output,
+        pooling: (settings.task == ferry_text::Task::Embedding).then_some(settings.pooling),
+        pad_id: settings.pad_id,
+    };
+    tracing::info!(
+        task = settings.task.name(),
+        max_length = settings.max_length,
+        pooling = settings.pooling.name(),
+        normalize = settings.normalize,
+        output = %runner.output,
+        "text model"
+    );
+    Ok((Arc::new(model), runner))
 }
 
 /// Prepares one version of `model`: reads it (refusing a `model.onnx` over the size limit before reading it),
@@ -378,11 +451,17 @@ pub(crate) fn prepare(
             spec.shape = Some(o.shape.clone());
         }
     }
+    let text = if ferry_text::TextModel::present(dir) {
+        Some(text_model(dir, &signature, config)?)
+    } else {
+        None
+    };
     crate::warmup::run(dir, &signature, backend.as_ref())?;
     Ok(Prepared {
         signature,
         meta,
         backend,
+        text,
     })
 }
 

@@ -12,6 +12,7 @@
 //! runs on the runtime, and a request crosses threads only twice (handler to worker, worker to handler).
 
 pub mod queue;
+pub mod text;
 
 use std::sync::Arc;
 
@@ -44,8 +45,24 @@ pub type Answer = Result<Answered, InferError>;
 /// One queued request.
 #[derive(Debug)]
 pub struct Job {
-    inputs: Vec<NamedTensor>,
+    work: Work,
     respond: oneshot::Sender<Answer>,
+}
+
+/// What a request brings: tensors, or tokenized texts that the worker pads into a batch.
+#[derive(Debug)]
+enum Work {
+    Tensors(Vec<NamedTensor>),
+    Texts(Vec<ferry_text::Tokens>),
+}
+
+impl Work {
+    fn tensors(&mut self) -> Vec<NamedTensor> {
+        match self {
+            Work::Tensors(t) => std::mem::take(t),
+            Work::Texts(_) => Vec::new(),
+        }
+    }
 }
 
 struct Shared {
@@ -60,6 +77,9 @@ struct Shared {
     /// Workers waiting on `wake`, changed and read only under `state`'s lock: a request that finds none asleep
     /// skips the wake-up (a system call) because a busy worker will take it when its batch is done.
     sleeping: std::sync::atomic::AtomicUsize,
+    /// How text batches are padded and read back, for a text model.
+    text: Option<text::Runner>,
+    limits: Limits,
 }
 
 /// The queue and workers of one model version. Dropping it stops the workers once the queue is empty.
@@ -105,6 +125,7 @@ impl Scheduler {
         instances: usize,
         model: (String, u64),
         metrics: Arc<crate::metrics::Metrics>,
+        text: Option<text::Runner>,
     ) -> Scheduler {
         let label = format!("{}/{}", model.0, model.1);
         let batchable = can_batch(signature);
@@ -113,7 +134,9 @@ impl Scheduler {
             limits.max_batch_size = 1;
         }
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::new(limits)),
+            state: Mutex::new(State::new(limits.clone())),
+            text,
+            limits,
             wake: Condvar::new(),
             backend,
             batchable,
@@ -160,13 +183,52 @@ impl Scheduler {
             })
             .collect();
         let entry = Entry {
-            item: Job { inputs, respond },
+            item: Job {
+                work: Work::Tensors(inputs),
+                respond,
+            },
             rows,
+            tokens: 0,
             key,
             enqueued: Instant::now(),
             deadline,
             solo,
         };
+        self.push(entry)?;
+        Ok(receiver)
+    }
+
+    /// Queues tokenized texts of a text model; the answer holds one row per text (its pooled embedding or its
+    /// scores) in one output. Refused at once when the queue is full.
+    pub fn submit_texts(
+        &self,
+        texts: Vec<ferry_text::Tokens>,
+        deadline: Option<Instant>,
+    ) -> Result<oneshot::Receiver<Answer>, InferError> {
+        if self.shared.text.is_none() {
+            return Err(InferError::invalid(format!(
+                "model `{}` is not a text model",
+                self.shared.label
+            )));
+        }
+        let (respond, receiver) = oneshot::channel();
+        let entry = Entry {
+            rows: texts.len(),
+            tokens: texts.iter().map(ferry_text::Tokens::len).sum(),
+            item: Job {
+                work: Work::Texts(texts),
+                respond,
+            },
+            key: Vec::new(),
+            enqueued: Instant::now(),
+            deadline,
+            solo: false,
+        };
+        self.push(entry)?;
+        Ok(receiver)
+    }
+
+    fn push(&self, entry: Entry<Job>) -> Result<(), InferError> {
         let mut state = self.shared.state.lock();
         let refused = match state.push(entry) {
             Ok(()) => false,
@@ -199,7 +261,7 @@ impl Scheduler {
         if asleep {
             self.shared.wake.notify_one();
         }
-        Ok(receiver)
+        Ok(())
     }
 
     /// The version's metric series, for requests to record into.
@@ -261,9 +323,18 @@ fn worker(shared: &Shared) {
                 // The batch is recorded before its requests are answered, so a client that scrapes `/metrics`
                 // after its answer sees its batch counted.
                 let record = || shared.series.batch(&waits, started.elapsed(), rows);
-                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_batch(shared.backend.as_ref(), batch, &waits, &record);
-                }));
+                let ran =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &shared.text {
+                        Some(runner) if batch[0].key.is_empty() => text::run_batch(
+                            runner,
+                            &shared.limits,
+                            shared.backend.as_ref(),
+                            batch,
+                            &waits,
+                            &record,
+                        ),
+                        _ => run_batch(shared.backend.as_ref(), batch, &waits, &record),
+                    }));
                 if ran.is_err() {
                     tracing::error!(model = %shared.label, "the engine panicked while running a batch");
                     record();
@@ -311,8 +382,10 @@ fn run_batch(
         compute: started.elapsed(),
     };
     if batch.len() == 1 {
-        let e = batch.pop().expect("one entry");
-        let answer = backend.predict(e.item.inputs).map_err(InferError::from);
+        let mut e = batch.pop().expect("one entry");
+        let answer = backend
+            .predict(e.item.work.tensors())
+            .map_err(InferError::from);
         record();
         let _ = e.item.respond.send(answer.map(|o| answered(o, waits[0])));
         return;
@@ -323,10 +396,7 @@ fn run_batch(
     let answer = concat_inputs(&jobs, total)
         .and_then(|inputs| backend.predict(inputs).map_err(InferError::from));
     // Each request's own inputs stay until the batch has succeeded, in case it must be re-run request by request.
-    let originals: Vec<Vec<NamedTensor>> = jobs
-        .iter_mut()
-        .map(|j| std::mem::take(&mut j.inputs))
-        .collect();
+    let originals: Vec<Vec<NamedTensor>> = jobs.iter_mut().map(|j| j.work.tensors()).collect();
     match answer.and_then(|outputs| split_outputs(outputs, &rows, total)) {
         Ok(parts) => {
             record();
@@ -350,17 +420,24 @@ fn run_batch(
 }
 
 fn concat_inputs(jobs: &[Job], total: usize) -> Result<Vec<NamedTensor>, InferError> {
-    let count = jobs[0].inputs.len();
+    let tensors: Vec<&[NamedTensor]> = jobs
+        .iter()
+        .map(|j| match &j.work {
+            Work::Tensors(t) => t.as_slice(),
+            Work::Texts(_) => &[],
+        })
+        .collect();
+    let count = tensors[0].len();
     let mut inputs = Vec::with_capacity(count);
     for i in 0..count {
-        let parts: Vec<&TensorData> = jobs.iter().map(|j| &j.inputs[i].tensor.data).collect();
+        let parts: Vec<&TensorData> = tensors.iter().map(|t| &t[i].tensor.data).collect();
         let data = TensorData::concat(&parts)
             .expect("entries in one batch share input types (same batch key)");
-        let mut shape = jobs[0].inputs[i].tensor.shape.clone();
+        let mut shape = tensors[0][i].tensor.shape.clone();
         shape[0] = total;
         let tensor = Tensor::new(shape, data)
             .map_err(|e| InferError::new(ErrorKind::Internal, e.to_string()))?;
-        inputs.push(NamedTensor::new(jobs[0].inputs[i].name.clone(), tensor));
+        inputs.push(NamedTensor::new(tensors[0][i].name.clone(), tensor));
     }
     Ok(inputs)
 }

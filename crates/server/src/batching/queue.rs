@@ -7,6 +7,8 @@
 //! - A batch is cut at once when it reaches `max_batch_size` rows or one of `preferred_batch_sizes`, or when the
 //!   oldest entry has waited `max_queue_delay`; otherwise the batcher waits until that moment.
 //! - An entry with more rows than `max_batch_size` runs alone.
+//! - Text entries also count their tokens: a batch holds at most `max_batch_tokens` (TEI's `--max-batch-tokens`), and
+//!   an entry with more runs alone (the worker splits it into runs that fit). Tensor entries count no tokens.
 //! - Entries past their deadline are removed before batching and answered as late.
 
 use std::collections::VecDeque;
@@ -14,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use ferry_model::DataType;
 
-/// What must match for two requests to share a batch: each input's type and its dimensions after the first.
+/// What must match for two requests to share a batch: each input's type and its dimensions after the first. Text
+/// entries have the empty key (a tensor request always has an input), so any two texts can share a batch: the worker
+/// pads them.
 pub type BatchKey = Vec<(DataType, Vec<usize>)>;
 
 /// The batching limits of one model version.
@@ -28,6 +32,8 @@ pub struct Limits {
     pub preferred_batch_sizes: Vec<usize>,
     /// The most entries that may wait; beyond it new requests are refused at once.
     pub max_queue_size: usize,
+    /// The most tokens one batch of texts may hold.
+    pub max_batch_tokens: usize,
 }
 
 /// One waiting request.
@@ -35,8 +41,10 @@ pub struct Limits {
 pub struct Entry<T> {
     /// The request itself (inputs and where to send the answer).
     pub item: T,
-    /// Its number of rows (first dimension).
+    /// Its number of rows (first dimension; texts for a text entry).
     pub rows: usize,
+    /// Its tokens (text entries; 0 for tensors).
+    pub tokens: usize,
     /// What it can be merged with.
     pub key: BatchKey,
     /// When it arrived.
@@ -135,22 +143,31 @@ impl<T> State<T> {
             let e = self.entries.pop_front().expect("checked non-empty");
             return Decision::Batch(vec![e], StopReason::Single);
         }
-        if oldest.rows >= limits.max_batch_size || oldest.solo {
+        if oldest.rows >= limits.max_batch_size
+            || oldest.tokens >= limits.max_batch_tokens
+            || oldest.solo
+        {
             let e = self.entries.pop_front().expect("checked non-empty");
             return Decision::Batch(vec![e], StopReason::Full);
         }
         // Gather, in arrival order, the entries that share the oldest entry's key and fit.
         let key = &oldest.key;
         let mut rows = 0;
+        let mut tokens = 0;
         let mut chosen = Vec::new();
         let mut reason = None;
         // The longest prefix of `chosen` that reached a preferred size, if any.
         let mut preferred_prefix = None;
         for (i, e) in self.entries.iter().enumerate() {
-            if &e.key != key || e.solo || rows + e.rows > limits.max_batch_size {
+            if &e.key != key
+                || e.solo
+                || rows + e.rows > limits.max_batch_size
+                || tokens + e.tokens > limits.max_batch_tokens
+            {
                 continue;
             }
             rows += e.rows;
+            tokens += e.tokens;
             chosen.push(i);
             if rows == limits.max_batch_size {
                 reason = Some(StopReason::Full);
@@ -198,6 +215,7 @@ mod tests {
             max_queue_delay: Duration::from_millis(delay_ms),
             preferred_batch_sizes: preferred.to_vec(),
             max_queue_size: queue,
+            max_batch_tokens: usize::MAX,
         }
     }
 
@@ -205,6 +223,7 @@ mod tests {
         Entry {
             item: id,
             rows,
+            tokens: 0,
             key: vec![(DataType::F32, vec![width])],
             enqueued: at,
             deadline: None,
@@ -290,6 +309,30 @@ mod tests {
         s.push(entry(7, 1, 2, t0)).unwrap();
         check(&mut s, t0, t0, "Preferred [5, 7]");
         check(&mut s, t0, t0, "Full [6]");
+    }
+
+    #[test]
+    fn texts_share_batches_within_the_token_budget() {
+        let t0 = Instant::now();
+        let mut s = State::new(Limits {
+            max_batch_tokens: 100,
+            ..limits(8, 5, &[], 100)
+        });
+        let text = |id, rows, tokens| Entry {
+            tokens,
+            key: Vec::new(),
+            ..entry(id, rows, 0, t0)
+        };
+        s.push(text(1, 2, 60)).unwrap();
+        s.push(entry(2, 1, 2, t0)).unwrap();
+        s.push(text(3, 1, 50)).unwrap();
+        s.push(text(4, 1, 40)).unwrap();
+        s.push(text(5, 4, 500)).unwrap();
+        // Texts never join tensors; 1 and 4 fit in 100 tokens, 3 does not; the oversized entry runs alone.
+        check(&mut s, t0 + Duration::from_millis(5), t0, "Delay [1, 4]");
+        check(&mut s, t0 + Duration::from_millis(5), t0, "Delay [2]");
+        check(&mut s, t0 + Duration::from_millis(5), t0, "Delay [3]");
+        check(&mut s, t0, t0, "Full [5]");
     }
 
     #[test]

@@ -5,6 +5,8 @@ pub mod grpc;
 pub mod json;
 pub mod kserve_grpc;
 pub mod kserve_rest;
+pub mod openai;
+pub mod tei;
 pub mod tfserving_grpc;
 pub mod tfserving_rest;
 

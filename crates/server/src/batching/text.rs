@@ -1,0 +1,247 @@
+//! Text batches: the tokenized texts of every request in a batch are sorted by length and cut into runs that waste
+//! little padding, each run padded to its own longest text (never to the model's maximum), run on the engine, and
+//! read back as one row per text: a pooled embedding, or a classifier's scores.
+
+use std::time::{Duration, Instant};
+
+use ferry_engine::Backend;
+use ferry_model::{NamedTensor, Tensor, TensorData};
+use ferry_text::{Pooling, Tokens};
+
+use super::{queue, Answered, Entry, Job, Work};
+use crate::error::{ErrorKind, InferError};
+
+/// How a text model's graph is fed and read.
+#[derive(Debug, Clone)]
+pub struct Runner {
+    /// The graph's token-id input.
+    pub input_ids: String,
+    /// Its attention-mask input, when it has one.
+    pub attention_mask: Option<String>,
+    /// Its token-type input, when it has one.
+    pub token_type_ids: Option<String>,
+    /// The output read back: `[texts, tokens, width]` (pooled here) or `[texts, width]` (taken as is).
+    pub output: String,
+    /// How a 3-D output is pooled; `None` refuses 3-D outputs (classifiers).
+    pub pooling: Option<Pooling>,
+    /// The id padding is filled with (masked out, so any valid id does).
+    pub pad_id: u32,
+}
+
+/// The name of the one output a text answer carries.
+pub const OUTPUT: &str = "output";
+
+/// Below this many padded tokens a run is cheap whatever its padding: one engine call costs more than the waste.
+const SMALL_RUN: usize = 512;
+
+/// Groups texts (given sorted by length, as `lens`) into consecutive runs of at most `max_rows` texts and
+/// `max_tokens` padded tokens, starting a new run when padding would exceed a quarter of a run that is not small.
+pub fn plan_runs(
+    lens: &[usize],
+    max_rows: usize,
+    max_tokens: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    let mut real = 0;
+    for (i, len) in lens.iter().enumerate() {
+        let n = i - start + 1;
+        let padded = n * len;
+        let fits = n <= max_rows.max(1)
+            && padded <= max_tokens
+            && (padded <= SMALL_RUN || (padded - (real + len)) * 4 <= padded);
+        if i > start && !fits {
+            runs.push(start..i);
+            start = i;
+            real = 0;
+        }
+        real += len;
+    }
+    if start < lens.len() {
+        runs.push(start..lens.len());
+    }
+    runs
+}
+
+/// Runs a batch of text entries and answers each: one `[texts, width]` FP32 output per request.
+pub(super) fn run_batch(
+    runner: &Runner,
+    limits: &queue::Limits,
+    backend: &dyn Backend,
+    batch: Vec<Entry<Job>>,
+    waits: &[Duration],
+    record: &dyn Fn(),
+) {
+    let started = Instant::now();
+    let jobs: Vec<Job> = batch.into_iter().map(|e| e.item).collect();
+    let texts: Vec<&[Tokens]> = jobs
+        .iter()
+        .map(|j| match &j.work {
+            Work::Texts(t) => t.as_slice(),
+            Work::Tensors(_) => &[],
+        })
+        .collect();
+    // Every text of the batch as (request, index), shortest first.
+    let mut order: Vec<(usize, usize)> = texts
+        .iter()
+        .enumerate()
+        .flat_map(|(j, t)| (0..t.len()).map(move |i| (j, i)))
+        .collect();
+    order.sort_by_key(|(j, i)| texts[*j][*i].len());
+    let lens: Vec<usize> = order.iter().map(|(j, i)| texts[*j][*i].len()).collect();
+    let mut rows: Vec<Vec<Option<Vec<f32>>>> = texts.iter().map(|t| vec![None; t.len()]).collect();
+    let mut failed: Vec<Option<InferError>> = texts.iter().map(|_| None).collect();
+    for run in plan_runs(&lens, limits.max_batch_size, limits.max_batch_tokens) {
+        let members = &order[run];
+        let seqs: Vec<&Tokens> = members.iter().map(|(j, i)| &texts[*j][*i]).collect();
+        match run_once(runner, backend, &seqs) {
+            Ok(out) => {
+                for ((j, i), row) in members.iter().zip(out) {
+                    rows[*j][*i] = Some(row);
+                }
+            }
+            Err(e) => {
+                for (j, _) in members {
+                    failed[*j] = Some(e.clone());
+                }
+            }
+        }
+    }
+    record();
+    let compute = started.elapsed();
+    for (((job, rows), failed), wait) in jobs.into_iter().zip(rows).zip(failed).zip(waits) {
+        let answer = match failed {
+            Some(e) => Err(e),
+            None => collect(rows).map(|output| Answered {
+                outputs: vec![output],
+                queue: *wait,
+                compute,
+            }),
+        };
+        let _ = job.respond.send(answer);
+    }
+}
+
+/// One request's rows as a `[texts, width]` tensor.
+fn collect(rows: Vec<Option<Vec<f32>>>) -> Result<NamedTensor, InferError> {
+    let n = rows.len();
+    let width = rows.first().and_then(|r| r.as_ref()).map_or(0, Vec::len);
+    let mut data = Vec::with_capacity(n * width);
+    for row in rows {
+        let row =
+            row.ok_or_else(|| InferError::new(ErrorKind::Internal, "a text got no answer"))?;
+        data.extend_from_slice(&row);
+    }
+    let tensor = Tensor::new(vec![n, width], TensorData::F32(data))
+        .map_err(|e| InferError::new(ErrorKind::Internal, e.to_string()))?;
+    Ok(NamedTensor::new(OUTPUT, tensor))
+}
+
+/// Pads `seqs` to the longest, runs the engine once, and reads one row per text.
+fn run_once(
+    runner: &Runner,
+    backend: &dyn Backend,
+    seqs: &[&Tokens],
+) -> Result<Vec<Vec<f32>>, InferError> {
+    let n = seqs.len();
+    let len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+    let mut ids = vec![i64::from(runner.pad_id); n * len];
+    let mut mask = vec![0i64; n * len];
+    let mut types = vec![0i64; n * len];
+    for (r, s) in seqs.iter().enumerate() {
+        for (k, id) in s.ids.iter().enumerate() {
+            ids[r * len + k] = i64::from(*id);
+            mask[r * len + k] = 1;
+            types[r * len + k] = i64::from(s.type_id(k));
+        }
+    }
+    let internal =
+        |e: ferry_model::ShapeMismatch| InferError::new(ErrorKind::Internal, e.to_string());
+    let tensor = |name: &str, data| {
+        Tensor::new(vec![n, len], TensorData::I64(data))
+            .map(|t| NamedTensor::new(name, t))
+            .map_err(internal)
+    };
+    let mut inputs = vec![tensor(&runner.input_ids, ids)?];
+    if let Some(name) = &runner.attention_mask {
+        inputs.push(tensor(name, mask.clone())?);
+    }
+    if let Some(name) = &runner.token_type_ids {
+        inputs.push(tensor(name, types)?);
+    }
+    let outputs = backend.predict(inputs).map_err(InferError::from)?;
+    let out = outputs
+        .into_iter()
+        .find(|o| o.name == runner.output)
+        .ok_or_else(|| {
+            InferError::new(
+                ErrorKind::Internal,
+                format!("the model gave no output `{}`", runner.output),
+            )
+        })?;
+    let TensorData::F32(values) = &out.tensor.data else {
+        return Err(InferError::new(
+            ErrorKind::Internal,
+            format!(
+                "output `{}` is {}, not FP32",
+                runner.output,
+                out.tensor.dtype()
+            ),
+        ));
+    };
+    let shape = &out.tensor.shape;
+    let bad_shape = || {
+        InferError::new(
+            ErrorKind::Internal,
+            format!(
+                "output `{}` has shape {shape:?} for {n} texts of {len} tokens",
+                runner.output
+            ),
+        )
+    };
+    match (shape.as_slice(), runner.pooling) {
+        ([rows, width], _) if *rows == n => Ok(values
+            .chunks_exact((*width).max(1))
+            .take(n)
+            .map(<[f32]>::to_vec)
+            .collect()),
+        ([rows, tokens, width], Some(pooling)) if *rows == n && *tokens == len => {
+            let stride = len * width;
+            Ok(seqs
+                .iter()
+                .enumerate()
+                .map(|(r, s)| {
+                    ferry_text::pool(
+                        pooling,
+                        &values[r * stride..(r + 1) * stride],
+                        *width,
+                        s.len(),
+                    )
+                })
+                .collect())
+        }
+        _ => Err(bad_shape()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_group_similar_lengths_within_the_limits() {
+        // Short texts share one run whatever their padding (it is small); long ones split where padding would
+        // exceed a quarter.
+        assert_eq!(plan_runs(&[3, 5, 9], 64, 16_384), vec![0..3]);
+        assert_eq!(
+            plan_runs(&[100, 110, 120, 300, 310], 64, 16_384),
+            vec![0..3, 3..5]
+        );
+        // The token and row limits cut runs too.
+        assert_eq!(plan_runs(&[100, 100, 100], 64, 250), vec![0..2, 2..3]);
+        assert_eq!(plan_runs(&[4, 4, 4], 2, 16_384), vec![0..2, 2..3]);
+        // A text over the token budget still runs, alone.
+        assert_eq!(plan_runs(&[900], 64, 512), vec![0..1]);
+        assert!(plan_runs(&[], 64, 512).is_empty());
+    }
+}

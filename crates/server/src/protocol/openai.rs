@@ -1,0 +1,305 @@
+//! OpenAI's embeddings API, as its reference defines it, so the `openai` client works unchanged:
+//! `POST /v1/embeddings` (`input` as a string, a list of strings, a list of token ids or a list of such lists;
+//! `model`; `encoding_format` `float` or `base64`; `dimensions`) and `GET /v1/models`. Errors are OpenAI's
+//! `{"error": {"message", "type", "param", "code"}}`.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::{ErrorKind, InferError};
+use crate::http::AppState;
+use crate::infer::{Infer, VersionSelector};
+use crate::text::{self, TextInput};
+use ferry_text::{Task, Tokens};
+
+/// OpenAI's routes.
+pub fn routes() -> axum::Router<AppState> {
+    use axum::routing::{get, post};
+    axum::Router::new()
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+}
+
+/// An error in OpenAI's shape; `param` names the request field at fault when there is one.
+fn error_response(e: &InferError, param: Option<&str>) -> Response {
+    let (kind, code) = match e.kind {
+        ErrorKind::InvalidArgument | ErrorKind::PayloadTooLarge => {
+            ("invalid_request_error", Value::Null)
+        }
+        ErrorKind::NotFound => ("invalid_request_error", json!("model_not_found")),
+        ErrorKind::Unauthenticated => ("invalid_request_error", json!("invalid_api_key")),
+        ErrorKind::PermissionDenied => ("invalid_request_error", Value::Null),
+        ErrorKind::Overloaded => ("rate_limit_exceeded", Value::Null),
+        _ => ("server_error", Value::Null),
+    };
+    (
+        e.kind.status(),
+        Json(json!({"error": {"message": e.message, "type": kind, "param": param, "code": code}})),
+    )
+        .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Input {
+    One(String),
+    Many(Vec<String>),
+    Ids(Vec<u32>),
+    ManyIds(Vec<Vec<u32>>),
+}
+
+#[derive(Debug, Deserialize, Default, PartialEq, Eq, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum EncodingFormat {
+    #[default]
+    Float,
+    Base64,
+}
+
+/// The request with `input` left unparsed until the model (and so its maximum length) is known, and the number of
+/// values in it checked: a list of a million empty strings is refused before it becomes a million `String`s.
+#[derive(Debug, Deserialize)]
+struct EmbeddingsRequest<'a> {
+    #[serde(borrow)]
+    input: &'a serde_json::value::RawValue,
+    model: String,
+    #[serde(default)]
+    encoding_format: Option<EncodingFormat>,
+    #[serde(default)]
+    dimensions: Option<usize>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    user: Option<String>,
+}
+
+/// `GET /v1/models`: every model with a ready version.
+async fn models(State(state): State<AppState>) -> Response {
+    let infer = &state.infer;
+    let data: Vec<Value> = infer
+        .store
+        .model_names()
+        .into_iter()
+        .filter(|m| infer.resolve(m, &VersionSelector::Latest).is_ok())
+        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "ferry"}))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// `POST /v1/embeddings`.
+async fn embeddings(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    crate::front::AdmittedBody(body): crate::front::AdmittedBody,
+) -> Response {
+    let infer = &state.infer;
+    let mut record = infer.metrics.request("rest_openai");
+    let mut model = String::new();
+    let result = run(infer, &headers, body, &mut record, &mut model).await;
+    if !record.has_version() && !model.is_empty() {
+        infer.label(&mut record, &model);
+    }
+    match result {
+        Ok(response) => {
+            record.response_body(&response);
+            record.finish("success");
+            response
+        }
+        Err((e, param)) => {
+            record.finish(e.kind.label());
+            error_response(&e, param)
+        }
+    }
+}
+
+type Failure = (InferError, Option<&'static str>);
+
+async fn run(
+    infer: &Infer,
+    headers: &HeaderMap,
+    body: Result<Bytes, InferError>,
+    record: &mut crate::metrics::RequestRecord<'_>,
+    model_out: &mut String,
+) -> Result<Response, Failure> {
+    let body = body.map_err(|e| (e, None))?;
+    infer.limits.scan_json(&body).map_err(|e| (e, None))?;
+    let req: EmbeddingsRequest = serde_json::from_slice(&body).map_err(|e| {
+        (
+            InferError::invalid(format!("invalid request body: {e}")),
+            None,
+        )
+    })?;
+    *model_out = req.model.clone();
+    let version = infer
+        .resolve_routed(
+            &req.model,
+            &VersionSelector::Latest,
+            super::route_key(headers),
+        )
+        .map_err(|e| match e.kind {
+            ErrorKind::NotFound => (
+                InferError::not_found(format!("The model `{}` does not exist", req.model)),
+                Some("model"),
+            ),
+            _ => (e, Some("model")),
+        })?;
+    record.version(version.scheduler.series());
+    record.body_bytes(body.len());
+    let allowance = crate::infer::Budget::for_request(body.len()).total();
+    let text = text::text_of(&version)
+        .map_err(|e| (e, Some("model")))?
+        .clone();
+    if text.settings().task != Task::Embedding {
+        return Err((
+            InferError::invalid(format!("model `{}` is not an embedding model", req.model)),
+            Some("model"),
+        ));
+    }
+    if req.dimensions == Some(0) {
+        return Err((
+            InferError::invalid("`dimensions` must be at least 1"),
+            Some("dimensions"),
+        ));
+    }
+    // Strings: one value each; token ids: up to the maximum length each.
+    let values = infer
+        .limits
+        .scan_json(req.input.get().as_bytes())
+        .map_err(|e| (e, None))?
+        .values;
+    let max_rows = infer.limits.max_rows;
+    if values > max_rows.saturating_mul(text.settings().max_length + 1) {
+        return Err(too_many(values, max_rows));
+    }
+    let input: Input = serde_json::from_str(req.input.get()).map_err(|_| {
+        (
+            InferError::invalid("`input` must be a string, a list of strings, a list of token ids or a list of such lists"),
+            Some("input"),
+        )
+    })?;
+    let (format, dimensions, model) = (
+        req.encoding_format.unwrap_or_default(),
+        req.dimensions,
+        req.model,
+    );
+    drop(body);
+    let empty = || {
+        (
+            InferError::invalid("`input` cannot be an empty string or list"),
+            Some("input"),
+        )
+    };
+    let tokens: Vec<Tokens> = match input {
+        Input::One(s) => text::tokenize(&text, vec![TextInput::Single(s)], None, allowance).await,
+        Input::Many(v) => {
+            if v.len() > max_rows {
+                return Err(too_many(v.len(), max_rows));
+            }
+            if v.is_empty() {
+                return Err(empty());
+            }
+            text::tokenize(
+                &text,
+                v.into_iter().map(TextInput::Single).collect(),
+                None,
+                allowance,
+            )
+            .await
+        }
+        Input::Ids(ids) => ids_to_tokens(&text, vec![ids]),
+        Input::ManyIds(lists) => {
+            if lists.len() > max_rows {
+                return Err(too_many(lists.len(), max_rows));
+            }
+            if lists.is_empty() {
+                return Err(empty());
+            }
+            ids_to_tokens(&text, lists)
+        }
+    }
+    .map_err(|e| (e, Some("input")))?;
+    let prompt_tokens: usize = tokens.iter().map(Tokens::len).sum();
+    let deadline = super::client_deadline(headers).map_err(|e| (e, None))?;
+    let prediction = infer
+        .predict_texts(&version, tokens, deadline)
+        .await
+        .map_err(|e| (e, None))?;
+    record.timing(&prediction);
+    let (rows, width) = text::rows(&prediction).map_err(|e| (e, None))?;
+    let data: Vec<Value> = rows
+        .chunks_exact(width.max(1))
+        .enumerate()
+        .map(|(index, row)| {
+            let v = text::embedding(row, dimensions, true);
+            let embedding = match format {
+                EncodingFormat::Float => json!(v),
+                EncodingFormat::Base64 => {
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                }
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    let mut response = Json(json!({
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }))
+    .into_response();
+    for (name, value) in prediction.timing_headers() {
+        if let Ok(v) = axum::http::HeaderValue::from_str(&value) {
+            response.headers_mut().insert(name, v);
+        }
+    }
+    Ok(response)
+}
+
+fn too_many(n: usize, max: usize) -> Failure {
+    (
+        InferError::invalid(format!(
+            "{n} inputs in one request; at most {max} are allowed (--max-rows-per-request)"
+        )),
+        Some("input"),
+    )
+}
+
+/// Token ids sent instead of text: taken as the model's input as they are (no special tokens added), checked against
+/// the vocabulary and the maximum length.
+fn ids_to_tokens(
+    text: &ferry_text::TextModel,
+    lists: Vec<Vec<u32>>,
+) -> Result<Vec<Tokens>, InferError> {
+    let vocab = text.vocab_size();
+    let max = text.settings().max_length;
+    lists
+        .into_iter()
+        .enumerate()
+        .map(|(i, ids)| {
+            if ids.is_empty() {
+                return Err(InferError::invalid(format!("input {i}: an input is empty")));
+            }
+            if ids.len() > max {
+                return Err(InferError::invalid(format!(
+                    "input {i}: {} tokens, more than the model's maximum of {max}",
+                    ids.len()
+                )));
+            }
+            if let Some(bad) = ids.iter().find(|id| **id as usize >= vocab) {
+                return Err(InferError::invalid(format!(
+                    "input {i}: token id {bad} is not in the vocabulary of {vocab} tokens"
+                )));
+            }
+            Ok(Tokens {
+                ids,
+                type_ids: Vec::new(),
+            })
+        })
+        .collect()
+}
