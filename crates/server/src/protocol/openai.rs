@@ -231,27 +231,59 @@ async fn run(
         .map_err(|e| (e, None))?;
     record.timing(&prediction);
     let (rows, width) = text::rows(&prediction).map_err(|e| (e, None))?;
-    let data: Vec<Value> = rows
+    // Serialized from f32 (shortest form), not through serde_json's f64 values.
+    #[derive(serde::Serialize)]
+    #[serde(untagged)]
+    enum Vector {
+        Float(Vec<f32>),
+        Base64(String),
+    }
+    #[derive(serde::Serialize)]
+    struct Item {
+        object: &'static str,
+        index: usize,
+        embedding: Vector,
+    }
+    let data: Vec<Item> = rows
         .chunks_exact(width.max(1))
         .enumerate()
         .map(|(index, row)| {
             let v = text::embedding(row, dimensions, true);
             let embedding = match format {
-                EncodingFormat::Float => json!(v),
+                EncodingFormat::Float => Vector::Float(v),
                 EncodingFormat::Base64 => {
                     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                    Vector::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
                 }
             };
-            json!({"object": "embedding", "index": index, "embedding": embedding})
+            Item {
+                object: "embedding",
+                index,
+                embedding,
+            }
         })
         .collect();
-    let mut response = Json(json!({
-        "object": "list",
-        "data": data,
-        "model": model,
-        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
-    }))
+    #[derive(serde::Serialize)]
+    struct Usage {
+        prompt_tokens: usize,
+        total_tokens: usize,
+    }
+    #[derive(serde::Serialize)]
+    struct Answer {
+        object: &'static str,
+        data: Vec<Item>,
+        model: String,
+        usage: Usage,
+    }
+    let mut response = Json(Answer {
+        object: "list",
+        data,
+        model,
+        usage: Usage {
+            prompt_tokens,
+            total_tokens: prompt_tokens,
+        },
+    })
     .into_response();
     for (name, value) in prediction.timing_headers() {
         if let Ok(v) = axum::http::HeaderValue::from_str(&value) {
