@@ -53,6 +53,10 @@ pub enum Command {
     /// Sign a model version with an Ed25519 key (writing its ferry.sig), or make a key; servers started with
     /// --trusted-key load only versions signed by a trusted key.
     Sign(crate::sign::SignArgs),
+    /// Turn a model from another format into a servable version folder: `ferry import hf DIR --out VERSION_DIR`
+    /// builds model.onnx from a Hugging Face BERT-family checkpoint (config.json + model.safetensors), no Python
+    /// needed, and copies its tokenizer files beside it.
+    Import(crate::import::ImportArgs),
 }
 
 /// Log line format.

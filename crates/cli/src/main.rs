@@ -10,6 +10,7 @@ mod bench;
 mod cli;
 mod config;
 mod evaluate;
+mod import;
 mod optimize;
 mod retrain;
 mod rollout;
@@ -94,6 +95,7 @@ fn run(command: cli::Command) -> anyhow::Result<()> {
         cli::Command::Rollout(args) => rollout::run(args),
         cli::Command::Retrain(args) => retrain::run(*args),
         cli::Command::Sign(args) => sign::run(args),
+        cli::Command::Import(args) => import::run(args),
         cli::Command::Top(args) => top::run(args),
         cli::Command::Serve(args) => {
             let restart_failed = allocator::restart_with_settings();
