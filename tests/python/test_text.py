@@ -257,3 +257,45 @@ def test_openai_client_embeddings(text_server, minilm_tokenizer, minilm_weights)
         client.embeddings.create(model="minilm", input=LONG)
     assert "256" in str(e.value)
     assert "minilm" in [m.id for m in client.models.list().data]
+
+
+def test_a_hub_folder_without_model_onnx_is_imported_on_load_and_its_signature_covers_the_weights(tmp_path):
+    """The folder as the hub ships it (config.json, model.safetensors, tokenizer files) is a version: Ferry imports it
+    when it loads; `ferry sign` covers the safetensors file, so one changed byte is refused under --trusted-key."""
+    import shutil
+    import subprocess
+
+    from conftest import ferry_binary
+
+    root = tmp_path / "repo"
+    shutil.copytree(minilm_dir(), root / "hub" / "1")
+    shutil.copytree(minilm_dir(), root / "tampered" / "1")
+    assert not (root / "hub" / "1" / "model.onnx").exists()
+    key = tmp_path / "signing.key"
+    subprocess.run([ferry_binary(), "sign", "--generate-key", str(key)], check=True, capture_output=True)
+    for name in ["hub", "tampered"]:
+        subprocess.run([ferry_binary(), "sign", str(root / name / "1"), "--key", str(key)], check=True,
+                       capture_output=True)
+    weights = root / "tampered" / "1" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    server = start_ferry(str(root), str(tmp_path / "ferry.log"), "--trusted-key", str(key) + ".pub")
+    try:
+        r = post(server, "/models/hub/embed", {"inputs": "What is Deep Learning?"})
+        assert r.status_code == 200, r.text
+        tok = Tokenizer.from_file(os.path.join(minilm_dir(), "tokenizer.json"))
+        tok.no_padding()
+        tok.no_truncation()
+        with open(os.path.join(minilm_dir(), "config.json")) as f:
+            cfg = json.load(f)
+        want = reference_embedding((load_file(os.path.join(minilm_dir(), "model.safetensors")), cfg),
+                                   tok.encode("What is Deep Learning?").ids)
+        assert cosine(r.json()[0], want) >= 0.9999
+        r = requests.get(server.url + "/v2/models/tampered/ready")
+        assert r.status_code != 200
+        status = requests.post(server.admin + "/v2/repository/index", json={}).json()
+        tampered = [m for m in status if m["name"] == "tampered"][0]
+        assert tampered["state"] == "UNAVAILABLE" and "model.safetensors" in tampered["reason"], tampered
+    finally:
+        server.stop()

@@ -273,7 +273,9 @@ pub fn version_files(
                 )
             })?;
             let rel = format!("{prefix}{name}");
-            if rel == SIGNATURE_FILE {
+            // Hidden files (`.gitattributes` in a folder from the Hugging Face hub) are not part of a version: the
+            // server never reads them and S3 fetches skip them, so signatures neither cover nor require them.
+            if rel == SIGNATURE_FILE || name.starts_with('.') {
                 continue;
             }
             let path = entry.path();
@@ -326,9 +328,9 @@ fn hash_file(path: &Path) -> Result<String, String> {
     Ok(hex(&hasher.finalize()))
 }
 
-/// Signs a version directory for `model` and `version`, writing `ferry.sig`. Refuses a directory holding a file
-/// whose name a repository cannot serve (hidden files, odd characters): it would not be fetched from S3, so the
-/// signature would not verify there.
+/// Signs a version directory for `model` and `version`, writing `ferry.sig`. Hidden files are not part of a version
+/// (they are skipped); a file whose name a repository cannot serve (odd characters) is refused: it would not be
+/// fetched from S3, so the signature would not verify there.
 pub fn sign_version(
     dir: &Path,
     model: &str,
@@ -373,8 +375,12 @@ fn signature_file(
     if version == 0 {
         return Err("versions are positive integers".into());
     }
-    if !files.contains_key("model.onnx") {
-        return Err("the version has no model.onnx".into());
+    if !files.contains_key("model.onnx")
+        && !ferry_model::hf::is_checkpoint(|f| files.contains_key(f))
+    {
+        return Err(
+            "the version has no model.onnx (nor a Hugging Face checkpoint: config.json and model.safetensors)".into(),
+        );
     }
     if let Some(bad) = files
         .keys()
@@ -662,13 +668,19 @@ mod tests {
     }
 
     #[test]
-    fn signing_refuses_hidden_files_and_folders_without_a_model() {
+    fn signing_skips_hidden_files_and_refuses_folders_without_a_model() {
         let dir = version_dir("hidden");
         let key = SigningKey::from_seed(&[4; 32]);
-        std::fs::write(dir.0.join(".DS_Store"), b"x").unwrap();
+        // A folder from the Hugging Face hub holds `.gitattributes`: not part of the version, signed or not.
+        std::fs::write(dir.0.join(".gitattributes"), b"x").unwrap();
+        let sig = sign_version(&dir.0, "m", 1, &key).unwrap();
+        assert!(!sig.files.contains_key(".gitattributes"));
+        std::fs::write(dir.0.join(".gitattributes"), b"changed").unwrap();
+        assert!(verify(&dir.0, "m", 1, &[key.public_key()]).is_ok());
+        std::fs::write(dir.0.join("bad name"), b"x").unwrap();
         let e = sign_version(&dir.0, "m", 1, &key).unwrap_err();
-        assert!(e.contains(".DS_Store"), "{e}");
-        std::fs::remove_file(dir.0.join(".DS_Store")).unwrap();
+        assert!(e.contains("bad name"), "{e}");
+        std::fs::remove_file(dir.0.join("bad name")).unwrap();
         std::fs::remove_file(dir.0.join("model.onnx")).unwrap();
         let e = sign_version(&dir.0, "m", 1, &key).unwrap_err();
         assert!(e.contains("no model.onnx"), "{e}");

@@ -379,7 +379,24 @@ pub(crate) fn prepare(
     onnxruntime: &Result<OrtEngine, EngineError>,
     integrity: &crate::integrity::IntegrityPolicy,
 ) -> Result<Prepared, String> {
-    let bytes = crate::integrity::read_model(&dir.join("model.onnx"), integrity.max_model_bytes)?;
+    let onnx = dir.join("model.onnx");
+    let bytes = if !onnx.exists() && ferry_model::hf::is_checkpoint(|f| dir.join(f).is_file()) {
+        // A Hugging Face checkpoint as the hub ships it: turned into ONNX here, in memory (its files are what the
+        // signature covers).
+        let started = std::time::Instant::now();
+        let imported = ferry_model::hf::import_with_limit(dir, integrity.max_model_bytes)
+            .map_err(|e| format!("importing the Hugging Face checkpoint: {e}"))?;
+        tracing::info!(
+            model,
+            version,
+            seconds = started.elapsed().as_secs_f64(),
+            bytes = imported.onnx.len(),
+            "imported a Hugging Face checkpoint"
+        );
+        imported.onnx
+    } else {
+        crate::integrity::read_model(&onnx, integrity.max_model_bytes)?
+    };
     let meta_bytes = read_meta_bytes(dir)?;
     let model_sha = std::cell::OnceCell::new();
     let model_sha = || model_sha.get_or_init(|| sha256_hex(&bytes)).clone();

@@ -319,11 +319,17 @@ fn scan_local(root: &Path) -> Result<Listing, String> {
                 ));
                 continue;
             }
-            // A version exists once its model.onnx does (publishers write it last).
-            if v.path().join("model.onnx").is_file() {
-                model.versions.insert(version, fingerprint_local(&v.path()));
+            // A version exists once its model.onnx does (publishers write it last), or as a Hugging Face checkpoint
+            // that loading imports.
+            let path = v.path();
+            if path.join("model.onnx").is_file()
+                || ferry_model::hf::is_checkpoint(|f| path.join(f).is_file())
+            {
+                model.versions.insert(version, fingerprint_local(&path));
             } else {
-                problems.push(format!("version folder {name}/{file} has no model.onnx"));
+                problems.push(format!(
+                    "version folder {name}/{file} has no model.onnx (nor a Hugging Face checkpoint)"
+                ));
             }
         }
         if parse_version(&name).is_some() && dir.join("model.onnx").is_file() {
@@ -467,7 +473,10 @@ impl S3Repository {
                     };
                     listing.entry(model.to_string()).or_default();
                     let key = (model.to_string(), version);
-                    if rest == ["model.onnx"] {
+                    if rest == ["model.onnx"]
+                        || rest == ["model.safetensors"]
+                        || rest == ["model.safetensors.index.json"]
+                    {
                         has_model.insert(key.clone(), true);
                     }
                     files

@@ -152,6 +152,12 @@ pub struct Imported {
     pub weight_bytes: u64,
 }
 
+/// Whether `files` (names relative to a folder) hold a Hugging Face checkpoint Ferry can import: `config.json` and
+/// `model.safetensors` or its shard index.
+pub fn is_checkpoint<'a>(mut files: impl FnMut(&str) -> bool) -> bool {
+    files("config.json") && (files("model.safetensors") || files("model.safetensors.index.json"))
+}
+
 /// Imports the Hugging Face folder `dir` (see the [module documentation](self)).
 pub fn import(dir: &Path) -> Result<Imported, HfError> {
     import_with_limit(dir, MAX_INLINE_WEIGHT_BYTES)
