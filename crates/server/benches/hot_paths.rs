@@ -205,11 +205,11 @@ fn metrics(c: &mut Criterion) {
     let series = m.version_series("iris", 1);
     c.bench_function("metrics/record_one_request", |b| {
         b.iter(|| {
-            let mut r = m.request("rest_kserve");
+            let mut r = m.request(ferry_server::metrics::Protocol::KserveRest);
             r.version(black_box(&series));
             r.body_bytes(120);
             r.response_bytes(180);
-            r.finish("success");
+            r.finish(ferry_server::metrics::Outcome::Success);
         })
     });
     c.bench_function("metrics/record_one_batch", |b| {

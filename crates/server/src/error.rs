@@ -29,6 +29,20 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, in declaration order (`ALL[k as usize] == k`): the metrics count outcomes by this order.
+    pub const ALL: [ErrorKind; 10] = [
+        ErrorKind::InvalidArgument,
+        ErrorKind::NotFound,
+        ErrorKind::PayloadTooLarge,
+        ErrorKind::Unavailable,
+        ErrorKind::Overloaded,
+        ErrorKind::DeadlineExceeded,
+        ErrorKind::Unimplemented,
+        ErrorKind::Internal,
+        ErrorKind::Unauthenticated,
+        ErrorKind::PermissionDenied,
+    ];
+
     /// The HTTP status for this kind.
     pub fn status(self) -> StatusCode {
         match self {
@@ -184,6 +198,13 @@ impl axum::response::IntoResponse for InferError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_kinds_are_listed_in_declaration_order() {
+        for (i, kind) in ErrorKind::ALL.iter().enumerate() {
+            assert_eq!(*kind as usize, i, "{}", kind.label());
+        }
+    }
 
     #[test]
     fn grpc_messages_are_bounded_on_a_char_boundary() {

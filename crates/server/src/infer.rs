@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use ferry_model::{NamedTensor, TensorSpec};
 
 use crate::error::{ErrorKind, InferError};
+pub use crate::metrics::Protocol;
 use crate::repository::{validate_name, LoadedVersion, ModelStore, VersionState};
 
 /// The largest dimension a tensor may have (2³¹ − 1, as ONNX Runtime and most clients assume).
@@ -270,6 +271,13 @@ impl ValidRequest {
 pub struct Prediction {
     /// The selected outputs, in the order asked for (signature order when none were named).
     pub outputs: Vec<NamedTensor>,
+    /// Where the time went.
+    pub timing: Timing,
+}
+
+/// Where a prediction's time went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
     /// Time spent waiting in the version's queue.
     pub queue: Duration,
     /// Engine time of the batch the request ran in.
@@ -278,14 +286,141 @@ pub struct Prediction {
     pub total: Duration,
 }
 
-impl Prediction {
+impl Timing {
     /// The timing as response headers (microseconds): `x-queue-time-us`, `x-compute-time-us`, `x-total-time-us`.
-    pub fn timing_headers(&self) -> [(&'static str, String); 3] {
+    pub fn headers(&self) -> [(&'static str, String); 3] {
         [
             ("x-queue-time-us", self.queue.as_micros().to_string()),
             ("x-compute-time-us", self.compute.as_micros().to_string()),
             ("x-total-time-us", self.total.as_micros().to_string()),
         ]
+    }
+}
+
+/// One inference request as a protocol adapter hands it to the core, from its first byte to its answer: the core
+/// resolves the version, records the request's metrics (in flight, bytes, latency, outcome by protocol), validates
+/// and runs the prediction (with its rollout arm, shadow copy, drift windows and payload log), and keeps its timing.
+/// The adapter only decodes its wire format between [`Call::resolve`] and [`Call::predict`], encodes the outputs,
+/// and ends the call with [`Call::finish`].
+///
+/// Recording takes no lock and no allocation once the version is resolved (a call that fails before that is counted
+/// under the model it named, on the labelled path).
+#[derive(Debug)]
+pub struct Call<'a> {
+    infer: &'a Infer,
+    record: crate::metrics::RequestRecord<'a>,
+    named: Option<&'a str>,
+    version: Option<Arc<LoadedVersion>>,
+    timing: Option<Timing>,
+}
+
+impl<'a> Call<'a> {
+    /// The model the request names, as soon as the adapter knows it: a failure before [`Call::resolve`] (an unread
+    /// body, a bad header) is then counted under that model, when the repository knows it.
+    pub fn named(&mut self, model: &'a str) {
+        self.named = Some(model);
+    }
+
+    /// Finds the version the request is for: `selector` is the version it asks for, or why the adapter could not
+    /// read one. During a canary rollout an unversioned request goes by `route_key` (a routing header or request
+    /// id). Counts the request's `request_bytes` in the version's series; a failure is counted under `model` when
+    /// the repository knows it.
+    pub fn resolve(
+        &mut self,
+        model: &str,
+        selector: Result<VersionSelector, InferError>,
+        route_key: Option<&str>,
+        request_bytes: usize,
+    ) -> Result<Arc<LoadedVersion>, InferError> {
+        match selector.and_then(|s| self.infer.resolve_routed(model, &s, route_key)) {
+            Ok(version) => {
+                self.record.version(version.scheduler.series());
+                self.record.body_bytes(request_bytes);
+                self.version = Some(version.clone());
+                Ok(version)
+            }
+            Err(e) => {
+                self.label(model);
+                Err(e)
+            }
+        }
+    }
+
+    /// Validates the decoded inputs (and the outputs asked for, in the order wanted; all in signature order when
+    /// `None`) against the resolved version's signature, runs them under the earlier of `--request-timeout` and the
+    /// client's `deadline`, and gives back the outputs. `id` is the client's request id, kept in the payload log.
+    pub async fn predict(
+        &mut self,
+        inputs: Vec<NamedTensor>,
+        outputs: Option<Vec<String>>,
+        id: Option<String>,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<NamedTensor>, InferError> {
+        let Some(version) = self.version.clone() else {
+            tracing::error!("a protocol adapter called Call::predict before Call::resolve");
+            return Err(InferError::new(ErrorKind::Internal, "inference failed"));
+        };
+        let valid = Infer::validate(version, inputs, outputs)?.with_id(id);
+        let Prediction { outputs, timing } = self.infer.predict(valid, deadline).await?;
+        self.record.timing(timing.queue, timing.compute);
+        self.timing = Some(timing);
+        Ok(outputs)
+    }
+
+    /// Runs tokenized texts on the resolved version, a text model (see [`crate::text`]), under the earlier of
+    /// `--request-timeout` and the client's `deadline`, and gives back one `[texts, width]` FP32 output.
+    pub async fn predict_texts(
+        &mut self,
+        texts: Vec<ferry_text::Tokens>,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<NamedTensor>, InferError> {
+        let Some(version) = self.version.clone() else {
+            tracing::error!("a protocol adapter called Call::predict_texts before Call::resolve");
+            return Err(InferError::new(ErrorKind::Internal, "inference failed"));
+        };
+        let Prediction { outputs, timing } =
+            self.infer.predict_texts(&version, texts, deadline).await?;
+        self.record.timing(timing.queue, timing.compute);
+        self.timing = Some(timing);
+        Ok(outputs)
+    }
+
+    /// The per-request limits the adapter's decoder checks.
+    pub fn limits(&self) -> &'a Limits {
+        &self.infer.limits
+    }
+
+    /// Counts the encoded answer's bytes (a REST body, a gRPC message).
+    pub fn response_bytes(&self, n: usize) {
+        self.record.response_bytes(n);
+    }
+
+    /// Ends the call: records its outcome and latency, and gives back the prediction's timing for the answer's
+    /// headers when it succeeded.
+    pub fn finish(mut self, outcome: Result<(), ErrorKind>) -> Option<Timing> {
+        if outcome.is_err() && !self.record.has_version() {
+            if let Some(model) = self.named {
+                self.label(model);
+            }
+        }
+        match outcome {
+            Ok(()) => {
+                self.record.finish(crate::metrics::Outcome::Success);
+                self.timing
+            }
+            Err(kind) => {
+                self.record.finish(crate::metrics::Outcome::Failed(kind));
+                None
+            }
+        }
+    }
+
+    /// Labels a request that never reached a version with the model it named, when the repository knows that model
+    /// (so unknown names sent by clients never become label values).
+    fn label(&mut self, model: &str) {
+        if self.infer.store.contains(model) {
+            self.record.model(model, None);
+        }
     }
 }
 
@@ -333,11 +468,14 @@ impl Infer {
         self
     }
 
-    /// Labels a request's metrics with the model it named, when the repository knows that model (so unknown names
-    /// sent by clients never become label values).
-    pub fn label(&self, record: &mut crate::metrics::RequestRecord<'_>, model: &str) {
-        if self.store.contains(model) {
-            record.model(model, None);
+    /// Starts one inference request that came in by `protocol` (see [`Call`]).
+    pub fn call(&self, protocol: crate::metrics::Protocol) -> Call<'_> {
+        Call {
+            infer: self,
+            record: self.metrics.request(protocol),
+            named: None,
+            version: None,
+            timing: None,
         }
     }
 
@@ -671,9 +809,11 @@ impl Infer {
         }
         Ok(Prediction {
             outputs,
-            queue,
-            compute,
-            total: start.elapsed(),
+            timing: Timing {
+                queue,
+                compute,
+                total: start.elapsed(),
+            },
         })
     }
 }

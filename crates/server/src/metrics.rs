@@ -20,6 +20,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
+
+use crate::error::{ErrorKind, InferError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// A metric's catalogue entry.
@@ -379,31 +381,94 @@ const DURATION_BUCKETS_NS: &[u64] = &[
 pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 const BATCH_BUCKETS_INT: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256];
 
-/// The protocols a request can come in by, the `protocol` label's values.
-pub const PROTOCOLS: [&str; 6] = [
-    "rest_kserve",
-    "rest_tfserving",
-    "grpc_kserve",
-    "grpc_tfserving",
-    "rest_tei",
-    "rest_openai",
-];
+/// The protocol a request came in by: the `protocol` label's values. A new front door adds a variant here (and to
+/// [`Protocol::ALL`]); its requests are then counted without a lock like the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// KServe v2 over REST.
+    KserveRest,
+    /// TF Serving over REST.
+    TfservingRest,
+    /// KServe v2 over gRPC.
+    KserveGrpc,
+    /// TF Serving over gRPC.
+    TfservingGrpc,
+    /// Hugging Face text-embeddings-inference's REST API.
+    TeiRest,
+    /// OpenAI's REST API.
+    OpenaiRest,
+}
 
-/// The outcomes the request path counts without a lock: `success` and the error kinds' labels. An outcome not in
-/// this list is still counted, on the slower labelled path.
-pub const OUTCOMES: [&str; 11] = [
-    "success",
-    "invalid_argument",
-    "not_found",
-    "payload_too_large",
-    "unavailable",
-    "overloaded",
-    "deadline_exceeded",
-    "unimplemented",
-    "internal",
-    "unauthenticated",
-    "permission_denied",
-];
+impl Protocol {
+    /// Every protocol, in declaration order (`ALL[p as usize] == p`).
+    pub const ALL: [Protocol; 6] = [
+        Protocol::KserveRest,
+        Protocol::TfservingRest,
+        Protocol::KserveGrpc,
+        Protocol::TfservingGrpc,
+        Protocol::TeiRest,
+        Protocol::OpenaiRest,
+    ];
+
+    /// The `protocol` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::KserveRest => "rest_kserve",
+            Protocol::TfservingRest => "rest_tfserving",
+            Protocol::KserveGrpc => "grpc_kserve",
+            Protocol::TfservingGrpc => "grpc_tfserving",
+            Protocol::TeiRest => "rest_tei",
+            Protocol::OpenaiRest => "rest_openai",
+        }
+    }
+}
+
+/// How a request ended: the `outcome` label's values are `success` and the error kinds' labels, derived from
+/// [`ErrorKind`], so a new kind is a new outcome with nothing else to list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered.
+    Success,
+    /// Failed with this kind of error.
+    Failed(ErrorKind),
+}
+
+impl Outcome {
+    /// Every outcome: `success`, then the error kinds in [`ErrorKind::ALL`]'s order (`ALL[o.index()] == o`).
+    pub const ALL: [Outcome; ErrorKind::ALL.len() + 1] = {
+        let mut all = [Outcome::Success; ErrorKind::ALL.len() + 1];
+        let mut i = 0;
+        while i < ErrorKind::ALL.len() {
+            all[i + 1] = Outcome::Failed(ErrorKind::ALL[i]);
+            i += 1;
+        }
+        all
+    };
+
+    /// The outcome of a result.
+    pub fn of<T>(result: &Result<T, InferError>) -> Outcome {
+        match result {
+            Ok(_) => Outcome::Success,
+            Err(e) => Outcome::Failed(e.kind),
+        }
+    }
+
+    /// Its place in [`Outcome::ALL`].
+    fn index(self) -> usize {
+        match self {
+            Outcome::Success => 0,
+            Outcome::Failed(kind) => kind as usize + 1,
+        }
+    }
+
+    /// The `outcome` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failed(kind) => kind.label(),
+        }
+    }
+}
 
 /// What the registry records and what the page shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -540,7 +605,7 @@ impl AtomicHistogram {
 /// One protocol's counters within a version.
 #[derive(Debug)]
 struct ProtocolSeries {
-    outcomes: [AtomicU64; OUTCOMES.len()],
+    outcomes: [AtomicU64; Outcome::ALL.len()],
     duration: AtomicHistogram,
     request_bytes: AtomicU64,
     response_bytes: AtomicU64,
@@ -564,7 +629,7 @@ pub struct VersionSeries {
     model: String,
     version: u64,
     enabled: bool,
-    protocols: [ProtocolSeries; PROTOCOLS.len()],
+    protocols: [ProtocolSeries; Protocol::ALL.len()],
     queue: AtomicHistogram,
     compute: AtomicHistogram,
     batch_size: AtomicHistogram,
@@ -672,16 +737,13 @@ impl Default for Metrics {
 #[derive(Debug)]
 pub struct RequestRecord<'a> {
     metrics: &'a Metrics,
-    protocol: &'static str,
-    /// The protocol's place in [`PROTOCOLS`], found once.
-    protocol_index: Option<usize>,
+    protocol: Protocol,
     started: Instant,
     /// The version it resolved to: the lock-free path.
     series: Option<Arc<VersionSeries>>,
     /// Labels for the locked path, when it never resolved to a version.
     model: String,
     version: String,
-    timing: Option<[(&'static str, String); 3]>,
     queue_compute: Option<(Duration, Duration)>,
 }
 
@@ -711,20 +773,14 @@ impl RequestRecord<'_> {
         self.series.is_some()
     }
 
-    /// Keeps a successful prediction's timing, for the response headers (`x-queue-time-us` and friends).
-    pub fn timing(&mut self, prediction: &crate::infer::Prediction) {
-        self.timing = Some(prediction.timing_headers());
-        self.queue_compute = Some((prediction.queue, prediction.compute));
-    }
-
-    /// The timing headers kept by [`RequestRecord::timing`], if any.
-    pub fn timing_headers(&self) -> Option<&[(&'static str, String); 3]> {
-        self.timing.as_ref()
+    /// Keeps a successful prediction's queue and engine times, counted with its latency (Triton's counters).
+    pub fn timing(&mut self, queue: Duration, compute: Duration) {
+        self.queue_compute = Some((queue, compute));
     }
 
     fn protocol_series(&self) -> Option<&ProtocolSeries> {
         let s = self.series.as_ref().filter(|s| s.enabled)?;
-        Some(&s.protocols[self.protocol_index?])
+        Some(&s.protocols[self.protocol as usize])
     }
 
     /// Counts the request body.
@@ -741,25 +797,15 @@ impl RequestRecord<'_> {
         }
     }
 
-    /// Counts a REST response's body, when its length is known (bodies built in memory).
-    pub fn response_body(&self, response: &axum::response::Response) {
-        use axum::body::HttpBody as _;
-        if let Some(n) = response.body().size_hint().exact() {
-            self.response_bytes(usize::try_from(n).unwrap_or(usize::MAX));
-        }
-    }
-
-    /// Records the outcome (`success` or an error kind's label) and the latency.
-    pub fn finish(self, outcome: &str) {
+    /// Records the outcome and the latency.
+    pub fn finish(self, outcome: Outcome) {
         let m = self.metrics;
         if !m.options.enabled {
             return;
         }
         let elapsed = self.started.elapsed();
-        let fast = self
-            .protocol_series()
-            .zip(OUTCOMES.iter().position(|o| *o == outcome));
-        if let Some((p, o)) = fast {
+        if let Some(p) = self.protocol_series() {
+            let o = outcome.index();
             p.outcomes[o].fetch_add(1, Ordering::Relaxed);
             p.duration.observe(nanos(elapsed));
             if o == 0 {
@@ -786,13 +832,13 @@ impl RequestRecord<'_> {
             vec![
                 model.clone(),
                 version.clone(),
-                self.protocol.into(),
-                outcome.into(),
+                self.protocol.label().into(),
+                outcome.label().into(),
             ],
             1,
         );
         m.request_duration.observe(
-            vec![model, version, self.protocol.into()],
+            vec![model, version, self.protocol.label().into()],
             DURATION_BUCKETS,
             elapsed.as_secs_f64(),
         );
@@ -855,21 +901,18 @@ impl Metrics {
             .then(|| self.in_flight.load(Ordering::Relaxed))
     }
 
-    /// Starts recording one inference request on `protocol` (`rest_kserve`, `rest_tfserving`, `grpc_kserve`,
-    /// `grpc_tfserving`).
-    pub fn request(&self, protocol: &'static str) -> RequestRecord<'_> {
+    /// Starts recording one inference request on `protocol`.
+    pub fn request(&self, protocol: Protocol) -> RequestRecord<'_> {
         if self.options.enabled {
             self.in_flight.fetch_add(1, Ordering::Relaxed);
         }
         RequestRecord {
             metrics: self,
             protocol,
-            protocol_index: PROTOCOLS.iter().position(|p| *p == protocol),
             started: Instant::now(),
             series: None,
             model: String::new(),
             version: String::new(),
-            timing: None,
             queue_compute: None,
         }
     }
@@ -930,15 +973,15 @@ impl Metrics {
         // Requests by outcome: the lock-free series, then the labelled path.
         out.header(&REQUESTS);
         for s in &series {
-            for (p, ps) in PROTOCOLS.iter().zip(&s.protocols) {
-                for (o, n) in OUTCOMES.iter().zip(&ps.outcomes) {
+            for (p, ps) in Protocol::ALL.iter().zip(&s.protocols) {
+                for (o, n) in Outcome::ALL.iter().zip(&ps.outcomes) {
                     let n = n.load(Ordering::Relaxed);
                     if n > 0 {
                         let labels = [
                             s.model.clone(),
                             s.version.to_string(),
-                            (*p).to_string(),
-                            (*o).to_string(),
+                            p.label().to_string(),
+                            o.label().to_string(),
                         ];
                         out.sample(REQUESTS.name, REQUESTS.labels, &labels, None, n);
                     }
@@ -949,8 +992,12 @@ impl Metrics {
 
         out.header(&REQUEST_DURATION);
         for s in &series {
-            for (p, ps) in PROTOCOLS.iter().zip(&s.protocols) {
-                let labels = [s.model.clone(), s.version.to_string(), (*p).to_string()];
+            for (p, ps) in Protocol::ALL.iter().zip(&s.protocols) {
+                let labels = [
+                    s.model.clone(),
+                    s.version.to_string(),
+                    p.label().to_string(),
+                ];
                 out.atomic_histogram(&REQUEST_DURATION, &labels, &ps.duration, 1e-9);
             }
         }
@@ -987,10 +1034,10 @@ impl Metrics {
             out.header(d);
             let mut by_model: BTreeMap<(&str, &str), u64> = BTreeMap::new();
             for s in &series {
-                for (p, ps) in PROTOCOLS.iter().zip(&s.protocols) {
+                for (p, ps) in Protocol::ALL.iter().zip(&s.protocols) {
                     let n = pick(ps).load(Ordering::Relaxed);
                     if n > 0 {
-                        *by_model.entry((s.model.as_str(), p)).or_default() += n;
+                        *by_model.entry((s.model.as_str(), p.label())).or_default() += n;
                     }
                 }
             }
@@ -1397,17 +1444,17 @@ mod tests {
     fn sample_metrics(options: MetricsOptions) -> (Metrics, Snapshot) {
         let m = Metrics::new(options);
         let iris = m.version_series("iris", 1);
-        let mut r = m.request("rest_kserve");
+        let mut r = m.request(Protocol::KserveRest);
         r.version(&iris);
         r.body_bytes(100);
         r.response_bytes(40);
-        r.finish("success");
-        let mut r = m.request("grpc_kserve");
+        r.finish(Outcome::Success);
+        let mut r = m.request(Protocol::KserveGrpc);
         r.version(&iris);
-        r.finish("invalid_argument");
-        let mut r = m.request("rest_kserve");
+        r.finish(Outcome::Failed(ErrorKind::InvalidArgument));
+        let mut r = m.request(Protocol::KserveRest);
         r.model("we\"ird", None);
-        r.finish("not_found");
+        r.finish(Outcome::Failed(ErrorKind::NotFound));
         iris.batch(
             &[Duration::from_micros(80), Duration::from_micros(120)],
             Duration::from_micros(300),
@@ -1442,6 +1489,33 @@ mod tests {
             rollouts: vec![("iris".into(), 2, "running", 25.0)],
         };
         (m, now)
+    }
+
+    #[test]
+    fn outcomes_are_success_then_every_error_kind() {
+        let labels: Vec<&str> = Outcome::ALL.iter().map(|o| o.label()).collect();
+        assert_eq!(
+            labels,
+            [
+                "success",
+                "invalid_argument",
+                "not_found",
+                "payload_too_large",
+                "unavailable",
+                "overloaded",
+                "deadline_exceeded",
+                "unimplemented",
+                "internal",
+                "unauthenticated",
+                "permission_denied",
+            ]
+        );
+        for (i, o) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(o.index(), i);
+        }
+        for (i, p) in Protocol::ALL.iter().enumerate() {
+            assert_eq!(*p as usize, i);
+        }
     }
 
     #[test]
@@ -1544,10 +1618,10 @@ mod tests {
             triton: false,
         });
         let s = m.version_series("iris", 1);
-        let mut r = m.request("rest_kserve");
+        let mut r = m.request(Protocol::KserveRest);
         r.version(&s);
         r.body_bytes(10);
-        r.finish("success");
+        r.finish(Outcome::Success);
         s.batch(&[Duration::from_micros(1)], Duration::from_micros(1), 1);
         let text = m.render(&Snapshot::default(), Format::Prometheus);
         assert!(!text.contains("ferry_requests_total{"), "{text}");

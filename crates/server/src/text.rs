@@ -132,17 +132,18 @@ impl Infer {
             .await?;
         Ok(Prediction {
             outputs: answered.outputs,
-            queue: answered.queue,
-            compute: answered.compute,
-            total: start.elapsed(),
+            timing: crate::infer::Timing {
+                queue: answered.queue,
+                compute: answered.compute,
+                total: start.elapsed(),
+            },
         })
     }
 }
 
 /// The rows of a text answer: `[texts, width]` FP32 as a flat vector and its width.
-pub fn rows(prediction: &Prediction) -> Result<(&[f32], usize), InferError> {
-    let out = prediction
-        .outputs
+pub fn rows(outputs: &[ferry_model::NamedTensor]) -> Result<(&[f32], usize), InferError> {
+    let out = outputs
         .first()
         .ok_or_else(|| InferError::new(ErrorKind::Internal, "a text answer without rows"))?;
     match (&out.tensor.data, out.tensor.shape.as_slice()) {

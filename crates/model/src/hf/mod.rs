@@ -154,7 +154,7 @@ pub struct Imported {
 
 /// Whether `files` (names relative to a folder) hold a Hugging Face checkpoint Ferry can import: `config.json` and
 /// `model.safetensors` or its shard index.
-pub fn is_checkpoint<'a>(mut files: impl FnMut(&str) -> bool) -> bool {
+pub fn is_checkpoint(mut files: impl FnMut(&str) -> bool) -> bool {
     files("config.json") && (files("model.safetensors") || files("model.safetensors.index.json"))
 }
 

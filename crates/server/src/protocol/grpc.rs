@@ -22,25 +22,27 @@ pub mod tensorflow {
     }
 }
 
-/// Records a gRPC call's outcome in the metrics and turns its result into a response, with the timing as metadata
-/// (`x-queue-time-us`, `x-compute-time-us`, `x-total-time-us`).
-pub(crate) fn finish<T>(
-    record: crate::metrics::RequestRecord<'_>,
+/// Ends a gRPC call: counts the response message, records the outcome, and turns the result into a response with a
+/// prediction's timing as metadata (`x-queue-time-us`, `x-compute-time-us`, `x-total-time-us`).
+pub(crate) fn finish<T: prost::Message>(
+    call: crate::infer::Call<'_>,
     result: Result<T, InferError>,
 ) -> Result<tonic::Response<T>, tonic::Status> {
-    let timing = record.timing_headers().cloned();
-    record.finish(
-        result
-            .as_ref()
-            .map_or_else(|e| e.kind.label(), |_| "success"),
-    );
+    let outcome = match &result {
+        Ok(message) => {
+            call.response_bytes(message.encoded_len());
+            Ok(())
+        }
+        Err(e) => Err(e.kind),
+    };
+    let timing = call.finish(outcome);
     let mut response = tonic::Response::new(result?);
-    for (name, value) in timing.iter().flatten() {
+    for (name, value) in timing.iter().flat_map(crate::infer::Timing::headers) {
         if let Ok(mut v) = value.parse::<tonic::metadata::MetadataValue<_>>() {
             // A value that changes with every call must stay out of HPACK's table: indexing it would evict useful
             // entries and make every later header search the table for nothing (about 6% of a call's server CPU here).
             v.set_sensitive(true);
-            response.metadata_mut().insert(*name, v);
+            response.metadata_mut().insert(name, v);
         }
     }
     Ok(response)

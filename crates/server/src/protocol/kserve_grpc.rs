@@ -17,7 +17,7 @@ use super::grpc::inference::{
     ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
 };
 use crate::error::{ErrorKind, InferError};
-use crate::infer::{Infer, VersionSelector};
+use crate::infer::{Call, Infer, Protocol, VersionSelector};
 use crate::repository::parse_version;
 
 /// The KServe v2 gRPC service over the shared [`Infer`] path.
@@ -228,42 +228,35 @@ impl GrpcInferenceService for KserveGrpc {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let mut record = self.infer.metrics.request("grpc_kserve");
-        let result = self.model_infer_inner(request, &mut record).await;
-        super::grpc::finish(record, result)
+        let mut call = self.infer.call(Protocol::KserveGrpc);
+        let result = self.model_infer_inner(&mut call, request).await;
+        super::grpc::finish(call, result)
     }
 }
 
 impl KserveGrpc {
     async fn model_infer_inner(
         &self,
+        call: &mut Call<'_>,
         request: Request<ModelInferRequest>,
-        record: &mut crate::metrics::RequestRecord<'_>,
     ) -> Result<ModelInferResponse, InferError> {
         let deadline = grpc_deadline(request.metadata())?;
         let key = super::grpc_route_key(request.metadata());
         let r = request.into_inner();
-        let loaded = selector(&r.model_version)
-            .and_then(|s| {
-                self.infer
-                    .resolve_routed(&r.model_name, &s, key.as_deref().or(Some(r.id.as_str())))
-            })
-            .inspect_err(|_| self.infer.label(record, &r.model_name))?;
-        record.version(loaded.scheduler.series());
-        record.body_bytes(r.encoded_len());
         let request_bytes = r.encoded_len();
-        let inputs = decode_infer_inputs(
-            r.inputs,
-            r.raw_input_contents,
+        let loaded = call.resolve(
+            &r.model_name,
+            selector(&r.model_version),
+            key.as_deref().or(Some(r.id.as_str())),
             request_bytes,
-            &self.infer.limits,
         )?;
+        let inputs =
+            decode_infer_inputs(r.inputs, r.raw_input_contents, request_bytes, call.limits())?;
         let requested: Option<Vec<String>> =
             (!r.outputs.is_empty()).then(|| r.outputs.iter().map(|o| o.name.clone()).collect());
-        let valid = Infer::validate(loaded.clone(), inputs, requested)?.with_id(Some(r.id.clone()));
-        let prediction = self.infer.predict(valid, deadline).await?;
-        record.timing(&prediction);
-        let outputs = prediction.outputs;
+        let outputs = call
+            .predict(inputs, requested, Some(r.id.clone()), deadline)
+            .await?;
         let mut raw_output_contents = Vec::with_capacity(outputs.len());
         let mut tensors = Vec::with_capacity(outputs.len());
         for out in outputs {
@@ -289,16 +282,14 @@ impl KserveGrpc {
                 contents: None,
             });
         }
-        let response = ModelInferResponse {
+        Ok(ModelInferResponse {
             model_name: loaded.model.clone(),
             model_version: loaded.version.to_string(),
             id: r.id,
             parameters: Default::default(),
             outputs: tensors,
             raw_output_contents,
-        };
-        record.response_bytes(response.encoded_len());
-        Ok(response)
+        })
     }
 }
 

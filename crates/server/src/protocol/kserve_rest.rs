@@ -17,8 +17,7 @@ use super::{client_deadline, finish};
 use crate::error::{ErrorKind, InferError};
 use crate::http::AppState;
 use crate::infer::Budget;
-use crate::infer::{Infer, VersionSelector};
-use crate::metrics::RequestRecord;
+use crate::infer::{Call, Infer, Protocol, VersionSelector};
 use crate::repository::{parse_version, LoadedVersion};
 
 /// The header that gives the length of the JSON part of a binary request or response.
@@ -247,8 +246,8 @@ pub async fn infer_version(
     infer_request(&state.infer, &model, Some(&version), &headers, body).await
 }
 
-/// One KServe v2 inference request, recorded in the metrics: the router's handlers and the listener's direct path
-/// ([`crate::front`]) both end here.
+/// One KServe v2 inference request: the router's handlers and the listener's direct path ([`crate::front`]) both
+/// end here.
 pub(crate) async fn infer_request(
     infer: &Infer,
     model: &str,
@@ -256,21 +255,18 @@ pub(crate) async fn infer_request(
     headers: &HeaderMap,
     body: Result<Bytes, InferError>,
 ) -> Response {
-    let mut record = infer.metrics.request("rest_kserve");
-    let result = infer_inner(infer, model, version, headers, body, &mut record).await;
-    if !record.has_version() {
-        infer.label(&mut record, model);
-    }
-    finish(record, result)
+    let mut call = infer.call(Protocol::KserveRest);
+    call.named(model);
+    let result = infer_inner(&mut call, model, version, headers, body).await;
+    finish(call, result)
 }
 
 async fn infer_inner(
-    infer: &Infer,
+    call: &mut Call<'_>,
     model: &str,
     version: Option<&str>,
     headers: &HeaderMap,
     body: Result<Bytes, InferError>,
-    record: &mut RequestRecord<'_>,
 ) -> Result<Response, InferError> {
     let body = body?;
     if let Some(enc) = headers.get(header::CONTENT_ENCODING) {
@@ -285,10 +281,13 @@ async fn infer_inner(
         }
     }
     // Resolve first: an unknown or unready model is reported as such whatever the body holds.
-    let loaded = infer.resolve_routed(model, &selector(version)?, super::route_key(headers))?;
-    record.version(loaded.scheduler.series());
-    record.body_bytes(body.len());
-    let (request, inputs) = decode_request(headers, &body, &infer.limits)?;
+    let loaded = call.resolve(
+        model,
+        selector(version),
+        super::route_key(headers),
+        body.len(),
+    )?;
+    let (request, inputs) = decode_request(headers, &body, call.limits())?;
     // Everything the body held is decoded: it need not wait for the answer.
     drop(body);
 
@@ -329,19 +328,16 @@ async fn infer_inner(
     let output_names = requested
         .as_ref()
         .map(|r| r.iter().map(|(n, _)| n.clone()).collect());
-    let valid = Infer::validate(loaded.clone(), inputs, output_names)?.with_id(request.id.clone());
-    let prediction = infer.predict(valid, deadline).await?;
-    record.timing(&prediction);
-    let outputs = prediction.outputs;
+    let outputs = call
+        .predict(inputs, output_names, request.id.clone(), deadline)
+        .await?;
     let binary_of = |name: &str| {
         requested
             .as_ref()
             .and_then(|r| r.iter().find(|(n, _)| n == name).map(|(_, b)| *b))
             .unwrap_or(default_binary)
     };
-    let response = encode_response(&request, &loaded, &outputs, binary_of);
-    record.response_body(&response);
-    Ok(response)
+    Ok(encode_response(&request, &loaded, &outputs, binary_of))
 }
 
 /// Decodes a KServe v2 REST inference body as `infer` does: splits it at `Inference-Header-Content-Length`, checks

@@ -18,27 +18,40 @@ use axum::http::HeaderMap;
 
 use crate::error::{ErrorKind, InferError};
 
-/// Records a request's outcome in the metrics and turns its result into a response.
+/// Ends a REST call: counts the response body (when its length is known: bodies built in memory), records the
+/// outcome, and turns the result into a response with the timing headers of a prediction.
 pub(crate) fn finish(
-    record: crate::metrics::RequestRecord<'_>,
+    call: crate::infer::Call<'_>,
     result: Result<axum::response::Response, InferError>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
+    finish_rendered(call, result.map_err(|e| (e.kind, e.into_response())))
+}
+
+/// [`finish`] for a protocol with its own error bodies: the error comes already rendered, with its kind for the
+/// metrics.
+pub(crate) fn finish_rendered(
+    call: crate::infer::Call<'_>,
+    result: Result<axum::response::Response, (ErrorKind, axum::response::Response)>,
+) -> axum::response::Response {
+    use axum::body::HttpBody as _;
     match result {
         Ok(mut response) => {
-            if let Some(headers) = record.timing_headers() {
-                for (name, value) in headers {
-                    if let Ok(v) = axum::http::HeaderValue::from_str(value) {
-                        response.headers_mut().insert(*name, v);
+            if let Some(n) = response.body().size_hint().exact() {
+                call.response_bytes(usize::try_from(n).unwrap_or(usize::MAX));
+            }
+            if let Some(timing) = call.finish(Ok(())) {
+                for (name, value) in timing.headers() {
+                    if let Ok(v) = axum::http::HeaderValue::from_str(&value) {
+                        response.headers_mut().insert(name, v);
                     }
                 }
             }
-            record.finish("success");
             response
         }
-        Err(e) => {
-            record.finish(e.kind.label());
-            e.into_response()
+        Err((kind, response)) => {
+            call.finish(Err(kind));
+            response
         }
     }
 }

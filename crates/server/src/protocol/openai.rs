@@ -98,33 +98,21 @@ async fn embeddings(
     crate::front::AdmittedBody(body): crate::front::AdmittedBody,
 ) -> Response {
     let infer = &state.infer;
-    let mut record = infer.metrics.request("rest_openai");
-    let mut model = String::new();
-    let result = run(infer, &headers, body, &mut record, &mut model).await;
-    if !record.has_version() && !model.is_empty() {
-        infer.label(&mut record, &model);
-    }
-    match result {
-        Ok(response) => {
-            record.response_body(&response);
-            record.finish("success");
-            response
-        }
-        Err((e, param)) => {
-            record.finish(e.kind.label());
-            error_response(&e, param)
-        }
-    }
+    let mut call = infer.call(crate::infer::Protocol::OpenaiRest);
+    let result = run(infer, &mut call, &headers, body).await;
+    super::finish_rendered(
+        call,
+        result.map_err(|(e, param)| (e.kind, error_response(&e, param))),
+    )
 }
 
 type Failure = (InferError, Option<&'static str>);
 
 async fn run(
     infer: &Infer,
+    call: &mut crate::infer::Call<'_>,
     headers: &HeaderMap,
     body: Result<Bytes, InferError>,
-    record: &mut crate::metrics::RequestRecord<'_>,
-    model_out: &mut String,
 ) -> Result<Response, Failure> {
     let body = body.map_err(|e| (e, None))?;
     infer.limits.scan_json(&body).map_err(|e| (e, None))?;
@@ -134,12 +122,12 @@ async fn run(
             None,
         )
     })?;
-    *model_out = req.model.clone();
-    let version = infer
-        .resolve_routed(
+    let version = call
+        .resolve(
             &req.model,
-            &VersionSelector::Latest,
+            Ok(VersionSelector::Latest),
             super::route_key(headers),
+            body.len(),
         )
         .map_err(|e| match e.kind {
             ErrorKind::NotFound => (
@@ -148,8 +136,6 @@ async fn run(
             ),
             _ => (e, Some("model")),
         })?;
-    record.version(version.scheduler.series());
-    record.body_bytes(body.len());
     let allowance = crate::infer::Budget::for_request(body.len()).total();
     let text = text::text_of(&version)
         .map_err(|e| (e, Some("model")))?
@@ -225,12 +211,11 @@ async fn run(
     .map_err(|e| (e, Some("input")))?;
     let prompt_tokens: usize = tokens.iter().map(Tokens::len).sum();
     let deadline = super::client_deadline(headers).map_err(|e| (e, None))?;
-    let prediction = infer
-        .predict_texts(&version, tokens, deadline)
+    let outputs = call
+        .predict_texts(tokens, deadline)
         .await
         .map_err(|e| (e, None))?;
-    record.timing(&prediction);
-    let (rows, width) = text::rows(&prediction).map_err(|e| (e, None))?;
+    let (rows, width) = text::rows(&outputs).map_err(|e| (e, None))?;
     // Serialized from f32 (shortest form), not through serde_json's f64 values.
     #[derive(serde::Serialize)]
     #[serde(untagged)]
@@ -275,7 +260,7 @@ async fn run(
         model: String,
         usage: Usage,
     }
-    let mut response = Json(Answer {
+    let response = Json(Answer {
         object: "list",
         data,
         model,
@@ -285,11 +270,6 @@ async fn run(
         },
     })
     .into_response();
-    for (name, value) in prediction.timing_headers() {
-        if let Ok(v) = axum::http::HeaderValue::from_str(&value) {
-            response.headers_mut().insert(name, v);
-        }
-    }
     Ok(response)
 }
 

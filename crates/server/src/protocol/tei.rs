@@ -393,51 +393,41 @@ async fn handle(
     headers: &HeaderMap,
     body: Result<Bytes, InferError>,
 ) -> Response {
-    let mut record = infer.metrics.request("rest_tei");
-    let result = run(infer, call, model, headers, body, &mut record).await;
-    if !record.has_version() {
-        infer.label(&mut record, model);
-    }
-    match result {
-        Ok(mut response) => {
-            if let Some(timing) = record.timing_headers() {
-                for (name, value) in timing {
-                    if let Ok(v) = axum::http::HeaderValue::from_str(value) {
-                        response.headers_mut().insert(*name, v);
-                    }
-                }
-            }
-            record.response_body(&response);
-            record.finish("success");
-            response
-        }
-        Err(e) => {
-            record.finish(e.kind.label());
-            if is_empty_error(&e) {
-                return (
+    let mut c = infer.call(crate::infer::Protocol::TeiRest);
+    c.named(model);
+    let result = run(infer, &mut c, call, model, headers, body).await;
+    super::finish_rendered(
+        c,
+        result.map_err(|e| {
+            let response = if is_empty_error(&e) {
+                (
                     StatusCode::BAD_REQUEST,
                     Json(json!({"error": e.message, "error_type": "Empty"})),
                 )
-                    .into_response();
-            }
-            error_response(&e)
-        }
-    }
+                    .into_response()
+            } else {
+                error_response(&e)
+            };
+            (e.kind, response)
+        }),
+    )
 }
 
 async fn run(
     infer: &Infer,
+    c: &mut crate::infer::Call<'_>,
     call: Call,
     model: &str,
     headers: &HeaderMap,
     body: Result<Bytes, InferError>,
-    record: &mut crate::metrics::RequestRecord<'_>,
 ) -> Result<Response, InferError> {
     let body = body?;
-    let version =
-        infer.resolve_routed(model, &VersionSelector::Latest, super::route_key(headers))?;
-    record.version(version.scheduler.series());
-    record.body_bytes(body.len());
+    let version = c.resolve(
+        model,
+        Ok(VersionSelector::Latest),
+        super::route_key(headers),
+        body.len(),
+    )?;
     let text = text::text_of(&version)?.clone();
     let allowance = crate::infer::Budget::for_request(body.len()).total();
     let deadline = super::client_deadline(headers)?;
@@ -466,9 +456,8 @@ async fn run(
                 allowance,
             )
             .await?;
-            let prediction = infer.predict_texts(&version, tokens, deadline).await?;
-            record.timing(&prediction);
-            let (rows, width) = text::rows(&prediction)?;
+            let outputs = c.predict_texts(tokens, deadline).await?;
+            let (rows, width) = text::rows(&outputs)?;
             let out: Vec<Vec<f32>> = rows
                 .chunks_exact(width.max(1))
                 .map(|r| text::embedding(r, req.dimensions, normalize))
@@ -492,9 +481,8 @@ async fn run(
                 allowance,
             )
             .await?;
-            let prediction = infer.predict_texts(&version, tokens, deadline).await?;
-            record.timing(&prediction);
-            let (rows, width) = text::rows(&prediction)?;
+            let outputs = c.predict_texts(tokens, deadline).await?;
+            let (rows, width) = text::rows(&outputs)?;
             let labels = &text.settings().labels;
             let answers: Vec<Value> = rows
                 .chunks_exact(width.max(1))
@@ -550,9 +538,8 @@ async fn run(
                 allowance,
             )
             .await?;
-            let prediction = infer.predict_texts(&version, tokens, deadline).await?;
-            record.timing(&prediction);
-            let (rows, width) = text::rows(&prediction)?;
+            let outputs = c.predict_texts(tokens, deadline).await?;
+            let (rows, width) = text::rows(&outputs)?;
             let mut ranks: Vec<(usize, f32)> = rows
                 .chunks_exact(width.max(1))
                 .map(|r| {

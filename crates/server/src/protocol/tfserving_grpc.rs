@@ -24,7 +24,7 @@ use super::grpc::tensorflow::{
     TensorProto, TensorShapeProto,
 };
 use crate::error::InferError;
-use crate::infer::{Infer, VersionSelector};
+use crate::infer::{Call, Infer, Protocol, VersionSelector};
 use crate::repository::VersionState;
 
 /// The TF Serving gRPC services over the shared [`Infer`] path.
@@ -268,40 +268,30 @@ pub fn decode_predict_inputs(
 impl TfServingGrpc {
     async fn predict_inner(
         &self,
+        call: &mut Call<'_>,
         request: Request<PredictRequest>,
-        record: &mut crate::metrics::RequestRecord<'_>,
     ) -> Result<PredictResponse, InferError> {
         let deadline = grpc_deadline(request.metadata())?;
         let key = super::grpc_route_key(request.metadata());
         let r = request.into_inner();
         let (model, selector, _) = spec_of(r.model_spec.clone())?;
-        let loaded = self
-            .infer
-            .resolve_routed(&model, &selector, key.as_deref())
-            .inspect_err(|_| self.infer.label(record, &model))?;
-        record.version(loaded.scheduler.series());
-        record.body_bytes(r.encoded_len());
         let request_bytes = r.encoded_len();
+        let loaded = call.resolve(&model, Ok(selector), key.as_deref(), request_bytes)?;
         let inputs = decode_predict_inputs(
             &loaded.signature.inputs,
             r.inputs,
             request_bytes,
-            &self.infer.limits,
+            call.limits(),
         )?;
         let filter = (!r.output_filter.is_empty()).then_some(r.output_filter);
-        let valid = Infer::validate(loaded.clone(), inputs, filter)?;
-        let prediction = self.infer.predict(valid, deadline).await?;
-        record.timing(&prediction);
-        let outputs = prediction.outputs;
-        let response = PredictResponse {
+        let outputs = call.predict(inputs, filter, None, deadline).await?;
+        Ok(PredictResponse {
             model_spec: Some(resolved_spec(&loaded.model, loaded.version)),
             outputs: outputs
                 .iter()
                 .map(|o| (o.name.clone(), encode(&o.tensor)))
                 .collect(),
-        };
-        record.response_bytes(response.encoded_len());
-        Ok(response)
+        })
     }
 }
 
@@ -311,9 +301,9 @@ impl PredictionService for TfServingGrpc {
         &self,
         request: Request<PredictRequest>,
     ) -> Result<Response<PredictResponse>, Status> {
-        let mut record = self.infer.metrics.request("grpc_tfserving");
-        let result = self.predict_inner(request, &mut record).await;
-        super::grpc::finish(record, result)
+        let mut call = self.infer.call(Protocol::TfservingGrpc);
+        let result = self.predict_inner(&mut call, request).await;
+        super::grpc::finish(call, result)
     }
 
     async fn get_model_metadata(

@@ -21,7 +21,7 @@ use super::{client_deadline, finish};
 use crate::error::InferError;
 use crate::http::AppState;
 use crate::infer::Budget;
-use crate::infer::{Infer, VersionSelector};
+use crate::infer::{Call, Infer, Protocol, VersionSelector};
 use crate::repository::{parse_version, LoadedVersion, VersionState};
 
 /// What a `/v1/models/...` path asks for.
@@ -95,46 +95,35 @@ pub async fn post(
     headers: axum::http::HeaderMap,
     crate::front::AdmittedBody(body): crate::front::AdmittedBody,
 ) -> Response {
-    let mut record = state.infer.metrics.request("rest_tfserving");
+    let parsed = parse_path(&Method::POST, &rest);
+    let mut call = state.infer.call(Protocol::TfservingRest);
     let result = async {
-        let (model, selector, action) = parse_path(&Method::POST, &rest)?;
+        let (model, selector, action) = parsed.as_ref().map_err(Clone::clone)?;
+        call.named(model);
         let deadline = client_deadline(&headers)?;
         let body = body?;
         // Resolve first: an unknown or unready model is reported as such whatever the body holds.
-        let loaded = state
-            .infer
-            .resolve_routed(&model, &selector, super::route_key(&headers))?;
-        record.version(loaded.scheduler.series());
-        record.body_bytes(body.len());
+        let loaded = call.resolve(
+            model,
+            Ok(selector.clone()),
+            super::route_key(&headers),
+            body.len(),
+        )?;
         match action {
-            Action::Predict => predict(&state.infer, loaded, &body, deadline, &mut record).await,
-            Action::Classify | Action::Regress => classify_or_regress(
-                &state.infer,
-                loaded,
-                &parse_body(&body, &state.infer.limits)?,
-                action,
-                deadline,
-                &mut record,
-            )
-            .await
-            .map(|v| axum::Json(v).into_response()),
+            Action::Predict => predict(&mut call, loaded, &body, deadline).await,
+            Action::Classify | Action::Regress => {
+                let request = parse_body(&body, call.limits())?;
+                classify_or_regress(&mut call, loaded, &request, action, deadline)
+                    .await
+                    .map(|v| axum::Json(v).into_response())
+            }
             Action::Status | Action::Metadata => {
                 unreachable!("parse_path gives POST only predict, classify or regress")
             }
         }
     }
     .await;
-    match &result {
-        Ok(response) => record.response_body(response),
-        // Label a failure with the model it named, when the repository knows it.
-        Err(_) if !record.has_version() => {
-            if let Ok((model, _, _)) = parse_path(&Method::POST, &rest) {
-                state.infer.label(&mut record, &model);
-            }
-        }
-        Err(_) => {}
-    }
-    finish(record, result)
+    finish(call, result)
 }
 
 fn check_signature_name(name: Option<&RawValue>) -> Result<(), InferError> {
@@ -488,17 +477,13 @@ impl<'de> serde::de::Visitor<'de> for &mut Rows<'_, '_> {
 }
 
 async fn predict(
-    infer: &Infer,
+    call: &mut Call<'_>,
     loaded: std::sync::Arc<LoadedVersion>,
     body: &[u8],
     deadline: Option<std::time::Instant>,
-    record: &mut crate::metrics::RequestRecord<'_>,
 ) -> Result<Response, InferError> {
-    let (inputs, row_format) = decode_predict_body(&loaded.signature.inputs, body, &infer.limits)?;
-    let valid = Infer::validate(loaded.clone(), inputs, None)?;
-    let prediction = infer.predict(valid, deadline).await?;
-    record.timing(&prediction);
-    let outputs = prediction.outputs;
+    let (inputs, row_format) = decode_predict_body(&loaded.signature.inputs, body, call.limits())?;
+    let outputs = call.predict(inputs, None, None, deadline).await?;
     if row_format {
         let batch = outputs
             .first()
@@ -647,14 +632,13 @@ fn feature_value<'a>(name: &str, v: &'a Value) -> Result<&'a Value, InferError> 
 }
 
 async fn classify_or_regress(
-    infer: &Infer,
+    call: &mut Call<'_>,
     loaded: std::sync::Arc<LoadedVersion>,
     request: &Map<String, Value>,
-    action: Action,
+    action: &Action,
     deadline: Option<std::time::Instant>,
-    record: &mut crate::metrics::RequestRecord<'_>,
 ) -> Result<Value, InferError> {
-    let method = if action == Action::Classify {
+    let method = if *action == Action::Classify {
         "classify"
     } else {
         "regress"
@@ -737,10 +721,7 @@ async fn classify_or_regress(
     }
     let values: Vec<&Value> = rows.iter().collect();
     let input = stack(spec, &values)?;
-    let valid = Infer::validate(loaded.clone(), vec![input], None)?;
-    let prediction = infer.predict(valid, deadline).await?;
-    record.timing(&prediction);
-    let outputs = prediction.outputs;
+    let outputs = call.predict(vec![input], None, None, deadline).await?;
     let n = examples.len();
     let floats = |o: &NamedTensor| -> Option<Vec<f64>> {
         match &o.tensor.data {
@@ -755,7 +736,7 @@ async fn classify_or_regress(
             _ => None,
         }
     };
-    if action == Action::Regress {
+    if *action == Action::Regress {
         let out = outputs
             .iter()
             .filter(|o| o.tensor.dtype().is_float() && o.tensor.data.len() == n)
