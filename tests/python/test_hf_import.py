@@ -10,11 +10,12 @@ import subprocess
 import numpy as np
 import onnxruntime as ort
 import pytest
+import requests
 from safetensors.numpy import load_file, save_file
 from scipy.special import erf
 from tokenizers import Tokenizer
 
-from conftest import ferry_binary
+from conftest import ferry_binary, start_ferry
 
 F32_MIN = float(np.finfo(np.float32).min)
 
@@ -175,6 +176,29 @@ def test_minilm_matches_the_numpy_reference(minilm):
         assert float(e_got @ e_want) >= 0.9999, i
         assert np.abs(e_got - e_want).max() < 1e-5, i
     print(f"largest difference from the reference: {worst:.2e}")
+
+
+def test_ferry_serves_the_imported_version(minilm, tmp_path):
+    """The version folder serves as it is, with ONNX Runtime's optimizations on: the answer is the Python
+    onnxruntime's."""
+    tokenizer = Tokenizer.from_file(str(minilm / "tokenizer.json"))
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    batch = tokenizer.encode_batch(SENTENCES[:3])
+    feed = {"input_ids": np.array([e.ids for e in batch], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in batch], dtype=np.int64),
+            "token_type_ids": np.array([e.type_ids for e in batch], dtype=np.int64)}
+    (want,) = ort.InferenceSession(str(minilm / "model.onnx")).run(None, feed)
+    server = start_ferry(str(minilm.parent.parent), str(tmp_path / "ferry.log"), "--model-control-mode", "none")
+    try:
+        body = {"inputs": [{"name": k, "shape": list(v.shape), "datatype": "INT64", "data": v.ravel().tolist()}
+                           for k, v in feed.items()]}
+        answer = requests.post(server.url + "/v2/models/minilm/infer", json=body, timeout=30)
+        assert answer.status_code == 200, answer.text
+        (out,) = answer.json()["outputs"]
+        assert out["name"] == "last_hidden_state" and out["shape"] == list(want.shape)
+        np.testing.assert_allclose(np.array(out["data"], dtype=np.float32).reshape(want.shape), want, atol=1e-5)
+    finally:
+        server.stop()
 
 
 # ---- small models from random weights -------------------------------------------------------------------------------
