@@ -400,6 +400,13 @@ def test_refusals_are_clear_and_exit_nonzero(tmp_path):
     (truncated / "model.safetensors").write_bytes(data[:-100])
     refused(truncated, "model.safetensors: tensor")
 
+    # Weights over ~1.9 GiB as FP32 cannot be written inline: refused from config.json alone, before any is read.
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    (huge / "config.json").write_text(json.dumps({**cfg, "vocab_size": 250_000, "hidden_size": 2048,
+                                                  "num_attention_heads": 16}))
+    refused(huge, "more than the 2040109465 bytes one ONNX file can hold inline")
+
     refused(tmp_path / "nowhere", "is not a folder")
     assert not (tmp_path / "out").exists()
 

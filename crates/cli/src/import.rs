@@ -101,6 +101,12 @@ fn hf_import(args: &HfArgs) -> anyhow::Result<()> {
         imported.max_sequence_length,
         imported.inputs.join(", "),
     );
+    if !copied.contains(&"tokenizer.json") {
+        println!(
+            "note: {} has no tokenizer.json: clients must send token ids (input_ids, attention_mask) themselves",
+            args.dir.display()
+        );
+    }
     println!(
         "wrote {} ({:.1} MB) and {} in {:.2} s",
         target.display(),
