@@ -10,11 +10,12 @@ import subprocess
 import numpy as np
 import onnxruntime as ort
 import pytest
+import requests
 from safetensors.numpy import load_file, save_file
 from scipy.special import erf
 from tokenizers import Tokenizer
 
-from conftest import ferry_binary
+from conftest import ferry_binary, start_ferry
 
 F32_MIN = float(np.finfo(np.float32).min)
 
@@ -177,17 +178,54 @@ def test_minilm_matches_the_numpy_reference(minilm):
     print(f"largest difference from the reference: {worst:.2e}")
 
 
+def test_ferry_serves_the_imported_version(minilm, tmp_path):
+    """The version folder serves as it is, with ONNX Runtime's optimizations on: the answer is the Python
+    onnxruntime's."""
+    tokenizer = Tokenizer.from_file(str(minilm / "tokenizer.json"))
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    batch = tokenizer.encode_batch(SENTENCES[:3])
+    feed = {"input_ids": np.array([e.ids for e in batch], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in batch], dtype=np.int64),
+            "token_type_ids": np.array([e.type_ids for e in batch], dtype=np.int64)}
+    (want,) = ort.InferenceSession(str(minilm / "model.onnx")).run(None, feed)
+    server = start_ferry(str(minilm.parent.parent), str(tmp_path / "ferry.log"), "--model-control-mode", "none")
+    try:
+        body = {"inputs": [{"name": k, "shape": list(v.shape), "datatype": "INT64", "data": v.ravel().tolist()}
+                           for k, v in feed.items()]}
+        answer = requests.post(server.url + "/v2/models/minilm/infer", json=body, timeout=30)
+        assert answer.status_code == 200, answer.text
+        (out,) = answer.json()["outputs"]
+        assert out["name"] == "last_hidden_state" and out["shape"] == list(want.shape)
+        np.testing.assert_allclose(np.array(out["data"], dtype=np.float32).reshape(want.shape), want, atol=1e-5)
+    finally:
+        server.stop()
+
+
 # ---- small models from random weights -------------------------------------------------------------------------------
 
-def random_checkpoint(path, cfg, prefix="", dtype=np.float32, shards=1, seed=0):
+def save_bf16(tensors, path):
+    """A safetensors file of BF16 tensors written by hand (NumPy has no bfloat16): the upper halves of the FP32
+    values."""
+    header, data = {"__metadata__": {"format": "pt"}}, b""
+    for name, value in tensors.items():
+        raw = (np.ascontiguousarray(value, np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(value.shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    text = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + data)
+
+
+def random_checkpoint(path, cfg, prefix="", dtype=np.float32, shards=1, seed=0, legacy_names=False):
     """A folder as transformers saves it: config.json and model.safetensors (or shards and their index) of the
-    architecture cfg names, with random weights."""
+    architecture cfg names, with random weights (returned as FP32, named as transformers names them today).
+    dtype "bf16" writes BF16; legacy_names writes LayerNorm.gamma / .beta as old BERT checkpoints do."""
     rng = np.random.default_rng(seed)
     hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
     tensors = {}
 
     def add(name, *shape, scale=0.2, around=0.0):
-        tensors[name] = (around + scale * rng.standard_normal(shape)).astype(dtype)
+        tensors[name] = (around + scale * rng.standard_normal(shape)).astype(np.float32 if dtype == "bf16" else dtype)
 
     add(prefix + "embeddings.word_embeddings.weight", cfg["vocab_size"], hidden)
     add(prefix + "embeddings.position_embeddings.weight", cfg["max_position_embeddings"], hidden)
@@ -214,10 +252,19 @@ def random_checkpoint(path, cfg, prefix="", dtype=np.float32, shards=1, seed=0):
             add("classifier.dense.bias", hidden)
             add("classifier.out_proj.weight", labels, hidden)
             add("classifier.out_proj.bias", labels)
+    if dtype == "bf16":
+        # Exactly the values the file holds.
+        tensors = {k: (v.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32) for k, v in tensors.items()}
+    reference = {k: v.astype(np.float32) for k, v in tensors.items()}
+    if legacy_names:
+        tensors = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+                   for k, v in tensors.items()}
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
-    if shards == 1:
+    if dtype == "bf16":
+        save_bf16(tensors, os.path.join(path, "model.safetensors"))
+    elif shards == 1:
         save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     else:
         names = sorted(tensors)
@@ -229,7 +276,7 @@ def random_checkpoint(path, cfg, prefix="", dtype=np.float32, shards=1, seed=0):
             weight_map.update({n: file for n in part})
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {}, "weight_map": weight_map}, f)
-    return {k: v.astype(np.float32) for k, v in tensors.items()}
+    return reference
 
 
 def tiny_config(model_type, architecture, labels=None, **extra):
@@ -251,6 +298,9 @@ CASES = {
     "bert_cross_encoder": dict(cfg=tiny_config("bert", "BertForSequenceClassification", ["LABEL_0"],
                                                hidden_act="gelu_new"),
                                prefix="bert.", dtype=np.float16, inputs=3),
+    # BF16 weights, LayerNorm.gamma / .beta as old BERT checkpoints name them.
+    "bert_base_bf16_legacy_names": dict(cfg=tiny_config("bert", "BertModel"), prefix="bert.", dtype="bf16",
+                                        legacy_names=True, inputs=3),
     # A base model with ReLU, no prefix, in two shards.
     "bert_base_sharded": dict(cfg=tiny_config("bert", "BertModel", hidden_act="relu"), shards=2, inputs=3),
     # RoBERTa: positions from pad_token_id + 1, one token type (no token_type_ids input).
@@ -272,7 +322,7 @@ def test_random_models_match_the_numpy_reference(tmp_path, name):
     case = CASES[name]
     cfg = case["cfg"]
     weights = random_checkpoint(tmp_path / "hf", cfg, case.get("prefix", ""), case.get("dtype", np.float32),
-                                case.get("shards", 1), seed=len(name))
+                                case.get("shards", 1), seed=len(name), legacy_names=case.get("legacy_names", False))
     ferry_import(tmp_path / "hf", tmp_path / "out")
     session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"))
     inputs = [i.name for i in session.get_inputs()]
@@ -349,6 +399,13 @@ def test_refusals_are_clear_and_exit_nonzero(tmp_path):
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[:-100])
     refused(truncated, "model.safetensors: tensor")
+
+    # Weights over ~1.9 GiB as FP32 cannot be written inline: refused from config.json alone, before any is read.
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    (huge / "config.json").write_text(json.dumps({**cfg, "vocab_size": 250_000, "hidden_size": 2048,
+                                                  "num_attention_heads": 16}))
+    refused(huge, "more than the 2040109465 bytes one ONNX file can hold inline")
 
     refused(tmp_path / "nowhere", "is not a folder")
     assert not (tmp_path / "out").exists()

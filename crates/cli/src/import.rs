@@ -68,11 +68,6 @@ fn hf_import(args: &HfArgs) -> anyhow::Result<()> {
         hf::import(&args.dir).with_context(|| format!("importing {}", args.dir.display()))?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    // Written aside and renamed, so a server polling the repository never sees half a model.
-    let partial = args.out.join(".model.onnx.partial");
-    std::fs::write(&partial, &imported.onnx)
-        .with_context(|| format!("writing {}", partial.display()))?;
-    std::fs::rename(&partial, &target).with_context(|| format!("writing {}", target.display()))?;
     let mut copied = Vec::new();
     for name in hf::COMPANION_FILES {
         let from = args.dir.join(name);
@@ -81,6 +76,12 @@ fn hf_import(args: &HfArgs) -> anyhow::Result<()> {
             copied.push(*name);
         }
     }
+    // The model goes last, written aside and renamed: a server polling the repository sees a version only once it
+    // is whole, tokenizer files included.
+    let partial = args.out.join(".model.onnx.partial");
+    std::fs::write(&partial, &imported.onnx)
+        .with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, &target).with_context(|| format!("writing {}", target.display()))?;
     let what = match imported.kind {
         ModelKind::Embedding => format!(
             "an embedding model: last_hidden_state [batch_size, sequence_length, {}]",
@@ -100,6 +101,12 @@ fn hf_import(args: &HfArgs) -> anyhow::Result<()> {
         imported.max_sequence_length,
         imported.inputs.join(", "),
     );
+    if !copied.contains(&"tokenizer.json") {
+        println!(
+            "note: {} has no tokenizer.json: clients must send token ids (input_ids, attention_mask) themselves",
+            args.dir.display()
+        );
+    }
     println!(
         "wrote {} ({:.1} MB) and {} in {:.2} s",
         target.display(),

@@ -69,7 +69,7 @@ pub enum HfError {
     #[error("unsupported model: {0}")]
     Unsupported(String),
     /// The folder holds no safetensors weights.
-    #[error("{}: no model.safetensors (nor model.safetensors.index.json){found}; Ferry reads safetensors weights only", dir.display())]
+    #[error("the folder has no model.safetensors (nor model.safetensors.index.json){found}; Ferry reads safetensors weights only")]
     NoWeights {
         /// The folder.
         dir: PathBuf,
@@ -180,6 +180,8 @@ pub fn import_with_limit(dir: &Path, max_weight_bytes: u64) -> Result<Imported, 
     }
     let weights = Weights::open(dir)?;
     let model = build(&config, &weights)?;
+    // The files' bytes go before the model is serialized: the peak is then twice the weights, not three times.
+    drop(weights);
     let (kind, output) = match config.head {
         Head::Base => (ModelKind::Embedding, "last_hidden_state"),
         Head::SequenceClassification => (ModelKind::Classifier, "logits"),
@@ -277,11 +279,9 @@ impl Weights {
         })
     }
 
-    fn find(&self, name: &str) -> Option<&SafeTensors> {
-        self.files
-            .iter()
-            .map(|(_, st)| st)
-            .find(|st| st.info(name).is_some())
+    /// The file (its name and contents) that holds `name`.
+    fn find(&self, name: &str) -> Option<&(String, SafeTensors)> {
+        self.files.iter().find(|(_, st)| st.info(name).is_some())
     }
 
     fn contains(&self, name: &str) -> bool {
@@ -290,7 +290,7 @@ impl Weights {
 
     /// A tensor as `f32`, checked against the shape config.json implies.
     fn get(&self, name: &str, shape: &[usize], need: &Need) -> Result<Vec<f32>, HfError> {
-        let st = self.find(name).ok_or_else(|| HfError::MissingWeight {
+        let (file, st) = self.find(name).ok_or_else(|| HfError::MissingWeight {
             name: name.into(),
             what: need.what.clone(),
             model_type: need.model_type,
@@ -305,12 +305,7 @@ impl Weights {
         }
         st.f32(name)
             .map_err(|e: SafetensorsError| HfError::Weights {
-                file: self
-                    .files
-                    .iter()
-                    .find(|(_, s)| std::ptr::eq(s, st))
-                    .map(|(n, _)| n.clone())
-                    .unwrap_or_default(),
+                file: file.clone(),
                 why: e.to_string(),
             })
     }
