@@ -260,8 +260,11 @@ def embed_via(server, texts):
 
 def start_ferry(work, model_dir):
     port = free_port()
+    # The peers have no request timeout; Ferry's default 30 s would answer 504 to lists of 32 at 64 connections on
+    # 2 busy cores, so it is lifted too. Everything else is Ferry's default (2 instances x 1 thread, batches of 64
+    # texts / 16384 tokens, 500 us queue delay).
     cmd = [FERRY, "serve", "--model-repository", work / "repo", "--host", "127.0.0.1", "--rest-port", port,
-           "--grpc-port", "0", "--admin-port", "0", "--model-control-mode", "none"]
+           "--grpc-port", "0", "--admin-port", "0", "--model-control-mode", "none", "--request-timeout", "10m"]
 
     def ready(s):
         import requests
@@ -321,6 +324,18 @@ def write_bodies(work, corpus, kind):
     return files
 
 
+def wait_idle(server, limit=180.0):
+    """Waits until the server has finished what the last wrk run left queued (wrk closes its connections at the end,
+    and a server may still compute the abandoned requests): its CPU under 0.1 cores over half a second."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        a = tree_cpu(server.proc.pid)
+        time.sleep(0.5)
+        if tree_cpu(server.proc.pid) - a < 0.05:
+            return
+    print(f"  {server.name} still busy after {limit:.0f} s", file=sys.stderr)
+
+
 def run_wrk(server, bodies, conns, duration):
     env = dict(os.environ, BODIES=str(bodies), URL_PATH=server.path,
                HEADER_NAME=server.header[0] if server.header else "",
@@ -376,24 +391,27 @@ def measure_server(name, work, model_dir, corpus, reference, args, engine_rate):
             rate = engine_rate
             for c in CONCURRENCY:
                 warmup, duration = cell_times(args, c, per, rate)
+                wait_idle(server)
                 if warmup > 0:
                     run_wrk(server, bodies[body_name], c, warmup)
                 r = run_wrk(server, bodies[body_name], c, duration)
                 errors = r["connect_errors"] + r["read_errors"] + r["write_errors"] + r["status_errors"] + r["timeouts"]
                 secs = r["duration_us"] / 1e6
+                ok = r["requests"] - r["status_errors"]  # wrk counts non-2xx answers as requests too
                 cell = dict(server=name, body=body_name, texts_per_request=per, concurrency=c,
-                            sentences_per_s=round(r["requests"] * per / secs, 1),
-                            requests_per_s=round(r["requests"] / secs, 1),
+                            sentences_per_s=round(ok * per / secs, 1), completed=ok,
+                            requests_per_s=round(ok / secs, 1),
                             p50_ms=round(r["p50_us"] / 1000, 2), p99_ms=round(r["p99_us"] / 1000, 2),
                             errors=errors, raw=r)
                 cells["cells"].append(cell)
-                if r["requests"]:
+                if ok:
                     rate = min(rate, cell["sentences_per_s"])
                 print(f"  {name:9s} {body_name:7s} c={c:<3d} {cell['sentences_per_s']:9.1f} sent/s  "
                       f"p50 {cell['p50_ms']:8.2f} ms  p99 {cell['p99_ms']:8.2f} ms  errors {errors}  "
                       f"wrk {r['wrk_cores'] * 100:4.1f}% of a core  server {r['server_cores']:.2f} cores  "
                       f"other {r['other_cores']:.2f} cores", file=sys.stderr, flush=True)
         if name == "ferry":
+            wait_idle(server)
             cells["timing_headers"] = ferry_timing(server, corpus)
     finally:
         server.stop()
@@ -425,22 +443,6 @@ def cosine(a, b):
 
 # ---------------------------------------------------------------- engine limit and tokenizing cost
 
-def plan_runs(lens, max_rows=64, max_tokens=16384, small_run=512):
-    """Ferry's batching/text.rs plan_runs: sorted lengths cut into runs wasting at most a quarter in padding."""
-    runs, start, real = [], 0, 0
-    for i, n in enumerate(lens):
-        k = i - start + 1
-        padded = k * n
-        fits = k <= max(max_rows, 1) and padded <= max_tokens and (padded <= small_run or (padded - (real + n)) * 4 <= padded)
-        if i > start and not fits:
-            runs.append((start, i))
-            start, real = i, 0
-        real += n
-    if start < len(lens):
-        runs.append((start, len(lens)))
-    return runs
-
-
 def engine_limit(model_dir, ids, duration, instances=2, threads=1):
     """Sentences per second of ONNX Runtime alone, on batches built ahead of time, `instances` sessions of
     `threads` intra-op threads each run by as many Python threads (ORT releases the GIL). Variants:
@@ -458,7 +460,7 @@ def engine_limit(model_dir, ids, duration, instances=2, threads=1):
             group = ids[a:a + size]
             if runs:
                 group = sorted(group, key=len)
-                for x, y in plan_runs([len(g) for g in group]):
+                for x, y in text_common.plan_runs([len(g) for g in group]):
                     out.append(group[x:y])
             else:
                 out.append(group)
@@ -545,6 +547,11 @@ def report(results):
         for c in CONCURRENCY:
             for cell in [x for x in cells if x["body"] == body_name and x["concurrency"] == c]:
                 r = cell["raw"]
+                if not cell.get("completed", r["requests"]):
+                    lines.append(f"| {cell['server']} | {per} | {c} | none completed in {r['wall_s']:.0f} s | - | - "
+                                 f"| {cell['errors']} | {r['wrk_cores'] * 100:.1f} | {r['server_cores']:.2f} "
+                                 f"| {r['other_cores']:.2f} | {r['wall_s']:.0f} |")
+                    continue
                 lines.append(f"| {cell['server']} | {per} | {c} | {cell['sentences_per_s']:.0f} | {cell['p50_ms']:.1f} "
                              f"| {cell['p99_ms']:.1f} | {cell['errors']} | {r['wrk_cores'] * 100:.1f} "
                              f"| {r['server_cores']:.2f} | {r['other_cores']:.2f} | {r['wall_s']:.0f} |")
@@ -567,6 +574,7 @@ def report(results):
         lines.append("|---|---|---|---|---|---|---|---|")
         for (body_name, c), f in ferry.items():
             same = [p for p in peers if p["body"] == body_name and p["concurrency"] == c]
+            same = [p for p in same if p["sentences_per_s"] > 0]
             best = max(same, key=lambda p: p["sentences_per_s"]) if same else None
             lines.append(
                 f"| {f['texts_per_request']} | {c} | {f['sentences_per_s']:.0f} | {best['server'] if best else '-'} | "
@@ -673,8 +681,8 @@ def main():
                 tokenizing_cores=round(cores, 4),
                 share_of_server_cpu=round(cores / max(c["raw"]["server_cores"], 1e-9), 4)))
     results["total_s"] = round(time.time() - started, 1)
-    text = report(results)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    text = report(results)
     print(text)
     print(f"\n(results in {args.out})", file=sys.stderr)
 

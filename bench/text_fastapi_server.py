@@ -8,7 +8,8 @@ because request parsing, JSON and pooling hold the GIL; the kernel spreads conne
 Micro-batching (BATCHING=1, default): in each worker, requests queue their texts; one batcher task takes everything
 waiting (up to 64 texts) as soon as the engine is free, with no added delay, and runs tokenization + inference in a
 single executor thread (both release the GIL, so the event loop keeps reading requests meanwhile). Texts are sorted
-by length and cut into runs of at most 64 texts / 16384 padded tokens, each padded to its longest text.
+by length and cut into runs (at most 64 texts / 16384 padded tokens, at most a quarter padding: Ferry's rule),
+each padded to its longest text.
 BATCHING=0 runs each request alone in the executor.
 
 Usage: MODEL_DIR=... python text_fastapi_server.py PORT

@@ -299,3 +299,74 @@ def test_a_hub_folder_without_model_onnx_is_imported_on_load_and_its_signature_c
         assert tampered["state"] == "UNAVAILABLE" and "model.safetensors" in tampered["reason"], tampered
     finally:
         server.stop()
+
+
+def test_tritonclient_and_tf_serving_send_raw_text(text_server, minilm_tokenizer, minilm_weights):
+    """KServe v2 and TF Serving clients see a BYTES `text` input and send strings; tokenized tensors still work."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    server, tiny = text_server
+    texts = SENTENCES[:3]
+    want = [reference_embedding(minilm_weights, minilm_tokenizer.encode(t).ids) for t in texts]
+    client = httpclient.InferenceServerClient(server.host)
+    meta = client.get_model_metadata("minilm")
+    assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    assert meta["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": [-1, 384]}]
+    for binary in [False, True]:
+        inp = httpclient.InferInput("text", [len(texts)], "BYTES")
+        inp.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object), binary_data=binary)
+        got = client.infer("minilm", [inp]).as_numpy("embedding")
+        assert got.shape == (3, 384)
+        for g, w in zip(got, want):
+            assert cosine(g, w) >= 0.9999
+    g = grpcclient.InferenceServerClient(server.grpc)
+    inp = grpcclient.InferInput("text", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([texts[0].encode()], dtype=object))
+    assert cosine(g.infer("minilm", [inp]).as_numpy("embedding")[0], want[0]) >= 0.9999
+
+    # A classifier answers probabilities and the top label; a re-ranker takes (query, passage) rows.
+    inp = httpclient.InferInput("text", [2], "BYTES")
+    inp.set_data_from_numpy(np.array([b"I loved this film.", b"Dreadful."], dtype=object))
+    result = client.infer("classifier", [inp])
+    probs = result.as_numpy("probabilities")
+    labels = ["negative", "neutral", "positive"]
+    for text, p, label in zip(["I loved this film.", "Dreadful."], probs, result.as_numpy("label")):
+        want_p = softmax(tiny_logits(tiny["classifier"], minilm_tokenizer, text))
+        np.testing.assert_allclose(p, want_p, atol=1e-5)
+        assert label.decode() == labels[int(np.argmax(want_p))]
+    inp = httpclient.InferInput("text", [1, 2], "BYTES")
+    inp.set_data_from_numpy(np.array([[b"query", b"a passage"]], dtype=object))
+    score = client.infer("reranker", [inp]).as_numpy("score")[0]
+    logit = tiny_logits(tiny["reranker"], minilm_tokenizer, "query", "a passage")[0]
+    assert score == pytest.approx(1 / (1 + np.exp(-logit)), abs=1e-5)
+
+    # TF Serving's REST API, rows of text.
+    r = post(server, "/v1/models/minilm:predict", {"instances": texts})
+    assert r.status_code == 200, r.text
+    for g, w in zip(r.json()["predictions"], want):
+        assert cosine(g, w) >= 0.9999
+
+    # The tokenized tensors, sent directly, reach the graph itself.
+    ids = minilm_tokenizer.encode(texts[0]).ids
+    tensors = []
+    for name in ["input_ids", "attention_mask", "token_type_ids"]:
+        t = httpclient.InferInput(name, [1, len(ids)], "INT64")
+        data = {"input_ids": ids, "attention_mask": [1] * len(ids), "token_type_ids": [0] * len(ids)}[name]
+        t.set_data_from_numpy(np.array([data], dtype=np.int64))
+        tensors.append(t)
+    hidden = client.infer("minilm", tensors).as_numpy("last_hidden_state")
+    assert hidden.shape == (1, len(ids), 384)
+    v = hidden[0].mean(axis=0)
+    assert cosine(v, want[0]) >= 0.9999
+
+    # Errors name what is wrong.
+    bad = httpclient.InferInput("text", [1], "BYTES")
+    bad.set_data_from_numpy(np.array([LONG.encode()], dtype=object))
+    with pytest.raises(Exception) as e:
+        client.infer("minilm", [bad])
+    assert "256" in str(e.value)
+    bad.set_data_from_numpy(np.array([b"\xff\xfe"], dtype=object))
+    with pytest.raises(Exception) as e:
+        client.infer("minilm", [bad])
+    assert "UTF-8" in str(e.value)

@@ -360,6 +360,14 @@ impl<'a> Call<'a> {
             tracing::error!("a protocol adapter called Call::predict before Call::resolve");
             return Err(InferError::new(ErrorKind::Internal, "inference failed"));
         };
+        if version.text.is_some() && crate::text::is_text_request(&inputs) {
+            let (outputs, timing) =
+                crate::text::predict_text_tensors(self.infer, &version, inputs, outputs, deadline)
+                    .await?;
+            self.record.timing(timing.queue, timing.compute);
+            self.timing = Some(timing);
+            return Ok(outputs);
+        }
         let valid = Infer::validate(version, inputs, outputs)?.with_id(id);
         let Prediction { outputs, timing } = self.infer.predict(valid, deadline).await?;
         self.record.timing(timing.queue, timing.compute);
@@ -621,7 +629,7 @@ impl Infer {
         mut inputs: Vec<NamedTensor>,
         outputs: Option<Vec<String>>,
     ) -> Result<ValidRequest, InferError> {
-        let sig = &version.signature;
+        let sig = &version.tensor_signature;
         for (i, input) in inputs.iter().enumerate() {
             // Even a tensor with no elements must not carry dimensions whose product overflows: strides and
             // batch splits multiply them.

@@ -65,8 +65,12 @@ pub struct LoadedVersion {
     pub model: String,
     /// The version number.
     pub version: u64,
-    /// The signature after `config.toml` overrides.
+    /// The signature clients see, after `config.toml` overrides: the graph's, or for a text model the text
+    /// signature ([`crate::text::signature`]: raw text in, embeddings or scores out).
     pub signature: Signature,
+    /// The graph's own signature after overrides, which tensor requests are checked against (equal to `signature`
+    /// for models that are not text models; a text model also takes its tokenized tensors directly).
+    pub tensor_signature: Signature,
     /// Feature names and class labels, when known.
     pub meta: ModelMeta,
     /// The prepared model.
@@ -292,7 +296,11 @@ pub(crate) fn activate(
     LoadedVersion {
         model: name.to_string(),
         version,
-        signature: parts.signature,
+        signature: match &text {
+            Some(t) => crate::text::signature(t.settings(), &parts.signature),
+            None => parts.signature.clone(),
+        },
+        tensor_signature: parts.signature,
         meta: parts.meta,
         backend: parts.backend,
         scheduler,

@@ -141,6 +141,194 @@ impl Infer {
     }
 }
 
+/// The name of a text model's input in its KServe and TF Serving signature: BYTES, one text per row (for a
+/// re-ranker, `[rows, 2]`: query and passage).
+pub const TEXT_INPUT: &str = "text";
+
+/// The signature a text model shows KServe and TF Serving clients: `text` (BYTES) in; out, `embedding` (FP32
+/// `[rows, width]`, normalized as the model's settings say) for an embedding model, `probabilities` (FP32, softmax)
+/// and `label` (BYTES, the most likely label) for a classifier, `score` (FP32, sigmoid) for a re-ranker.
+pub fn signature(
+    settings: &ferry_text::Settings,
+    graph: &ferry_model::Signature,
+) -> ferry_model::Signature {
+    use ferry_model::{DataType, TensorSpec};
+    use ferry_text::Task;
+    // The width of the graph's output, when it declares one.
+    let width = graph
+        .outputs
+        .first()
+        .and_then(|o| o.shape.as_ref())
+        .and_then(|s| s.last().copied())
+        .filter(|w| *w > 0)
+        .unwrap_or(-1);
+    let input = match settings.task {
+        Task::Reranker => TensorSpec::tensor(TEXT_INPUT, DataType::Bytes, vec![-1, 2]),
+        _ => TensorSpec::tensor(TEXT_INPUT, DataType::Bytes, vec![-1]),
+    };
+    let outputs = match settings.task {
+        Task::Embedding => vec![TensorSpec::tensor(
+            "embedding",
+            DataType::F32,
+            vec![-1, width],
+        )],
+        Task::Classifier => vec![
+            TensorSpec::tensor(
+                "probabilities",
+                DataType::F32,
+                vec![-1, settings.labels.len() as i64],
+            ),
+            TensorSpec::tensor("label", DataType::Bytes, vec![-1]),
+        ],
+        Task::Reranker => vec![TensorSpec::tensor("score", DataType::F32, vec![-1])],
+    };
+    ferry_model::Signature {
+        inputs: vec![input],
+        outputs,
+    }
+}
+
+/// Whether tensors sent to a text model are raw text (one BYTES input named [`TEXT_INPUT`]) rather than its
+/// tokenized tensors.
+pub fn is_text_request(inputs: &[ferry_model::NamedTensor]) -> bool {
+    matches!(inputs, [one] if one.name == TEXT_INPUT)
+}
+
+/// A KServe or TF Serving request of raw text to a text model: the texts are checked against the text signature,
+/// tokenized (never truncated: a text over the maximum is refused), run, and answered with the outputs asked for
+/// (all, in signature order, when `wanted` is `None`).
+pub async fn predict_text_tensors(
+    infer: &Infer,
+    version: &Arc<LoadedVersion>,
+    mut inputs: Vec<ferry_model::NamedTensor>,
+    wanted: Option<Vec<String>>,
+    deadline: Option<Instant>,
+) -> Result<(Vec<ferry_model::NamedTensor>, crate::infer::Timing), InferError> {
+    use ferry_model::{NamedTensor, Tensor, TensorData};
+    use ferry_text::Task;
+    let model = text_of(version)?.clone();
+    let settings = model.settings();
+    let sig = &version.signature;
+    let input = inputs.pop().expect("is_text_request checked one input");
+    let spec = &sig.inputs[0];
+    if input.tensor.dtype() != ferry_model::DataType::Bytes
+        || !spec.accepts_shape(&input.tensor.shape)
+    {
+        return Err(InferError::invalid(format!(
+            "input `{TEXT_INPUT}`: expected datatype BYTES and shape {:?}, got {} {:?}",
+            spec.display_shape(),
+            input.tensor.dtype(),
+            input.tensor.shape
+        )));
+    }
+    if let Some(names) = &wanted {
+        if let Some(bad) = names.iter().find(|n| sig.output(n).is_none()) {
+            return Err(InferError::invalid(format!(
+                "unknown output `{bad}`; the model gives {}",
+                sig.outputs
+                    .iter()
+                    .map(|o| format!("`{}`", o.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    let TensorData::Bytes(strings) = input.tensor.data else {
+        unreachable!("the datatype was checked");
+    };
+    let request_bytes: usize = strings.iter().map(Vec::len).sum();
+    let mut texts = Vec::with_capacity(strings.len());
+    for (i, s) in strings.into_iter().enumerate() {
+        texts.push(String::from_utf8(s).map_err(|_| {
+            InferError::invalid(format!(
+                "input `{TEXT_INPUT}`: element {i} is not valid UTF-8"
+            ))
+        })?);
+    }
+    let inputs: Vec<TextInput> = if settings.task == Task::Reranker {
+        let mut pairs = Vec::with_capacity(texts.len() / 2);
+        let mut it = texts.into_iter();
+        while let (Some(a), Some(b)) = (it.next(), it.next()) {
+            pairs.push(TextInput::Pair(a, b));
+        }
+        pairs
+    } else {
+        texts.into_iter().map(TextInput::Single).collect()
+    };
+    if inputs.is_empty() {
+        return Err(InferError::invalid(format!(
+            "input `{TEXT_INPUT}` holds no text"
+        )));
+    }
+    let allowance = crate::infer::Budget::for_request(request_bytes).total();
+    let tokens = tokenize(&model, inputs, None, allowance).await?;
+    let prediction = infer.predict_texts(version, tokens, deadline).await?;
+    let (rows, width) = rows(&prediction.outputs)?;
+    let n = rows.len() / width.max(1);
+    let tensor = |shape: Vec<usize>, data| {
+        Tensor::new(shape, data).map_err(|e| InferError::new(ErrorKind::Internal, e.to_string()))
+    };
+    let mut outputs = Vec::new();
+    match settings.task {
+        Task::Embedding => {
+            let mut data = Vec::with_capacity(rows.len());
+            for row in rows.chunks_exact(width.max(1)) {
+                data.extend(embedding(row, None, settings.normalize));
+            }
+            outputs.push(NamedTensor::new(
+                "embedding",
+                tensor(vec![n, width], TensorData::F32(data))?,
+            ));
+        }
+        Task::Classifier => {
+            let mut probabilities = Vec::with_capacity(rows.len());
+            let mut labels = Vec::with_capacity(n);
+            for row in rows.chunks_exact(width.max(1)) {
+                let p = softmax(row);
+                let best = p
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map_or(0, |(i, _)| i);
+                labels.push(
+                    settings
+                        .labels
+                        .get(best)
+                        .cloned()
+                        .unwrap_or_else(|| format!("LABEL_{best}"))
+                        .into_bytes(),
+                );
+                probabilities.extend(p);
+            }
+            outputs.push(NamedTensor::new(
+                "probabilities",
+                tensor(vec![n, width], TensorData::F32(probabilities))?,
+            ));
+            outputs.push(NamedTensor::new(
+                "label",
+                tensor(vec![n], TensorData::Bytes(labels))?,
+            ));
+        }
+        Task::Reranker => {
+            let scores = rows
+                .chunks_exact(width.max(1))
+                .map(|r| sigmoid(r[0]))
+                .collect();
+            outputs.push(NamedTensor::new(
+                "score",
+                tensor(vec![n], TensorData::F32(scores))?,
+            ));
+        }
+    }
+    if let Some(names) = wanted {
+        outputs = names
+            .iter()
+            .filter_map(|name| outputs.iter().find(|o| &o.name == name).cloned())
+            .collect();
+    }
+    Ok((outputs, prediction.timing))
+}
+
 /// The rows of a text answer: `[texts, width]` FP32 as a flat vector and its width.
 pub fn rows(outputs: &[ferry_model::NamedTensor]) -> Result<(&[f32], usize), InferError> {
     let out = outputs
