@@ -351,15 +351,20 @@ fn scan_local(root: &Path) -> Result<Listing, String> {
     Ok(listing)
 }
 
-/// Names, sizes and modification times of a version's files (and its `warmup/` files).
+/// Names, sizes and modification times of a version's files, in its subfolders too (`warmup/`, external data
+/// kept in a folder), down to the depth a signature covers.
 fn fingerprint_local(dir: &Path) -> String {
     let mut parts = Vec::new();
-    for sub in [dir.to_path_buf(), dir.join("warmup")] {
+    let mut pending = vec![(dir.to_path_buf(), 0)];
+    while let Some((sub, depth)) = pending.pop() {
         let Ok(entries) = std::fs::read_dir(&sub) else {
             continue;
         };
         for e in entries.flatten() {
             let Ok(meta) = e.metadata() else { continue };
+            if meta.is_dir() && depth < 16 {
+                pending.push((e.path(), depth + 1));
+            }
             if !meta.is_file() {
                 continue;
             }
@@ -640,6 +645,20 @@ mod tests {
         }
         assert_eq!(local_parts("model.onnx"), Some(vec!["model.onnx"]));
         assert_eq!(local_parts("warmup/1.json"), Some(vec!["warmup", "1.json"]));
+    }
+
+    #[test]
+    fn a_fingerprint_follows_files_in_subfolders() {
+        let dir = std::env::temp_dir().join(format!("ferry-fingerprint-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("data/deeper")).unwrap();
+        std::fs::write(dir.join("model.onnx"), b"m").unwrap();
+        std::fs::write(dir.join("data/deeper/w.bin"), b"1234").unwrap();
+        let before = fingerprint_local(&dir);
+        assert!(before.contains("data/deeper/w.bin:4:"), "{before}");
+        std::fs::write(dir.join("data/deeper/w.bin"), b"12345").unwrap();
+        assert_ne!(fingerprint_local(&dir), before);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn files_under(root: &Path) -> Vec<String> {
