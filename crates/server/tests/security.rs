@@ -195,6 +195,25 @@ async fn external_data_outside_the_version_and_oversized_models_never_reach_the_
     assert_eq!(body["outputs"][0]["data"], serde_json::json!([11.0, 22.0]));
 }
 
+/// tract loads self-contained models only, and says so (ONNX Runtime serves the same version).
+#[cfg(feature = "tract")]
+#[tokio::test]
+async fn tract_refuses_external_data_by_name() {
+    let repo = TempDir::new("external-tract");
+    for name in ["tract", "ort"] {
+        put_model(&repo.0, name, 1, &external("weights.bin"));
+        std::fs::write(repo.0.join(name).join("1/weights.bin"), weights()).unwrap();
+    }
+    put_file(&repo.0, "tract", "config.toml", "engine = \"tract\"\n");
+    let s = TestServer::start(repo).await;
+    let r = reason(&s, "tract").await;
+    assert!(
+        r.contains("which only the ONNX Runtime engine loads"),
+        "{r}"
+    );
+    assert_eq!(infers(&s, "ort").await, 200);
+}
+
 #[tokio::test]
 async fn a_signature_covers_external_data() {
     let repo = TempDir::new("external-signed");
