@@ -1,5 +1,6 @@
 """Model integrity against the real binary: `ferry sign` keys and signatures, `--trusted-key` refusing unsigned and
-tampered versions (local and S3), external-data models and oversized models refused before they load."""
+tampered versions (local and S3), external data outside its version and oversized models refused before they load,
+external data inside its version served (from S3 too) and covered by the signature."""
 import json
 import os
 import shutil
@@ -138,7 +139,7 @@ def add_model(location_or_none, n=4):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
-def test_external_data_and_oversized_models_are_refused_before_loading(tmp_path):
+def test_external_data_outside_the_version_and_oversized_models_are_refused_before_loading(tmp_path):
     root = tmp_path / "repo"
     for name, location in [("dotdot", "../../etc/passwd"), ("absolute", "/etc/passwd"),
                            ("inside", None), ("plain", None)]:
@@ -161,30 +162,68 @@ def test_external_data_and_oversized_models_are_refused_before_loading(tmp_path)
     try:
         for model, why in [("dotdot", "outside the version directory (a `..` component)"),
                            ("absolute", "outside the version directory (an absolute path)"),
-                           ("inside", "keeps its data in an external file (`weights.bin`)"),
                            ("big", f"larger than the {limit} bytes --max-model-bytes allows")]:
             state, reason = status(server, model)[1]
             assert state == "END" and why in reason, (model, reason)
         body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 1, 1, 1]}]}
-        r = requests.post(f"{server.url}/v2/models/plain/infer", json=body, timeout=10)
+        # As onnx saves it, with its weights in weights.bin beside model.onnx: served like the self-contained one.
+        for model in ("plain", "inside"):
+            r = requests.post(f"{server.url}/v2/models/{model}/infer", json=body, timeout=10)
+            assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [1, 2, 3, 4], (model, r.text)
+    finally:
+        server.stop()
+
+
+def sign_upload_and_serve(tmp_path, s3, pub, version, model, names):  # noqa: F811  (the fixture's value)
+    """Signs a staged version with trusted.key, puts its files `names` on S3 as version 1 of `model`, and starts a
+    server over the bucket that trusts `pub`; returns the files' bytes by name and the server."""
+    client, aws = s3
+    ferry("sign", version, "--key", str(tmp_path / "trusted.key"))
+    files = {name: open(os.path.join(version, name), "rb").read() for name in names}
+    for name, data in files.items():
+        client.put_object(Bucket="models", Key=f"team/{model}/1/{name}", Body=data)
+    # The trusted keys from the environment, as a Kubernetes Secret would give them.
+    env = dict(os.environ, **aws, FERRY_TRUSTED_KEYS=pub)
+    server = start_ferry("s3://models/team", str(tmp_path / "ferry.log"), "--repository-poll-secs", "0.2",
+                         "--cache-dir", str(tmp_path / "cache"), env=env)
+    return files, server
+
+
+def test_external_data_is_fetched_from_s3_with_its_version_and_signed(tmp_path, s3):  # noqa: F811
+    client, _ = s3
+    pub = make_key(tmp_path / "trusted.key")
+    version = tmp_path / "staged" / "add" / "1"
+    version.mkdir(parents=True)
+    onnx.save_model(add_model(None), str(version / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    files, server = sign_upload_and_serve(tmp_path, s3, pub, str(version), "add",
+                                          ("ferry.sig", "model.onnx", "weights.bin"))
+    try:
+        body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 1, 1, 1]}]}
+        r = requests.post(f"{server.url}/v2/models/add/infer", json=body, timeout=10)
         assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [1, 2, 3, 4], r.text
+        fetched = [p for p in (tmp_path / "cache").rglob("weights.bin")]
+        assert fetched, "the data file is fetched into the cache with its version"
+        # Version 2: version 1's files, signature included, with one byte of the data flipped.
+        tampered = bytearray(files["weights.bin"])
+        tampered[0] ^= 0x01
+        for name, data in [("ferry.sig", files["ferry.sig"]), ("weights.bin", bytes(tampered)),
+                           ("model.onnx", files["model.onnx"])]:
+            client.put_object(Bucket="models", Key=f"team/add/2/{name}", Body=data)
+        wait_for(lambda: status(server, "add").get(2, ("", ""))[0] == "END", 30, what="tampered v2 refused")
+        reason = status(server, "add")[2][1]
+        assert "weights.bin changed after signing" in reason, reason
     finally:
         server.stop()
 
 
 def test_signed_versions_from_s3(tmp_path, s3):  # noqa: F811  (the fixture)
-    client, aws = s3
+    client, _ = s3
     pub = make_key(tmp_path / "trusted.key")
     staged = tmp_path / "staged"
     version = copy_iris(str(staged), "iris")
-    ferry("sign", version, "--key", str(tmp_path / "trusted.key"))
-    files = {name: open(os.path.join(version, name), "rb").read() for name in ("ferry.json", "ferry.sig", "model.onnx")}
-    for name, data in files.items():
-        client.put_object(Bucket="models", Key=f"team/iris/1/{name}", Body=data)
-    # The trusted keys from the environment, as a Kubernetes Secret would give them.
-    env = dict(os.environ, **aws, FERRY_TRUSTED_KEYS=pub)
-    server = start_ferry("s3://models/team", str(tmp_path / "ferry.log"), "--repository-poll-secs", "0.2",
-                         "--cache-dir", str(tmp_path / "cache"), env=env)
+    files, server = sign_upload_and_serve(tmp_path, s3, pub, version, "iris",
+                                          ("ferry.json", "ferry.sig", "model.onnx"))
     try:
         assert infer(server, "iris").json()["model_version"] == "1"
         # Version 2 on S3: version 1's files, signature included, with one byte of the model flipped.

@@ -443,6 +443,7 @@ impl ServeArgs {
                     OptLevelArg::Extended => OptimizationLevel::Extended,
                     OptLevelArg::All => OptimizationLevel::All,
                 },
+                prepack_weights: None,
             },
             onnxruntime_lib: self.onnxruntime_lib,
             integrity: crate::sign::policy(&self.trusted_key, self.max_model_bytes)?,

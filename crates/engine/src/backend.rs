@@ -54,6 +54,11 @@ pub struct EngineOptions {
     pub instances: usize,
     /// Graph optimization level.
     pub optimization: OptimizationLevel,
+    /// Whether ONNX Runtime lays weights out anew for its kernels when a session is made (pre-packing: faster
+    /// runs, but each session holds its own packed copy of those weights). `None`: on for self-contained models,
+    /// off for models with external data, whose weights then stay in their memory-mapped files, shared by every
+    /// session of the version.
+    pub prepack_weights: Option<bool>,
 }
 
 impl Default for EngineOptions {
@@ -62,6 +67,7 @@ impl Default for EngineOptions {
             intra_op_threads: 1,
             instances: 2,
             optimization: OptimizationLevel::All,
+            prepack_weights: None,
         }
     }
 }

@@ -51,12 +51,32 @@ impl OrtEngine {
         }
     }
 
-    /// Prepares a model from its serialized ONNX bytes.
+    /// Prepares a self-contained model from its serialized ONNX bytes.
     pub fn load(&self, model: &[u8], options: &EngineOptions) -> Result<OrtBackend, EngineError> {
+        self.load_with_external_data(model, None, options)
+    }
+
+    /// Prepares a model from its serialized ONNX bytes, reading the external data its tensors name (`location`s
+    /// relative to the model) from `folder` when given. The caller has checked that every location stays inside
+    /// `folder`.
+    ///
+    /// ONNX Runtime maps external data files into memory (read-only, from the page cache) rather than copying them
+    /// onto the heap, so the weights cost their files' pages once, shared by every session of the version, as long
+    /// as they are not pre-packed ([`EngineOptions::prepack_weights`], off by default with external data).
+    /// Pre-packing lays some weights out anew for their kernels (`MatMul`'s right operand, for one) on the heap and
+    /// drops the mapping: each session then holds its own packed copy (a container of pre-packed weights shares
+    /// them only for initializers the application adds itself, not for a model's own, as measured), and the load
+    /// takes as long as the packing.
+    pub fn load_with_external_data(
+        &self,
+        model: &[u8],
+        folder: Option<&Path>,
+        options: &EngineOptions,
+    ) -> Result<OrtBackend, EngineError> {
         let instances = options.instances.max(1);
         let mut sessions = Vec::with_capacity(instances);
         for _ in 0..instances {
-            sessions.push(self.session(model, options)?);
+            sessions.push(self.session(model, folder, options)?);
         }
         let signature = signature(&sessions[0])?;
         Ok(OrtBackend {
@@ -66,7 +86,12 @@ impl OrtEngine {
         })
     }
 
-    fn session(&self, model: &[u8], options: &EngineOptions) -> Result<Session, EngineError> {
+    fn session(
+        &self,
+        model: &[u8],
+        folder: Option<&Path>,
+        options: &EngineOptions,
+    ) -> Result<Session, EngineError> {
         let level = match options.optimization {
             OptimizationLevel::Disable => GraphOptimizationLevel::Disable,
             OptimizationLevel::Basic => GraphOptimizationLevel::Level1,
@@ -75,8 +100,23 @@ impl OrtEngine {
         };
         // The builder's error type is neither Send nor Sync: turn it into text at once.
         let load = |e: ort::Error<_>| EngineError::Load(e.to_string());
-        Session::builder(&self.env)
+        let mut builder = Session::builder(&self.env)
             .map_err(|e| EngineError::Load(e.to_string()))?
+            .with_prepacking(options.prepack_weights.unwrap_or(folder.is_none()))
+            .map_err(load)?;
+        if let Some(folder) = folder {
+            // Loaded from memory, ONNX Runtime would resolve external data against the working directory.
+            let folder = folder.to_str().ok_or_else(|| {
+                EngineError::Load(format!("{} is not a UTF-8 path", folder.display()))
+            })?;
+            builder = builder
+                .with_config_entry(
+                    "session.model_external_initializers_file_folder_path",
+                    folder,
+                )
+                .map_err(load)?;
+        }
+        builder
             .with_intra_threads(options.intra_op_threads.max(1))
             .map_err(load)?
             .with_inter_threads(1)

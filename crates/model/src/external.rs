@@ -1,17 +1,18 @@
 //! ONNX external data: tensors whose bytes live in another file (`data_location = EXTERNAL`, with a `location`
 //! relative to the model file).
 //!
-//! Ferry serves self-contained models only: engines load `model.onnx` from memory, where a relative location
-//! would be resolved against the process's working directory, not the version directory. So every model is
-//! scanned before an engine sees it, and a model with external data is refused with a reason; a location that
-//! would reach outside the version directory (an absolute path, a `..` component, a symbolic link that leads
-//! out) is refused as such, since it can only be a mistake or an attack.
+//! Models over 2 GB must keep their weights this way (protobuf cannot hold more). Ferry loads external data only
+//! from files inside the version directory: every model is scanned before an engine sees it ([`external_files`]),
+//! and a location that would reach outside the version directory (an absolute path, a `..` component, a symbolic
+//! link that leads out) is refused, since it can only be a mistake or an attack. The files found are what the
+//! server counts against its size limit; the engine is then told the version directory, since a model loaded
+//! from memory would otherwise have its locations resolved against the process's working directory.
 //!
 //! The scan decodes a skeleton of `onnx.ModelProto` (only the fields that can hold a tensor, so weights are
 //! skipped, never copied) and walks every tensor: graph initializers, sparse initializers, node attributes
 //! (`Constant` values), subgraphs of `If`/`Loop`/`Scan` at any depth, model-local functions and training graphs.
 
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 
 use prost::Message;
 
@@ -43,8 +44,8 @@ pub enum ExternalDataError {
         /// Which rule it breaks.
         why: String,
     },
-    /// A tensor keeps its data in another file, which Ferry does not load.
-    #[error("model.onnx: tensor `{tensor}` keeps its data in an external file (`{location}`); Ferry serves self-contained models only: save the model with its weights inside model.onnx (in Python, onnx.save_model(model, path, save_as_external_data=False))")]
+    /// A tensor keeps its data in another file, which the chosen engine does not load (only ONNX Runtime does).
+    #[error("model.onnx: tensor `{tensor}` keeps its data in an external file (`{location}`), which only the ONNX Runtime engine loads: serve it with engine = \"onnxruntime\", or save the model with its weights inside model.onnx (in Python, onnx.save_model(model, path, save_as_external_data=False))")]
     Unsupported {
         /// The tensor.
         tensor: String,
@@ -153,21 +154,36 @@ pub fn check_location(location: &str, dir: Option<&Path>) -> Result<(), String> 
     Ok(())
 }
 
-/// Refuses a model that keeps any tensor's data in an external file: [`ExternalDataError::Escapes`] when its
-/// location leads outside `dir` (see [`check_location`]), else [`ExternalDataError::Unsupported`].
-pub fn check_self_contained(model: &[u8], dir: Option<&Path>) -> Result<(), ExternalDataError> {
+/// The files a model's external data is read from, each once, as paths relative to `dir` (the version directory),
+/// in the order first named; empty for a self-contained model. [`ExternalDataError::Escapes`] when any location
+/// leads outside `dir` (see [`check_location`]). Whether the files exist is left to the caller.
+pub fn external_files(model: &[u8], dir: Option<&Path>) -> Result<Vec<PathBuf>, ExternalDataError> {
     let external = external_tensors(model)?;
-    if let Some((t, why)) = external
-        .iter()
-        .find_map(|t| check_location(&t.location, dir).err().map(|why| (t, why)))
-    {
-        return Err(ExternalDataError::Escapes {
+    let mut files: Vec<PathBuf> = Vec::new();
+    for t in &external {
+        check_location(&t.location, dir).map_err(|why| ExternalDataError::Escapes {
             tensor: t.tensor.clone(),
             location: t.location.clone(),
             why,
-        });
+        })?;
+        // `./w.bin` and `w.bin` are one file.
+        let path: PathBuf = Path::new(&t.location)
+            .components()
+            .filter(|c| !matches!(c, Component::CurDir))
+            .collect();
+        if !files.contains(&path) {
+            files.push(path);
+        }
     }
-    match external.into_iter().next() {
+    Ok(files)
+}
+
+/// Refuses a model that keeps any tensor's data in an external file (for engines that load only self-contained
+/// models): [`ExternalDataError::Escapes`] when its location leads outside `dir` (see [`check_location`]), else
+/// [`ExternalDataError::Unsupported`].
+pub fn check_self_contained(model: &[u8], dir: Option<&Path>) -> Result<(), ExternalDataError> {
+    external_files(model, dir)?;
+    match external_tensors(model)?.into_iter().next() {
         None => Ok(()),
         Some(t) => Err(ExternalDataError::Unsupported {
             tensor: t.tensor,
@@ -317,6 +333,47 @@ mod tests {
         assert!(
             err.to_string().contains("save_as_external_data=False"),
             "{err}"
+        );
+        assert_eq!(
+            external_files(&external("weights.bin"), None),
+            Ok(vec![PathBuf::from("weights.bin")])
+        );
+    }
+
+    #[test]
+    fn each_external_file_is_listed_once() {
+        let bytes = GraphBuilder::new("g")
+            .input("x", DataType::F32, Some(&[4]))
+            .output("y", DataType::F32, Some(&[4]))
+            .initializer(TensorProto::external_range(
+                "a",
+                DataType::F32,
+                &[4],
+                "w.bin",
+                0,
+                16,
+            ))
+            .initializer(TensorProto::external_range(
+                "b",
+                DataType::F32,
+                &[4],
+                "./w.bin",
+                16,
+                16,
+            ))
+            .initializer(TensorProto::external(
+                "c",
+                DataType::F32,
+                &[4],
+                "data/c.bin",
+            ))
+            .node("Add", &["x", "a"], &["t"], vec![])
+            .node("Add", &["t", "b"], &["u"], vec![])
+            .node("Add", &["u", "c"], &["y"], vec![])
+            .to_bytes();
+        assert_eq!(
+            external_files(&bytes, None),
+            Ok(vec![PathBuf::from("w.bin"), PathBuf::from("data/c.bin")])
         );
     }
 

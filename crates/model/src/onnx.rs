@@ -232,8 +232,8 @@ pub struct TensorProto {
     /// FP64 elements.
     #[prost(double, repeated, tag = "10")]
     pub double_data: Vec<f64>,
-    /// Where the data lives when `data_location` is EXTERNAL (`location`, `offset`, `length`); Ferry never writes
-    /// it and refuses models that use it (see [`crate::external`]).
+    /// Where the data lives when `data_location` is EXTERNAL (`location`, `offset`, `length`; see
+    /// [`crate::external`]).
     #[prost(message, repeated, tag = "13")]
     pub external_data: Vec<StringStringEntryProto>,
     /// `DEFAULT` (0, data in this message) or `EXTERNAL` (1, data in another file).
@@ -262,7 +262,25 @@ impl TensorProto {
             ..Default::default()
         }
     }
-    /// A tensor whose data lives in another file, `location` relative to the model (for tests of the refusal).
+    /// A tensor whose data is the `length` bytes at `offset` of another file, `location` relative to the model.
+    pub fn external_range(
+        name: &str,
+        dtype: DataType,
+        dims: &[i64],
+        location: &str,
+        offset: u64,
+        length: u64,
+    ) -> TensorProto {
+        let mut t = TensorProto::external(name, dtype, dims, location);
+        for (key, value) in [("offset", offset), ("length", length)] {
+            t.external_data.push(StringStringEntryProto {
+                key: key.into(),
+                value: value.to_string(),
+            });
+        }
+        t
+    }
+    /// A tensor whose data is another whole file, `location` relative to the model.
     pub fn external(name: &str, dtype: DataType, dims: &[i64], location: &str) -> TensorProto {
         TensorProto {
             name: name.into(),

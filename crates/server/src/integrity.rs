@@ -1,4 +1,5 @@
-//! Model integrity: signed versions (`ferry sign`, `--trusted-key`) and the size limit on `model.onnx`.
+//! Model integrity: signed versions (`ferry sign`, `--trusted-key`) and the size limit on `model.onnx` and its
+//! external data files.
 //!
 //! A signature covers a whole version: the model's name and version number and the sha256 of every file of the
 //! version directory (`model.onnx`, `ferry.json`, `warmup/*.json`, anything else), so changing, adding or
@@ -38,8 +39,11 @@ use crate::repository::{sha256_hex, validate_name};
 pub const SIGNATURE_FILE: &str = "ferry.sig";
 /// The `format` of signature files this build writes and reads.
 pub const FORMAT: &str = "ferry-signature-v1";
-/// The default largest `model.onnx` (`--max-model-bytes`): 2 GiB, protobuf's own limit.
-pub const DEFAULT_MAX_MODEL_BYTES: u64 = 2 << 30;
+/// The default largest model (`--max-model-bytes`): `model.onnx` and its external data files together, 16 GiB.
+pub const DEFAULT_MAX_MODEL_BYTES: u64 = 16 << 30;
+/// The largest `model.onnx` whatever the limit: 2 GiB, protobuf's own limit (larger models keep their weights in
+/// external data files).
+pub const MAX_GRAPH_BYTES: u64 = 2 << 30;
 /// The most files a signed version may have, and the deepest folder nesting walked.
 const MAX_FILES: usize = 10_000;
 const MAX_DEPTH: usize = 16;
@@ -49,7 +53,8 @@ const MAX_DEPTH: usize = 16;
 pub struct IntegrityPolicy {
     /// When not empty, only versions signed by one of these keys load.
     pub trusted_keys: Vec<PublicKey>,
-    /// A larger `model.onnx` is refused before it is read (and, from S3, before it is fetched).
+    /// A larger model (`model.onnx` and its external data files together) is refused before it is read (and, from
+    /// S3, before it is fetched).
     pub max_model_bytes: u64,
 }
 
@@ -494,10 +499,16 @@ fn explain(
     why.join("; ")
 }
 
-/// Reads `model.onnx`, refusing one larger than `max_bytes` before reading it (and if it grows while read).
+/// Reads `model.onnx`, refusing one larger than `max_bytes` (or than [`MAX_GRAPH_BYTES`]) before reading it (and
+/// if it grows while read).
 pub fn read_model(path: &Path, max_bytes: u64) -> Result<Vec<u8>, String> {
+    let max_bytes = max_bytes.min(MAX_GRAPH_BYTES);
     let too_big = |size: u64| {
-        format!("model.onnx is {size} bytes, larger than the {max_bytes} bytes --max-model-bytes allows")
+        if max_bytes == MAX_GRAPH_BYTES {
+            format!("model.onnx is {size} bytes, larger than the {MAX_GRAPH_BYTES} bytes protobuf allows: keep the weights in external data files beside it")
+        } else {
+            format!("model.onnx is {size} bytes, larger than the {max_bytes} bytes --max-model-bytes allows")
+        }
     };
     // The reason reaches clients: name the file, not where the repository lives.
     let file = std::fs::File::open(path).map_err(|e| format!("cannot read model.onnx: {e}"))?;
@@ -516,6 +527,39 @@ pub fn read_model(path: &Path, max_bytes: u64) -> Result<Vec<u8>, String> {
         return Err(too_big(bytes.len() as u64));
     }
     Ok(bytes)
+}
+
+/// Refuses a model whose `model.onnx` (`graph_bytes` long) and external data files (`files`, relative to `dir`,
+/// already checked to stay inside it) together exceed `max_bytes`, or whose data files are missing or not regular
+/// files. Only sizes are read.
+pub fn check_external_sizes(
+    dir: &Path,
+    graph_bytes: u64,
+    files: &[PathBuf],
+    max_bytes: u64,
+) -> Result<(), String> {
+    let mut total = graph_bytes;
+    for file in files {
+        // The reason reaches clients: name the file relative to the version, not where the repository lives.
+        let name = file.display();
+        let meta = std::fs::metadata(dir.join(file)).map_err(|e| {
+            format!("cannot read the external data file {name} that model.onnx names: {e}")
+        })?;
+        if !meta.is_file() {
+            return Err(format!(
+                "the external data file {name} that model.onnx names is not a regular file"
+            ));
+        }
+        total = total.saturating_add(meta.len());
+    }
+    if total > max_bytes {
+        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        return Err(format!(
+            "model.onnx and its external data ({}) are {total} bytes, larger than the {max_bytes} bytes --max-model-bytes allows",
+            names.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 fn read_small(path: &Path) -> Result<String, String> {

@@ -7,6 +7,8 @@
 //! graph_optimization_level = "all"     # "disable" | "basic" | "extended" | "all"
 //! intra_op_threads = 1
 //! instances = 2
+//! prepack_weights = true               # re-laid weights: faster runs, a copy per instance (default: true, but
+//!                                      # false for a model with external data, whose weights stay mapped, shared)
 //! max_batch_size = 32                  # dynamic batching: 0 (default) runs each request alone
 //! max_queue_delay_us = 500             # how long the oldest request waits for others
 //! preferred_batch_sizes = [8, 16]      # cut at once at these sizes
@@ -178,6 +180,7 @@ struct RawConfig {
     graph_optimization_level: Option<String>,
     intra_op_threads: Option<usize>,
     instances: Option<usize>,
+    prepack_weights: Option<bool>,
     #[serde(default)]
     inputs: BTreeMap<String, TensorOverride>,
     #[serde(default)]
@@ -340,6 +343,9 @@ impl ModelConfig {
                 ));
             }
             engine_options.instances = n;
+        }
+        if let Some(prepack) = raw.prepack_weights {
+            engine_options.prepack_weights = Some(prepack);
         }
         let threads = engine_options
             .instances
@@ -590,7 +596,10 @@ mod tests {
         let c =
             parse("instances = 3\n[labels]\nstable = 2\n[inputs.x]\nshape = [-1, 4]\n").unwrap();
         assert_eq!(c.engine_options.instances, 3);
+        assert_eq!(c.engine_options.prepack_weights, None);
         assert_eq!(c.labels["stable"], 2);
         assert_eq!(c.inputs["x"].shape, vec![-1, 4]);
+        let c = parse("prepack_weights = false\n").unwrap();
+        assert_eq!(c.engine_options.prepack_weights, Some(false));
     }
 }

@@ -376,10 +376,12 @@ fn text_model(
     Ok((Arc::new(model), runner))
 }
 
-/// Prepares one version of `model`: reads it (refusing a `model.onnx` over the size limit before reading it),
-/// verifies its signature when keys are trusted, checks it against the sha256 in its `ferry.json`, refuses external
-/// data, loads it into its engine and warms it up. Every check runs on the bytes the engine then loads. The error
-/// is the reason shown in its UNAVAILABLE state.
+/// Prepares one version of `model`: reads it (refusing a `model.onnx` and its external data files over the size
+/// limit before reading them), verifies its signature when keys are trusted (which covers the external data
+/// files too), checks `model.onnx` against the sha256 in its `ferry.json`, loads it into its engine and warms it
+/// up. Every check of `model.onnx` runs on the bytes the engine then loads; external data files are hashed
+/// streaming from disk and then mapped by the engine from the same paths. The error is the reason shown in its
+/// UNAVAILABLE state.
 pub(crate) fn prepare(
     dir: &Path,
     (model, version): (&str, u64),
@@ -392,7 +394,10 @@ pub(crate) fn prepare(
         // A Hugging Face checkpoint as the hub ships it: turned into ONNX here, in memory (its files are what the
         // signature covers).
         let started = std::time::Instant::now();
-        let imported = ferry_model::hf::import_with_limit(dir, integrity.max_model_bytes)
+        let limit = integrity
+            .max_model_bytes
+            .min(ferry_model::hf::MAX_INLINE_WEIGHT_BYTES);
+        let imported = ferry_model::hf::import_with_limit(dir, limit)
             .map_err(|e| format!("importing the Hugging Face checkpoint: {e}"))?;
         tracing::info!(
             model,
@@ -405,6 +410,16 @@ pub(crate) fn prepare(
     } else {
         crate::integrity::read_model(&onnx, integrity.max_model_bytes)?
     };
+    // Before anything else reads the data files (the signature hashes them): their locations must stay inside the
+    // version directory and their sizes within the limit.
+    let external =
+        ferry_model::external::external_files(&bytes, Some(dir)).map_err(|e| e.to_string())?;
+    crate::integrity::check_external_sizes(
+        dir,
+        bytes.len() as u64,
+        &external,
+        integrity.max_model_bytes,
+    )?;
     let meta_bytes = read_meta_bytes(dir)?;
     let model_sha = std::cell::OnceCell::new();
     let model_sha = || model_sha.get_or_init(|| sha256_hex(&bytes)).clone();
@@ -427,17 +442,20 @@ pub(crate) fn prepare(
             ));
         }
     }
-    // Before any engine sees the bytes: an engine loading from memory would look for external data relative to
-    // the working directory.
-    ferry_model::external::check_self_contained(&bytes, Some(dir)).map_err(|e| e.to_string())?;
     let options = &config.engine_options;
+    // An engine loading from memory resolves external data against the folder it is given (never the working
+    // directory); tract loads self-contained models only, and says so.
+    let folder = (!external.is_empty()).then_some(dir);
     let backend: Arc<dyn Backend> = match (config.engine, onnxruntime) {
-        (EngineChoice::Tract, _) => tract_backend(&bytes, options)?,
-        (EngineChoice::OnnxRuntime | EngineChoice::Auto, Ok(ort)) => {
-            Arc::new(ort.load(&bytes, options).map_err(|e| e.to_string())?)
-        }
+        (EngineChoice::Tract, _) => tract_backend(&bytes, dir, options)?,
+        (EngineChoice::OnnxRuntime | EngineChoice::Auto, Ok(ort)) => Arc::new(
+            ort.load_with_external_data(&bytes, folder, options)
+                .map_err(|e| e.to_string())?,
+        ),
         // Without ONNX Runtime, `auto` falls back to tract in builds that have it.
-        (EngineChoice::Auto, Err(_)) if cfg!(feature = "tract") => tract_backend(&bytes, options)?,
+        (EngineChoice::Auto, Err(_)) if cfg!(feature = "tract") => {
+            tract_backend(&bytes, dir, options)?
+        }
         (_, Err(e)) => return Err(format!("ONNX Runtime is not available: {e}")),
     };
     let mut signature = backend.signature().clone();
@@ -547,14 +565,19 @@ fn drift_window(
 }
 
 #[cfg(feature = "tract")]
-fn tract_backend(bytes: &[u8], options: &EngineOptions) -> Result<Arc<dyn Backend>, String> {
+fn tract_backend(
+    bytes: &[u8],
+    dir: &Path,
+    options: &EngineOptions,
+) -> Result<Arc<dyn Backend>, String> {
+    ferry_model::external::check_self_contained(bytes, Some(dir)).map_err(|e| e.to_string())?;
     Ok(Arc::new(
         ferry_engine::TractBackend::load(bytes, options).map_err(|e| e.to_string())?,
     ))
 }
 
 #[cfg(not(feature = "tract"))]
-fn tract_backend(_: &[u8], _: &EngineOptions) -> Result<Arc<dyn Backend>, String> {
+fn tract_backend(_: &[u8], _: &Path, _: &EngineOptions) -> Result<Arc<dyn Backend>, String> {
     Err("engine = \"tract\" needs a build with the `tract` feature; this build has ONNX Runtime only".into())
 }
 

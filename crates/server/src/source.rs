@@ -124,8 +124,8 @@ impl Repository {
         self.fetch_version_within(model, version, u64::MAX).await
     }
 
-    /// Like [`Repository::fetch_version`], but refuses (before downloading anything) a version from S3 holding an
-    /// object larger than `max_file_bytes`.
+    /// Like [`Repository::fetch_version`], but refuses (before downloading anything) a version from S3 whose
+    /// objects (`model.onnx`, its external data files and the rest) are larger than `max_file_bytes` together.
     pub async fn fetch_version_within(
         &self,
         model: &str,
@@ -357,15 +357,20 @@ fn scan_local(root: &Path) -> Result<Listing, String> {
     Ok(listing)
 }
 
-/// Names, sizes and modification times of a version's files (and its `warmup/` files).
+/// Names, sizes and modification times of a version's files, in its subfolders too (`warmup/`, external data
+/// kept in a folder), down to the depth a signature covers.
 fn fingerprint_local(dir: &Path) -> String {
     let mut parts = Vec::new();
-    for sub in [dir.to_path_buf(), dir.join("warmup")] {
+    let mut pending = vec![(dir.to_path_buf(), 0)];
+    while let Some((sub, depth)) = pending.pop() {
         let Ok(entries) = std::fs::read_dir(&sub) else {
             continue;
         };
         for e in entries.flatten() {
             let Ok(meta) = e.metadata() else { continue };
+            if meta.is_dir() && depth < 16 {
+                pending.push((e.path(), depth + 1));
+            }
             if !meta.is_file() {
                 continue;
             }
@@ -415,6 +420,32 @@ impl S3Repository {
             .await
             .map(|_| ())
             .map_err(|e| format!("{}: cannot write {key}: {e}", self.url))
+    }
+
+    /// Streams one object into a file, chunk by chunk (external data files run to gigabytes: never held whole).
+    async fn download(&self, key: &ObjPath, path: &Path) -> Result<(), String> {
+        use futures_util::TryStreamExt;
+        use std::io::Write;
+        let mut stream = match self.store.get(key).await {
+            Ok(r) => r.into_stream(),
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(format!("{}: {key} vanished while fetching", self.url))
+            }
+            Err(e) => return Err(format!("{}: cannot read {key}: {e}", self.url)),
+        };
+        let write_error = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
+        let mut file = std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::fs::File::create(path).map_err(write_error)?,
+        );
+        while let Some(chunk) = stream
+            .try_next()
+            .await
+            .map_err(|e| format!("{}: cannot read {key}: {e}", self.url))?
+        {
+            file.write_all(&chunk).map_err(write_error)?;
+        }
+        file.flush().map_err(write_error)
     }
 
     /// Every object under the prefix, as (path relative to the prefix, size, etag).
@@ -534,10 +565,19 @@ impl S3Repository {
             .try_collect()
             .await
             .map_err(|e| format!("{}: cannot list {prefix}: {e}", self.url))?;
-        if let Some(o) = objects.iter().find(|o| o.size > max_file_bytes) {
+        let strip = prefix.as_ref().len() + 1;
+        let relative = |o: &object_store::ObjectMeta| {
+            o.location.as_ref()[strip.min(o.location.as_ref().len())..].to_string()
+        };
+        // Only the objects that will be fetched count (see `local_parts`).
+        let total = objects
+            .iter()
+            .filter(|o| local_parts(&relative(o)).is_some())
+            .fold(0u64, |t, o| t.saturating_add(o.size));
+        if total > max_file_bytes {
             return Err(format!(
-                "{}: {} is {} bytes, larger than the {max_file_bytes} bytes --max-model-bytes allows; not fetched",
-                self.url, o.location, o.size
+                "{}: the files of {prefix} are {total} bytes, larger than the {max_file_bytes} bytes --max-model-bytes allows; not fetched",
+                self.url
             ));
         }
         // Downloaded under a `.partial` name and renamed when complete, so a half-fetched version never looks
@@ -550,25 +590,19 @@ impl S3Repository {
         let partial = dir.with_extension("partial");
         std::fs::create_dir_all(&partial)
             .map_err(|e| format!("cannot create the cache {}: {e}", dir.display()))?;
-        let strip = prefix.as_ref().len() + 1;
         let fetched: Result<(), String> = async {
         for o in objects {
-            let rel = &o.location.as_ref()[strip.min(o.location.as_ref().len())..];
-            let Some(parts) = local_parts(rel) else {
+            let rel = relative(&o);
+            let Some(parts) = local_parts(&rel) else {
                 tracing::warn!(object = %o.location, "skipping an object whose name cannot be a file name");
                 continue;
             };
-            let bytes = self
-                .get(&o.location)
-                .await?
-                .ok_or_else(|| format!("{}: {} vanished while fetching", self.url, o.location))?;
             let path = parts.iter().fold(partial.clone(), |p, part| p.join(part));
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent)
                     .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
             }
-            std::fs::write(&path, bytes)
-                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            self.download(&o.location, &path).await?;
         }
         Ok(())
         }
@@ -622,6 +656,20 @@ mod tests {
         assert_eq!(local_parts("warmup/1.json"), Some(vec!["warmup", "1.json"]));
     }
 
+    #[test]
+    fn a_fingerprint_follows_files_in_subfolders() {
+        let dir = std::env::temp_dir().join(format!("ferry-fingerprint-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("data/deeper")).unwrap();
+        std::fs::write(dir.join("model.onnx"), b"m").unwrap();
+        std::fs::write(dir.join("data/deeper/w.bin"), b"1234").unwrap();
+        let before = fingerprint_local(&dir);
+        assert!(before.contains("data/deeper/w.bin:4:"), "{before}");
+        std::fs::write(dir.join("data/deeper/w.bin"), b"12345").unwrap();
+        assert_ne!(fingerprint_local(&dir), before);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     fn files_under(root: &Path) -> Vec<String> {
         let mut out = Vec::new();
         let mut pending = vec![root.to_path_buf()];
@@ -668,8 +716,10 @@ mod tests {
         // Nothing landed anywhere else under the cache either.
         assert_eq!(files_under(&cache).len(), 2, "{:?}", files_under(&cache));
 
-        let e = repo.fetch_version("m", 1, 3).await.unwrap_err();
-        assert!(e.contains("4 bytes, larger than the 3 bytes"), "{e}");
+        // The limit holds for the version's files together (model.onnx and warmup/1.json: 8 bytes).
+        assert!(repo.fetch_version("m", 1, 8).await.is_ok());
+        let e = repo.fetch_version("m", 1, 7).await.unwrap_err();
+        assert!(e.contains("are 8 bytes, larger than the 7 bytes"), "{e}");
         std::fs::remove_dir_all(&cache).unwrap();
     }
 }

@@ -1,5 +1,6 @@
 //! Security tests on a real server: signed versions with trusted keys (tampered, unsigned, untrusted), external
-//! data and oversized models refused before the engine, and path traversal through model names, versions and
+//! data outside the version folder and oversized models refused before the engine, external data inside it
+//! served and covered by the signature and the size limit, and path traversal through model names, versions and
 //! labels in REST paths (sent raw, byte for byte) and gRPC requests.
 
 mod common;
@@ -38,6 +39,18 @@ async fn infers(s: &TestServer, model: &str) -> u16 {
     .0
 }
 
+/// A server over `repo` that loads only versions signed by `key`.
+async fn trusting(repo: TempDir, key: &SigningKey) -> TestServer {
+    TestServer::start_with(repo, |c| ferry_server::ServeConfig {
+        integrity: IntegrityPolicy {
+            trusted_keys: vec![key.public_key()],
+            ..IntegrityPolicy::default()
+        },
+        ..c
+    })
+    .await
+}
+
 #[tokio::test]
 async fn only_versions_signed_by_a_trusted_key_load() {
     let repo = TempDir::new("signed");
@@ -74,14 +87,7 @@ async fn only_versions_signed_by_a_trusted_key_load() {
     );
     put_file(&repo.0, "added", "1/warmup/x.json", "{}");
 
-    let s = TestServer::start_with(repo, |c| ferry_server::ServeConfig {
-        integrity: IntegrityPolicy {
-            trusted_keys: vec![trusted.public_key()],
-            ..IntegrityPolicy::default()
-        },
-        ..c
-    })
-    .await;
+    let s = trusting(repo, &trusted).await;
     assert_eq!(reason(&s, "good").await, "");
     assert_eq!(infers(&s, "good").await, 200);
     for (name, why) in [
@@ -115,13 +121,21 @@ fn external(location: &str) -> Vec<u8> {
         .to_bytes()
 }
 
+/// `w` = [10, 20] as the bytes of an external data file.
+fn weights() -> Vec<u8> {
+    [10f32, 20.0].iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
 #[tokio::test]
-async fn external_data_and_oversized_models_never_reach_the_engine() {
+async fn external_data_outside_the_version_and_oversized_models_never_reach_the_engine() {
     let repo = TempDir::new("external");
     put_model(&repo.0, "dotdot", 1, &external("../../etc/passwd"));
     put_model(&repo.0, "absolute", 1, &external("/etc/passwd"));
     put_model(&repo.0, "inside", 1, &external("weights.bin"));
-    put_file(&repo.0, "inside", "1/weights.bin", "12345678");
+    std::fs::write(repo.0.join("inside/1/weights.bin"), weights()).unwrap();
+    put_model(&repo.0, "missing", 1, &external("weights.bin"));
+    // A small graph whose data file makes the model too big.
+    put_model(&repo.0, "bigdata", 1, &external("weights.bin"));
     #[cfg(unix)]
     {
         put_model(&repo.0, "link", 1, &external("w.bin"));
@@ -131,6 +145,11 @@ async fn external_data_and_oversized_models_never_reach_the_engine() {
     put_model(&repo.0, "big", 1, &big);
     put_model(&repo.0, "small", 1, &affine());
     let limit = affine().len().max(big.len() - 1) as u64;
+    std::fs::write(
+        repo.0.join("bigdata/1/weights.bin"),
+        vec![0u8; limit as usize],
+    )
+    .unwrap();
     assert!((affine().len() as u64) <= limit && (big.len() as u64) > limit);
     let s = TestServer::start_with(repo, |c| ferry_server::ServeConfig {
         integrity: IntegrityPolicy {
@@ -147,8 +166,12 @@ async fn external_data_and_oversized_models_never_reach_the_engine() {
             "outside the version directory (an absolute path)",
         ),
         (
-            "inside",
-            "keeps its data in an external file (`weights.bin`)",
+            "missing",
+            "cannot read the external data file weights.bin that model.onnx names",
+        ),
+        (
+            "bigdata",
+            "model.onnx and its external data (weights.bin) are",
         ),
         ("big", "larger than the"),
     ] {
@@ -161,6 +184,60 @@ async fn external_data_and_oversized_models_never_reach_the_engine() {
         assert!(r.contains("a symbolic link to /etc/passwd"), "{r}");
     }
     assert_eq!(infers(&s, "small").await, 200);
+    // Data inside the version folder loads, read from there (not from the working directory).
+    let (status, body) = s
+        .post(
+            "/v2/models/inside/infer",
+            serde_json::json!({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["outputs"][0]["data"], serde_json::json!([11.0, 22.0]));
+}
+
+/// tract loads self-contained models only, and says so (ONNX Runtime serves the same version).
+#[cfg(feature = "tract")]
+#[tokio::test]
+async fn tract_refuses_external_data_by_name() {
+    let repo = TempDir::new("external-tract");
+    for name in ["tract", "ort"] {
+        put_model(&repo.0, name, 1, &external("weights.bin"));
+        std::fs::write(repo.0.join(name).join("1/weights.bin"), weights()).unwrap();
+    }
+    put_file(&repo.0, "tract", "config.toml", "engine = \"tract\"\n");
+    let s = TestServer::start(repo).await;
+    let r = reason(&s, "tract").await;
+    assert!(
+        r.contains("which only the ONNX Runtime engine loads"),
+        "{r}"
+    );
+    assert_eq!(infers(&s, "ort").await, 200);
+}
+
+#[tokio::test]
+async fn a_signature_covers_external_data() {
+    let repo = TempDir::new("external-signed");
+    let key = SigningKey::from_seed(&[13; 32]);
+    for name in ["good", "flipped", "added"] {
+        put_model(&repo.0, name, 1, &external("data/weights.bin"));
+        std::fs::create_dir_all(repo.0.join(name).join("1/data")).unwrap();
+        std::fs::write(repo.0.join(name).join("1/data/weights.bin"), weights()).unwrap();
+        sign_version(&repo.0.join(name).join("1"), name, 1, &key).unwrap();
+    }
+    let mut flipped = weights();
+    flipped[7] ^= 1;
+    std::fs::write(repo.0.join("flipped/1/data/weights.bin"), flipped).unwrap();
+    put_file(&repo.0, "added", "1/data/more.bin", "x");
+    let s = trusting(repo, &key).await;
+    assert_eq!(reason(&s, "good").await, "");
+    assert_eq!(infers(&s, "good").await, 200);
+    for (name, why) in [
+        ("flipped", "data/weights.bin changed after signing"),
+        ("added", "data/more.bin was added after signing"),
+    ] {
+        let r = reason(&s, name).await;
+        assert!(r.contains(why), "{name}: {r}");
+    }
 }
 
 /// Sends one raw HTTP/1.1 request (the path exactly as given, no client-side normalization) and returns the
