@@ -13,6 +13,13 @@
 //!
 //! With `--metrics-compat triton` the page also carries Triton's `nv_inference_*` families, with Triton's names,
 //! labels (`model`, `version`) and units (cumulative microseconds), computed from the same series.
+//!
+//! The folder also holds what the page reports beyond counters: [`drift`] (per-version drift windows and their
+//! PSI/KS reports) and [`shadow`] (how a shadow version's outputs agree with the live ones). It uses only
+//! [`crate::error`].
+
+pub mod drift;
+pub mod shadow;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -714,7 +721,7 @@ pub struct Metrics {
     load_failures: Family<u64>,
     rollout_decisions: Family<u64>,
     shadow_requests: Family<u64>,
-    shadow_compared: Mutex<BTreeMap<Vec<String>, crate::shadow::Agreement>>,
+    shadow_compared: Mutex<BTreeMap<Vec<String>, crate::metrics::shadow::Agreement>>,
     in_flight: AtomicI64,
     started: SystemTime,
 }
@@ -843,7 +850,7 @@ pub struct Snapshot {
     /// (model, version, state, queue depth when loaded) of every version.
     pub versions: Vec<(String, u64, &'static str, Option<usize>)>,
     /// (model, version, drift report) of every loaded version with a baseline.
-    pub drift: Vec<(String, u64, crate::drift::Report)>,
+    pub drift: Vec<(String, u64, crate::metrics::drift::Report)>,
     /// The payload log's (queued, dropped) records, when it is on.
     pub payload: Option<(u64, u64)>,
     /// (model, candidate, state, candidate weight) of every canary rollout.
@@ -941,7 +948,7 @@ impl Metrics {
         model: &str,
         version: u64,
         output: &str,
-        agreement: &crate::shadow::Agreement,
+        agreement: &crate::metrics::shadow::Agreement,
     ) {
         self.shadow_compared
             .lock()
@@ -1070,7 +1077,8 @@ impl Metrics {
         for (d, value) in [
             (
                 &DRIFT_PSI,
-                (|f: &crate::drift::FeatureDrift| f.psi) as fn(&crate::drift::FeatureDrift) -> f64,
+                (|f: &crate::metrics::drift::FeatureDrift| f.psi)
+                    as fn(&crate::metrics::drift::FeatureDrift) -> f64,
             ),
             (&DRIFT_KS, |f| f.ks),
         ] {
@@ -1085,8 +1093,8 @@ impl Metrics {
         for (d, value) in [
             (
                 &PREDICTION_DRIFT_PSI,
-                (|p: &crate::drift::PredictionDrift| Some(p.psi))
-                    as fn(&crate::drift::PredictionDrift) -> Option<f64>,
+                (|p: &crate::metrics::drift::PredictionDrift| Some(p.psi))
+                    as fn(&crate::metrics::drift::PredictionDrift) -> Option<f64>,
             ),
             (&PREDICTION_DRIFT_KS, |p| p.ks),
         ] {
@@ -1124,8 +1132,8 @@ impl Metrics {
             for (d, pick) in [
                 (
                     &SHADOW_AGREEMENT,
-                    (|a: &crate::shadow::Agreement| a.agreement_ratio())
-                        as fn(&crate::shadow::Agreement) -> Option<f64>,
+                    (|a: &crate::metrics::shadow::Agreement| a.agreement_ratio())
+                        as fn(&crate::metrics::shadow::Agreement) -> Option<f64>,
                 ),
                 (&SHADOW_DIFFERENCE, |a| a.mean_absolute_difference()),
             ] {
@@ -1455,15 +1463,15 @@ mod tests {
         let drift = vec![(
             "iris".to_string(),
             1,
-            crate::drift::Report {
-                features: vec![crate::drift::FeatureDrift {
+            crate::metrics::drift::Report {
+                features: vec![crate::metrics::drift::FeatureDrift {
                     name: "f0".into(),
                     psi: 0.5,
                     ks: 0.25,
                     drifted: true,
                 }],
                 status: None,
-                predictions: vec![crate::drift::PredictionDrift {
+                predictions: vec![crate::metrics::drift::PredictionDrift {
                     output: "label".into(),
                     kind: "categorical",
                     window_rows: 10,
