@@ -402,14 +402,17 @@ impl Server {
             config,
         } = self;
         let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+        // Every background task ends once the drain signal turns true, and is joined before `run` returns (a rollout
+        // decision being written finishes); dropping the set on an early return aborts them.
+        let mut background = tokio::task::JoinSet::new();
         if config.model_control_mode == ControlMode::Poll {
-            tokio::spawn(
+            background.spawn(
                 manager
                     .clone()
                     .run_poller(config.repository_poll, drain_rx.clone()),
             );
         }
-        tokio::spawn(
+        background.spawn(
             manager
                 .clone()
                 .run_rollouts(std::time::Duration::from_millis(100), drain_rx.clone()),
@@ -429,7 +432,7 @@ impl Server {
                 drain_rx.clone(),
                 config.client_timeout,
             );
-            tokio::spawn(async move {
+            background.spawn(async move {
                 let result =
                     crate::transport::listen::serve_http(l, tls, admin.into(), timeout, stop).await;
                 if let Err(e) = result {
@@ -439,7 +442,7 @@ impl Server {
         }
         let health = infer.health.clone();
         let store = infer.store.clone();
-        tokio::spawn(async move {
+        background.spawn(async move {
             shutdown.await;
             tracing::info!(
                 "shutdown requested: readiness is now false, draining in-flight requests"
@@ -448,7 +451,7 @@ impl Server {
             let _ = drain_tx.send(true);
         });
         if let Some(t) = &tls {
-            tokio::spawn(t.clone().watch(drain_rx.clone()));
+            background.spawn(t.clone().watch(drain_rx.clone()));
         }
         let serve = crate::transport::listen::serve_http(
             listener,
@@ -549,6 +552,16 @@ impl Server {
             }
         }
         store.mark_all_unloading();
+        let joined = tokio::time::timeout(grace, async {
+            while background.join_next().await.is_some() {}
+        })
+        .await;
+        if joined.is_err() {
+            tracing::warn!(
+                left = background.len(),
+                "background tasks did not stop within the shutdown grace period; aborting them"
+            );
+        }
         tracing::info!("server stopped");
         Ok(())
     }
