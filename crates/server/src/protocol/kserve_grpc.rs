@@ -86,8 +86,8 @@ fn decode_contents(
 fn decode_input(
     input: InferInputTensor,
     raw: Option<Vec<u8>>,
-    limits: &crate::core::infer::Limits,
-    budget: &crate::core::infer::Budget,
+    limits: &crate::codec::limits::Limits,
+    budget: &crate::codec::limits::Budget,
 ) -> Result<NamedTensor, InferError> {
     let name = input.name;
     let (dtype, shape, expected) =
@@ -113,7 +113,7 @@ fn decode_input(
             // the wire); what does not fit the budget is refused here, before anything else is made of it.
             let data = decode_contents(&name, dtype, contents)?;
             budget
-                .take(crate::core::infer::memory_cost(&data))
+                .take(crate::codec::limits::memory_cost(&data))
                 .map_err(|e| InferError::invalid(format!("input `{name}`: {e}")))?;
             data
         }
@@ -140,9 +140,9 @@ pub fn decode_infer_inputs(
     inputs: Vec<InferInputTensor>,
     raw: Vec<Vec<u8>>,
     request_bytes: usize,
-    limits: &crate::core::infer::Limits,
+    limits: &crate::codec::limits::Limits,
 ) -> Result<Vec<NamedTensor>, InferError> {
-    let budget = crate::core::infer::Budget::for_request(request_bytes);
+    let budget = crate::codec::limits::Budget::for_request(request_bytes);
     if !raw.is_empty() && raw.len() != inputs.len() {
         return Err(InferError::invalid(format!(
             "raw_input_contents has {} entries for {} inputs; give one per input or none",

@@ -44,7 +44,7 @@ pub struct ServeConfig {
     /// Headers (and a TLS handshake) must arrive within this, and a request body may pause at most this long.
     pub client_timeout: Duration,
     /// Per-request limits beyond the body size.
-    pub limits: crate::core::infer::Limits,
+    pub limits: crate::codec::limits::Limits,
     /// The address to listen on.
     pub host: IpAddr,
     /// The REST port; 0 picks a free one.
@@ -109,7 +109,7 @@ impl ServeConfig {
             open_health: true,
             open_metrics: true,
             client_timeout: Duration::from_secs(10),
-            limits: crate::core::infer::Limits::default(),
+            limits: crate::codec::limits::Limits::default(),
             host: IpAddr::from([127, 0, 0, 1]),
             rest_port: 0,
             grpc_port: 0,
