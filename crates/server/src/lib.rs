@@ -1,43 +1,37 @@
 //! Ferry's serving layer: the model repository, the shared inference path and the protocol front doors.
 //!
 //! # Brief overview
-//! - [`repository`]: discovers `<root>/<model>/<version>/model.onnx`, loads versions in parallel, keeps their states.
-//! - [`batching`]: per-version queues, dynamic batching and backpressure.
-//! - [`infer`]: [`infer::Infer`], the one path every protocol takes (resolve, validate, run, select outputs).
+//! The crate is in layers, one folder each; a folder uses only the ones listed before it (`scripts/check-layers`
+//! holds it so):
+//! - [`error`]: the one error table, mapping each failure kind to its status, gRPC code and metric label.
+//! - [`codec`]: tensor data in JSON, the KServe v2 request decoder, and the limits and memory budget every decoder
+//!   keeps.
+//! - [`metrics`]: the metric catalogue, registry and Prometheus exposition, drift windows (PSI, KS) and shadow
+//!   agreement.
+//! - [`core`]: the model repository (sources, signatures, loading, reloads, rollouts), per-version batching, and
+//!   [`core::infer::Infer`] with [`core::infer::Call`], the one path every protocol takes (resolve, record, validate,
+//!   run, select outputs).
 //! - [`protocol`]: KServe v2 (REST with the binary tensor extension, and gRPC) and TF Serving (REST and gRPC)
-//!   adapters.
-//! - [`front`]: the REST listener's direct path for inference requests (everything else goes to the router).
-//! - [`http`]: the REST and gRPC routers and the server lifecycle (bind, serve, drain on shutdown).
-//! - [`drift`]: per-feature drift (PSI, KS) of live inputs against the training data.
-//! - [`payload_log`]: sampled request/response logging as rotated JSON lines.
-//! - [`integrity`]: signed versions (`ferry.sig`, Ed25519) and the model size limit, checked before a model loads.
-//! - [`error`]: the one error table, mapping each failure kind to its status.
-//! - [`metrics`]: the metric catalogue, registry and Prometheus exposition.
+//!   adapters: each decodes, calls the core, and encodes.
+//! - [`transport`]: listeners (TLS, HTTP/1, HTTP/2), the REST listener's direct path, bearer tokens, the REST and
+//!   gRPC routers, the management API, the serve configuration and the server lifecycle (bind, serve, drain).
 //!
 //! This crate never runs inference on the async runtime: engines run on each version's worker threads.
 
-pub mod admin;
-pub mod auth;
-pub mod batching;
-pub mod config;
-pub mod drift;
+pub mod codec;
+pub mod core;
 pub mod error;
-pub mod front;
-pub mod http;
-pub mod infer;
-pub mod integrity;
-pub mod listen;
 pub mod metrics;
-pub mod model_config;
-pub mod payload_log;
 pub mod protocol;
-pub mod reload;
-pub mod repository;
-pub mod rollout;
-pub mod shadow;
-pub mod source;
-pub mod text;
-pub mod warmup;
+pub mod transport;
 
-pub use config::ServeConfig;
-pub use http::{app, shutdown_signal, AppState, Server};
+// The modules' paths from before the layers had folders, kept for the CLI, the tests and the fuzz targets.
+pub use crate::core::{
+    batching, infer, integrity, model_config, payload_log, reload, repository, rollout, source,
+    text, warmup,
+};
+pub use metrics::{drift, shadow};
+pub use transport::{admin, auth, config, front, http, listen};
+
+pub use transport::config::ServeConfig;
+pub use transport::http::{app, shutdown_signal, AppState, Server};

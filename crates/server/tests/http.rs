@@ -937,6 +937,45 @@ async fn engine_choice_per_model() {
 }
 
 #[tokio::test]
+async fn failures_before_a_version_count_under_the_model_named() {
+    let s = server().await;
+    let ok =
+        json!({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]});
+    // A known model with no ready version, over both REST protocols.
+    assert_eq!(s.post("/v2/models/broken/infer", ok.clone()).await.0, 503);
+    assert_eq!(
+        s.post(
+            "/v1/models/broken:predict",
+            json!({"instances": [[1.0, 2.0]]})
+        )
+        .await
+        .0,
+        503
+    );
+    // A request refused before its version is resolved.
+    let r = s
+        .client
+        .post(s.url("/v2/models/affine/infer"))
+        .header("content-encoding", "gzip")
+        .json(&ok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 501);
+    let text = s.metrics_text().await;
+    for line in [
+        r#"ferry_requests_total{model="broken",version="",protocol="rest_kserve",outcome="unavailable"} 1"#,
+        r#"ferry_requests_total{model="broken",version="",protocol="rest_tfserving",outcome="unavailable"} 1"#,
+        r#"ferry_requests_total{model="affine",version="",protocol="rest_kserve",outcome="unimplemented"} 1"#,
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing `{line}` in\n{text}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn metrics_count_what_was_sent() {
     let s = server().await;
     let ok =
@@ -1087,15 +1126,7 @@ async fn no_metrics_records_no_requests() {
         r.headers().contains_key("x-total-time-us"),
         "timing headers stay"
     );
-    let text = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics_text().await;
     assert!(!text.contains("ferry_requests_total{"), "{text}");
     assert!(text.contains(r#"ferry_model_state{model="affine",version="1",state="READY"} 1"#));
 }
@@ -1174,15 +1205,7 @@ async fn drift_against_the_training_baseline() {
     assert_eq!(features[0]["drifted"], false, "{report}");
     assert_eq!(features[1]["drifted"], true, "{report}");
     assert!(features[1]["psi"].as_f64().unwrap() > 0.2);
-    let text = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics_text().await;
     let psi_b = text
         .lines()
         .find(|l| {
@@ -1238,15 +1261,7 @@ async fn payload_log_keeps_a_sample_without_blocking() {
     assert_eq!(first["inputs"]["b"]["data"], "[redacted]");
     assert_eq!(first["inputs"]["a"]["datatype"], "FP32");
     assert!(first["outputs"]["sum"]["data"].is_array());
-    let text = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics_text().await;
     assert!(
         text.lines()
             .any(|l| l == r#"ferry_payload_log_records_total{outcome="queued"} 5"#),

@@ -25,7 +25,7 @@ pub mod tensorflow {
 /// Ends a gRPC call: counts the response message, records the outcome, and turns the result into a response with a
 /// prediction's timing as metadata (`x-queue-time-us`, `x-compute-time-us`, `x-total-time-us`).
 pub(crate) fn finish<T: prost::Message>(
-    call: crate::infer::Call<'_>,
+    call: crate::core::infer::Call<'_>,
     result: Result<T, InferError>,
 ) -> Result<tonic::Response<T>, tonic::Status> {
     let outcome = match &result {
@@ -37,7 +37,7 @@ pub(crate) fn finish<T: prost::Message>(
     };
     let timing = call.finish(outcome);
     let mut response = tonic::Response::new(result?);
-    for (name, value) in timing.iter().flat_map(crate::infer::Timing::headers) {
+    for (name, value) in timing.iter().flat_map(crate::core::infer::Timing::headers) {
         if let Ok(mut v) = value.parse::<tonic::metadata::MetadataValue<_>>() {
             // A value that changes with every call must stay out of HPACK's table: indexing it would evict useful
             // entries and make every later header search the table for nothing (about 6% of a call's server CPU here).

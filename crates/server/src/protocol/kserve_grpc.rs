@@ -16,9 +16,9 @@ use super::grpc::inference::{
     ModelReadyRequest, ModelReadyResponse, ServerLiveRequest, ServerLiveResponse,
     ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
 };
+use crate::core::infer::{Call, Infer, Protocol, VersionSelector};
+use crate::core::repository::parse_version;
 use crate::error::{ErrorKind, InferError};
-use crate::infer::{Call, Infer, Protocol, VersionSelector};
-use crate::repository::parse_version;
 
 /// The KServe v2 gRPC service over the shared [`Infer`] path.
 #[derive(Debug, Clone)]
@@ -86,12 +86,12 @@ fn decode_contents(
 fn decode_input(
     input: InferInputTensor,
     raw: Option<Vec<u8>>,
-    limits: &crate::infer::Limits,
-    budget: &crate::infer::Budget,
+    limits: &crate::codec::limits::Limits,
+    budget: &crate::codec::limits::Budget,
 ) -> Result<NamedTensor, InferError> {
     let name = input.name;
     let (dtype, shape, expected) =
-        super::kserve_input_header(&name, &input.datatype, &input.shape)?;
+        crate::codec::kserve::kserve_input_header(&name, &input.datatype, &input.shape)?;
     limits.check_shape(&name, &shape)?;
     let data = match (raw, input.contents) {
         (Some(_), Some(_)) => {
@@ -100,7 +100,7 @@ fn decode_input(
             )))
         }
         (Some(raw), None) => {
-            super::charge_binary(&name, dtype, &raw, budget)?;
+            crate::codec::kserve::charge_binary(&name, dtype, &raw, budget)?;
             TensorData::from_le_bytes_at_most(dtype, &raw, expected).ok_or_else(|| {
                 InferError::invalid(format!(
                     "input `{name}`: {} raw bytes are not a whole number of {dtype} elements",
@@ -113,7 +113,7 @@ fn decode_input(
             // the wire); what does not fit the budget is refused here, before anything else is made of it.
             let data = decode_contents(&name, dtype, contents)?;
             budget
-                .take(crate::infer::memory_cost(&data))
+                .take(crate::codec::limits::memory_cost(&data))
                 .map_err(|e| InferError::invalid(format!("input `{name}`: {e}")))?;
             data
         }
@@ -140,9 +140,9 @@ pub fn decode_infer_inputs(
     inputs: Vec<InferInputTensor>,
     raw: Vec<Vec<u8>>,
     request_bytes: usize,
-    limits: &crate::infer::Limits,
+    limits: &crate::codec::limits::Limits,
 ) -> Result<Vec<NamedTensor>, InferError> {
-    let budget = crate::infer::Budget::for_request(request_bytes);
+    let budget = crate::codec::limits::Budget::for_request(request_bytes);
     if !raw.is_empty() && raw.len() != inputs.len() {
         return Err(InferError::invalid(format!(
             "raw_input_contents has {} entries for {} inputs; give one per input or none",

@@ -8,49 +8,17 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use ferry_model::{NamedTensor, Tensor, TensorData};
-use serde::{Deserialize, Serialize};
+use ferry_model::NamedTensor;
+use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::json::{decode_data, json_text, FlatJson, NonFinite};
-use super::{client_deadline, finish};
+use super::{client_deadline, finish, AppState};
+use crate::codec::json::{FlatJson, NonFinite};
+pub use crate::codec::kserve::{decode_json_inputs, decode_request_body, HEADER_LENGTH};
+use crate::codec::kserve::{decode_request, InferRequestBody};
+use crate::core::infer::{Call, Infer, Protocol, VersionSelector};
+use crate::core::repository::{parse_version, LoadedVersion};
 use crate::error::{ErrorKind, InferError};
-use crate::http::AppState;
-use crate::infer::Budget;
-use crate::infer::{Call, Infer, Protocol, VersionSelector};
-use crate::repository::{parse_version, LoadedVersion};
-
-/// The header that gives the length of the JSON part of a binary request or response.
-pub const HEADER_LENGTH: &str = "inference-header-content-length";
-
-#[derive(Debug, Deserialize)]
-struct InferRequestBody {
-    #[serde(default)]
-    id: Option<String>,
-    #[serde(default)]
-    parameters: Option<Map<String, Value>>,
-    inputs: Vec<InputBody>,
-    #[serde(default)]
-    outputs: Option<Vec<OutputRequest>>,
-}
-
-#[derive(Debug, Deserialize)]
-struct InputBody {
-    name: String,
-    shape: Vec<i64>,
-    datatype: String,
-    #[serde(default)]
-    parameters: Option<Map<String, Value>>,
-    #[serde(default)]
-    data: Option<Box<serde_json::value::RawValue>>,
-}
-
-#[derive(Debug, Deserialize)]
-struct OutputRequest {
-    name: String,
-    #[serde(default)]
-    parameters: Option<Map<String, Value>>,
-}
 
 #[derive(Serialize)]
 struct InferResponseBody<'a> {
@@ -176,8 +144,8 @@ fn drift_inner(infer: &Infer, model: &str, version: Option<&str>) -> Result<Resp
         "model_name": loaded.model,
         "model_version": loaded.version.to_string(),
         "window_rows": drift.rows(),
-        "psi_threshold": crate::drift::PSI_THRESHOLD,
-        "min_window_rows": crate::drift::MIN_WINDOW_ROWS,
+        "psi_threshold": crate::metrics::drift::PSI_THRESHOLD,
+        "min_window_rows": crate::metrics::drift::MIN_WINDOW_ROWS,
         "status": report.status.as_deref().unwrap_or("ok"),
         "features": report.features,
         "predictions": report.predictions,
@@ -231,7 +199,7 @@ pub async fn infer(
     State(state): State<AppState>,
     Path(model): Path<String>,
     headers: HeaderMap,
-    crate::front::AdmittedBody(body): crate::front::AdmittedBody,
+    crate::protocol::AdmittedBody(body): crate::protocol::AdmittedBody,
 ) -> Response {
     infer_request(&state.infer, &model, None, &headers, body).await
 }
@@ -241,12 +209,12 @@ pub async fn infer_version(
     State(state): State<AppState>,
     Path((model, version)): Path<(String, String)>,
     headers: HeaderMap,
-    crate::front::AdmittedBody(body): crate::front::AdmittedBody,
+    crate::protocol::AdmittedBody(body): crate::protocol::AdmittedBody,
 ) -> Response {
     infer_request(&state.infer, &model, Some(&version), &headers, body).await
 }
 
-/// One KServe v2 inference request: the router's handlers and the listener's direct path ([`crate::front`]) both
+/// One KServe v2 inference request: the router's handlers and the listener's direct path ([`crate::transport::front`]) both
 /// end here.
 pub(crate) async fn infer_request(
     infer: &Infer,
@@ -340,75 +308,6 @@ async fn infer_inner(
     Ok(encode_response(&request, &loaded, &outputs, binary_of))
 }
 
-/// Decodes a KServe v2 REST inference body as `infer` does: splits it at `Inference-Header-Content-Length`, checks
-/// the JSON header's nesting, parses it, and decodes every input (JSON `data`, or binary data after the header, in
-/// order). The entry point of the fuzz targets and property tests.
-pub fn decode_request_body(
-    headers: &HeaderMap,
-    body: &Bytes,
-    limits: &crate::infer::Limits,
-) -> Result<Vec<NamedTensor>, InferError> {
-    decode_request(headers, body, limits).map(|(_, inputs)| inputs)
-}
-
-fn decode_request(
-    headers: &HeaderMap,
-    body: &Bytes,
-    limits: &crate::infer::Limits,
-) -> Result<(InferRequestBody, Vec<NamedTensor>), InferError> {
-    let budget = Budget::for_request(body.len());
-    let (json, mut binary) = split_body(headers, body)?;
-    let (json, _) = json_text(json, limits, &budget)?;
-    let mut request: InferRequestBody = serde_json::from_slice(&json)
-        .map_err(|e| InferError::invalid(format!("malformed inference request: {e}")))?;
-    let mut inputs = Vec::with_capacity(request.inputs.len());
-    for input in &mut request.inputs {
-        inputs.push(decode_input(input, &mut binary, limits, &budget)?);
-        // The data's JSON text is a copy of its part of the body: free it as soon as it is decoded.
-        input.data = None;
-    }
-    if !binary.is_empty() {
-        return Err(InferError::invalid(format!(
-            "{} bytes of binary data follow the inference header but no input claims them (set parameters.binary_data_size)",
-            binary.len()
-        )));
-    }
-    Ok((request, inputs))
-}
-
-/// Splits a body into its JSON header and the binary data after it.
-fn split_body<'a>(
-    headers: &HeaderMap,
-    body: &'a Bytes,
-) -> Result<(&'a [u8], &'a [u8]), InferError> {
-    match headers.get(HEADER_LENGTH) {
-        None => Ok((body, &[])),
-        Some(value) => {
-            let n: usize = value
-                .to_str()
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .ok_or_else(|| {
-                    InferError::invalid(
-                        "Inference-Header-Content-Length must be a non-negative integer",
-                    )
-                })?;
-            if n == 0 {
-                return Err(InferError::invalid(
-                    "Inference-Header-Content-Length 0 (a raw binary request without a JSON header) is not supported",
-                ));
-            }
-            if n > body.len() {
-                return Err(InferError::invalid(format!(
-                    "Inference-Header-Content-Length is {n} but the body has only {} bytes",
-                    body.len()
-                )));
-            }
-            Ok(body.split_at(n))
-        }
-    }
-}
-
 fn flag(parameters: Option<&Map<String, Value>>, key: &str) -> Result<Option<bool>, InferError> {
     match parameters.and_then(|p| p.get(key)) {
         None => Ok(None),
@@ -417,72 +316,6 @@ fn flag(parameters: Option<&Map<String, Value>>, key: &str) -> Result<Option<boo
             "parameter `{key}` must be true or false, got {other}"
         ))),
     }
-}
-
-/// Decodes the inputs of a KServe v2 JSON inference request (a recorded warm-up request: JSON data only).
-pub fn decode_json_inputs(body: &[u8]) -> Result<Vec<NamedTensor>, InferError> {
-    let headers = HeaderMap::new();
-    decode_request_body(
-        &headers,
-        &Bytes::copy_from_slice(body),
-        &crate::infer::Limits::default(),
-    )
-}
-
-fn decode_input(
-    input: &InputBody,
-    binary: &mut &[u8],
-    limits: &crate::infer::Limits,
-    budget: &Budget,
-) -> Result<NamedTensor, InferError> {
-    let name = &input.name;
-    let (dtype, shape, expected) = super::kserve_input_header(name, &input.datatype, &input.shape)?;
-    limits.check_shape(name, &shape)?;
-    let binary_size = match input
-        .parameters
-        .as_ref()
-        .and_then(|p| p.get("binary_data_size"))
-    {
-        None => None,
-        Some(v) => Some(v.as_u64().ok_or_else(|| {
-            InferError::invalid(format!(
-                "input `{name}`: binary_data_size must be a non-negative integer, got {v}"
-            ))
-        })? as usize),
-    };
-    let data = match (binary_size, &input.data) {
-        (Some(_), Some(_)) => {
-            return Err(InferError::invalid(format!(
-                "input `{name}`: give either `data` or parameters.binary_data_size, not both"
-            )))
-        }
-        (None, None) => {
-            return Err(InferError::invalid(format!(
-                "input `{name}`: no `data` and no binary_data_size"
-            )))
-        }
-        (Some(size), None) => {
-            if size > binary.len() {
-                return Err(InferError::invalid(format!(
-                    "input `{name}`: binary_data_size is {size} but only {} bytes of binary data remain",
-                    binary.len()
-                )));
-            }
-            let (mine, rest) = binary.split_at(size);
-            *binary = rest;
-            super::charge_binary(name, dtype, mine, budget)?;
-            TensorData::from_le_bytes_at_most(dtype, mine, expected).ok_or_else(|| {
-                InferError::invalid(format!(
-                    "input `{name}`: {size} bytes are not the {expected} {dtype} elements shape {shape:?} needs"
-                ))
-            })?
-        }
-        (None, Some(raw)) => decode_data(dtype, raw.get(), expected, budget)
-            .map_err(|e| InferError::invalid(format!("input `{name}`: {e}")))?,
-    };
-    let tensor = Tensor::new(shape, data)
-        .map_err(|e| InferError::invalid(format!("input `{name}`: {e}")))?;
-    Ok(NamedTensor::new(name.clone(), tensor))
 }
 
 fn encode_response(

@@ -1,14 +1,16 @@
-//! Protocol adapters: each decodes its wire format into the internal request, calls [`crate::infer::Infer`],
+//! Protocol adapters: each decodes its wire format into the internal request, calls [`crate::core::infer::Infer`],
 //! and encodes the answer. No business logic lives here.
 
 pub mod grpc;
-pub mod json;
 pub mod kserve_grpc;
 pub mod kserve_rest;
 pub mod openai;
 pub mod tei;
 pub mod tfserving_grpc;
 pub mod tfserving_rest;
+
+/// Tensor data in JSON, at its path from before it moved to [`crate::codec`].
+pub use crate::codec::json;
 
 use axum::extract::rejection::BytesRejection;
 
@@ -18,10 +20,42 @@ use axum::http::HeaderMap;
 
 use crate::error::{ErrorKind, InferError};
 
+/// What every handler gets.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The shared inference path.
+    pub infer: crate::core::infer::Infer,
+}
+
+/// A body that failed to arrive, left by the transport's admission layer for the handler to answer (and count) as it
+/// would any other.
+#[derive(Debug, Clone)]
+pub(crate) struct BodyError(pub(crate) InferError);
+
+/// A request body as the transport's admission layer read it: the bytes, or why they could not be read (413, 400).
+/// Read directly when the layer is not there.
+#[derive(Debug)]
+pub struct AdmittedBody(pub Result<axum::body::Bytes, InferError>);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for AdmittedBody {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request(
+        mut request: axum::http::Request<axum::body::Body>,
+        state: &S,
+    ) -> Result<AdmittedBody, Self::Rejection> {
+        if let Some(BodyError(e)) = request.extensions_mut().remove::<BodyError>() {
+            return Ok(AdmittedBody(Err(e)));
+        }
+        let read = axum::body::Bytes::from_request(request, state).await;
+        Ok(AdmittedBody(read.map_err(body_error)))
+    }
+}
+
 /// Ends a REST call: counts the response body (when its length is known: bodies built in memory), records the
 /// outcome, and turns the result into a response with the timing headers of a prediction.
 pub(crate) fn finish(
-    call: crate::infer::Call<'_>,
+    call: crate::core::infer::Call<'_>,
     result: Result<axum::response::Response, InferError>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
@@ -94,58 +128,6 @@ pub(crate) fn client_deadline(headers: &HeaderMap) -> Result<Option<Instant>, In
             ))
         })?;
     Ok(Some(Instant::now() + Duration::from_millis(ms)))
-}
-
-/// Reads a KServe v2 input's datatype and shape (REST and gRPC alike): the element type, the shape, and the number
-/// of elements it needs.
-pub(crate) fn kserve_input_header(
-    name: &str,
-    datatype: &str,
-    shape: &[i64],
-) -> Result<(ferry_model::DataType, Vec<usize>, usize), InferError> {
-    let dtype = ferry_model::DataType::from_kserve_name(datatype).ok_or_else(|| {
-        InferError::invalid(format!("input `{name}`: unknown datatype `{datatype}`"))
-    })?;
-    let dims = shape
-        .iter()
-        .map(|d| usize::try_from(*d))
-        .collect::<Result<Vec<usize>, _>>()
-        .map_err(|_| {
-            InferError::invalid(format!(
-                "input `{name}`: shape {shape:?} has a negative dimension"
-            ))
-        })?;
-    let count = ferry_model::element_count(&dims).ok_or_else(|| {
-        InferError::invalid(format!("input `{name}`: shape {dims:?} is too large"))
-    })?;
-    Ok((dtype, dims, count))
-}
-
-/// Charges the memory binary tensor data will take once decoded: its own size, or for `BYTES` a vector per element
-/// (counted from the length prefixes before anything is allocated) plus the content.
-pub(crate) fn charge_binary(
-    name: &str,
-    dtype: ferry_model::DataType,
-    raw: &[u8],
-    budget: &crate::infer::Budget,
-) -> Result<(), InferError> {
-    let bytes = match dtype.element_size() {
-        Some(_) => raw.len(),
-        None => {
-            let (mut count, mut rest) = (0usize, raw);
-            while let Some(prefix) = rest.get(..4) {
-                let len = u32::from_le_bytes(prefix.try_into().expect("4 bytes")) as usize;
-                count += 1;
-                rest = rest.get(4 + len..).unwrap_or_default();
-            }
-            count
-                .saturating_mul(crate::infer::element_cost(dtype))
-                .saturating_add(raw.len())
-        }
-    };
-    budget
-        .take(bytes)
-        .map_err(|e| InferError::invalid(format!("input `{name}`: {e}")))
 }
 
 /// Turns a body that could not be read (too large, broken connection) into our error format.

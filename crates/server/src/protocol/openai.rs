@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{ErrorKind, InferError};
-use crate::http::AppState;
+use super::AppState;
 use crate::infer::{Infer, VersionSelector};
 use crate::text::{self, TextInput};
 use ferry_text::{Task, Tokens};
@@ -95,7 +95,7 @@ async fn models(State(state): State<AppState>) -> Response {
 async fn embeddings(
     State(state): State<AppState>,
     headers: HeaderMap,
-    crate::front::AdmittedBody(body): crate::front::AdmittedBody,
+    super::AdmittedBody(body): super::AdmittedBody,
 ) -> Response {
     let infer = &state.infer;
     let mut call = infer.call(crate::infer::Protocol::OpenaiRest);

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{ErrorKind, InferError};
-use crate::http::AppState;
+use super::AppState;
 use crate::infer::{Infer, VersionSelector};
 use crate::text::{self, TextInput};
 use ferry_text::{Side, Task};
@@ -282,7 +282,7 @@ pub async fn root(
     call: Call,
     State(state): State<AppState>,
     headers: HeaderMap,
-    crate::front::AdmittedBody(body): crate::front::AdmittedBody,
+    super::AdmittedBody(body): super::AdmittedBody,
 ) -> Response {
     match root_model(&state.infer, &headers) {
         Ok(model) => handle(&state.infer, call, &model, &headers, body).await,
@@ -296,7 +296,7 @@ pub async fn named(
     State(state): State<AppState>,
     Path(model): Path<String>,
     headers: HeaderMap,
-    crate::front::AdmittedBody(body): crate::front::AdmittedBody,
+    super::AdmittedBody(body): super::AdmittedBody,
 ) -> Response {
     handle(&state.infer, call, &model, &headers, body).await
 }

@@ -23,9 +23,9 @@ use super::grpc::tensorflow::{
     tensor_info, tensor_shape_proto::Dim, DataType as TfType, SignatureDef, TensorInfo,
     TensorProto, TensorShapeProto,
 };
+use crate::core::infer::{Call, Infer, Protocol, VersionSelector};
+use crate::core::repository::VersionState;
 use crate::error::InferError;
-use crate::infer::{Call, Infer, Protocol, VersionSelector};
-use crate::repository::VersionState;
 
 /// The TF Serving gRPC services over the shared [`Infer`] path.
 #[derive(Debug, Clone)]
@@ -99,8 +99,8 @@ fn decode(
     name: &str,
     spec: &TensorSpec,
     mut t: TensorProto,
-    limits: &crate::infer::Limits,
-    budget: &crate::infer::Budget,
+    limits: &crate::codec::limits::Limits,
+    budget: &crate::codec::limits::Budget,
 ) -> Result<NamedTensor, InferError> {
     let err = |m: String| InferError::invalid(format!("input `{name}`: {m}"));
     let dtype =
@@ -179,12 +179,12 @@ fn decode(
     // prost has already decoded the typed fields (packed varints and empty strings take up to 8-12 x their bytes on
     // the wire): what they hold is charged too, and refused when it does not fit.
     budget
-        .take(crate::infer::memory_cost(&data))
+        .take(crate::codec::limits::memory_cost(&data))
         .map_err(&err)?;
     // TensorFlow fills a whole tensor from a single value: a few bytes may ask for a large tensor, so the filled
     // size is charged to the request's budget before anything is allocated.
     let data = if count > 1 && data.len() == 1 {
-        let each = crate::infer::element_cost(dtype)
+        let each = crate::codec::limits::element_cost(dtype)
             + match &data {
                 TensorData::Bytes(v) => v[0].len(),
                 _ => 0,
@@ -249,9 +249,9 @@ pub fn decode_predict_inputs(
     specs: &[TensorSpec],
     inputs: std::collections::HashMap<String, TensorProto>,
     request_bytes: usize,
-    limits: &crate::infer::Limits,
+    limits: &crate::codec::limits::Limits,
 ) -> Result<Vec<NamedTensor>, InferError> {
-    let budget = crate::infer::Budget::for_request(request_bytes);
+    let budget = crate::codec::limits::Budget::for_request(request_bytes);
     let mut decoded = Vec::with_capacity(inputs.len());
     for (name, tensor) in inputs {
         let spec = specs.iter().find(|s| s.name == name).ok_or_else(|| {

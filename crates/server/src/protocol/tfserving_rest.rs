@@ -14,15 +14,15 @@ use std::collections::BTreeMap;
 
 use serde_json::value::RawValue;
 
-use super::json::{
+use super::{client_deadline, finish};
+use crate::codec::json::{
     decode_leaves, decode_value, json_text, leaves, nested_shape, Decoder, NestedJson,
 };
-use super::{client_deadline, finish};
+use crate::codec::limits::Budget;
+use crate::core::infer::{Call, Infer, Protocol, VersionSelector};
+use crate::core::repository::{parse_version, LoadedVersion, VersionState};
 use crate::error::InferError;
-use crate::http::AppState;
-use crate::infer::Budget;
-use crate::infer::{Call, Infer, Protocol, VersionSelector};
-use crate::repository::{parse_version, LoadedVersion, VersionState};
+use crate::protocol::AppState;
 
 /// What a `/v1/models/...` path asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,7 +93,7 @@ pub async fn post(
     State(state): State<AppState>,
     Path(rest): Path<String>,
     headers: axum::http::HeaderMap,
-    crate::front::AdmittedBody(body): crate::front::AdmittedBody,
+    crate::protocol::AdmittedBody(body): crate::protocol::AdmittedBody,
 ) -> Response {
     let parsed = parse_path(&Method::POST, &rest);
     let mut call = state.infer.call(Protocol::TfservingRest);
@@ -223,7 +223,7 @@ const TREE_FACTOR: usize = 24;
 /// Parses a `:classify` or `:regress` body into a JSON tree, after checking the tree fits its allowance.
 fn parse_body(
     body: &[u8],
-    limits: &crate::infer::Limits,
+    limits: &crate::codec::limits::Limits,
 ) -> Result<Map<String, Value>, InferError> {
     let budget = Budget::for_request(body.len());
     let (json, scan) = json_text(body, limits, &budget)?;
@@ -232,7 +232,7 @@ fn parse_body(
     let tree = body
         .len()
         .saturating_mul(TREE_FACTOR)
-        .saturating_add(crate::infer::EXPANSION_FLOOR);
+        .saturating_add(crate::codec::limits::EXPANSION_FLOOR);
     if scan.tree_bytes() > tree {
         return Err(InferError::invalid(format!(
             "this body would take about {} bytes as a JSON tree, more than {TREE_FACTOR} x its size + 1 MiB allows; \
@@ -257,7 +257,7 @@ fn parse_body(
 pub fn decode_predict_body(
     specs: &[TensorSpec],
     body: &[u8],
-    limits: &crate::infer::Limits,
+    limits: &crate::codec::limits::Limits,
 ) -> Result<(Vec<NamedTensor>, bool), InferError> {
     let budget = Budget::for_request(body.len());
     let (json, _) = json_text(body, limits, &budget)?;
@@ -787,13 +787,13 @@ mod tests {
     fn classify_bodies_of_thousands_of_examples_are_parsed() {
         let example = r#"{"x0": 5.1, "x1": 3.5, "x2": 1.4, "x3": 0.2}"#;
         let body = format!(r#"{{"examples": [{}]}}"#, vec![example; 3000].join(","));
-        assert!(parse_body(body.as_bytes(), &crate::infer::Limits::default()).is_ok());
+        assert!(parse_body(body.as_bytes(), &crate::codec::limits::Limits::default()).is_ok());
         // A body of nothing but tiny values would make a tree far larger than itself.
         let body = format!(
             r#"{{"examples": [{}]}}"#,
             vec!["[[[0]]]"; 400_000].join(",")
         );
-        let e = parse_body(body.as_bytes(), &crate::infer::Limits::default()).unwrap_err();
+        let e = parse_body(body.as_bytes(), &crate::codec::limits::Limits::default()).unwrap_err();
         assert!(e.message.contains("as a JSON tree"), "{}", e.message);
     }
 

@@ -47,8 +47,8 @@ pub fn run(dir: &Path, signature: &Signature, backend: &dyn Backend) -> Result<(
                 return Err(fail(format!("it is larger than {MAX_REQUEST_BYTES} bytes")));
             }
             let body = std::fs::read(&file).map_err(|e| fail(e.to_string()))?;
-            let inputs = crate::protocol::kserve_rest::decode_json_inputs(&body)
-                .map_err(|e| fail(e.message))?;
+            let inputs =
+                crate::codec::kserve::decode_json_inputs(&body).map_err(|e| fail(e.message))?;
             let inputs = conform(signature, inputs).map_err(fail)?;
             backend.predict(inputs).map_err(|e| fail(e.to_string()))?;
         }

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use ferry_engine::{EngineError, EngineOptions, OrtEngine};
 
-use crate::model_config::ModelConfig;
-use crate::repository::{LoadedVersion, ModelStore, VersionSlot, VersionState};
-use crate::rollout::{Live, RolloutPlan, RolloutState, Tick, PLAN_FILE};
-use crate::source::{Listing, ModelListing, Repository};
+use crate::core::model_config::ModelConfig;
+use crate::core::repository::{LoadedVersion, ModelStore, VersionSlot, VersionState};
+use crate::core::rollout::{Live, RolloutPlan, RolloutState, Tick, PLAN_FILE};
+use crate::core::source::{Listing, ModelListing, Repository};
 
 /// How the served models follow the repository (Triton's `--model-control-mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,7 +85,7 @@ pub struct Manager {
     metrics: Arc<crate::metrics::Metrics>,
     mode: ControlMode,
     drain_timeout: Duration,
-    integrity: Arc<crate::integrity::IntegrityPolicy>,
+    integrity: Arc<crate::core::integrity::IntegrityPolicy>,
     state: tokio::sync::Mutex<State>,
 }
 
@@ -126,13 +126,13 @@ impl Manager {
             metrics,
             mode,
             drain_timeout,
-            integrity: Arc::new(crate::integrity::IntegrityPolicy::default()),
+            integrity: Arc::new(crate::core::integrity::IntegrityPolicy::default()),
             state: tokio::sync::Mutex::new(State::default()),
         }
     }
 
     /// Checks versions with this policy (trusted signing keys, model size limit) before they load.
-    pub fn with_integrity(mut self, integrity: crate::integrity::IntegrityPolicy) -> Manager {
+    pub fn with_integrity(mut self, integrity: crate::core::integrity::IntegrityPolicy) -> Manager {
         self.integrity = Arc::new(integrity);
         self
     }
@@ -299,7 +299,7 @@ impl Manager {
         every: Duration,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
-        while crate::listen::sleep_unless_stopped(every, &mut stop).await {
+        while super::sleep_unless_stopped(every, &mut stop).await {
             if let Err(e) = self.poll().await {
                 tracing::warn!(error = %e, "repository poll failed; serving what is loaded");
             }
@@ -312,7 +312,7 @@ impl Manager {
         every: Duration,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
-        while crate::listen::sleep_unless_stopped(every, &mut stop).await {
+        while super::sleep_unless_stopped(every, &mut stop).await {
             self.rollout_tick().await;
         }
     }
@@ -735,7 +735,7 @@ impl Manager {
                 (self.engine.clone(), config.clone(), self.integrity.clone());
             let model = name.to_string();
             tokio::task::spawn_blocking(move || {
-                crate::repository::prepare(&dir, (&model, version), &cfg, &engine, &integrity)
+                crate::core::repository::prepare(&dir, (&model, version), &cfg, &engine, &integrity)
             })
             .await
             .unwrap_or_else(|e| Err(format!("loading panicked: {e}")))
@@ -743,7 +743,7 @@ impl Manager {
         .await;
         self.metrics.load(name, started.elapsed(), result.is_ok());
         let prepared = result?;
-        Ok(Arc::new(crate::repository::activate(
+        Ok(Arc::new(crate::core::repository::activate(
             name,
             version,
             prepared,

@@ -16,9 +16,9 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::infer::Infer;
-use crate::reload::{ManageError, Manager};
-use crate::repository::{validate_name, VersionState};
+use crate::core::infer::Infer;
+use crate::core::reload::{ManageError, Manager};
+use crate::core::repository::{validate_name, VersionState};
 
 /// What the management handlers share.
 #[derive(Debug, Clone)]
@@ -30,18 +30,7 @@ pub struct AdminState {
     /// The sha256 of the token calls must carry, when one is set.
     pub token_sha256: Option<[u8; 32]>,
     /// The inference ports' tokens: those with the `admin` scope are accepted here too.
-    pub auth: Option<Arc<crate::auth::Auth>>,
-}
-
-/// The sha256 digest of a token.
-pub fn token_digest(token: &str) -> [u8; 32] {
-    use sha2::Digest;
-    sha2::Sha256::digest(token.as_bytes()).into()
-}
-
-/// Equal digests, compared without an early exit.
-pub fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    pub auth: Option<Arc<crate::transport::auth::Auth>>,
 }
 
 /// The management router.
@@ -74,7 +63,7 @@ async fn authorize(
     let scoped = state
         .auth
         .as_ref()
-        .filter(|a| a.has_scope(crate::auth::Scope::Admin));
+        .filter(|a| a.has_scope(crate::transport::auth::Scope::Admin));
     if state.token_sha256.is_none() && scoped.is_none() {
         return next.run(request).await;
     }
@@ -82,18 +71,20 @@ async fn authorize(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let given = crate::auth::bearer(header_value);
+    let given = crate::transport::auth::bearer(header_value);
     let admin_token = |token: &str| {
-        state
-            .token_sha256
-            .as_ref()
-            .is_some_and(|expected| digests_equal(&token_digest(token.trim()), expected))
+        state.token_sha256.as_ref().is_some_and(|expected| {
+            crate::transport::auth::digests_equal(
+                &crate::transport::auth::token_digest(token.trim()),
+                expected,
+            )
+        })
     };
     let scoped_ok = || {
         scoped.is_some_and(|a| {
             a.check(
                 header_value,
-                crate::auth::Endpoint::Scoped(crate::auth::Scope::Admin),
+                crate::transport::auth::Endpoint::Scoped(crate::transport::auth::Scope::Admin),
             )
             .is_ok()
         })

@@ -89,27 +89,11 @@ impl Tls {
 
     /// Re-reads the certificate every two seconds when its files change, until `stop`.
     pub async fn watch(self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        while sleep_unless_stopped(Duration::from_secs(2), &mut stop).await {
+        while crate::core::sleep_unless_stopped(Duration::from_secs(2), &mut stop).await {
             let r = self.resolver.clone();
             let _ = tokio::task::spawn_blocking(move || r.reload_if_changed()).await;
         }
     }
-}
-
-/// Sleeps `period`; `false` (at once) when `stop` turns true first. The loop of every periodic task.
-pub async fn sleep_unless_stopped(
-    period: Duration,
-    stop: &mut tokio::sync::watch::Receiver<bool>,
-) -> bool {
-    tokio::select! {
-        () = tokio::time::sleep(period) => true,
-        () = stopped(stop) => false,
-    }
-}
-
-/// Completes once `stop` turns true (without holding the channel's lock across an await).
-async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 fn invalid(message: String) -> io::Error {
@@ -198,7 +182,7 @@ impl ResolvesServerCert for Reloading {
 pub async fn serve_http(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    front: crate::front::Front,
+    front: crate::transport::front::Front,
     header_timeout: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> io::Result<()> {
@@ -215,7 +199,7 @@ pub async fn serve_http(
                     continue;
                 }
             },
-            () = stopped(&mut stop) => break,
+            () = crate::core::stopped(&mut stop) => break,
         };
         let _ = tcp.set_nodelay(true);
         let front = front.clone();
@@ -296,7 +280,7 @@ impl GrpcConnection {
         let give_up = async move {
             tokio::select! {
                 () = tokio::time::sleep(timeout) => {}
-                () = stopped(&mut stop) => {}
+                () = crate::core::stopped(&mut stop) => {}
             }
         };
         GrpcConnection {

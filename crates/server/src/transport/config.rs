@@ -24,7 +24,7 @@ pub struct ServeConfig {
     /// Where versions fetched from S3 are cached.
     pub cache_dir: PathBuf,
     /// How the served models follow the repository.
-    pub model_control_mode: crate::reload::ControlMode,
+    pub model_control_mode: crate::core::reload::ControlMode,
     /// How often `poll` mode scans the repository.
     pub repository_poll: Duration,
     /// Models to load at startup in `explicit` mode.
@@ -34,9 +34,9 @@ pub struct ServeConfig {
     /// The token the management API requires (`Authorization: Bearer`); required when it listens beyond loopback.
     pub admin_token: Option<Secret>,
     /// TLS for every listener, when on.
-    pub tls: Option<crate::listen::TlsFiles>,
+    pub tls: Option<crate::transport::listen::TlsFiles>,
     /// Tokens for the inference ports (none: nothing is checked).
-    pub tokens: Vec<crate::auth::TokenSpec>,
+    pub tokens: Vec<crate::transport::auth::TokenSpec>,
     /// Health endpoints answer without a token.
     pub open_health: bool,
     /// `/metrics` on the REST port answers without a token.
@@ -44,7 +44,7 @@ pub struct ServeConfig {
     /// Headers (and a TLS handshake) must arrive within this, and a request body may pause at most this long.
     pub client_timeout: Duration,
     /// Per-request limits beyond the body size.
-    pub limits: crate::infer::Limits,
+    pub limits: crate::codec::limits::Limits,
     /// The address to listen on.
     pub host: IpAddr,
     /// The REST port; 0 picks a free one.
@@ -66,9 +66,9 @@ pub struct ServeConfig {
     /// Where the ONNX Runtime library is, if given.
     pub onnxruntime_lib: Option<PathBuf>,
     /// Sampled payload logging, when on.
-    pub payload_log: Option<crate::payload_log::PayloadLogConfig>,
+    pub payload_log: Option<crate::core::payload_log::PayloadLogConfig>,
     /// Trusted signing keys and the model size limit, checked before a model loads.
-    pub integrity: crate::integrity::IntegrityPolicy,
+    pub integrity: crate::core::integrity::IntegrityPolicy,
     /// Whether requests are recorded in metrics, and whether Triton's families are emitted too.
     pub metrics: crate::metrics::MetricsOptions,
 }
@@ -84,7 +84,7 @@ impl ServeConfig {
             || self
                 .tokens
                 .iter()
-                .any(|t| t.scopes.contains(&crate::auth::Scope::Admin));
+                .any(|t| t.scopes.contains(&crate::transport::auth::Scope::Admin));
         if addr.ip().is_loopback() || guarded {
             return Ok(());
         }
@@ -99,7 +99,7 @@ impl ServeConfig {
         ServeConfig {
             model_repository: model_repository.display().to_string(),
             cache_dir: std::env::temp_dir().join("ferry-cache"),
-            model_control_mode: crate::reload::ControlMode::None,
+            model_control_mode: crate::core::reload::ControlMode::None,
             repository_poll: Duration::from_secs(5),
             load_models: Vec::new(),
             admin: None,
@@ -109,7 +109,7 @@ impl ServeConfig {
             open_health: true,
             open_metrics: true,
             client_timeout: Duration::from_secs(10),
-            limits: crate::infer::Limits::default(),
+            limits: crate::codec::limits::Limits::default(),
             host: IpAddr::from([127, 0, 0, 1]),
             rest_port: 0,
             grpc_port: 0,
@@ -124,7 +124,7 @@ impl ServeConfig {
             },
             onnxruntime_lib: None,
             payload_log: None,
-            integrity: crate::integrity::IntegrityPolicy::default(),
+            integrity: crate::core::integrity::IntegrityPolicy::default(),
             metrics: crate::metrics::MetricsOptions::default(),
         }
     }

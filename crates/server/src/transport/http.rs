@@ -14,20 +14,15 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
-use crate::config::ServeConfig;
+use crate::core::infer::{Health, Infer};
+use crate::core::reload::{ControlMode, Manager};
+use crate::core::repository::ModelStore;
+use crate::core::source::Repository;
 use crate::error::InferError;
-use crate::infer::{Health, Infer};
 use crate::protocol::{kserve_rest as ks, tfserving_rest as tf};
-use crate::reload::{ControlMode, Manager};
-use crate::repository::ModelStore;
-use crate::source::Repository;
+use crate::transport::config::ServeConfig;
 
-/// What every handler gets.
-#[derive(Debug, Clone)]
-pub struct AppState {
-    /// The shared inference path.
-    pub infer: Infer,
-}
+pub use crate::protocol::AppState;
 
 /// The REST router, without a listener: tests call it in-process.
 pub fn app(state: AppState, max_request_bytes: usize) -> Router {
@@ -35,7 +30,7 @@ pub fn app(state: AppState, max_request_bytes: usize) -> Router {
     app_with_limit(
         state,
         max_request_bytes,
-        Arc::new(crate::front::Admission::new(
+        Arc::new(crate::transport::front::Admission::new(
             usize::MAX,
             max_request_bytes,
             defaults.client_timeout,
@@ -44,13 +39,13 @@ pub fn app(state: AppState, max_request_bytes: usize) -> Router {
     )
 }
 
-/// The REST router, letting requests in through `admission` ([`crate::front::Admission`]: bodies read first, then
+/// The REST router, letting requests in through `admission` ([`crate::transport::front::Admission`]: bodies read first, then
 /// at most `--max-concurrent-requests` handled at once, probes exempt). The listener's direct inference path
-/// ([`crate::front`]) shares the same admission.
+/// ([`crate::transport::front`]) shares the same admission.
 pub fn app_with_limit(
     state: AppState,
     max_request_bytes: usize,
-    admission: Arc<crate::front::Admission>,
+    admission: Arc<crate::transport::front::Admission>,
 ) -> Router {
     Router::new()
         .route("/v2", get(ks::server_metadata))
@@ -86,7 +81,7 @@ pub fn app_with_limit(
         .layer(DefaultBodyLimit::max(max_request_bytes))
         .layer(middleware::from_fn_with_state(
             admission,
-            crate::front::admit,
+            crate::transport::front::admit,
         ))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
@@ -168,7 +163,7 @@ async fn method_not_allowed() -> Response {
 /// Gives every request an id (the client's `x-request-id`, or a new one), logs one line per request under a span
 /// that carries it, and echoes it in the response.
 async fn request_id(request: Request<axum::body::Body>, next: Next) -> Response {
-    let id = crate::front::request_id(request.headers());
+    let id = crate::transport::front::request_id(request.headers());
     // A debug-level span: at the default level it is never built, so a request pays nothing for it; with
     // `RUST_LOG=ferry_server=debug` every line a request logs carries its id, method and path.
     let span = tracing::debug_span!("request", id = %id, method = %request.method(), path = %request.uri().path());
@@ -181,7 +176,7 @@ async fn request_id(request: Request<axum::body::Body>, next: Next) -> Response 
             "request done"
         )
     });
-    crate::front::echo_id(&mut response, &id);
+    crate::transport::front::echo_id(&mut response, &id);
     response
 }
 
@@ -191,11 +186,11 @@ pub struct Server {
     grpc_listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     admin_listener: Option<TcpListener>,
-    front: crate::front::Front,
+    front: crate::transport::front::Front,
     infer: Infer,
     manager: Arc<Manager>,
-    tls: Option<crate::listen::Tls>,
-    auth: Option<Arc<crate::auth::Auth>>,
+    tls: Option<crate::transport::listen::Tls>,
+    auth: Option<Arc<crate::transport::auth::Auth>>,
     config: ServeConfig,
 }
 
@@ -220,7 +215,7 @@ impl Server {
         );
         if let Some(payload) = &config.payload_log {
             let logger =
-                crate::payload_log::PayloadLogger::start(payload.clone()).map_err(|e| {
+                crate::core::payload_log::PayloadLogger::start(payload.clone()).map_err(|e| {
                     std::io::Error::new(
                         e.kind(),
                         format!(
@@ -236,12 +231,12 @@ impl Server {
         let tls = match &config.tls {
             None => None,
             Some(files) => {
-                let tls = crate::listen::Tls::new(files)?;
+                let tls = crate::transport::listen::Tls::new(files)?;
                 tracing::info!(cert = %files.cert.display(), client_certificates = files.client_ca.is_some(), "TLS on for every listener");
                 Some(tls)
             }
         };
-        let auth = crate::auth::Auth::new(
+        let auth = crate::transport::auth::Auth::new(
             config.tokens.clone(),
             config.open_health,
             config.open_metrics,
@@ -251,7 +246,7 @@ impl Server {
             tracing::info!(
                 open_health = config.open_health,
                 open_metrics = config.open_metrics,
-                admin_scope = a.has_scope(crate::auth::Scope::Admin),
+                admin_scope = a.has_scope(crate::transport::auth::Scope::Admin),
                 "tokens required on the inference ports"
             );
         }
@@ -266,7 +261,7 @@ impl Server {
                 let admin_tokens = config.admin_token.is_some()
                     || auth
                         .as_ref()
-                        .is_some_and(|a| a.has_scope(crate::auth::Scope::Admin));
+                        .is_some_and(|a| a.has_scope(crate::transport::auth::Scope::Admin));
                 if !addr.ip().is_loopback() && !admin_tokens {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidInput,
@@ -311,7 +306,7 @@ impl Server {
             None => None,
             Some(s) => Some(listen(s, "metrics listening")?),
         };
-        let admission = Arc::new(crate::front::Admission::new(
+        let admission = Arc::new(crate::transport::front::Admission::new(
             config.max_concurrent_requests,
             config.max_request_bytes,
             config.client_timeout,
@@ -327,12 +322,12 @@ impl Server {
         if let Some(a) = &auth {
             router = router.layer(middleware::from_fn_with_state(
                 a.clone(),
-                crate::auth::rest_layer,
+                crate::transport::auth::rest_layer,
             ));
         }
-        let front = crate::front::Front::with_direct_infer(
+        let front = crate::transport::front::Front::with_direct_infer(
             router,
-            crate::front::DirectInfer {
+            crate::transport::front::DirectInfer {
                 infer: infer.clone(),
                 auth: auth.clone(),
                 admission,
@@ -409,26 +404,29 @@ impl Server {
             config,
         } = self;
         let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+        // Every background task ends once the drain signal turns true, and is joined before `run` returns (a rollout
+        // decision being written finishes); dropping the set on an early return aborts them.
+        let mut background = tokio::task::JoinSet::new();
         if config.model_control_mode == ControlMode::Poll {
-            tokio::spawn(
+            background.spawn(
                 manager
                     .clone()
                     .run_poller(config.repository_poll, drain_rx.clone()),
             );
         }
-        tokio::spawn(
+        background.spawn(
             manager
                 .clone()
                 .run_rollouts(std::time::Duration::from_millis(100), drain_rx.clone()),
         );
         if let Some(l) = admin_listener {
-            let admin = crate::admin::router(crate::admin::AdminState {
+            let admin = crate::transport::admin::router(crate::transport::admin::AdminState {
                 manager: manager.clone(),
                 infer: infer.clone(),
                 token_sha256: config
                     .admin_token
                     .as_ref()
-                    .map(|t| crate::admin::token_digest(&t.0)),
+                    .map(|t| crate::transport::auth::token_digest(&t.0)),
                 auth: auth.clone(),
             });
             let (tls, stop, timeout) = (
@@ -436,8 +434,9 @@ impl Server {
                 drain_rx.clone(),
                 config.client_timeout,
             );
-            tokio::spawn(async move {
-                let result = crate::listen::serve_http(l, tls, admin.into(), timeout, stop).await;
+            background.spawn(async move {
+                let result =
+                    crate::transport::listen::serve_http(l, tls, admin.into(), timeout, stop).await;
                 if let Err(e) = result {
                     tracing::error!(error = %e, "the management API stopped");
                 }
@@ -445,7 +444,7 @@ impl Server {
         }
         let health = infer.health.clone();
         let store = infer.store.clone();
-        tokio::spawn(async move {
+        background.spawn(async move {
             shutdown.await;
             tracing::info!(
                 "shutdown requested: readiness is now false, draining in-flight requests"
@@ -454,9 +453,9 @@ impl Server {
             let _ = drain_tx.send(true);
         });
         if let Some(t) = &tls {
-            tokio::spawn(t.clone().watch(drain_rx.clone()));
+            background.spawn(t.clone().watch(drain_rx.clone()));
         }
-        let serve = crate::listen::serve_http(
+        let serve = crate::transport::listen::serve_http(
             listener,
             tls.as_ref().map(|t| t.rest.clone()),
             front,
@@ -475,7 +474,7 @@ impl Server {
         );
         // A connection (plain or TLS) must send the HTTP/2 preface within the client timeout.
         let grpc = grpc_routes.serve_with_incoming_shutdown(
-            crate::listen::grpc_incoming(
+            crate::transport::listen::grpc_incoming(
                 grpc_listener,
                 tls.as_ref().map(|t| t.grpc.clone()),
                 config.client_timeout,
@@ -494,7 +493,7 @@ impl Server {
         if let Some(a) = &auth {
             metrics_router = metrics_router.layer(middleware::from_fn_with_state(
                 a.clone(),
-                crate::auth::rest_layer,
+                crate::transport::auth::rest_layer,
             ));
         }
         let (metrics_tls, metrics_stop, metrics_timeout) = (
@@ -505,7 +504,7 @@ impl Server {
         let metrics_serve = async move {
             match metrics_listener {
                 Some(l) => {
-                    crate::listen::serve_http(
+                    crate::transport::listen::serve_http(
                         l,
                         metrics_tls,
                         metrics_router.into(),
@@ -555,6 +554,16 @@ impl Server {
             }
         }
         store.mark_all_unloading();
+        let joined = tokio::time::timeout(grace, async {
+            while background.join_next().await.is_some() {}
+        })
+        .await;
+        if joined.is_err() {
+            tracing::warn!(
+                left = background.len(),
+                "background tasks did not stop within the shutdown grace period; aborting them"
+            );
+        }
         tracing::info!("server stopped");
         Ok(())
     }
@@ -594,7 +603,10 @@ type GrpcLayers = tower::layer::util::Stack<
             fn(axum::http::Response<tonic::body::Body>) -> axum::http::Response<tonic::body::Body>,
         >,
         tower::layer::util::Stack<
-            tower::util::Either<crate::auth::GrpcAuthLayer, tower::layer::util::Identity>,
+            tower::util::Either<
+                crate::transport::auth::GrpcAuthLayer,
+                tower::layer::util::Identity,
+            >,
             tower::layer::util::Identity,
         >,
     >,
@@ -604,7 +616,7 @@ type GrpcLayers = tower::layer::util::Stack<
 fn grpc_router(
     infer: &Infer,
     max_message_bytes: usize,
-    auth: Option<Arc<crate::auth::Auth>>,
+    auth: Option<Arc<crate::transport::auth::Auth>>,
     call_timeout: std::time::Duration,
 ) -> tonic::transport::server::Router<GrpcLayers> {
     use crate::protocol::grpc::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
@@ -622,7 +634,7 @@ fn grpc_router(
     };
     tonic::transport::Server::builder()
         .layer(tower::util::option_layer(
-            auth.map(crate::auth::GrpcAuthLayer),
+            auth.map(crate::transport::auth::GrpcAuthLayer),
         ))
         .layer(tower::util::MapResponseLayer::new(
             crate::protocol::grpc::oversized_is_resource_exhausted::<tonic::body::Body>

@@ -8,7 +8,7 @@ use serde::ser::{SerializeMap, SerializeSeq, SerializeStruct};
 use serde::{Serialize, Serializer};
 use serde_json::Value;
 
-use crate::infer::Budget;
+use crate::codec::limits::Budget;
 
 /// The shape of nested JSON arrays, checking that every level is rectangular. A non-array is a scalar (`[]`).
 pub fn nested_shape(value: &Value) -> Result<Vec<usize>, String> {
@@ -409,7 +409,7 @@ impl<'b> Decoder<'b> {
         json_bytes: usize,
         budget: &'b Budget,
     ) -> Decoder<'b> {
-        let cost = crate::infer::element_cost(dtype);
+        let cost = crate::codec::limits::element_cost(dtype);
         // Size the buffer from the data actually sent and what the budget allows, never from a client's shape.
         let capacity = (json_bytes / min_json_bytes(dtype) + 1)
             .min(limit.unwrap_or(usize::MAX))
@@ -651,9 +651,10 @@ impl<'b> Decoder<'b> {
 /// has any (the copy is charged to the request's budget), and what the scan saw.
 pub fn json_text<'a>(
     body: &'a [u8],
-    limits: &crate::infer::Limits,
+    limits: &crate::codec::limits::Limits,
     budget: &Budget,
-) -> Result<(std::borrow::Cow<'a, [u8]>, crate::infer::JsonScan), crate::error::InferError> {
+) -> Result<(std::borrow::Cow<'a, [u8]>, crate::codec::limits::JsonScan), crate::error::InferError>
+{
     let scan = limits.scan_json(body)?;
     if !scan.nonfinite {
         return Ok((std::borrow::Cow::Borrowed(body), scan));
@@ -681,7 +682,7 @@ fn nonfinite(text: &str) -> Option<f64> {
 /// when a scan saw such a token (`Limits::scan_json`); anything else is copied unchanged and left to the parser.
 pub fn nonfinite_as_strings(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + 16);
-    let mut strings = crate::infer::JsonStrings::default();
+    let mut strings = crate::codec::limits::JsonStrings::default();
     let mut i = 0;
     while i < body.len() {
         let b = body[i];

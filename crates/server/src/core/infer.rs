@@ -9,210 +9,16 @@ use std::time::{Duration, Instant};
 
 use ferry_model::{NamedTensor, TensorSpec};
 
+pub use crate::codec::limits::{
+    element_cost, memory_cost, Budget, JsonScan, JsonStrings, Limits, EXPANSION_FACTOR,
+    EXPANSION_FLOOR,
+};
+use crate::core::repository::{validate_name, LoadedVersion, ModelStore, VersionState};
 use crate::error::{ErrorKind, InferError};
 pub use crate::metrics::Protocol;
-use crate::repository::{validate_name, LoadedVersion, ModelStore, VersionState};
 
 /// The largest dimension a tensor may have (2³¹ − 1, as ONNX Runtime and most clients assume).
 const MAX_DIMENSION: usize = i32::MAX as usize;
-
-/// Per-request limits beyond the body size, checked before any work is queued.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Rows (the first dimension) an input may have.
-    pub max_rows: usize,
-    /// Elements one input tensor may have.
-    pub max_tensor_elements: usize,
-    /// How deeply a JSON body may nest arrays and objects.
-    pub max_json_depth: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits {
-            max_rows: 65_536,
-            max_tensor_elements: 1 << 26,
-            max_json_depth: 64,
-        }
-    }
-}
-
-impl Limits {
-    /// Checks decoded inputs against the row and element limits.
-    pub fn check(&self, inputs: &[NamedTensor]) -> Result<(), InferError> {
-        for input in inputs {
-            self.check_shape(&input.name, &input.tensor.shape)?;
-        }
-        Ok(())
-    }
-
-    /// Checks a shape a client declared against the row and element limits, before anything is decoded or
-    /// allocated for it.
-    pub fn check_shape(&self, name: &str, shape: &[usize]) -> Result<(), InferError> {
-        let rows = shape.first().copied().unwrap_or(1);
-        if rows > self.max_rows {
-            return Err(InferError::invalid(format!(
-                "input `{name}` has {rows} rows; at most {} are allowed per request (--max-rows-per-request)",
-                self.max_rows
-            )));
-        }
-        let elements = ferry_model::element_count(shape).unwrap_or(usize::MAX);
-        if elements > self.max_tensor_elements {
-            return Err(InferError::invalid(format!(
-                "input `{name}` has {elements} elements; at most {} are allowed per tensor (--max-tensor-elements)",
-                self.max_tensor_elements
-            )));
-        }
-        Ok(())
-    }
-
-    /// Scans a JSON body before parsing it: refuses nesting deeper than `max_json_depth`, and says how many values
-    /// it holds (what a JSON tree of it would cost) and whether it spells non-finite numbers as bare tokens.
-    pub fn scan_json(&self, body: &[u8]) -> Result<JsonScan, InferError> {
-        let mut depth = 0usize;
-        let mut strings = JsonStrings::default();
-        let mut scan = JsonScan {
-            values: 1,
-            nonfinite: false,
-        };
-        for &b in body {
-            if strings.inside(b) {
-                continue;
-            }
-            match b {
-                b'[' | b'{' => {
-                    scan.values += 1;
-                    depth += 1;
-                    if depth > self.max_json_depth {
-                        return Err(InferError::invalid(format!(
-                            "the JSON body nests deeper than {} levels (--max-json-depth)",
-                            self.max_json_depth
-                        )));
-                    }
-                }
-                b']' | b'}' => depth = depth.saturating_sub(1),
-                b',' | b':' => scan.values += 1,
-                // Outside strings, JSON's literals are lower case: these start `NaN` and `Infinity`.
-                b'N' | b'I' => scan.nonfinite = true,
-                _ => {}
-            }
-        }
-        Ok(scan)
-    }
-}
-
-/// Tracks whether a byte scan of JSON text is inside a string (escapes included).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct JsonStrings {
-    in_string: bool,
-    escaped: bool,
-}
-
-impl JsonStrings {
-    /// Takes the next byte; true when it belongs to a string (its quotes included).
-    pub fn inside(&mut self, b: u8) -> bool {
-        if self.in_string {
-            match (self.escaped, b) {
-                (true, _) => self.escaped = false,
-                (false, b'\\') => self.escaped = true,
-                (false, b'"') => self.in_string = false,
-                _ => {}
-            }
-            return true;
-        }
-        self.in_string = b == b'"';
-        self.in_string
-    }
-}
-
-/// What [`Limits::scan_json`] saw in a body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct JsonScan {
-    /// About how many values (scalars, lists, objects, keys) the body holds.
-    pub values: usize,
-    /// Whether it has a `NaN` or `Infinity` token outside strings.
-    pub nonfinite: bool,
-}
-
-impl JsonScan {
-    /// About what parsing the body into a `serde_json::Value` tree would allocate: a `Value` and a map entry or
-    /// list slot per value.
-    pub fn tree_bytes(&self) -> usize {
-        self.values.saturating_mul(64)
-    }
-}
-
-/// How much memory a request's decoded tensors may take, as a multiple of the request's own size (see [`Budget`]).
-pub const EXPANSION_FACTOR: usize = 4;
-/// What any request may take beyond [`EXPANSION_FACTOR`] times its size, so small requests are never refused.
-pub const EXPANSION_FLOOR: usize = 1 << 20;
-
-/// The memory a request's decoding may still take, charged before each allocation: every path that expands data
-/// (a single value filling a shape, byte strings, nested JSON, typed gRPC fields) takes from it first, so a request
-/// of B bytes never decodes into more than `EXPANSION_FACTOR` × B + `EXPANSION_FLOOR` bytes.
-#[derive(Debug, Clone)]
-pub struct Budget {
-    left: std::cell::Cell<usize>,
-    total: usize,
-    request_bytes: usize,
-}
-
-impl Budget {
-    /// The budget of a request whose body (or message) is `request_bytes` long.
-    pub fn for_request(request_bytes: usize) -> Budget {
-        let total = request_bytes
-            .saturating_mul(EXPANSION_FACTOR)
-            .saturating_add(EXPANSION_FLOOR);
-        Budget {
-            left: std::cell::Cell::new(total),
-            total,
-            request_bytes,
-        }
-    }
-
-    /// Takes `bytes`, or says why it cannot.
-    pub fn take(&self, bytes: usize) -> Result<(), String> {
-        match self.left.get().checked_sub(bytes) {
-            Some(left) => {
-                self.left.set(left);
-                Ok(())
-            }
-            None => Err(format!(
-                "decoding it would take more than {} bytes of memory, the most a request of {} bytes may take \
-                 ({EXPANSION_FACTOR} x its size + 1 MiB): split the request, or send the elements themselves rather \
-                 than one value filling a large shape",
-                self.total, self.request_bytes
-            )),
-        }
-    }
-
-    /// What is left.
-    pub fn left(&self) -> usize {
-        self.left.get()
-    }
-
-    /// The whole budget.
-    pub fn total(&self) -> usize {
-        self.total
-    }
-}
-
-/// The memory decoded tensor data takes, counted as [`Budget`] charges it.
-pub fn memory_cost(data: &ferry_model::TensorData) -> usize {
-    let content = match data {
-        ferry_model::TensorData::Bytes(v) => v.iter().map(Vec::len).sum(),
-        _ => 0,
-    };
-    data.len() * element_cost(data.dtype()) + content
-}
-
-/// The bytes one element of `dtype` takes in memory: its size, or for `BYTES` the vector that holds it (its content
-/// is charged on top).
-pub fn element_cost(dtype: ferry_model::DataType) -> usize {
-    dtype
-        .element_size()
-        .unwrap_or(std::mem::size_of::<Vec<u8>>())
-}
 
 /// Which version of a model a request wants.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -442,7 +248,7 @@ pub struct Infer {
     /// The metrics registry.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The payload log, when on.
-    pub payload: Option<Arc<crate::payload_log::PayloadLogger>>,
+    pub payload: Option<Arc<crate::core::payload_log::PayloadLogger>>,
     timeout: Duration,
     /// Per-request limits.
     pub limits: Limits,
@@ -465,13 +271,15 @@ impl Infer {
             payload: None,
             timeout,
             limits: Limits::default(),
-            shadow_permits: Arc::new(tokio::sync::Semaphore::new(crate::shadow::MAX_IN_FLIGHT)),
+            shadow_permits: Arc::new(tokio::sync::Semaphore::new(
+                crate::metrics::shadow::MAX_IN_FLIGHT,
+            )),
             shadow_counter: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
     }
 
     /// Logs a sample of inferences to `logger`.
-    pub fn with_payload_log(mut self, logger: crate::payload_log::PayloadLogger) -> Infer {
+    pub fn with_payload_log(mut self, logger: crate::core::payload_log::PayloadLogger) -> Infer {
         self.payload = Some(Arc::new(logger));
         self
     }
@@ -552,7 +360,7 @@ impl Infer {
     }
 
     /// The drift report of every loaded version that has a baseline, for the metrics exposition.
-    pub fn drift_for_metrics(&self) -> Vec<(String, u64, crate::drift::Report)> {
+    pub fn drift_for_metrics(&self) -> Vec<(String, u64, crate::metrics::drift::Report)> {
         let mut out = Vec::new();
         for name in self.store.model_names() {
             if let Some(record) = self.store.model(&name) {
@@ -617,7 +425,7 @@ impl Infer {
         validate_name(model).map_err(InferError::invalid)?;
         let key = route_key
             .filter(|k| !k.is_empty())
-            .map(crate::rollout::key_hash);
+            .map(crate::core::rollout::key_hash);
         self.store
             .with_model(model, |record| resolve_in(record, model, selector, key))
             .unwrap_or_else(|| Err(InferError::not_found(format!("model `{model}` not found"))))
@@ -780,7 +588,7 @@ impl Infer {
                 arm.observe(start.elapsed(), server_error);
             }
         }
-        let crate::batching::Answered {
+        let crate::core::batching::Answered {
             outputs: all,
             queue,
             compute,
@@ -806,7 +614,7 @@ impl Infer {
             }
         };
         if let Some((logger, inputs)) = logged {
-            logger.log(crate::payload_log::PayloadRecord {
+            logger.log(crate::core::payload_log::PayloadRecord {
                 model: version.model.clone(),
                 version: version.version,
                 id,
@@ -834,7 +642,7 @@ impl Infer {
         inputs: Vec<NamedTensor>,
         start: Instant,
         deadline: Instant,
-    ) -> Result<crate::batching::Answered, InferError> {
+    ) -> Result<crate::core::batching::Answered, InferError> {
         let receiver = version.scheduler.submit(inputs, Some(deadline))?;
         self.await_answer(version, receiver, start, deadline).await
     }
@@ -918,7 +726,8 @@ impl Infer {
             let deadline = start + me.timeout.min(Duration::from_secs(60));
             match me.run(&shadow, inputs, start, deadline).await {
                 Ok(answered) => {
-                    for (output, agreement) in crate::shadow::compare(&expected, &answered.outputs)
+                    for (output, agreement) in
+                        crate::metrics::shadow::compare(&expected, &answered.outputs)
                     {
                         me.metrics
                             .shadow_compared(&model, target, &output, &agreement);
@@ -937,7 +746,7 @@ impl Infer {
 /// Finds the version `selector` names in one model's record (the body of [`Infer::resolve`], run under the store's
 /// read lock).
 fn resolve_in(
-    record: &crate::repository::ModelRecord,
+    record: &crate::core::repository::ModelRecord,
     model: &str,
     selector: &VersionSelector,
     key: Option<u64>,
@@ -953,7 +762,7 @@ fn resolve_in(
         VersionSelector::Latest => {
             let mut excluded = None;
             if let Some(live) = &record.rollout {
-                use crate::rollout::RolloutState;
+                use crate::core::rollout::RolloutState;
                 let (candidate, stable, state, to_candidate) = live.choose(key);
                 match state {
                     RolloutState::Running => {
@@ -1031,41 +840,4 @@ fn describe(specs: &[TensorSpec]) -> String {
         .map(|s| format!("`{}`", s.name))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use ferry_model::{Tensor, TensorData};
-
-    #[test]
-    fn limits_count_rows_elements_and_json_depth() {
-        let limits = Limits {
-            max_rows: 2,
-            max_tensor_elements: 8,
-            max_json_depth: 3,
-        };
-        let t = |shape: Vec<usize>| {
-            let n = shape.iter().product();
-            NamedTensor::new(
-                "x",
-                Tensor::new(shape, TensorData::F32(vec![0.0; n])).unwrap(),
-            )
-        };
-        assert!(limits.check(&[t(vec![2, 4])]).is_ok());
-        assert!(limits
-            .check(&[t(vec![3, 1])])
-            .unwrap_err()
-            .message
-            .contains("rows"));
-        assert!(limits
-            .check(&[t(vec![1, 9])])
-            .unwrap_err()
-            .message
-            .contains("elements"));
-        assert!(limits.scan_json(br#"{"a": [[1]]}"#).is_ok());
-        assert!(limits.scan_json(br#"{"a": [[[1]]]}"#).is_err());
-        // Brackets inside strings (and escaped quotes) do not count.
-        assert!(limits.scan_json(br#"{"a": "[[[[\"[[[", "b": [1]}"#).is_ok());
-    }
 }

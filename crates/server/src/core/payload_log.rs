@@ -15,7 +15,7 @@ use ferry_model::NamedTensor;
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 
-use crate::protocol::json::{FlatJson, NonFinite};
+use crate::codec::json::{FlatJson, NonFinite};
 
 /// How payloads are logged.
 #[derive(Debug, Clone, PartialEq)]

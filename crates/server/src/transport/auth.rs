@@ -131,9 +131,7 @@ pub fn read_tokens_file(path: &Path) -> Result<Vec<TokenSpec>, String> {
         .map(|t| {
             let where_ = format!("{}: token `{}`", path.display(), t.name);
             let sha256 = match (&t.token, &t.sha256) {
-                (Some(secret), None) if !secret.trim().is_empty() => {
-                    crate::admin::token_digest(secret.trim())
-                }
+                (Some(secret), None) if !secret.trim().is_empty() => token_digest(secret.trim()),
                 (None, Some(hex)) => parse_hex32(hex)
                     .ok_or_else(|| format!("{where_}: sha256 must be 64 hex digits"))?,
                 _ => return Err(format!("{where_}: give exactly one of `token` or `sha256`")),
@@ -159,13 +157,8 @@ pub fn parse_tokens_env(text: &str) -> Result<Vec<TokenSpec>, String> {
                 return Err(format!("token `{name}` has an empty secret"));
             }
             let scopes: Vec<String> = scopes.split('+').map(str::to_string).collect();
-            spec(
-                name.to_string(),
-                crate::admin::token_digest(secret),
-                &scopes,
-                None,
-            )
-            .map_err(|e| format!("token `{name}`: {e}"))
+            spec(name.to_string(), token_digest(secret), &scopes, None)
+                .map_err(|e| format!("token `{name}`: {e}"))
         })
         .collect()
 }
@@ -260,11 +253,11 @@ impl Auth {
                 "this call needs a token: send `Authorization: Bearer <token>`",
             ));
         };
-        let digest = crate::admin::token_digest(given);
+        let digest = token_digest(given);
         // Compare with every token, without stopping at a match.
         let mut found = None;
         for (i, t) in self.tokens.iter().enumerate() {
-            if crate::admin::digests_equal(&digest, &t.spec.sha256) && found.is_none() {
+            if digests_equal(&digest, &t.spec.sha256) && found.is_none() {
                 found = Some(i);
             }
         }
@@ -412,6 +405,17 @@ where
             }
         }
     }
+}
+
+/// The sha256 digest of a token.
+pub fn token_digest(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
+/// Equal digests, compared without an early exit.
+pub fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

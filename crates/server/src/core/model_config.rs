@@ -107,7 +107,7 @@ pub struct ModelConfig {
     /// Output shape overrides by name.
     pub outputs: BTreeMap<String, TensorOverride>,
     /// Dynamic batching and queue limits.
-    pub batching: crate::batching::queue::Limits,
+    pub batching: crate::core::batching::queue::Limits,
     /// Rows kept in the drift window.
     pub drift_window: usize,
     /// Sample one request in this many for drift (0: drift is off).
@@ -200,8 +200,8 @@ struct RawConfig {
 }
 
 /// The queue limits of a model without batching settings: no batching, at most 1024 waiting requests.
-pub fn default_limits() -> crate::batching::queue::Limits {
-    crate::batching::queue::Limits {
+pub fn default_limits() -> crate::core::batching::queue::Limits {
+    crate::core::batching::queue::Limits {
         max_batch_size: 1,
         max_queue_delay: std::time::Duration::from_micros(500),
         preferred_batch_sizes: Vec::new(),

@@ -20,8 +20,8 @@ use bytes::Bytes;
 use hyper::body::Incoming;
 use tower::ServiceExt;
 
+use crate::core::infer::Infer;
 use crate::error::{ErrorKind, InferError};
-use crate::infer::Infer;
 
 /// What the REST listener serves: the router, and optionally the direct inference path in front of it.
 #[derive(Clone)]
@@ -53,7 +53,7 @@ pub struct DirectInfer {
     /// The inference path.
     pub infer: Infer,
     /// Token checks, when tokens are configured.
-    pub auth: Option<Arc<crate::auth::Auth>>,
+    pub auth: Option<Arc<crate::transport::auth::Auth>>,
     /// Body reading and the concurrency limit, shared with the router's [`admit`] layer.
     pub admission: Arc<Admission>,
 }
@@ -145,10 +145,6 @@ impl Admission {
     }
 }
 
-/// A body that failed to arrive, left by [`admit`] for the handler to answer (and count) as it would any other.
-#[derive(Debug, Clone)]
-struct BodyError(InferError);
-
 /// The router's admission layer ([`Admission`]): the body is read first, then the permit is taken.
 pub async fn admit(
     axum::extract::State(admission): axum::extract::State<Arc<Admission>>,
@@ -162,7 +158,7 @@ pub async fn admit(
     let body = match read {
         Ok(bytes) => axum::body::Body::from(bytes),
         Err(e) => {
-            parts.extensions.insert(BodyError(e));
+            parts.extensions.insert(crate::protocol::BodyError(e));
             axum::body::Body::empty()
         }
     };
@@ -173,26 +169,6 @@ pub async fn admit(
 fn is_probe(path: &str) -> bool {
     matches!(path, "/v2/health/live" | "/v2/health/ready" | "/metrics")
         || (path.starts_with("/v2/models/") && path.ends_with("/ready"))
-}
-
-/// A request body as [`admit`] read it: the bytes, or why they could not be read (413, 400). Read directly when the
-/// layer is not there.
-#[derive(Debug)]
-pub struct AdmittedBody(pub Result<Bytes, InferError>);
-
-impl<S: Send + Sync> axum::extract::FromRequest<S> for AdmittedBody {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request(
-        mut request: Request<axum::body::Body>,
-        state: &S,
-    ) -> Result<AdmittedBody, Self::Rejection> {
-        if let Some(BodyError(e)) = request.extensions_mut().remove::<BodyError>() {
-            return Ok(AdmittedBody(Err(e)));
-        }
-        let read = Bytes::from_request(request, state).await;
-        Ok(AdmittedBody(read.map_err(crate::protocol::body_error)))
-    }
 }
 
 impl Front {
@@ -253,7 +229,8 @@ impl DirectInfer {
                 .headers()
                 .get(axum::http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok());
-            let endpoint = crate::auth::rest_endpoint(request.method(), request.uri().path());
+            let endpoint =
+                crate::transport::auth::rest_endpoint(request.method(), request.uri().path());
             if let Err(e) = auth.check(header, endpoint) {
                 return e.into_response();
             }

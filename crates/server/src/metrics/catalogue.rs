@@ -1,0 +1,450 @@
+//! The metric catalogue: every name, type, help text, label set and bucket list Ferry exports (Triton's
+//! `nv_inference_*` families too), and the fixed label values: [`Protocol`] and [`Outcome`].
+
+use crate::error::{ErrorKind, InferError};
+
+/// A metric's catalogue entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricDef {
+    /// The exported name.
+    pub name: &'static str,
+    /// `counter`, `gauge` or `histogram`.
+    pub kind: &'static str,
+    /// The help text.
+    pub help: &'static str,
+    /// The label names, in order.
+    pub labels: &'static [&'static str],
+}
+
+const fn def(
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+) -> MetricDef {
+    MetricDef {
+        name,
+        kind,
+        help,
+        labels,
+    }
+}
+
+/// Inference requests by outcome (`success` or an error kind such as `invalid_argument`).
+pub const REQUESTS: MetricDef = def(
+    "ferry_requests_total",
+    "counter",
+    "Inference requests, by model, version, protocol and outcome",
+    &["model", "version", "protocol", "outcome"],
+);
+/// End-to-end request latency.
+pub const REQUEST_DURATION: MetricDef = def(
+    "ferry_request_duration_seconds",
+    "histogram",
+    "Time from request received to response ready, by model, version and protocol",
+    &["model", "version", "protocol"],
+);
+/// Time spent waiting in a version's queue.
+pub const QUEUE_DURATION: MetricDef = def(
+    "ferry_queue_duration_seconds",
+    "histogram",
+    "Time a request waited in its model version's queue",
+    &["model", "version"],
+);
+/// Engine time per batch.
+pub const COMPUTE_DURATION: MetricDef = def(
+    "ferry_compute_duration_seconds",
+    "histogram",
+    "Engine time per batch (inputs joined, run, outputs split)",
+    &["model", "version"],
+);
+/// Requests per batch.
+pub const BATCH_SIZE: MetricDef = def(
+    "ferry_batch_size",
+    "histogram",
+    "Requests per batch run by the engine",
+    &["model", "version"],
+);
+/// Request body bytes.
+pub const REQUEST_BYTES: MetricDef = def(
+    "ferry_request_bytes_total",
+    "counter",
+    "Inference request body bytes received, by model and protocol",
+    &["model", "protocol"],
+);
+/// Response body bytes.
+pub const RESPONSE_BYTES: MetricDef = def(
+    "ferry_response_bytes_total",
+    "counter",
+    "Inference response body bytes sent (gRPC: encoded message bytes), by model and protocol",
+    &["model", "protocol"],
+);
+/// Requests being handled right now.
+pub const IN_FLIGHT: MetricDef = def(
+    "ferry_requests_in_flight",
+    "gauge",
+    "Inference requests being handled now",
+    &[],
+);
+/// Requests waiting per version.
+pub const QUEUE_DEPTH: MetricDef = def(
+    "ferry_queue_depth",
+    "gauge",
+    "Requests waiting in a model version's queue",
+    &["model", "version"],
+);
+/// Version states.
+pub const MODEL_STATE: MetricDef = def(
+    "ferry_model_state",
+    "gauge",
+    "1 for the current state of each model version (LOADING, READY, UNAVAILABLE, UNLOADING)",
+    &["model", "version", "state"],
+);
+/// Model load time.
+pub const LOAD_DURATION: MetricDef = def(
+    "ferry_model_load_duration_seconds",
+    "histogram",
+    "Time to prepare a model version, successful or not",
+    &["model"],
+);
+/// Failed loads.
+pub const LOAD_FAILURES: MetricDef = def(
+    "ferry_model_load_failures_total",
+    "counter",
+    "Model versions that failed to load",
+    &["model"],
+);
+/// Feature drift, PSI.
+pub const DRIFT_PSI: MetricDef = def(
+    "ferry_feature_drift_psi",
+    "gauge",
+    "Population stability index of a feature's recent inputs against the training data",
+    &["model", "version", "feature"],
+);
+/// Feature drift, KS.
+pub const DRIFT_KS: MetricDef = def(
+    "ferry_feature_drift_ks",
+    "gauge",
+    "Kolmogorov-Smirnov statistic of a feature's recent inputs against the training data",
+    &["model", "version", "feature"],
+);
+/// Prediction drift, PSI.
+pub const PREDICTION_DRIFT_PSI: MetricDef = def(
+    "ferry_prediction_drift_psi",
+    "gauge",
+    "Population stability index of an output's recent predictions against the model's predictions on its training data",
+    &["model", "version", "output"],
+);
+/// Prediction drift, KS (numeric outputs only).
+pub const PREDICTION_DRIFT_KS: MetricDef = def(
+    "ferry_prediction_drift_ks",
+    "gauge",
+    "Kolmogorov-Smirnov statistic of a numeric output's recent predictions against the model's predictions on its training data",
+    &["model", "version", "output"],
+);
+/// Payload log records.
+pub const PAYLOAD_RECORDS: MetricDef = def(
+    "ferry_payload_log_records_total",
+    "counter",
+    "Sampled payload records handed to the log writer (queued) or dropped because it fell behind",
+    &["outcome"],
+);
+/// Canary rollout decisions.
+pub const ROLLOUT_DECISIONS: MetricDef = def(
+    "ferry_rollout_decisions_total",
+    "counter",
+    "Canary rollout decisions taken by this replica (step_passed, promoted, rolled_back)",
+    &["model", "decision"],
+);
+/// Canary rollout state.
+pub const ROLLOUT_STATE: MetricDef = def(
+    "ferry_rollout_state",
+    "gauge",
+    "1 for the current state of each model's canary rollout (running, promoted, rolled_back), by candidate version",
+    &["model", "version", "state"],
+);
+/// Canary traffic share.
+pub const ROLLOUT_WEIGHT: MetricDef = def(
+    "ferry_rollout_candidate_weight_percent",
+    "gauge",
+    "The candidate version's share of the model's unversioned traffic, in percent",
+    &["model", "version"],
+);
+/// Shadow requests.
+pub const SHADOW_REQUESTS: MetricDef = def(
+    "ferry_shadow_requests_total",
+    "counter",
+    "Copies of live requests sent to a shadow version, by outcome (compared, failed, dropped)",
+    &["model", "version", "outcome"],
+);
+/// Shadow agreement.
+pub const SHADOW_AGREEMENT: MetricDef = def(
+    "ferry_shadow_agreement_ratio",
+    "gauge",
+    "Share of a non-float output's elements on which the shadow version agreed with the live answer",
+    &["model", "version", "output"],
+);
+/// Shadow difference.
+pub const SHADOW_DIFFERENCE: MetricDef = def(
+    "ferry_shadow_mean_absolute_difference",
+    "gauge",
+    "Mean absolute difference between a float output of the shadow version and the live answer",
+    &["model", "version", "output"],
+);
+/// Process CPU time.
+pub const CPU: MetricDef = def(
+    "process_cpu_seconds_total",
+    "counter",
+    "User and system CPU time of the process",
+    &[],
+);
+/// Resident memory.
+pub const RSS: MetricDef = def(
+    "process_resident_memory_bytes",
+    "gauge",
+    "Resident memory of the process",
+    &[],
+);
+/// Open file descriptors.
+pub const FDS: MetricDef = def("process_open_fds", "gauge", "Open file descriptors", &[]);
+/// Threads.
+pub const THREADS: MetricDef = def(
+    "process_threads",
+    "gauge",
+    "Operating-system threads of the process",
+    &[],
+);
+/// Start time.
+pub const START_TIME: MetricDef = def(
+    "process_start_time_seconds",
+    "gauge",
+    "Start time of the process since the Unix epoch",
+    &[],
+);
+/// Build information.
+pub const BUILD_INFO: MetricDef = def(
+    "ferry_build_info",
+    "gauge",
+    "Always 1; the version label says which build runs",
+    &["version"],
+);
+
+/// Every metric in the catalogue, in exposition order.
+pub const ALL: &[MetricDef] = &[
+    REQUESTS,
+    REQUEST_DURATION,
+    QUEUE_DURATION,
+    COMPUTE_DURATION,
+    BATCH_SIZE,
+    REQUEST_BYTES,
+    RESPONSE_BYTES,
+    IN_FLIGHT,
+    QUEUE_DEPTH,
+    MODEL_STATE,
+    LOAD_DURATION,
+    LOAD_FAILURES,
+    DRIFT_PSI,
+    DRIFT_KS,
+    PREDICTION_DRIFT_PSI,
+    PREDICTION_DRIFT_KS,
+    ROLLOUT_DECISIONS,
+    ROLLOUT_STATE,
+    ROLLOUT_WEIGHT,
+    SHADOW_REQUESTS,
+    SHADOW_AGREEMENT,
+    SHADOW_DIFFERENCE,
+    PAYLOAD_RECORDS,
+    CPU,
+    RSS,
+    FDS,
+    THREADS,
+    START_TIME,
+    BUILD_INFO,
+];
+
+/// Triton's successful requests (`--metrics-compat triton`).
+pub const NV_SUCCESS: MetricDef = def(
+    "nv_inference_request_success",
+    "counter",
+    "Number of successful inference requests, all batch sizes",
+    &["model", "version"],
+);
+/// Triton's failed requests.
+pub const NV_FAILURE: MetricDef = def(
+    "nv_inference_request_failure",
+    "counter",
+    "Number of failed inference requests, all batch sizes",
+    &["model", "version"],
+);
+/// Triton's inference count (rows).
+pub const NV_COUNT: MetricDef = def(
+    "nv_inference_count",
+    "counter",
+    "Number of inferences performed (does not include cached requests)",
+    &["model", "version"],
+);
+/// Triton's execution count (batches).
+pub const NV_EXEC_COUNT: MetricDef = def(
+    "nv_inference_exec_count",
+    "counter",
+    "Number of model executions performed (does not include cached requests)",
+    &["model", "version"],
+);
+/// Triton's cumulative request time.
+pub const NV_REQUEST_DURATION: MetricDef = def(
+    "nv_inference_request_duration_us",
+    "counter",
+    "Cumulative inference request duration in microseconds (includes cached requests)",
+    &["model", "version"],
+);
+/// Triton's cumulative queue time.
+pub const NV_QUEUE_DURATION: MetricDef = def(
+    "nv_inference_queue_duration_us",
+    "counter",
+    "Cumulative inference queuing duration in microseconds (includes cached requests)",
+    &["model", "version"],
+);
+/// Triton's cumulative compute time.
+pub const NV_COMPUTE_INFER_DURATION: MetricDef = def(
+    "nv_inference_compute_infer_duration_us",
+    "counter",
+    "Cumulative compute inference duration in microseconds (does not include cached requests)",
+    &["model", "version"],
+);
+/// Triton's pending requests.
+pub const NV_PENDING: MetricDef = def(
+    "nv_inference_pending_request_count",
+    "gauge",
+    "Instantaneous number of pending requests awaiting execution per-model.",
+    &["model", "version"],
+);
+
+/// Triton's families, emitted with `--metrics-compat triton`, in exposition order.
+pub const TRITON: &[MetricDef] = &[
+    NV_SUCCESS,
+    NV_FAILURE,
+    NV_COUNT,
+    NV_EXEC_COUNT,
+    NV_REQUEST_DURATION,
+    NV_QUEUE_DURATION,
+    NV_COMPUTE_INFER_DURATION,
+    NV_PENDING,
+];
+
+/// Bucket bounds for durations, in seconds: geometric from 50 µs to 10 s.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
+/// [`DURATION_BUCKETS`] in nanoseconds, the unit the request path records in.
+pub(super) const DURATION_BUCKETS_NS: &[u64] = &[
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+];
+/// Bucket bounds for batch sizes: powers of two.
+pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+pub(super) const BATCH_BUCKETS_INT: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256];
+
+/// The protocol a request came in by: the `protocol` label's values. A new front door adds a variant here (and to
+/// [`Protocol::ALL`]); its requests are then counted without a lock like the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// KServe v2 over REST.
+    KserveRest,
+    /// TF Serving over REST.
+    TfservingRest,
+    /// KServe v2 over gRPC.
+    KserveGrpc,
+    /// TF Serving over gRPC.
+    TfservingGrpc,
+    /// Hugging Face text-embeddings-inference's REST API.
+    TeiRest,
+    /// OpenAI's REST API.
+    OpenaiRest,
+}
+
+impl Protocol {
+    /// Every protocol, in declaration order (`ALL[p as usize] == p`).
+    pub const ALL: [Protocol; 6] = [
+        Protocol::KserveRest,
+        Protocol::TfservingRest,
+        Protocol::KserveGrpc,
+        Protocol::TfservingGrpc,
+        Protocol::TeiRest,
+        Protocol::OpenaiRest,
+    ];
+
+    /// The `protocol` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::KserveRest => "rest_kserve",
+            Protocol::TfservingRest => "rest_tfserving",
+            Protocol::KserveGrpc => "grpc_kserve",
+            Protocol::TfservingGrpc => "grpc_tfserving",
+            Protocol::TeiRest => "rest_tei",
+            Protocol::OpenaiRest => "rest_openai",
+        }
+    }
+}
+
+/// How a request ended: the `outcome` label's values are `success` and the error kinds' labels, derived from
+/// [`ErrorKind`], so a new kind is a new outcome with nothing else to list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered.
+    Success,
+    /// Failed with this kind of error.
+    Failed(ErrorKind),
+}
+
+impl Outcome {
+    /// Every outcome: `success`, then the error kinds in [`ErrorKind::ALL`]'s order (`ALL[o.index()] == o`).
+    pub const ALL: [Outcome; ErrorKind::ALL.len() + 1] = {
+        let mut all = [Outcome::Success; ErrorKind::ALL.len() + 1];
+        let mut i = 0;
+        while i < ErrorKind::ALL.len() {
+            all[i + 1] = Outcome::Failed(ErrorKind::ALL[i]);
+            i += 1;
+        }
+        all
+    };
+
+    /// The outcome of a result.
+    pub fn of<T>(result: &Result<T, InferError>) -> Outcome {
+        match result {
+            Ok(_) => Outcome::Success,
+            Err(e) => Outcome::Failed(e.kind),
+        }
+    }
+
+    /// Its place in [`Outcome::ALL`].
+    pub(super) fn index(self) -> usize {
+        match self {
+            Outcome::Success => 0,
+            Outcome::Failed(kind) => kind as usize + 1,
+        }
+    }
+
+    /// The `outcome` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failed(kind) => kind.label(),
+        }
+    }
+}
