@@ -370,3 +370,29 @@ def test_tritonclient_and_tf_serving_send_raw_text(text_server, minilm_tokenizer
     with pytest.raises(Exception) as e:
         client.infer("minilm", [bad])
     assert "UTF-8" in str(e.value)
+
+
+def metric(server, name, **labels):
+    """The value of one sample of /metrics (0 when absent)."""
+    text = requests.get(server.url + "/metrics").text
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(w in line for w in want):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_text_metrics_count_tokens_padding_and_tokenizing(text_server, minilm_tokenizer):
+    server, _ = text_server
+    texts = ["short", "a somewhat longer sentence with more tokens in it than the first"]
+    before = {k: metric(server, "ferry_text_tokens_total", model="minilm", kind=k) for k in ["text", "padding"]}
+    requests_before = metric(server, "ferry_text_request_tokens_count", model="minilm")
+    tokenize_before = metric(server, "ferry_text_tokenize_duration_seconds_count", model="minilm")
+    assert post(server, "/models/minilm/embed", {"inputs": texts}).status_code == 200
+    lens = [len(minilm_tokenizer.encode(t).ids) for t in texts]
+    after = {k: metric(server, "ferry_text_tokens_total", model="minilm", kind=k) for k in ["text", "padding"]}
+    # The texts' own tokens are counted exactly; these two are short enough to share one run, padded to the longer.
+    assert after["text"] - before["text"] == sum(lens)
+    assert after["padding"] - before["padding"] == max(lens) - min(lens)
+    assert metric(server, "ferry_text_request_tokens_count", model="minilm") == requests_before + 1
+    assert metric(server, "ferry_text_tokenize_duration_seconds_count", model="minilm") == tokenize_before + 1

@@ -66,10 +66,25 @@ pub fn text_of(version: &LoadedVersion) -> Result<&Arc<TextModel>, InferError> {
     })
 }
 
-/// Tokenizes `inputs` with `model` (with special tokens; cut on `truncate`'s side when asked, else refused past the
+/// Tokenizes `inputs` with `version`'s tokenizer (with special tokens; cut on `truncate`'s side when asked, else refused past the
 /// maximum length). Short requests are tokenized on the calling task, longer ones on the blocking pool, at most one
 /// per core at once. The tokens kept may take at most `allowance` bytes.
 pub async fn tokenize(
+    version: &LoadedVersion,
+    inputs: Vec<TextInput>,
+    truncate: Option<Side>,
+    allowance: usize,
+) -> Result<Vec<Tokens>, InferError> {
+    let started = Instant::now();
+    let tokens = tokenize_with(text_of(version)?, inputs, truncate, allowance).await?;
+    version
+        .scheduler
+        .series()
+        .text_request(tokens.iter().map(Tokens::len).sum(), started.elapsed());
+    Ok(tokens)
+}
+
+async fn tokenize_with(
     model: &Arc<TextModel>,
     inputs: Vec<TextInput>,
     truncate: Option<Side>,
@@ -261,7 +276,7 @@ pub async fn predict_text_tensors(
         )));
     }
     let allowance = crate::infer::Budget::for_request(request_bytes).total();
-    let tokens = tokenize(&model, inputs, None, allowance).await?;
+    let tokens = tokenize(version, inputs, None, allowance).await?;
     let prediction = infer.predict_texts(version, tokens, deadline).await?;
     let (rows, width) = rows(&prediction.outputs)?;
     let n = rows.len() / width.max(1);

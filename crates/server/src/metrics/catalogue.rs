@@ -65,6 +65,34 @@ pub const BATCH_SIZE: MetricDef = def(
     "Requests per batch run by the engine",
     &["model", "version"],
 );
+/// Tokens per text request.
+pub const TEXT_REQUEST_TOKENS: MetricDef = def(
+    "ferry_text_request_tokens",
+    "histogram",
+    "Tokens per request to a text model (all its texts, special tokens included)",
+    &["model", "version"],
+);
+/// Tokens per engine run of a text model.
+pub const TEXT_BATCH_TOKENS: MetricDef = def(
+    "ferry_text_batch_tokens",
+    "histogram",
+    "Tokens per engine run of a text model, padding included (texts x the run's longest text)",
+    &["model", "version"],
+);
+/// Text tokens run, and padding.
+pub const TEXT_TOKENS: MetricDef = def(
+    "ferry_text_tokens_total",
+    "counter",
+    "Token positions run by a text model's engine: kind=\"text\" for the texts' own tokens, kind=\"padding\" for padding (the padding share is padding / all)",
+    &["model", "version", "kind"],
+);
+/// Tokenizing time per request.
+pub const TOKENIZE_DURATION: MetricDef = def(
+    "ferry_text_tokenize_duration_seconds",
+    "histogram",
+    "Time to tokenize one request's texts",
+    &["model", "version"],
+);
 /// Request body bytes.
 pub const REQUEST_BYTES: MetricDef = def(
     "ferry_request_bytes_total",
@@ -359,6 +387,14 @@ pub(super) const DURATION_BUCKETS_NS: &[u64] = &[
 /// Bucket bounds for batch sizes: powers of two.
 pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 pub(super) const BATCH_BUCKETS_INT: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256];
+/// Token count buckets (text requests and runs).
+pub const TOKEN_BUCKETS: &[f64] = &[
+    8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0,
+    65536.0,
+];
+pub(super) const TOKEN_BUCKETS_INT: &[u64] = &[
+    8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536,
+];
 
 /// The protocol a request came in by: the `protocol` label's values. A new front door adds a variant here (and to
 /// [`Protocol::ALL`]); its requests are then counted without a lock like the others.

@@ -159,6 +159,13 @@ pub struct VersionSeries {
     success_request_us: AtomicU64,
     success_queue_us: AtomicU64,
     success_compute_us: AtomicU64,
+    /// Text models: tokens per request, padded tokens per engine run, tokens run (the texts' own, and padding),
+    /// tokenizing time.
+    text_request_tokens: AtomicHistogram,
+    text_batch_tokens: AtomicHistogram,
+    text_tokens: AtomicU64,
+    padding_tokens: AtomicU64,
+    tokenize: AtomicHistogram,
 }
 
 impl VersionSeries {
@@ -175,7 +182,32 @@ impl VersionSeries {
             success_request_us: AtomicU64::new(0),
             success_queue_us: AtomicU64::new(0),
             success_compute_us: AtomicU64::new(0),
+            text_request_tokens: AtomicHistogram::new(TOKEN_BUCKETS_INT, TOKEN_BUCKETS),
+            text_batch_tokens: AtomicHistogram::new(TOKEN_BUCKETS_INT, TOKEN_BUCKETS),
+            text_tokens: AtomicU64::new(0),
+            padding_tokens: AtomicU64::new(0),
+            tokenize: AtomicHistogram::new(DURATION_BUCKETS_NS, DURATION_BUCKETS),
         }
+    }
+
+    /// Records one text request's tokenizing: its tokens and how long it took.
+    pub fn text_request(&self, tokens: usize, took: Duration) {
+        if !self.enabled {
+            return;
+        }
+        self.text_request_tokens.observe(tokens as u64);
+        self.tokenize.observe(nanos(took));
+    }
+
+    /// Records one engine run of a text model: `texts` tokens of the texts themselves, `padded` positions in all.
+    pub fn text_run(&self, texts: usize, padded: usize) {
+        if !self.enabled {
+            return;
+        }
+        self.text_batch_tokens.observe(padded as u64);
+        self.text_tokens.fetch_add(texts as u64, Ordering::Relaxed);
+        self.padding_tokens
+            .fetch_add(padded.saturating_sub(texts) as u64, Ordering::Relaxed);
     }
 
     /// Records one batch run by the engine: its size, each request's wait, the engine time and the rows it held.

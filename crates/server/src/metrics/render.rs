@@ -106,12 +106,36 @@ impl Metrics {
             ),
             (&COMPUTE_DURATION, |s| &s.compute),
             (&BATCH_SIZE, |s| &s.batch_size),
+            (&TEXT_REQUEST_TOKENS, |s| &s.text_request_tokens),
+            (&TEXT_BATCH_TOKENS, |s| &s.text_batch_tokens),
+            (&TOKENIZE_DURATION, |s| &s.tokenize),
         ] {
             out.header(d);
-            let scale = if d.name == BATCH_SIZE.name { 1.0 } else { 1e-9 };
+            let counts = [
+                BATCH_SIZE.name,
+                TEXT_REQUEST_TOKENS.name,
+                TEXT_BATCH_TOKENS.name,
+            ];
+            let scale = if counts.contains(&d.name) { 1.0 } else { 1e-9 };
             for s in &series {
                 let labels = [s.model.clone(), s.version.to_string()];
                 out.atomic_histogram(d, &labels, pick(s), scale);
+            }
+        }
+
+        out.header(&TEXT_TOKENS);
+        for s in &series {
+            for (kind, n) in [("text", &s.text_tokens), ("padding", &s.padding_tokens)] {
+                let n = n.load(Ordering::Relaxed);
+                if s.text_batch_tokens.snapshot().0.iter().any(|c| *c > 0) {
+                    out.sample(
+                        TEXT_TOKENS.name,
+                        TEXT_TOKENS.labels,
+                        &[s.model.clone(), s.version.to_string(), kind.to_string()],
+                        None,
+                        n,
+                    );
+                }
             }
         }
 

@@ -12,8 +12,8 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::error::{ErrorKind, InferError};
 use super::AppState;
+use crate::error::{ErrorKind, InferError};
 use crate::infer::{Infer, VersionSelector};
 use crate::text::{self, TextInput};
 use ferry_text::{Task, Tokens};
@@ -181,7 +181,9 @@ async fn run(
         )
     };
     let tokens: Vec<Tokens> = match input {
-        Input::One(s) => text::tokenize(&text, vec![TextInput::Single(s)], None, allowance).await,
+        Input::One(s) => {
+            text::tokenize(&version, vec![TextInput::Single(s)], None, allowance).await
+        }
         Input::Many(v) => {
             if v.len() > max_rows {
                 return Err(too_many(v.len(), max_rows));
@@ -190,7 +192,7 @@ async fn run(
                 return Err(empty());
             }
             text::tokenize(
-                &text,
+                &version,
                 v.into_iter().map(TextInput::Single).collect(),
                 None,
                 allowance,

@@ -15,8 +15,8 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::error::{ErrorKind, InferError};
 use super::AppState;
+use crate::error::{ErrorKind, InferError};
 use crate::infer::{Infer, VersionSelector};
 use crate::text::{self, TextInput};
 use ferry_text::{Side, Task};
@@ -450,7 +450,7 @@ async fn run(
             }
             let normalize = req.normalize.unwrap_or(true);
             let tokens = text::tokenize(
-                &text,
+                &version,
                 texts.into_iter().map(TextInput::Single).collect(),
                 truncation(req.truncate, req.truncation_direction),
                 allowance,
@@ -475,7 +475,7 @@ async fn run(
                 return Err(empty("inputs"));
             }
             let tokens = text::tokenize(
-                &text,
+                &version,
                 inputs,
                 truncation(req.truncate, req.truncation_direction),
                 allowance,
@@ -532,7 +532,7 @@ async fn run(
                 .map(|t| TextInput::Pair(req.query.clone(), t.clone()))
                 .collect();
             let tokens = text::tokenize(
-                &text,
+                &version,
                 inputs,
                 truncation(req.truncate, req.truncation_direction),
                 allowance,

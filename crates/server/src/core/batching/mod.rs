@@ -328,6 +328,7 @@ fn worker(shared: &Shared) {
                         Some(runner) if batch[0].key.is_empty() => text::run_batch(
                             runner,
                             &shared.limits,
+                            &shared.series,
                             shared.backend.as_ref(),
                             batch,
                             &waits,

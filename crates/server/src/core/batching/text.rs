@@ -67,6 +67,7 @@ pub fn plan_runs(
 pub(super) fn run_batch(
     runner: &Runner,
     limits: &queue::Limits,
+    series: &crate::metrics::VersionSeries,
     backend: &dyn Backend,
     batch: Vec<Entry<Job>>,
     waits: &[Duration],
@@ -94,6 +95,8 @@ pub(super) fn run_batch(
     for run in plan_runs(&lens, limits.max_batch_size, limits.max_batch_tokens) {
         let members = &order[run];
         let seqs: Vec<&Tokens> = members.iter().map(|(j, i)| &texts[*j][*i]).collect();
+        let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        series.text_run(seqs.iter().map(|s| s.len()).sum(), longest * seqs.len());
         match run_once(runner, backend, &seqs) {
             Ok(out) => {
                 for ((j, i), row) in members.iter().zip(out) {
