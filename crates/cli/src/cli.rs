@@ -444,6 +444,7 @@ impl ServeArgs {
                     OptLevelArg::All => OptimizationLevel::All,
                 },
                 prepack_weights: None,
+                memory_arena: None,
             },
             onnxruntime_lib: self.onnxruntime_lib,
             integrity: crate::sign::policy(&self.trusted_key, self.max_model_bytes)?,

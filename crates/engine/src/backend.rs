@@ -59,6 +59,11 @@ pub struct EngineOptions {
     /// off for models with external data, whose weights then stay in their memory-mapped files, shared by every
     /// session of the version.
     pub prepack_weights: Option<bool>,
+    /// Whether ONNX Runtime's CPU memory arena keeps the run's intermediate tensors for reuse. On, a session keeps its
+    /// largest run's tensors for its life (bounded for text models, whose batches `max_batch_tokens` bounds); off,
+    /// they go back to the C allocator after each run, which with Ferry's allocator settings maps and unmaps every
+    /// tensor of 128 KiB or more (a third of a transformer's CPU time in the kernel). `None`: off.
+    pub memory_arena: Option<bool>,
 }
 
 impl Default for EngineOptions {
@@ -68,6 +73,7 @@ impl Default for EngineOptions {
             instances: 2,
             optimization: OptimizationLevel::All,
             prepack_weights: None,
+            memory_arena: None,
         }
     }
 }

@@ -123,10 +123,13 @@ impl OrtEngine {
             .map_err(load)?
             .with_optimization_level(level)
             .map_err(load)?
-            // No CPU memory arena: ONNX Runtime's arena keeps the largest run's tensors for the session's life (one
-            // large request left every session of a version holding its size); without it, tensors go back to the
-            // C allocator when freed. Measured in tests/python/test_memory.py and bench/serving.
-            .with_execution_providers([ort::ep::CPU::default().with_arena_allocator(false).build()])
+            // No CPU memory arena unless asked: ONNX Runtime's arena keeps the largest run's tensors for the
+            // session's life (one large request left every session of a version holding its size); without it,
+            // tensors go back to the C allocator when freed. Measured in tests/python/test_memory.py and
+            // bench/serving. Text models, whose batches are bounded in tokens, keep it (bench/text_embeddings.py).
+            .with_execution_providers([ort::ep::CPU::default()
+                .with_arena_allocator(options.memory_arena.unwrap_or(false))
+                .build()])
             .map_err(load)?
             .commit_from_memory(model)
             .map_err(|e| EngineError::Load(e.to_string()))

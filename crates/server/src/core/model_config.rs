@@ -9,6 +9,8 @@
 //! instances = 2
 //! prepack_weights = true               # re-laid weights: faster runs, a copy per instance (default: true, but
 //!                                      # false for a model with external data, whose weights stay mapped, shared)
+//! memory_arena = true                  # ONNX Runtime's arena: faster runs, keeps the largest run's tensors
+//!                                      # (default: true for text models, whose batches are bounded in tokens)
 //! max_batch_size = 32                  # dynamic batching: 0 (default) runs each request alone
 //! max_queue_delay_us = 500             # how long the oldest request waits for others
 //! preferred_batch_sizes = [8, 16]      # cut at once at these sizes
@@ -181,6 +183,7 @@ struct RawConfig {
     intra_op_threads: Option<usize>,
     instances: Option<usize>,
     prepack_weights: Option<bool>,
+    memory_arena: Option<bool>,
     #[serde(default)]
     inputs: BTreeMap<String, TensorOverride>,
     #[serde(default)]
@@ -346,6 +349,9 @@ impl ModelConfig {
         }
         if let Some(prepack) = raw.prepack_weights {
             engine_options.prepack_weights = Some(prepack);
+        }
+        if let Some(arena) = raw.memory_arena {
+            engine_options.memory_arena = Some(arena);
         }
         let threads = engine_options
             .instances
@@ -601,5 +607,8 @@ mod tests {
         assert_eq!(c.inputs["x"].shape, vec![-1, 4]);
         let c = parse("prepack_weights = false\n").unwrap();
         assert_eq!(c.engine_options.prepack_weights, Some(false));
+        assert_eq!(c.engine_options.memory_arena, None);
+        let c = parse("memory_arena = true\n").unwrap();
+        assert_eq!(c.engine_options.memory_arena, Some(true));
     }
 }

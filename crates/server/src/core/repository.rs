@@ -442,7 +442,13 @@ pub(crate) fn prepare(
             ));
         }
     }
-    let options = &config.engine_options;
+    // A text model keeps ONNX Runtime's arena unless config.toml says otherwise: its batches are bounded in tokens,
+    // and without the arena every activation is mapped and unmapped (bench/text_embeddings.py).
+    let mut options = config.engine_options.clone();
+    if options.memory_arena.is_none() && ferry_text::TextModel::present(dir) {
+        options.memory_arena = Some(true);
+    }
+    let options = &options;
     // An engine loading from memory resolves external data against the folder it is given (never the working
     // directory); tract loads self-contained models only, and says so.
     let folder = (!external.is_empty()).then_some(dir);
