@@ -364,6 +364,13 @@ def test_management_api_refuses_loads_in_poll_mode_and_needs_a_token_beyond_loop
         assert server.admin.startswith("http://127.0.0.1:")
         r = requests.post(server.admin + "/v2/repository/models/m/load", timeout=10)
         assert r.status_code == 400 and "not allowed" in r.json()["error"]
+        # Its other errors come from the same table as the inference ports': JSON bodies, 405 with `Allow`.
+        r = requests.get(server.admin + "/v2/repository/models/m/load", timeout=10)
+        assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"], r.text
+        r = requests.get(server.admin + "/v2/nowhere", timeout=10)
+        assert r.status_code == 404 and r.json() == {"error": "no such endpoint"}
+        r = requests.get(server.admin + "/v2/repository/models/nope/rollout", timeout=10)
+        assert r.status_code == 404 and r.json() == {"error": "model `nope` not found"}
     finally:
         server.stop()
     out = subprocess.run(

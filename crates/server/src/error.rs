@@ -26,11 +26,14 @@ pub enum ErrorKind {
     Unauthenticated,
     /// A valid token without the scope the call needs: 403 (gRPC PERMISSION_DENIED).
     PermissionDenied,
+    /// A path the server has, with a method it does not take: 405, with the `Allow` header axum's router adds (gRPC
+    /// UNIMPLEMENTED, its code for a method a service does not have).
+    MethodNotAllowed,
 }
 
 impl ErrorKind {
     /// Every kind, in declaration order (`ALL[k as usize] == k`): the metrics count outcomes by this order.
-    pub const ALL: [ErrorKind; 10] = [
+    pub const ALL: [ErrorKind; 11] = [
         ErrorKind::InvalidArgument,
         ErrorKind::NotFound,
         ErrorKind::PayloadTooLarge,
@@ -41,6 +44,7 @@ impl ErrorKind {
         ErrorKind::Internal,
         ErrorKind::Unauthenticated,
         ErrorKind::PermissionDenied,
+        ErrorKind::MethodNotAllowed,
     ];
 
     /// The HTTP status for this kind.
@@ -56,6 +60,7 @@ impl ErrorKind {
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
             ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
+            ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -67,7 +72,7 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge | ErrorKind::Overloaded => tonic::Code::ResourceExhausted,
             ErrorKind::Unavailable => tonic::Code::Unavailable,
             ErrorKind::DeadlineExceeded => tonic::Code::DeadlineExceeded,
-            ErrorKind::Unimplemented => tonic::Code::Unimplemented,
+            ErrorKind::Unimplemented | ErrorKind::MethodNotAllowed => tonic::Code::Unimplemented,
             ErrorKind::Internal => tonic::Code::Internal,
             ErrorKind::Unauthenticated => tonic::Code::Unauthenticated,
             ErrorKind::PermissionDenied => tonic::Code::PermissionDenied,
@@ -87,6 +92,7 @@ impl ErrorKind {
             ErrorKind::Internal => "internal",
             ErrorKind::Unauthenticated => "unauthenticated",
             ErrorKind::PermissionDenied => "permission_denied",
+            ErrorKind::MethodNotAllowed => "method_not_allowed",
         }
     }
 }

@@ -1533,6 +1533,7 @@ async fn every_router_error_is_json() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 405);
+    assert_eq!(r.headers()["allow"], "GET,HEAD");
     let body: Value = r.json().await.unwrap();
     assert!(body["error"].is_string(), "{body}");
 }

@@ -99,11 +99,13 @@ impl std::fmt::Debug for Manager {
 }
 
 /// Why a management call failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ManageError {
     /// The repository has no such model.
+    #[error("{0}")]
     NotFound(String),
     /// The call is not allowed in this mode, or the model failed.
+    #[error("{0}")]
     Refused(String),
 }
 

@@ -587,6 +587,7 @@ mod tests {
                 "internal",
                 "unauthenticated",
                 "permission_denied",
+                "method_not_allowed",
             ]
         );
         for (i, o) in Outcome::ALL.iter().enumerate() {

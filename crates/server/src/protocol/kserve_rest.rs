@@ -6,8 +6,9 @@
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
+use axum::Json;
 use ferry_model::NamedTensor;
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -75,63 +76,66 @@ pub async fn live() -> Response {
 
 /// `GET /v2/health/ready`: 200 once the startup load has finished, until shutdown begins; 400 otherwise (the
 /// protocol's 4xx for "false").
-pub async fn ready(State(state): State<AppState>) -> Response {
+pub async fn ready(State(state): State<AppState>) -> Result<Json<Value>, InferError> {
     if state.infer.health.is_ready() {
-        axum::Json(serde_json::json!({ "ready": true })).into_response()
+        Ok(Json(serde_json::json!({ "ready": true })))
     } else {
-        InferError::invalid("server is not ready").into_response_with(StatusCode::BAD_REQUEST)
-    }
-}
-
-trait WithStatus {
-    fn into_response_with(self, status: StatusCode) -> Response;
-}
-
-impl WithStatus for InferError {
-    fn into_response_with(self, status: StatusCode) -> Response {
-        let mut r = self.into_response();
-        *r.status_mut() = status;
-        r
+        Err(InferError::invalid("server is not ready"))
     }
 }
 
 /// `GET /v2/models/{m}/ready`.
-pub async fn model_ready(State(state): State<AppState>, Path(model): Path<String>) -> Response {
-    model_ready_inner(&state.infer, &model, None)
+pub async fn model_ready(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<Value>, InferError> {
+    version_readiness(&state.infer, &model, None)
 }
 
 /// `GET /v2/models/{m}/versions/{v}/ready`.
 pub async fn version_ready(
     State(state): State<AppState>,
     Path((model, version)): Path<(String, String)>,
-) -> Response {
-    model_ready_inner(&state.infer, &model, Some(&version))
+) -> Result<Json<Value>, InferError> {
+    version_readiness(&state.infer, &model, Some(&version))
 }
 
-fn model_ready_inner(infer: &Infer, model: &str, version: Option<&str>) -> Response {
-    let result = selector(version).and_then(|s| infer.resolve(model, &s));
-    match result {
-        Ok(v) => axum::Json(serde_json::json!({ "name": v.model, "ready": true })).into_response(),
-        // Not ready is the protocol's 4xx "false"; an unknown model stays a 404.
-        Err(e) if e.kind == ErrorKind::Unavailable => e.into_response_with(StatusCode::BAD_REQUEST),
-        Err(e) => e.into_response(),
-    }
+fn version_readiness(
+    infer: &Infer,
+    model: &str,
+    version: Option<&str>,
+) -> Result<Json<Value>, InferError> {
+    let v = selector(version)
+        .and_then(|s| infer.resolve(model, &s))
+        .map_err(|e| match e.kind {
+            // Not ready is the protocol's 4xx "false" (Triton's 400); an unknown model stays a 404.
+            ErrorKind::Unavailable => InferError::invalid(e.message),
+            _ => e,
+        })?;
+    Ok(Json(serde_json::json!({ "name": v.model, "ready": true })))
 }
 
 /// `GET /v2/models/{m}/drift`: per-feature and prediction drift of the latest version against its training data.
-pub async fn model_drift(State(state): State<AppState>, Path(model): Path<String>) -> Response {
-    drift_inner(&state.infer, &model, None).unwrap_or_else(IntoResponse::into_response)
+pub async fn model_drift(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<Value>, InferError> {
+    drift_report(&state.infer, &model, None)
 }
 
 /// `GET /v2/models/{m}/versions/{v}/drift`.
 pub async fn version_drift(
     State(state): State<AppState>,
     Path((model, version)): Path<(String, String)>,
-) -> Response {
-    drift_inner(&state.infer, &model, Some(&version)).unwrap_or_else(IntoResponse::into_response)
+) -> Result<Json<Value>, InferError> {
+    drift_report(&state.infer, &model, Some(&version))
 }
 
-fn drift_inner(infer: &Infer, model: &str, version: Option<&str>) -> Result<Response, InferError> {
+fn drift_report(
+    infer: &Infer,
+    model: &str,
+    version: Option<&str>,
+) -> Result<Json<Value>, InferError> {
     let loaded = infer.resolve(model, &selector(version)?)?;
     let drift = loaded.drift.as_ref().ok_or_else(|| {
         InferError::not_found(format!(
@@ -140,7 +144,7 @@ fn drift_inner(infer: &Infer, model: &str, version: Option<&str>) -> Result<Resp
         ))
     })?;
     let report = drift.report();
-    Ok(axum::Json(serde_json::json!({
+    Ok(Json(serde_json::json!({
         "model_name": loaded.model,
         "model_version": loaded.version.to_string(),
         "window_rows": drift.rows(),
@@ -149,28 +153,26 @@ fn drift_inner(infer: &Infer, model: &str, version: Option<&str>) -> Result<Resp
         "status": report.status.as_deref().unwrap_or("ok"),
         "features": report.features,
         "predictions": report.predictions,
-    }))
-    .into_response())
+    })))
 }
 
 /// `GET /v2/models/{m}`.
-pub async fn model_metadata(State(state): State<AppState>, Path(model): Path<String>) -> Response {
-    metadata_inner(&state.infer, &model, None).unwrap_or_else(IntoResponse::into_response)
+pub async fn model_metadata(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<Value>, InferError> {
+    metadata(&state.infer, &model, None)
 }
 
 /// `GET /v2/models/{m}/versions/{v}`.
 pub async fn version_metadata(
     State(state): State<AppState>,
     Path((model, version)): Path<(String, String)>,
-) -> Response {
-    metadata_inner(&state.infer, &model, Some(&version)).unwrap_or_else(IntoResponse::into_response)
+) -> Result<Json<Value>, InferError> {
+    metadata(&state.infer, &model, Some(&version))
 }
 
-fn metadata_inner(
-    infer: &Infer,
-    model: &str,
-    version: Option<&str>,
-) -> Result<Response, InferError> {
+fn metadata(infer: &Infer, model: &str, version: Option<&str>) -> Result<Json<Value>, InferError> {
     let sel = selector(version)?;
     let loaded = infer.resolve(model, &sel)?;
     let versions = infer.metadata_versions(&sel, &loaded);
@@ -184,14 +186,13 @@ fn metadata_inner(
             })
             .collect()
     };
-    Ok(axum::Json(serde_json::json!({
+    Ok(Json(serde_json::json!({
         "name": loaded.model,
         "versions": versions,
         "platform": format!("{}_onnx", loaded.backend.engine_name()),
         "inputs": describe(&loaded.signature.inputs),
         "outputs": describe(&loaded.signature.outputs),
-    }))
-    .into_response())
+    })))
 }
 
 /// `POST /v2/models/{m}/infer`.

@@ -77,15 +77,15 @@ pub fn parse_path(
 }
 
 /// `GET /v1/models/{rest}`: status or metadata.
-pub async fn get(State(state): State<AppState>, Path(rest): Path<String>) -> Response {
-    let result = match parse_path(&Method::GET, &rest) {
-        Ok((model, selector, Action::Status)) => status(&state.infer, &model, &selector),
-        Ok((model, selector, _)) => metadata(&state.infer, &model, &selector),
-        Err(e) => Err(e),
+pub async fn get(
+    State(state): State<AppState>,
+    Path(rest): Path<String>,
+) -> Result<axum::Json<Value>, InferError> {
+    let answer = match parse_path(&Method::GET, &rest)? {
+        (model, selector, Action::Status) => status(&state.infer, &model, &selector),
+        (model, selector, _) => metadata(&state.infer, &model, &selector),
     };
-    result
-        .map(|v| axum::Json(v).into_response())
-        .unwrap_or_else(IntoResponse::into_response)
+    answer.map(axum::Json)
 }
 
 /// `POST /v1/models/{rest}`: predict, classify or regress.

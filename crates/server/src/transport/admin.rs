@@ -17,8 +17,9 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::core::infer::Infer;
-use crate::core::reload::{ManageError, Manager};
+use crate::core::reload::{IndexEntry, ManageError, Manager};
 use crate::core::repository::{validate_name, VersionState};
+use crate::error::{ErrorKind, InferError};
 
 /// What the management handlers share.
 #[derive(Debug, Clone)]
@@ -33,7 +34,9 @@ pub struct AdminState {
     pub auth: Option<Arc<crate::transport::auth::Auth>>,
 }
 
-/// The management router.
+/// The management router. Every error it answers is an [`InferError`] through the one table in
+/// [`crate::error`]: the statuses are Triton's (400 for a load or unload the server refuses or that fails, 404 for an
+/// unknown model or label), the bodies `{"error": "..."}` as on the inference ports.
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/v2/repository/index", post(index))
@@ -45,14 +48,11 @@ pub fn router(state: AdminState) -> Router {
             put(set_label).delete(delete_label),
         )
         .route("/v2/repository/models/{model}/rollout", get(rollout))
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .fallback(crate::transport::http::not_found)
+        .method_not_allowed_fallback(crate::transport::http::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state)
-}
-
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
 async fn authorize(
@@ -91,79 +91,87 @@ async fn authorize(
     };
     match given {
         Some(token) if admin_token(token) || scoped_ok() => next.run(request).await,
-        Some(_) => error(StatusCode::FORBIDDEN, "the admin token is not valid"),
-        None => {
-            let mut r = error(
-                StatusCode::UNAUTHORIZED,
-                "the management API needs an admin token (Authorization: Bearer <token>)",
-            );
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                "Bearer".parse().expect("static header"),
-            );
-            r
-        }
+        Some(_) => InferError::new(ErrorKind::PermissionDenied, "the admin token is not valid")
+            .into_response(),
+        // The table adds `WWW-Authenticate: Bearer`.
+        None => InferError::new(
+            ErrorKind::Unauthenticated,
+            "the management API needs an admin token (Authorization: Bearer <token>)",
+        )
+        .into_response(),
     }
 }
 
-fn manage_error(e: ManageError) -> Response {
+/// Triton answers 400 for every load or unload it does not do: an unknown model, a mode that forbids it, a model
+/// that fails to load.
+fn manage_error(e: ManageError) -> InferError {
     match e {
-        ManageError::NotFound(m) | ManageError::Refused(m) => error(StatusCode::BAD_REQUEST, m),
+        ManageError::NotFound(m) | ManageError::Refused(m) => InferError::invalid(m),
     }
+}
+
+/// A model name from the path, checked as the repository checks it: 400 when it could not name a model.
+fn model_name(model: &str) -> Result<(), InferError> {
+    validate_name(model).map_err(InferError::invalid)
+}
+
+fn model_not_found(model: &str) -> InferError {
+    InferError::not_found(format!("model `{model}` not found"))
 }
 
 /// `POST /v2/repository/index` with an optional `{"ready": true}`.
-async fn index(State(state): State<AdminState>, body: Bytes) -> Response {
+async fn index(
+    State(state): State<AdminState>,
+    body: Bytes,
+) -> Result<Json<Vec<IndexEntry>>, InferError> {
     let ready = if body.iter().all(u8::is_ascii_whitespace) {
         false
     } else {
-        match serde_json::from_slice::<serde_json::Value>(&body) {
-            Ok(v) => v
-                .get("ready")
-                .and_then(serde_json::Value::as_bool)
-                .unwrap_or(false),
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("malformed index request: {e}"),
-                )
-            }
-        }
+        serde_json::from_slice::<serde_json::Value>(&body)
+            .map_err(|e| InferError::invalid(format!("malformed index request: {e}")))?
+            .get("ready")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false)
     };
-    match state.manager.index(ready).await {
-        Ok(rows) => Json(rows).into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
-    }
+    let rows = state
+        .manager
+        .index(ready)
+        .await
+        .map_err(|e| InferError::new(ErrorKind::Internal, e))?;
+    Ok(Json(rows))
 }
 
 /// `POST /v2/repository/models/{m}/load` (explicit mode).
-async fn load(State(state): State<AdminState>, Path(model): Path<String>) -> Response {
-    if let Err(e) = validate_name(&model) {
-        return error(StatusCode::BAD_REQUEST, e);
-    }
-    match state.manager.load(&model).await {
-        Ok(()) => (StatusCode::OK, Json(json!({}))).into_response(),
-        Err(e) => manage_error(e),
-    }
+async fn load(
+    State(state): State<AdminState>,
+    Path(model): Path<String>,
+) -> Result<Json<serde_json::Value>, InferError> {
+    model_name(&model)?;
+    state.manager.load(&model).await.map_err(manage_error)?;
+    Ok(Json(json!({})))
 }
 
 /// `POST /v2/repository/models/{m}/unload` (explicit mode).
-async fn unload(State(state): State<AdminState>, Path(model): Path<String>) -> Response {
-    if let Err(e) = validate_name(&model) {
-        return error(StatusCode::BAD_REQUEST, e);
-    }
-    match state.manager.unload(&model).await {
-        Ok(()) => (StatusCode::OK, Json(json!({}))).into_response(),
-        Err(e) => manage_error(e),
-    }
+async fn unload(
+    State(state): State<AdminState>,
+    Path(model): Path<String>,
+) -> Result<Json<serde_json::Value>, InferError> {
+    model_name(&model)?;
+    state.manager.unload(&model).await.map_err(manage_error)?;
+    Ok(Json(json!({})))
 }
 
 /// `GET /v2/repository/models/{m}/labels`: every label and its version.
-async fn labels(State(state): State<AdminState>, Path(model): Path<String>) -> Response {
-    match state.infer.store.with_model(&model, |r| r.labels()) {
-        Some(labels) => Json(json!({ "name": model, "labels": labels })).into_response(),
-        None => error(StatusCode::NOT_FOUND, format!("model `{model}` not found")),
-    }
+async fn labels(
+    State(state): State<AdminState>,
+    Path(model): Path<String>,
+) -> Result<Json<serde_json::Value>, InferError> {
+    let labels = state
+        .infer
+        .store
+        .with_model(&model, |r| r.labels())
+        .ok_or_else(|| model_not_found(&model))?;
+    Ok(Json(json!({ "name": model, "labels": labels })))
 }
 
 /// `PUT /v2/repository/models/{m}/labels/{l}` with `{"version": N}`: points a label at a READY version (as TF
@@ -172,82 +180,71 @@ async fn set_label(
     State(state): State<AdminState>,
     Path((model, label)): Path<(String, String)>,
     body: Bytes,
-) -> Response {
-    if let Err(e) = validate_name(&label) {
-        return error(StatusCode::BAD_REQUEST, e.replace("model name", "label"));
-    }
-    let version = match serde_json::from_slice::<serde_json::Value>(&body) {
-        Ok(v) => match v.get("version").and_then(serde_json::Value::as_u64) {
-            Some(n) if n > 0 => n,
-            _ => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "expected {\"version\": N} with N a positive integer",
-                )
+) -> Result<Json<serde_json::Value>, InferError> {
+    validate_name(&label).map_err(|e| InferError::invalid(e.replace("model name", "label")))?;
+    let version = serde_json::from_slice::<serde_json::Value>(&body)
+        .map_err(|e| InferError::invalid(format!("malformed label request: {e}")))?
+        .get("version")
+        .and_then(serde_json::Value::as_u64)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| {
+            InferError::invalid("expected {\"version\": N} with N a positive integer")
+        })?;
+    state
+        .infer
+        .store
+        .update(&model, |r| {
+            let ready = r
+                .versions
+                .get(&version)
+                .is_some_and(|s| s.state == VersionState::Ready);
+            if !ready {
+                return Err(InferError::invalid(format!(
+                    "version {version} of model `{model}` is not ready; labels point at ready versions"
+                )));
             }
-        },
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("malformed label request: {e}"),
-            )
-        }
-    };
-    let result = state.infer.store.update(&model, |r| {
-        let ready = r
-            .versions
-            .get(&version)
-            .is_some_and(|s| s.state == VersionState::Ready);
-        if !ready {
-            return Err(format!(
-                "version {version} of model `{model}` is not ready; labels point at ready versions"
-            ));
-        }
-        r.api_labels.insert(label.clone(), version);
-        Ok(())
-    });
-    match result {
-        None => error(StatusCode::NOT_FOUND, format!("model `{model}` not found")),
-        Some(Err(e)) => error(StatusCode::BAD_REQUEST, e),
-        Some(Ok(())) => {
-            tracing::info!(model = %model, label = %label, version, "version label set");
-            Json(json!({ "name": model, "label": label, "version": version })).into_response()
-        }
-    }
+            r.api_labels.insert(label.clone(), version);
+            Ok(())
+        })
+        .ok_or_else(|| model_not_found(&model))??;
+    tracing::info!(model = %model, label = %label, version, "version label set");
+    Ok(Json(
+        json!({ "name": model, "label": label, "version": version }),
+    ))
 }
 
 /// `DELETE /v2/repository/models/{m}/labels/{l}`: removes a label set through this API.
 async fn delete_label(
     State(state): State<AdminState>,
     Path((model, label)): Path<(String, String)>,
-) -> Response {
-    match state
+) -> Result<StatusCode, InferError> {
+    state
         .infer
         .store
         .update(&model, |r| r.api_labels.remove(&label))
-    {
-        None => error(StatusCode::NOT_FOUND, format!("model `{model}` not found")),
-        Some(None) => error(
-            StatusCode::NOT_FOUND,
-            format!("model `{model}` has no label `{label}` set through this API"),
-        ),
-        Some(Some(_)) => StatusCode::NO_CONTENT.into_response(),
-    }
+        .ok_or_else(|| model_not_found(&model))?
+        .ok_or_else(|| {
+            InferError::not_found(format!(
+                "model `{model}` has no label `{label}` set through this API"
+            ))
+        })?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `GET /v2/repository/models/{m}/rollout`: the plan this replica applies, its current step and weight.
-async fn rollout(State(state): State<AdminState>, Path(model): Path<String>) -> Response {
-    match state.infer.store.with_model(&model, |r| r.rollout.clone()) {
-        None => error(StatusCode::NOT_FOUND, format!("model `{model}` not found")),
-        Some(None) => error(
-            StatusCode::NOT_FOUND,
-            format!("model `{model}` has no rollout"),
-        ),
-        Some(Some(live)) => Json(json!({
-            "plan": live.plan(),
-            "step": live.step(),
-            "weight": live.weight(),
-        }))
-        .into_response(),
-    }
+async fn rollout(
+    State(state): State<AdminState>,
+    Path(model): Path<String>,
+) -> Result<Json<serde_json::Value>, InferError> {
+    let live = state
+        .infer
+        .store
+        .with_model(&model, |r| r.rollout.clone())
+        .ok_or_else(|| model_not_found(&model))?
+        .ok_or_else(|| InferError::not_found(format!("model `{model}` has no rollout")))?;
+    Ok(Json(json!({
+        "plan": live.plan(),
+        "step": live.step(),
+        "weight": live.weight(),
+    })))
 }

@@ -28,14 +28,12 @@ pub enum Scope {
 
 impl Scope {
     /// Parses `infer`, `read` or `admin`.
-    pub fn parse(text: &str) -> Result<Scope, String> {
+    pub fn parse(text: &str) -> Result<Scope, TokenError> {
         match text.trim() {
             "infer" => Ok(Scope::Infer),
             "read" => Ok(Scope::Read),
             "admin" => Ok(Scope::Admin),
-            other => Err(format!(
-                "unknown scope `{other}` (expected infer, read or admin)"
-            )),
+            other => Err(TokenError::UnknownScope(other.to_string())),
         }
     }
 
@@ -113,6 +111,64 @@ fn parse_hex32(text: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// Why tokens given to `ferry serve` (`--tokens-file`, `--tokens`) cannot be used; the messages are the ones the CLI
+/// prints after the flag's name.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// A scope other than `infer`, `read` or `admin`.
+    #[error("unknown scope `{0}` (expected infer, read or admin)")]
+    UnknownScope(String),
+    /// A token with no scope.
+    #[error("a token needs at least one scope")]
+    NoScope,
+    /// A rate limit that is not a positive number.
+    #[error("rate_limit must be a positive number of requests per second")]
+    BadRateLimit,
+    /// An environment entry not of the form `name:scope+scope:secret`.
+    #[error("a token is `name:scope+scope:secret`")]
+    Malformed,
+    /// An environment entry whose secret is empty.
+    #[error("token `{0}` has an empty secret")]
+    EmptySecret(String),
+    /// A file entry with a `sha256` that is not 64 hex digits.
+    #[error("sha256 must be 64 hex digits")]
+    BadSha256,
+    /// A file entry with both or neither of `token` and `sha256`.
+    #[error("give exactly one of `token` or `sha256`")]
+    SecretOrSha256,
+    /// The tokens file cannot be read.
+    #[error("{0}")]
+    Read(std::io::Error),
+    /// The tokens file is not valid TOML for a tokens file.
+    #[error("{0}")]
+    Syntax(String),
+    /// An error about one named token.
+    #[error("token `{name}`: {error}")]
+    InToken {
+        /// The token's name.
+        name: String,
+        /// What is wrong with it.
+        error: Box<TokenError>,
+    },
+    /// An error in a tokens file.
+    #[error("{}: {error}", path.display())]
+    InFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong in it.
+        error: Box<TokenError>,
+    },
+}
+
+impl TokenError {
+    fn in_token(self, name: &str) -> TokenError {
+        TokenError::InToken {
+            name: name.to_string(),
+            error: Box::new(self),
+        }
+    }
+}
+
 /// Reads a tokens file:
 ///
 /// ```toml
@@ -122,27 +178,33 @@ fn parse_hex32(text: &str) -> Option<[u8; 32]> {
 /// scopes = ["infer", "read"]
 /// rate_limit = 200             # requests per second, optional
 /// ```
-pub fn read_tokens_file(path: &Path) -> Result<Vec<TokenSpec>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+pub fn read_tokens_file(path: &Path) -> Result<Vec<TokenSpec>, TokenError> {
+    let in_file = |error: TokenError| TokenError::InFile {
+        path: path.to_path_buf(),
+        error: Box::new(error),
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| in_file(TokenError::Read(e)))?;
     let file: TokensFile =
-        toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
+        toml::from_str(&text).map_err(|e| in_file(TokenError::Syntax(e.message().to_string())))?;
     file.token
         .into_iter()
         .map(|t| {
-            let where_ = format!("{}: token `{}`", path.display(), t.name);
             let sha256 = match (&t.token, &t.sha256) {
-                (Some(secret), None) if !secret.trim().is_empty() => token_digest(secret.trim()),
-                (None, Some(hex)) => parse_hex32(hex)
-                    .ok_or_else(|| format!("{where_}: sha256 must be 64 hex digits"))?,
-                _ => return Err(format!("{where_}: give exactly one of `token` or `sha256`")),
+                (Some(secret), None) if !secret.trim().is_empty() => {
+                    Ok(token_digest(secret.trim()))
+                }
+                (None, Some(hex)) => parse_hex32(hex).ok_or(TokenError::BadSha256),
+                _ => Err(TokenError::SecretOrSha256),
             };
-            spec(t.name, sha256, &t.scopes, t.rate_limit).map_err(|e| format!("{where_}: {e}"))
+            sha256
+                .and_then(|sha256| spec(t.name.clone(), sha256, &t.scopes, t.rate_limit))
+                .map_err(|e| in_file(e.in_token(&t.name)))
         })
         .collect()
 }
 
 /// Parses tokens from the environment form `name:scope+scope:secret`, comma-separated.
-pub fn parse_tokens_env(text: &str) -> Result<Vec<TokenSpec>, String> {
+pub fn parse_tokens_env(text: &str) -> Result<Vec<TokenSpec>, TokenError> {
     text.split(',')
         .filter(|t| !t.trim().is_empty())
         .map(|item| {
@@ -150,15 +212,15 @@ pub fn parse_tokens_env(text: &str) -> Result<Vec<TokenSpec>, String> {
             let (Some(name), Some(scopes), Some(secret)) =
                 (parts.next(), parts.next(), parts.next())
             else {
-                return Err("a token is `name:scope+scope:secret`".to_string());
+                return Err(TokenError::Malformed);
             };
             let secret = secret.trim();
             if secret.is_empty() {
-                return Err(format!("token `{name}` has an empty secret"));
+                return Err(TokenError::EmptySecret(name.to_string()));
             }
             let scopes: Vec<String> = scopes.split('+').map(str::to_string).collect();
             spec(name.to_string(), token_digest(secret), &scopes, None)
-                .map_err(|e| format!("token `{name}`: {e}"))
+                .map_err(|e| e.in_token(name))
         })
         .collect()
 }
@@ -168,17 +230,17 @@ fn spec(
     sha256: [u8; 32],
     scopes: &[String],
     rate_limit: Option<f64>,
-) -> Result<TokenSpec, String> {
+) -> Result<TokenSpec, TokenError> {
     let scopes = scopes
         .iter()
         .map(|s| Scope::parse(s))
         .collect::<Result<BTreeSet<_>, _>>()?;
     if scopes.is_empty() {
-        return Err("a token needs at least one scope".into());
+        return Err(TokenError::NoScope);
     }
     if let Some(r) = rate_limit {
         if !(r.is_finite() && r > 0.0) {
-            return Err("rate_limit must be a positive number of requests per second".into());
+            return Err(TokenError::BadRateLimit);
         }
     }
     Ok(TokenSpec {
@@ -459,6 +521,41 @@ mod tests {
         assert!(parse_tokens_env("x:write:s").is_err());
         assert!(parse_tokens_env("x:infer:").is_err());
         assert!(parse_tokens_env("x:infer").is_err());
+    }
+
+    #[test]
+    fn token_errors_say_which_token_and_file() {
+        let env = |text: &str| parse_tokens_env(text).unwrap_err().to_string();
+        assert_eq!(
+            env("x:write:s"),
+            "token `x`: unknown scope `write` (expected infer, read or admin)"
+        );
+        assert_eq!(env("x:infer:"), "token `x` has an empty secret");
+        assert_eq!(env("x:infer"), "a token is `name:scope+scope:secret`");
+        let path = std::env::temp_dir().join(format!("ferry-tokens-{}.toml", std::process::id()));
+        let file = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            read_tokens_file(&path).unwrap_err().to_string()
+        };
+        let p = path.display();
+        assert_eq!(
+            file("[[token]]\nname = \"a\"\nsha256 = \"00\"\nscopes = [\"read\"]\n"),
+            format!("{p}: token `a`: sha256 must be 64 hex digits")
+        );
+        assert_eq!(
+            file("[[token]]\nname = \"a\"\nscopes = [\"read\"]\n"),
+            format!("{p}: token `a`: give exactly one of `token` or `sha256`")
+        );
+        assert_eq!(
+            file("[[token]]\nname = \"a\"\ntoken = \"s\"\nscopes = []\n"),
+            format!("{p}: token `a`: a token needs at least one scope")
+        );
+        assert!(file("[[token]\n").starts_with(&format!("{p}: ")));
+        std::fs::remove_file(&path).unwrap();
+        assert!(read_tokens_file(&path)
+            .unwrap_err()
+            .to_string()
+            .starts_with(&format!("{p}: ")));
     }
 
     #[test]

@@ -73,10 +73,18 @@ pub struct ServeConfig {
     pub metrics: crate::metrics::MetricsOptions,
 }
 
+/// A management API that would listen beyond loopback with no token guarding it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the management API would listen on {0}, beyond loopback, without a token: set --admin-token (or \
+     FERRY_ADMIN_TOKEN), give a token the admin scope, or keep --admin-host on 127.0.0.1"
+)]
+pub struct UnguardedAdmin(pub std::net::SocketAddr);
+
 impl ServeConfig {
     /// Refuses a management API beyond loopback that no token guards (neither `admin_token` nor a token with the
     /// admin scope). `ferry serve` checks it before it binds a port or loads anything; `Server::start` checks again.
-    pub fn check_admin_exposure(&self) -> Result<(), String> {
+    pub fn check_admin_exposure(&self) -> Result<(), UnguardedAdmin> {
         let Some(addr) = self.admin else {
             return Ok(());
         };
@@ -88,10 +96,7 @@ impl ServeConfig {
         if addr.ip().is_loopback() || guarded {
             return Ok(());
         }
-        Err(format!(
-            "the management API would listen on {addr}, beyond loopback, without a token: set --admin-token (or \
-             FERRY_ADMIN_TOKEN), give a token the admin scope, or keep --admin-host on 127.0.0.1"
-        ))
+        Err(UnguardedAdmin(addr))
     }
 
     /// A configuration for tests: loopback, a free port, short timeouts.

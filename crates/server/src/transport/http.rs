@@ -18,7 +18,7 @@ use crate::core::infer::{Health, Infer};
 use crate::core::reload::{ControlMode, Manager};
 use crate::core::repository::ModelStore;
 use crate::core::source::Repository;
-use crate::error::InferError;
+use crate::error::{ErrorKind, InferError};
 use crate::protocol::{kserve_rest as ks, tfserving_rest as tf};
 use crate::transport::config::ServeConfig;
 
@@ -150,14 +150,18 @@ async fn json_errors(response: Response) -> Response {
     Response::from_parts(parts, axum::body::Body::from(body))
 }
 
-async fn not_found() -> Response {
-    InferError::not_found("no such endpoint").into_response()
+/// The router's fallback (and the management API's): no route has this path.
+pub(crate) async fn not_found() -> InferError {
+    InferError::not_found("no such endpoint")
 }
 
-async fn method_not_allowed() -> Response {
-    let mut r = InferError::invalid("method not allowed on this endpoint").into_response();
-    *r.status_mut() = axum::http::StatusCode::METHOD_NOT_ALLOWED;
-    r
+/// The router's answer to a path it has with a method it does not take (and the management API's). axum adds the
+/// `Allow` header, listing the path's methods, to whatever this answers.
+pub(crate) async fn method_not_allowed() -> InferError {
+    InferError::new(
+        ErrorKind::MethodNotAllowed,
+        "method not allowed on this endpoint",
+    )
 }
 
 /// Gives every request an id (the client's `x-request-id`, or a new one), logs one line per request under a span
