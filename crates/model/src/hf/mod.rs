@@ -166,7 +166,7 @@ pub fn import(dir: &Path) -> Result<Imported, HfError> {
 /// [`import`], refusing weights over `max_weight_bytes` (as FP32) before any is read.
 pub fn import_with_limit(dir: &Path, max_weight_bytes: u64) -> Result<Imported, HfError> {
     let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|source| HfError::Io {
+    let text = read_config(&config_path).map_err(|source| HfError::Io {
         path: config_path,
         source,
     })?;
@@ -204,6 +204,23 @@ pub fn import_with_limit(dir: &Path, max_weight_bytes: u64) -> Result<Imported, 
         output: output.into(),
         weight_bytes: bytes,
     })
+}
+
+/// `config.json`'s text, refused past 16 MiB before it is read (a huge or sparse file must not be read whole).
+fn read_config(path: &Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    const LIMIT: u64 = 16 << 20;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(LIMIT + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > LIMIT {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the file is larger than the {LIMIT} bytes allowed"),
+        ));
+    }
+    Ok(text)
 }
 
 /// The weights of a folder: `model.safetensors`, or the shards `model.safetensors.index.json` names.
@@ -736,6 +753,13 @@ mod tests {
         file.set_len(64 << 30).unwrap();
         let e = import_with_limit(&dir, 1 << 20).unwrap_err().to_string();
         assert!(e.contains("more than the 2097152 bytes allowed"), "{e}");
+        // And so is a huge config.json.
+        std::fs::File::create(dir.join("config.json"))
+            .unwrap()
+            .set_len(64 << 30)
+            .unwrap();
+        let e = import_with_limit(&dir, 1 << 20).unwrap_err().to_string();
+        assert!(e.contains("larger than the 16777216 bytes allowed"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
