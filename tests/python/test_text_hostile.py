@@ -48,3 +48,12 @@ def test_tokenize_of_punctuation_is_refused_before_it_costs_a_thousand_times_its
     assert r.status_code == 200
     assert [len(t) for t in r.json()] == [202] * 20
     assert r.json()[0][1] == {"id": 7592, "text": "hello", "special": False, "start": 0, "stop": 5}
+
+
+def test_embed_refuses_zero_dimensions_as_the_openai_route_does(minilm_server):
+    # It answered 200 with an empty embedding.
+    r = post(minilm_server, "/models/minilm/embed", {"inputs": "hi", "dimensions": 0})
+    assert r.status_code == 422, r.text
+    assert "dimensions" in r.json()["error"]
+    r = post(minilm_server, "/models/minilm/embed", {"inputs": "hi", "dimensions": 8})
+    assert r.status_code == 200 and len(r.json()[0]) == 8

@@ -444,6 +444,9 @@ async fn run(
             if req.prompt_name.is_some() {
                 return Err(InferError::invalid("`prompt_name` is not supported"));
             }
+            if req.dimensions == Some(0) {
+                return Err(InferError::invalid("`dimensions` must be at least 1"));
+            }
             let (texts, _) = req.inputs.into_vec();
             if texts.is_empty() {
                 return Err(empty("inputs"));
