@@ -55,6 +55,36 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// even WordPiece's longest unknown word (100 characters) is one token.
 pub const BYTES_PER_TOKEN: usize = 128;
 
+/// The largest `tokenizer.json` read (the largest on the hub, Gemma's, is about 33 MB).
+pub const MAX_TOKENIZER_BYTES: u64 = 128 << 20;
+
+/// The largest settings file read (`config.json`, `tokenizer_config.json`, sentence-transformers' files).
+pub const MAX_SETTINGS_BYTES: u64 = 16 << 20;
+
+/// Reads a file of at most `limit` bytes, refusing a larger one before reading it: a huge (or sparse) file dropped in
+/// a version folder must not be copied into memory whole.
+pub fn read_limited(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let too_big = |len: u64| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the file has {len} bytes or more, more than the {limit} bytes allowed"),
+        )
+    };
+    if len > limit {
+        return Err(too_big(len));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    // A file that grows while it is read stops at the limit.
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(too_big(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
 /// One text's token ids, special tokens included (all of them attended to).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tokens {
@@ -127,7 +157,7 @@ impl TextModel {
     pub fn load(dir: &Path, overrides: &Overrides) -> Result<TextModel, TextError> {
         let settings = Settings::read(dir, overrides)?;
         let path = dir.join(TOKENIZER_FILE);
-        let bytes = std::fs::read(&path)
+        let bytes = read_limited(&path, MAX_TOKENIZER_BYTES)
             .map_err(|e| TextError::Tokenizer(format!("{}: {e}", path.display())))?;
         TextModel::from_bytes(&bytes, settings)
     }

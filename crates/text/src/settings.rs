@@ -115,7 +115,7 @@ pub struct Settings {
 
 fn read_json(dir: &Path, name: &str) -> Result<Option<Value>, TextError> {
     let path = dir.join(name);
-    match std::fs::read(&path) {
+    match crate::read_limited(&path, crate::MAX_SETTINGS_BYTES) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| TextError::Settings(format!("{}: {e}", path.display()))),
@@ -319,6 +319,23 @@ fn labels(config: &Value) -> Result<Vec<String>, TextError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_files_are_refused_before_they_are_read() {
+        // Sparse 64 GiB files: no disk taken, but reading one whole would take 64 GiB of memory.
+        for name in ["config.json", "modules.json", "tokenizer.json"] {
+            let d = folder(&[("config.json", r#"{"max_position_embeddings":512}"#)]);
+            std::fs::File::create(d.path().join(name))
+                .unwrap()
+                .set_len(64 << 30)
+                .unwrap();
+            let e = crate::TextModel::load(d.path(), &Overrides::default()).unwrap_err();
+            assert!(
+                e.to_string().contains("68719476736 bytes or more"),
+                "{name}: {e}"
+            );
+        }
+    }
 
     fn folder(files: &[(&str, &str)]) -> tempdir::Dir {
         let d = tempdir::Dir::new();

@@ -166,7 +166,7 @@ pub fn import(dir: &Path) -> Result<Imported, HfError> {
 /// [`import`], refusing weights over `max_weight_bytes` (as FP32) before any is read.
 pub fn import_with_limit(dir: &Path, max_weight_bytes: u64) -> Result<Imported, HfError> {
     let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|source| HfError::Io {
+    let text = read_config(&config_path).map_err(|source| HfError::Io {
         path: config_path,
         source,
     })?;
@@ -178,7 +178,7 @@ pub fn import_with_limit(dir: &Path, max_weight_bytes: u64) -> Result<Imported, 
             limit: max_weight_bytes,
         });
     }
-    let weights = Weights::open(dir)?;
+    let weights = Weights::open(dir, max_weight_bytes.saturating_mul(2))?;
     let model = build(&config, &weights)?;
     // The files' bytes go before the model is serialized: the peak is then twice the weights, not three times.
     drop(weights);
@@ -206,16 +206,59 @@ pub fn import_with_limit(dir: &Path, max_weight_bytes: u64) -> Result<Imported, 
     })
 }
 
+/// `config.json`'s text, refused past 16 MiB before it is read (a huge or sparse file must not be read whole).
+fn read_config(path: &Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    const LIMIT: u64 = 16 << 20;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(LIMIT + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > LIMIT {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the file is larger than the {LIMIT} bytes allowed"),
+        ));
+    }
+    Ok(text)
+}
+
 /// The weights of a folder: `model.safetensors`, or the shards `model.safetensors.index.json` names.
 struct Weights {
     files: Vec<(String, SafeTensors)>,
 }
 
 impl Weights {
-    fn open(dir: &Path) -> Result<Weights, HfError> {
+    /// Reads the weights' files, refusing them once their sizes add up to more than `max_file_bytes` (before any is
+    /// read: the files are read whole, so a huge or sparse file dropped beside a small `config.json` would otherwise
+    /// be copied into memory whatever its header says).
+    fn open(dir: &Path, max_file_bytes: u64) -> Result<Weights, HfError> {
+        let total = std::cell::Cell::new(0u64);
         let read = |name: &str| -> Result<Vec<u8>, HfError> {
+            use std::io::Read as _;
             let path = dir.join(name);
-            std::fs::read(&path).map_err(|source| HfError::Io { path, source })
+            let io = |source| HfError::Io {
+                path: path.clone(),
+                source,
+            };
+            let file = std::fs::File::open(&path).map_err(io)?;
+            let len = file.metadata().map_err(io)?.len();
+            let left = max_file_bytes.saturating_sub(total.get());
+            if len > left {
+                return Err(HfError::Weights {
+                    file: name.into(),
+                    why: format!(
+                        "the weights' files take {} bytes or more, more than the {max_file_bytes} bytes allowed \
+                         (twice the FP32 weights' limit)",
+                        total.get().saturating_add(len)
+                    ),
+                });
+            }
+            let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+            // A file that grows while it is read is cut at the limit (and then fails to parse).
+            file.take(left).read_to_end(&mut bytes).map_err(io)?;
+            total.set(total.get().saturating_add(bytes.len() as u64));
+            Ok(bytes)
         };
         let parse = |name: &str| -> Result<(String, SafeTensors), HfError> {
             let st = SafeTensors::parse(read(name)?).map_err(|e| HfError::Weights {
@@ -699,6 +742,25 @@ mod tests {
             std::fs::write(dir.join("model.safetensors"), w).unwrap();
         }
         dir
+    }
+
+    #[test]
+    fn weights_files_larger_than_the_limit_are_refused_before_they_are_read() {
+        // A sparse 64 GiB file beside a tiny config.json: it takes no disk, but reading it whole would take 64 GiB
+        // of memory.
+        let dir = folder(TINY, None);
+        let file = std::fs::File::create(dir.join("model.safetensors")).unwrap();
+        file.set_len(64 << 30).unwrap();
+        let e = import_with_limit(&dir, 1 << 20).unwrap_err().to_string();
+        assert!(e.contains("more than the 2097152 bytes allowed"), "{e}");
+        // And so is a huge config.json.
+        std::fs::File::create(dir.join("config.json"))
+            .unwrap()
+            .set_len(64 << 30)
+            .unwrap();
+        let e = import_with_limit(&dir, 1 << 20).unwrap_err().to_string();
+        assert!(e.contains("larger than the 16777216 bytes allowed"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     const TINY: &str = r#"{"model_type": "bert", "architectures": ["BertModel"], "vocab_size": 10, "hidden_size": 4,

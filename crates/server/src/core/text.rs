@@ -110,17 +110,90 @@ async fn tokenize_with(
         }
         Ok(out)
     };
-    if inputs.iter().map(TextInput::bytes).sum::<usize>() <= INLINE_BYTES {
-        return run(model, inputs);
+    let bytes = inputs.iter().map(TextInput::bytes).sum::<usize>();
+    let model = model.clone();
+    off_runtime(bytes, move || run(&model, inputs)).await
+}
+
+/// Runs `work` (tokenizing `bytes` of text) on the calling task when it is small, else on the blocking pool, at most
+/// one per core at once.
+async fn off_runtime<T: Send + 'static>(
+    bytes: usize,
+    work: impl FnOnce() -> Result<T, InferError> + Send + 'static,
+) -> Result<T, InferError> {
+    if bytes <= INLINE_BYTES {
+        return work();
     }
     let _permit = tokenizer_permits()
         .acquire()
         .await
         .map_err(|_| InferError::unavailable("server shutting down"))?;
-    let model = model.clone();
-    tokio::task::spawn_blocking(move || run(&model, inputs))
+    tokio::task::spawn_blocking(work)
         .await
         .map_err(|_| InferError::new(ErrorKind::Internal, "tokenizing failed"))?
+}
+
+/// One token as TEI's `/tokenize` answers it.
+#[derive(serde::Serialize)]
+struct Listed<'a> {
+    id: u32,
+    text: &'a str,
+    special: bool,
+    start: Option<usize>,
+    stop: Option<usize>,
+}
+
+/// TEI's `/tokenize` answer for `texts`, as JSON bytes (a list of token lists), built off the async runtime as
+/// [`tokenize`] is. The answer may take at most `allowance` bytes: a token costs about 60 bytes of JSON, so a body of
+/// punctuation (a token a byte) would otherwise cost 60 times its size, and far more as a JSON tree.
+pub async fn listing(
+    model: &Arc<TextModel>,
+    texts: Vec<String>,
+    add_special_tokens: bool,
+    allowance: usize,
+) -> Result<Vec<u8>, InferError> {
+    let bytes = texts.iter().map(String::len).sum();
+    let model = model.clone();
+    off_runtime(bytes, move || {
+        let too_big = || {
+            InferError::invalid(format!(
+                "the request's texts hold more tokens than a request of its size may list ({allowance} bytes of \
+                 answer); split the request"
+            ))
+        };
+        let mut out = Vec::with_capacity(allowance.min(bytes.saturating_mul(8) + 64));
+        out.push(b'[');
+        for (i, text) in texts.iter().enumerate() {
+            let tokens = model
+                .tokenize(text, add_special_tokens, None)
+                .map_err(|e| text_error(e).with_prefix(&format!("input {i}: ")))?;
+            if i > 0 {
+                out.push(b',');
+            }
+            out.push(b'[');
+            for (k, t) in tokens.iter().enumerate() {
+                if k > 0 {
+                    out.push(b',');
+                }
+                let listed = Listed {
+                    id: t.id,
+                    text: &t.text,
+                    special: t.special,
+                    start: t.span.map(|s| s.0),
+                    stop: t.span.map(|s| s.1),
+                };
+                serde_json::to_writer(&mut out, &listed)
+                    .map_err(|e| InferError::new(ErrorKind::Internal, e.to_string()))?;
+                if out.len() > allowance {
+                    return Err(too_big());
+                }
+            }
+            out.push(b']');
+        }
+        out.push(b']');
+        Ok(out)
+    })
+    .await
 }
 
 impl Infer {

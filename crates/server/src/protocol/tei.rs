@@ -444,6 +444,9 @@ async fn run(
             if req.prompt_name.is_some() {
                 return Err(InferError::invalid("`prompt_name` is not supported"));
             }
+            if req.dimensions == Some(0) {
+                return Err(InferError::invalid("`dimensions` must be at least 1"));
+            }
             let (texts, _) = req.inputs.into_vec();
             if texts.is_empty() {
                 return Err(empty("inputs"));
@@ -574,27 +577,12 @@ async fn run(
             if texts.is_empty() {
                 return Err(empty("inputs"));
             }
-            let mut out = Vec::with_capacity(texts.len());
-            for (i, t) in texts.iter().enumerate() {
-                let tokens = text
-                    .tokenize(t, req.add_special_tokens, None)
-                    .map_err(|e| text::text_error(e).with_prefix(&format!("input {i}: ")))?;
-                out.push(
-                    tokens
-                        .into_iter()
-                        .map(|t| {
-                            json!({
-                                "id": t.id,
-                                "text": t.text,
-                                "special": t.special,
-                                "start": t.span.map(|s| s.0),
-                                "stop": t.span.map(|s| s.1),
-                            })
-                        })
-                        .collect::<Vec<_>>(),
-                );
-            }
-            Ok(Json(out).into_response())
+            let out = text::listing(&text, texts, req.add_special_tokens, allowance).await?;
+            Ok((
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                out,
+            )
+                .into_response())
         }
         Call::Decode => {
             let req: DecodeRequest = parse(infer, &body)?;

@@ -7,8 +7,9 @@
 //! - A batch is cut at once when it reaches `max_batch_size` rows or one of `preferred_batch_sizes`, or when the
 //!   oldest entry has waited `max_queue_delay`; otherwise the batcher waits until that moment.
 //! - An entry with more rows than `max_batch_size` runs alone.
-//! - Text entries also count their tokens: a batch holds at most `max_batch_tokens` (TEI's `--max-batch-tokens`), and
-//!   an entry with more runs alone (the worker splits it into runs that fit). Tensor entries count no tokens.
+//! - Text entries count their tokens instead of rows: a batch holds at most `max_batch_tokens` (TEI's
+//!   `--max-batch-tokens`), and an entry with more runs alone (the worker splits it into runs that fit, of at most
+//!   `max_batch_size` texts each). Tensor entries count no tokens.
 //! - Entries past their deadline are removed before batching and answered as late.
 
 use std::collections::VecDeque;
@@ -143,10 +144,15 @@ impl<T> State<T> {
             let e = self.entries.pop_front().expect("checked non-empty");
             return Decision::Batch(vec![e], StopReason::Single);
         }
-        if oldest.rows >= limits.max_batch_size
-            || oldest.tokens >= limits.max_batch_tokens
-            || oldest.solo
-        {
+        // Text entries are bounded by tokens only: the worker cuts their batch into runs of at most
+        // `max_batch_size` texts, so a few long lists never fill a batch's rows and keep short requests out.
+        let text = oldest.key.is_empty();
+        let max_rows = if text {
+            usize::MAX
+        } else {
+            limits.max_batch_size
+        };
+        if oldest.rows >= max_rows || oldest.tokens >= limits.max_batch_tokens || oldest.solo {
             let e = self.entries.pop_front().expect("checked non-empty");
             return Decision::Batch(vec![e], StopReason::Full);
         }
@@ -161,7 +167,7 @@ impl<T> State<T> {
         for (i, e) in self.entries.iter().enumerate() {
             if &e.key != key
                 || e.solo
-                || rows + e.rows > limits.max_batch_size
+                || rows + e.rows > max_rows
                 || tokens + e.tokens > limits.max_batch_tokens
             {
                 continue;
@@ -169,7 +175,7 @@ impl<T> State<T> {
             rows += e.rows;
             tokens += e.tokens;
             chosen.push(i);
-            if rows == limits.max_batch_size {
+            if rows == max_rows {
                 reason = Some(StopReason::Full);
                 break;
             }
@@ -330,8 +336,11 @@ mod tests {
         s.push(text(5, 4, 500)).unwrap();
         // Texts never join tensors; 1 and 4 fit in 100 tokens, 3 does not; the oversized entry runs alone.
         check(&mut s, t0 + Duration::from_millis(5), t0, "Delay [1, 4]");
+        // Rows do not bound a text batch: a short text joins lists that fill `max_batch_size` rows.
+        s.push(text(6, 8, 40)).unwrap();
+        s.push(text(7, 1, 10)).unwrap();
         check(&mut s, t0 + Duration::from_millis(5), t0, "Delay [2]");
-        check(&mut s, t0 + Duration::from_millis(5), t0, "Delay [3]");
+        check(&mut s, t0 + Duration::from_millis(5), t0, "Delay [3, 6, 7]");
         check(&mut s, t0, t0, "Full [5]");
     }
 

@@ -63,7 +63,9 @@ pub fn plan_runs(
     runs
 }
 
-/// Runs a batch of text entries and answers each: one `[texts, width]` FP32 output per request.
+/// Runs a batch of text entries and answers each: one `[texts, width]` FP32 output per request. Runs go shortest
+/// first, and a request is answered as soon as its last text has run: a short request that shares a batch with long
+/// ones does not wait for them.
 pub(super) fn run_batch(
     runner: &Runner,
     limits: &queue::Limits,
@@ -74,10 +76,13 @@ pub(super) fn run_batch(
     record: &dyn Fn(),
 ) {
     let started = Instant::now();
-    let jobs: Vec<Job> = batch.into_iter().map(|e| e.item).collect();
-    let texts: Vec<&[Tokens]> = jobs
+    let (works, mut responders): (Vec<Work>, Vec<_>) = batch
+        .into_iter()
+        .map(|e| (e.item.work, Some(e.item.respond)))
+        .unzip();
+    let texts: Vec<&[Tokens]> = works
         .iter()
-        .map(|j| match &j.work {
+        .map(|w| match w {
             Work::Texts(t) => t.as_slice(),
             Work::Tensors(_) => &[],
         })
@@ -91,8 +96,20 @@ pub(super) fn run_batch(
     order.sort_by_key(|(j, i)| texts[*j][*i].len());
     let lens: Vec<usize> = order.iter().map(|(j, i)| texts[*j][*i].len()).collect();
     let mut rows: Vec<Vec<Option<Vec<f32>>>> = texts.iter().map(|t| vec![None; t.len()]).collect();
+    let mut left: Vec<usize> = texts.iter().map(|t| t.len()).collect();
     let mut failed: Vec<Option<InferError>> = texts.iter().map(|_| None).collect();
-    for run in plan_runs(&lens, limits.max_batch_size, limits.max_batch_tokens) {
+    let answer = |j: usize, rows: Vec<Option<Vec<f32>>>, failed: Option<InferError>| match failed {
+        Some(e) => Err(e),
+        None => collect(rows).map(|output| Answered {
+            outputs: vec![output],
+            queue: waits.get(j).copied().unwrap_or_default(),
+            compute: started.elapsed(),
+        }),
+    };
+    let runs = plan_runs(&lens, limits.max_batch_size, limits.max_batch_tokens);
+    let last = runs.len().saturating_sub(1);
+    let mut recorded = false;
+    for (r, run) in runs.into_iter().enumerate() {
         let members = &order[run];
         let seqs: Vec<&Tokens> = members.iter().map(|(j, i)| &texts[*j][*i]).collect();
         let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
@@ -109,19 +126,30 @@ pub(super) fn run_batch(
                 }
             }
         }
+        // The batch is recorded before the last run's requests are answered (a lone request scraping `/metrics`
+        // after its answer sees its batch counted); requests answered earlier may be ahead of the count.
+        if r == last {
+            record();
+            recorded = true;
+        }
+        for (j, _) in members {
+            left[*j] -= 1;
+            if left[*j] == 0 {
+                if let Some(respond) = responders[*j].take() {
+                    let _ =
+                        respond.send(answer(*j, std::mem::take(&mut rows[*j]), failed[*j].take()));
+                }
+            }
+        }
     }
-    record();
-    let compute = started.elapsed();
-    for (((job, rows), failed), wait) in jobs.into_iter().zip(rows).zip(failed).zip(waits) {
-        let answer = match failed {
-            Some(e) => Err(e),
-            None => collect(rows).map(|output| Answered {
-                outputs: vec![output],
-                queue: *wait,
-                compute,
-            }),
-        };
-        let _ = job.respond.send(answer);
+    if !recorded {
+        record();
+    }
+    // Requests with no texts (none reach here; answered for completeness).
+    for (j, respond) in responders.iter_mut().enumerate() {
+        if let Some(respond) = respond.take() {
+            let _ = respond.send(answer(j, std::mem::take(&mut rows[j]), failed[j].take()));
+        }
     }
 }
 
@@ -230,6 +258,128 @@ fn run_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An engine giving each text `[first id, tokens]`, that sees at each call which of `watched` were answered.
+    struct Watching {
+        signature: ferry_model::Signature,
+        watched: parking_lot::Mutex<Vec<tokio::sync::oneshot::Receiver<super::super::Answer>>>,
+        seen: parking_lot::Mutex<Vec<Vec<bool>>>,
+    }
+
+    impl Backend for Watching {
+        fn signature(&self) -> &ferry_model::Signature {
+            &self.signature
+        }
+        fn predict(
+            &self,
+            inputs: Vec<NamedTensor>,
+        ) -> Result<Vec<NamedTensor>, ferry_engine::EngineError> {
+            let answered = self
+                .watched
+                .lock()
+                .iter_mut()
+                .map(|r| !r.is_empty())
+                .collect();
+            self.seen.lock().push(answered);
+            let t = &inputs[0].tensor;
+            let (n, len) = (t.shape[0], t.shape[1]);
+            let TensorData::I64(ids) = &t.data else {
+                unreachable!()
+            };
+            let data = (0..n)
+                .flat_map(|r| [ids[r * len] as f32, len as f32])
+                .collect();
+            Ok(vec![NamedTensor::new(
+                "out",
+                Tensor::new(vec![n, 2], TensorData::F32(data)).unwrap(),
+            )])
+        }
+        fn engine_name(&self) -> &'static str {
+            "watching"
+        }
+    }
+
+    #[test]
+    fn a_short_request_is_answered_before_the_long_runs_of_its_batch() {
+        let job = |lens: &[usize]| {
+            let (respond, receiver) = tokio::sync::oneshot::channel();
+            let texts = lens
+                .iter()
+                .map(|n| Tokens {
+                    ids: vec![*n as u32; *n],
+                    type_ids: Vec::new(),
+                })
+                .collect();
+            let entry = Entry {
+                item: Job {
+                    work: Work::Texts(texts),
+                    respond,
+                },
+                rows: lens.len(),
+                tokens: lens.iter().sum(),
+                key: Vec::new(),
+                enqueued: Instant::now(),
+                deadline: None,
+                solo: false,
+            };
+            (entry, receiver)
+        };
+        // A long request (two runs of 2 texts: the row limit is 2) then a short one.
+        let (long, long_rx) = job(&[300, 300, 310, 310]);
+        let (short, short_rx) = job(&[3]);
+        let backend = Watching {
+            signature: Default::default(),
+            watched: parking_lot::Mutex::new(vec![short_rx, long_rx]),
+            seen: Default::default(),
+        };
+        let runner = Runner {
+            input_ids: "ids".into(),
+            attention_mask: None,
+            token_type_ids: None,
+            output: "out".into(),
+            pooling: None,
+            pad_id: 0,
+        };
+        let limits = queue::Limits {
+            max_batch_size: 2,
+            max_queue_delay: Duration::ZERO,
+            preferred_batch_sizes: Vec::new(),
+            max_queue_size: 8,
+            max_batch_tokens: 16_384,
+        };
+        let metrics = crate::metrics::Metrics::new(crate::metrics::MetricsOptions::default());
+        run_batch(
+            &runner,
+            &limits,
+            &metrics.version_series("m", 1),
+            &backend,
+            vec![long, short],
+            &[Duration::ZERO; 2],
+            &|| {},
+        );
+        // Runs: [3], [300, 300], [310, 310]: the short text runs first and is answered at once.
+        let seen = backend.seen.lock().clone();
+        assert_eq!(seen.len(), 3);
+        assert_eq!(seen[0], [false, false]);
+        assert_eq!(
+            seen[1],
+            [true, false],
+            "the short request waited for the long runs"
+        );
+        let mut watched = backend.watched.lock();
+        let short = watched[0].try_recv().unwrap().unwrap();
+        let long = watched[1].try_recv().unwrap().unwrap();
+        let values = |a: &super::super::Answered| match &a.outputs[0].tensor.data {
+            TensorData::F32(v) => v.clone(),
+            _ => unreachable!(),
+        };
+        assert_eq!(values(&short), [3.0, 3.0]);
+        // Each request's rows in its own order, padded per run.
+        assert_eq!(
+            values(&long),
+            [300.0, 300.0, 300.0, 300.0, 310.0, 310.0, 310.0, 310.0]
+        );
+    }
 
     #[test]
     fn runs_group_similar_lengths_within_the_limits() {
