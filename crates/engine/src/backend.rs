@@ -4,13 +4,16 @@ use ferry_model::{NamedTensor, Signature};
 
 /// A model version ready to run.
 ///
-/// Implementations are prepared once at load time; `predict` may be called from many threads at once.
+/// Implementations are prepared once at load time; `predict` may be called from many threads at once. What every
+/// implementation must do is written once, in the conformance suite (`crates/engine/tests/conformance.rs`), and
+/// run over each of them.
 pub trait Backend: Send + Sync {
-    /// The inputs and outputs, as the model declares them.
+    /// The inputs and outputs, as the model declares them: graph order, `-1` for dynamic dimensions.
     fn signature(&self) -> &Signature;
 
-    /// Runs the model on validated inputs (every input present, types and shapes checked against the signature)
-    /// and returns every output, in signature order.
+    /// Runs the model and returns every output, in signature order. Inputs may come in any order; a missing,
+    /// unknown or repeated input, or one whose type or shape the signature refuses, is
+    /// [`EngineError::InvalidInput`] (implementations check with [`check_inputs`]).
     fn predict(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, EngineError>;
 
     /// The engine's name, for logs and metadata (`onnxruntime`).
@@ -96,4 +99,47 @@ pub enum EngineError {
     /// The engine failed while running the model.
     #[error("inference failed: {0}")]
     Run(String),
+}
+
+/// `inputs` in signature order, once each checked against `signature`: every input present once, none unknown,
+/// element types equal and shapes accepted ([`ferry_model::TensorSpec::accepts_shape`]). Otherwise
+/// [`EngineError::InvalidInput`] naming the input. Callers that validated already (the server does, with its own
+/// wording) pay a few comparisons per input.
+pub fn check_inputs(
+    signature: &Signature,
+    mut inputs: Vec<NamedTensor>,
+) -> Result<Vec<NamedTensor>, EngineError> {
+    let invalid = |m: String| Err(EngineError::InvalidInput(m));
+    for (i, input) in inputs.iter().enumerate() {
+        let name = &input.name;
+        if inputs[..i].iter().any(|other| &other.name == name) {
+            return invalid(format!("input `{name}` is given more than once"));
+        }
+        let Some(spec) = signature.input(name) else {
+            return invalid(format!("unknown input `{name}`"));
+        };
+        let dtype = input.tensor.dtype();
+        if spec.dtype != dtype {
+            return invalid(format!(
+                "input `{name}`: expected datatype {}, got {dtype}",
+                spec.dtype
+            ));
+        }
+        if !spec.accepts_shape(&input.tensor.shape) {
+            return invalid(format!(
+                "input `{name}`: expected shape {:?}, got {:?}",
+                spec.display_shape(),
+                input.tensor.shape
+            ));
+        }
+    }
+    if let Some(missing) = signature
+        .inputs
+        .iter()
+        .find(|s| !inputs.iter().any(|i| i.name == s.name))
+    {
+        return invalid(format!("missing input `{}`", missing.name));
+    }
+    inputs.sort_by_key(|i| signature.inputs.iter().position(|s| s.name == i.name));
+    Ok(inputs)
 }

@@ -15,7 +15,9 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::{DynValue, DynValueTypeMarker, TensorElementType, ValueType};
 
-use crate::{find_onnxruntime, Backend, EngineError, EngineOptions, OptimizationLevel};
+use crate::{
+    check_inputs, find_onnxruntime, Backend, EngineError, EngineOptions, OptimizationLevel,
+};
 
 /// The process-wide ONNX Runtime: the library can be loaded only once per process.
 static RUNTIME: OnceLock<Result<Environment, String>> = OnceLock::new();
@@ -188,6 +190,7 @@ impl Backend for OrtBackend {
     }
 
     fn predict(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, EngineError> {
+        let inputs = check_inputs(&self.signature, inputs)?;
         let mut values: Vec<(String, DynValue)> = Vec::with_capacity(inputs.len());
         for input in inputs {
             let value = to_value(&input.name, input.tensor)?;

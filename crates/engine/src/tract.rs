@@ -9,7 +9,7 @@ use tract_onnx::prelude::{
     TypedFact, TypedModel, TypedRunnableModel,
 };
 
-use crate::{Backend, EngineError, EngineOptions, OptimizationLevel};
+use crate::{check_inputs, Backend, EngineError, EngineOptions, OptimizationLevel};
 
 /// A model version prepared by tract.
 pub struct TractBackend {
@@ -180,6 +180,8 @@ impl Backend for TractBackend {
     }
 
     fn predict(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, EngineError> {
+        // tract feeds inputs by position: put them in signature order.
+        let inputs = check_inputs(&self.signature, inputs)?;
         let mut values = tvec![];
         for input in inputs {
             values.push(to_value(&input.name, input.tensor)?);
