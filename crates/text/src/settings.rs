@@ -167,6 +167,8 @@ impl Settings {
         // The longest input: the smallest of what the tokenizer, sentence-transformers and the position table allow.
         // RoBERTa-style models number positions from `pad_token_id + 1`, which costs that many rows of the table.
         let mut max_length = NO_LIMIT;
+        // What the position table allows: an override may lower the maximum, never pass it.
+        let mut positions_limit = NO_LIMIT;
         if let Some(n) = usize_of(tokenizer_config.get("model_max_length")) {
             max_length = max_length.min(n);
         }
@@ -176,7 +178,8 @@ impl Settings {
             } else {
                 0
             };
-            max_length = max_length.min(positions.saturating_sub(offset));
+            positions_limit = positions.saturating_sub(offset);
+            max_length = max_length.min(positions_limit);
         }
         let mut pooling = None;
         let mut normalize = false;
@@ -234,6 +237,12 @@ impl Settings {
             settings.pooling = Pooling::Cls;
         }
         if let Some(n) = overrides.max_length {
+            if n > positions_limit {
+                return Err(TextError::Settings(format!(
+                    "config.toml: text.max_length = {n} is longer than the model's position table allows \
+                     ({positions_limit} tokens, from config.json's max_position_embeddings)"
+                )));
+            }
             settings.max_length = n;
         }
         if let Some(s) = overrides.truncation_side {
@@ -403,6 +412,28 @@ mod tests {
             truncation_side: Some(Side::Left),
         };
         let s = Settings::read(d.path(), &o).unwrap();
+        // Longer than the position table: refused at load, never a failure of the engine at run time.
+        let long = Overrides {
+            max_length: Some(513),
+            ..Overrides::default()
+        };
+        let e = Settings::read(d.path(), &long).unwrap_err();
+        assert!(
+            e.to_string().contains("position table allows (512 tokens"),
+            "{e}"
+        );
+        assert_eq!(
+            Settings::read(
+                d.path(),
+                &Overrides {
+                    max_length: Some(512),
+                    ..Overrides::default()
+                }
+            )
+            .unwrap()
+            .max_length,
+            512
+        );
         assert_eq!(
             (s.max_length, s.pooling, s.normalize, s.truncation_side),
             (64, Pooling::Max, false, Side::Left)
