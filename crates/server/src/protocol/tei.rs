@@ -413,6 +413,19 @@ async fn handle(
     )
 }
 
+/// Tokenizes `inputs` with `version`'s tokenizer and runs them through the call: one `[inputs, width]` output.
+async fn run_texts(
+    c: &mut crate::infer::Call<'_>,
+    version: &crate::repository::LoadedVersion,
+    inputs: Vec<TextInput>,
+    truncate: Option<Side>,
+    allowance: usize,
+    deadline: Option<std::time::Instant>,
+) -> Result<Vec<ferry_model::NamedTensor>, InferError> {
+    let tokens = text::tokenize(version, inputs, truncate, allowance).await?;
+    c.predict_texts(tokens, deadline).await
+}
+
 async fn run(
     infer: &Infer,
     c: &mut crate::infer::Call<'_>,
@@ -452,14 +465,16 @@ async fn run(
                 return Err(empty("inputs"));
             }
             let normalize = req.normalize.unwrap_or(true);
-            let tokens = text::tokenize(
+            let truncate = truncation(req.truncate, req.truncation_direction);
+            let outputs = run_texts(
+                c,
                 &version,
                 texts.into_iter().map(TextInput::Single).collect(),
-                truncation(req.truncate, req.truncation_direction),
+                truncate,
                 allowance,
+                deadline,
             )
             .await?;
-            let outputs = c.predict_texts(tokens, deadline).await?;
             let (rows, width) = text::rows(&outputs)?;
             let out: Vec<Vec<f32>> = rows
                 .chunks_exact(width.max(1))
@@ -477,14 +492,8 @@ async fn run(
             if inputs.is_empty() {
                 return Err(empty("inputs"));
             }
-            let tokens = text::tokenize(
-                &version,
-                inputs,
-                truncation(req.truncate, req.truncation_direction),
-                allowance,
-            )
-            .await?;
-            let outputs = c.predict_texts(tokens, deadline).await?;
+            let truncate = truncation(req.truncate, req.truncation_direction);
+            let outputs = run_texts(c, &version, inputs, truncate, allowance, deadline).await?;
             let (rows, width) = text::rows(&outputs)?;
             let labels = &text.settings().labels;
             let answers: Vec<Value> = rows
@@ -534,14 +543,8 @@ async fn run(
                 .iter()
                 .map(|t| TextInput::Pair(req.query.clone(), t.clone()))
                 .collect();
-            let tokens = text::tokenize(
-                &version,
-                inputs,
-                truncation(req.truncate, req.truncation_direction),
-                allowance,
-            )
-            .await?;
-            let outputs = c.predict_texts(tokens, deadline).await?;
+            let truncate = truncation(req.truncate, req.truncation_direction);
+            let outputs = run_texts(c, &version, inputs, truncate, allowance, deadline).await?;
             let (rows, width) = text::rows(&outputs)?;
             let mut ranks: Vec<(usize, f32)> = rows
                 .chunks_exact(width.max(1))
