@@ -121,6 +121,18 @@ def repository(tmp_path_factory):
     return root
 
 
+def stop_process(process, log_file):
+    """Terminates `process` (killed if it has not ended within 30 s) and closes the log file it writes."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    log_file.close()
+
+
 class Ferry:
     """A running `ferry serve` on free ports: url, host, grpc, admin (management API url), process, log."""
 
@@ -134,13 +146,7 @@ class Ferry:
         self._log_file = log_file
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self._log_file.close()
+        stop_process(self.process, self._log_file)
 
 
 def start_ferry(repository, log_path, *extra, env=None, ready=True, timeout=60, verify=None):
