@@ -1379,7 +1379,7 @@ async fn a_wrong_repository_layout_is_explained_where_versions_are_missing() {
             "flat/model.onnx is not in a version folder (versions are numbered folders: flat/1/model.onnx)",
         ),
         ("zero", "version folder zero/01 is skipped: name it 1 (no leading zeros)"),
-        ("empty", "version folder empty/1 has no model.onnx"),
+        ("empty", "version folder empty/1 has no model.onnx, model.gguf"),
         ("7", "looks like one model's folder"),
     ] {
         let (status, body) = s.post(&format!("/v2/models/{model}/infer"), x.clone()).await;

@@ -381,10 +381,12 @@ fn signature_file(
         return Err("versions are positive integers".into());
     }
     if !files.contains_key("model.onnx")
+        && !files.contains_key("model.gguf")
         && !ferry_model::hf::is_checkpoint(|f| files.contains_key(f))
     {
         return Err(
-            "the version has no model.onnx (nor a Hugging Face checkpoint: config.json and model.safetensors)".into(),
+            "the version has no model.onnx, model.gguf or Hugging Face checkpoint (config.json and model.safetensors)"
+                .into(),
         );
     }
     if let Some(bad) = files

@@ -8,6 +8,7 @@
 pub mod batching;
 pub mod infer;
 pub mod integrity;
+pub mod llm;
 pub mod model_config;
 pub mod payload_log;
 pub mod reload;

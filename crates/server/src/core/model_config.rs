@@ -24,6 +24,15 @@
 //! truncation_side = "Right"            # or "Left": the side cut when a request asks to truncate
 //! pooling = "mean"                     # "mean" | "cls" | "last_token" | "max"
 //! normalize = true                     # L2-normalize embeddings unless the request says otherwise
+//! [llm]                              # language models (model.gguf): limits of generation
+//! max_total_tokens = 16384             # the KV-cache budget in tokens, shared by running sequences
+//! max_sequences = 32                   # sequences decoded together
+//! max_waiting = 256                    # requests waiting for room; more are refused with 429
+//! max_new_tokens = 1024                # the largest max_tokens a request may ask (and the default)
+//! prefill_chunk = 256                  # prompt tokens processed per step, between decoding steps
+//! context_length = 8192                # tokens per sequence (default: the model's, within the budget)
+//! threads = 2                          # llama.cpp's threads (default: the machine's cores)
+//! kv_cache = "f16"                     # or "f32": twice the memory, logits exact to a float reference
 //! [shadow]                           # copy live requests to another version and compare its answers
 //! version = 3
 //! fraction = 1.0                       # the share of requests copied
@@ -122,6 +131,71 @@ pub struct ModelConfig {
     pub text: ferry_text::Overrides,
     /// Whether `max_batch_size` was set (text models batch by default, tensor models do not).
     pub batch_size_given: bool,
+    /// `[llm]`: a language model's limits.
+    pub llm: LlmConfig,
+}
+
+/// `config.toml`'s `[llm]` table: a language model's limits, each defaulting to [`ferry_llm::Settings`]'s.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmConfig {
+    max_total_tokens: Option<u32>,
+    max_sequences: Option<u32>,
+    max_waiting: Option<usize>,
+    max_new_tokens: Option<u32>,
+    prefill_chunk: Option<u32>,
+    context_length: Option<u32>,
+    threads: Option<u32>,
+    kv_cache: Option<KvCacheType>,
+}
+
+/// `[llm] kv_cache`: the element type of the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheType {
+    /// llama.cpp's default.
+    F16,
+    /// Twice the memory, exact to a float reference.
+    F32,
+}
+
+impl LlmConfig {
+    /// The settings a language model loads with: these values over the defaults, bounded by this machine (at
+    /// most twice its cores in threads).
+    pub fn settings(&self) -> Result<ferry_llm::Settings, String> {
+        let d = ferry_llm::Settings::default();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        let threads = self.threads.unwrap_or(d.threads);
+        if threads == 0 || threads > 2 * cores {
+            return Err(format!(
+                "llm.threads must be between 1 and {} (twice this machine's cores), got {threads}",
+                2 * cores
+            ));
+        }
+        if let Some(0) = self.max_waiting {
+            return Err("llm.max_waiting must be at least 1".into());
+        }
+        if self.max_waiting.is_some_and(|n| n > 1 << 20) {
+            return Err("llm.max_waiting must be at most 1048576".into());
+        }
+        if let Some(c) = self.context_length {
+            if c < 16 {
+                return Err(format!("llm.context_length must be at least 16, got {c}"));
+            }
+        }
+        let settings = ferry_llm::Settings {
+            max_total_tokens: self.max_total_tokens.unwrap_or(d.max_total_tokens),
+            max_sequences: self.max_sequences.unwrap_or(d.max_sequences),
+            max_waiting: self.max_waiting.unwrap_or(d.max_waiting),
+            max_new_tokens: self.max_new_tokens.unwrap_or(d.max_new_tokens),
+            prefill_chunk: self.prefill_chunk.unwrap_or(d.prefill_chunk),
+            threads,
+            context_length: self.context_length,
+            kv_cache_f32: self.kv_cache == Some(KvCacheType::F32),
+        };
+        settings.check().map_err(|e| format!("llm.{e}"))?;
+        Ok(settings)
+    }
 }
 
 /// How many texts a text model's batch holds when `config.toml` sets no `max_batch_size`.
@@ -160,6 +234,7 @@ impl ModelConfig {
             || self.drift_window != other.drift_window
             || self.drift_sample_every != other.drift_sample_every
             || self.text != other.text
+            || self.llm != other.llm
     }
 
     /// The batching limits of a text model: as configured, but batching by default.
@@ -200,6 +275,8 @@ struct RawConfig {
     max_batch_tokens: Option<usize>,
     #[serde(default)]
     text: ferry_text::Overrides,
+    #[serde(default)]
+    llm: LlmConfig,
 }
 
 /// The queue limits of a model without batching settings: no batching, at most 1024 waiting requests.
@@ -283,6 +360,7 @@ impl ModelConfig {
             max_concurrent_requests: None,
             text: ferry_text::Overrides::default(),
             batch_size_given: false,
+            llm: LlmConfig::default(),
         }
     }
 
@@ -434,7 +512,9 @@ impl ModelConfig {
                 return Err("max_concurrent_requests must be between 1 and 1048576".into());
             }
         }
+        raw.llm.settings()?;
         Ok(ModelConfig {
+            llm: raw.llm,
             batch_size_given: raw.max_batch_size.is_some(),
             text: raw.text,
             max_concurrent_requests: raw.max_concurrent_requests,

@@ -81,6 +81,8 @@ pub struct LoadedVersion {
     pub drift: Option<crate::drift::Drift>,
     /// Its tokenizer and settings, for a text model (a `tokenizer.json` in the version folder).
     pub text: Option<Arc<ferry_text::TextModel>>,
+    /// The language model, for a version with a `model.gguf` ([`crate::llm`]).
+    pub llm: Option<Arc<ferry_llm::Llm>>,
 }
 
 impl std::fmt::Debug for LoadedVersion {
@@ -278,20 +280,32 @@ pub(crate) fn activate(
         Some((model, runner)) => (Some(model), Some(runner)),
         None => (None, None),
     };
-    let limits = if runner.is_some() {
-        config.text_batching()
+    let (limits, instances) = if runner.is_some() {
+        (config.text_batching(), config.engine_options.instances)
+    } else if let Some(llm) = &parts.llm {
+        // KServe and TF Serving requests to a language model: each scheduler thread waits on whole answers while
+        // the engine batches every sequence, so a few threads, each taking what has queued, keep it fed.
+        let mut limits = config.batching.clone();
+        if !config.batch_size_given {
+            limits.max_batch_size = llm.settings().max_sequences as usize;
+            limits.max_queue_delay = std::time::Duration::ZERO;
+        }
+        (limits, config.engine_options.instances.max(4))
     } else {
-        config.batching.clone()
+        (config.batching.clone(), config.engine_options.instances)
     };
     let scheduler = crate::batching::Scheduler::start(
         parts.backend.clone(),
         &parts.signature,
         limits,
-        config.engine_options.instances,
+        instances,
         (name.to_string(), version),
         metrics.clone(),
         runner,
     );
+    if let Some(llm) = &parts.llm {
+        scheduler.series().set_llm(llm);
+    }
     let drift = drift_window(&parts.signature, &parts.meta, config);
     LoadedVersion {
         model: name.to_string(),
@@ -306,6 +320,7 @@ pub(crate) fn activate(
         scheduler,
         drift,
         text,
+        llm: parts.llm,
     }
 }
 
@@ -315,6 +330,7 @@ pub(crate) struct Prepared {
     meta: ModelMeta,
     backend: Arc<dyn Backend>,
     text: Option<(Arc<ferry_text::TextModel>, crate::batching::text::Runner)>,
+    llm: Option<Arc<ferry_llm::Llm>>,
 }
 
 /// Loads a text model's tokenizer and settings and works out how its graph is fed: `input_ids` and, when the graph
@@ -389,6 +405,9 @@ pub(crate) fn prepare(
     onnxruntime: &Result<OrtEngine, EngineError>,
     integrity: &crate::integrity::IntegrityPolicy,
 ) -> Result<Prepared, String> {
+    if crate::llm::present(dir) {
+        return prepare_llm(dir, (model, version), config, integrity);
+    }
     let onnx = dir.join("model.onnx");
     let bytes = if !onnx.exists() && ferry_model::hf::is_checkpoint(|f| dir.join(f).is_file()) {
         // A Hugging Face checkpoint as the hub ships it: turned into ONNX here, in memory (its files are what the
@@ -423,16 +442,11 @@ pub(crate) fn prepare(
     let meta_bytes = read_meta_bytes(dir)?;
     let model_sha = std::cell::OnceCell::new();
     let model_sha = || model_sha.get_or_init(|| sha256_hex(&bytes)).clone();
-    if !integrity.trusted_keys.is_empty() {
-        let files = crate::integrity::version_files(dir, &|path| match path {
-            "model.onnx" => Some(model_sha()),
-            "ferry.json" => meta_bytes.as_deref().map(sha256_hex),
-            _ => None,
-        })?;
-        let key =
-            crate::integrity::verify_version(dir, model, version, &files, &integrity.trusted_keys)?;
-        tracing::info!(model, version, key, "signature verified");
-    }
+    verify_signature(dir, (model, version), integrity, &|path| match path {
+        "model.onnx" => Some(model_sha()),
+        "ferry.json" => meta_bytes.as_deref().map(sha256_hex),
+        _ => None,
+    })?;
     let meta = parse_meta(meta_bytes.as_deref())?;
     if let Some(expected) = &meta.sha256 {
         let actual = model_sha();
@@ -511,7 +525,62 @@ pub(crate) fn prepare(
         meta,
         backend,
         text,
+        llm: None,
     })
+}
+
+/// [`prepare`] for a language model (`model.gguf`): its size checked before anything reads it, its signature
+/// verified when keys are trusted (every file hashed from disk, the GGUF included), then loaded by llama.cpp and
+/// warmed up ([`crate::llm::load`]).
+fn prepare_llm(
+    dir: &Path,
+    (model, version): (&str, u64),
+    config: &ModelConfig,
+    integrity: &crate::integrity::IntegrityPolicy,
+) -> Result<Prepared, String> {
+    let gguf = dir.join("model.gguf");
+    let size = std::fs::metadata(&gguf)
+        .map_err(|e| format!("cannot read {}: {e}", gguf.display()))?
+        .len();
+    if size > integrity.max_model_bytes {
+        return Err(format!(
+            "model.gguf is {size} bytes, more than --max-model-bytes allows ({})",
+            integrity.max_model_bytes
+        ));
+    }
+    let meta_bytes = read_meta_bytes(dir)?;
+    verify_signature(dir, (model, version), integrity, &|path| match path {
+        "ferry.json" => meta_bytes.as_deref().map(sha256_hex),
+        _ => None,
+    })?;
+    let meta = parse_meta(meta_bytes.as_deref())?;
+    let llm = crate::llm::load(dir, config)?;
+    let backend: Arc<dyn Backend> = Arc::new(crate::llm::LlmBackend::new(llm.clone()));
+    Ok(Prepared {
+        signature: backend.signature().clone(),
+        meta,
+        backend,
+        text: None,
+        llm: Some(llm),
+    })
+}
+
+/// With trusted keys, checks the version's `ferry.sig` against every file in `dir` (`known` gives the hashes of
+/// files already in memory; the others are hashed from disk).
+fn verify_signature(
+    dir: &Path,
+    (model, version): (&str, u64),
+    integrity: &crate::integrity::IntegrityPolicy,
+    known: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), String> {
+    if integrity.trusted_keys.is_empty() {
+        return Ok(());
+    }
+    let files = crate::integrity::version_files(dir, known)?;
+    let key =
+        crate::integrity::verify_version(dir, model, version, &files, &integrity.trusted_keys)?;
+    tracing::info!(model, version, key, "signature verified");
+    Ok(())
 }
 
 /// Hex sha256 of `bytes`.

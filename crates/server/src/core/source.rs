@@ -178,7 +178,7 @@ impl Repository {
             .unwrap_or_default())
     }
 
-    /// Publishes a new version: writes its files (`model.onnx` last, so a scan never sees a half-written version).
+    /// Publishes a new version: writes its files (`model.onnx` or `model.gguf` last, so a scan never sees a half-written version).
     /// Fails when the version exists.
     pub async fn publish_version(
         &self,
@@ -191,7 +191,7 @@ impl Repository {
             return Err(format!("version {version} of {model} already exists"));
         }
         let mut files = files;
-        files.sort_by_key(|(name, _)| name == "model.onnx");
+        files.sort_by_key(|(name, _)| name == "model.onnx" || name == "model.gguf");
         for (name, _) in &files {
             for part in name.split('/') {
                 validate_name(part)?;
@@ -323,12 +323,13 @@ fn scan_local(root: &Path) -> Result<Listing, String> {
             // that loading imports.
             let path = v.path();
             if path.join("model.onnx").is_file()
+                || path.join("model.gguf").is_file()
                 || ferry_model::hf::is_checkpoint(|f| path.join(f).is_file())
             {
                 model.versions.insert(version, fingerprint_local(&path));
             } else {
                 problems.push(format!(
-                    "version folder {name}/{file} has no model.onnx (nor a Hugging Face checkpoint)"
+                    "version folder {name}/{file} has no model.onnx, model.gguf or Hugging Face checkpoint"
                 ));
             }
         }
@@ -505,6 +506,7 @@ impl S3Repository {
                     listing.entry(model.to_string()).or_default();
                     let key = (model.to_string(), version);
                     if rest == ["model.onnx"]
+                        || rest == ["model.gguf"]
                         || rest == ["model.safetensors"]
                         || rest == ["model.safetensors.index.json"]
                     {

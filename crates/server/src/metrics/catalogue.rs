@@ -93,6 +93,48 @@ pub const TOKENIZE_DURATION: MetricDef = def(
     "Time to tokenize one request's texts",
     &["model", "version"],
 );
+/// Time to the first generated token.
+pub const LLM_TIME_TO_FIRST_TOKEN: MetricDef = def(
+    "ferry_llm_time_to_first_token_seconds",
+    "histogram",
+    "Language models: time from a request's arrival to its first generated token (queueing and prompt processing)",
+    &["model", "version"],
+);
+/// Time between generated tokens.
+pub const LLM_INTER_TOKEN: MetricDef = def(
+    "ferry_llm_inter_token_seconds",
+    "histogram",
+    "Language models: time between two generated tokens of one answer",
+    &["model", "version"],
+);
+/// Whole answers.
+pub const LLM_REQUEST_DURATION: MetricDef = def(
+    "ferry_llm_request_duration_seconds",
+    "histogram",
+    "Language models: time from a request's arrival to its last token (streamed or not)",
+    &["model", "version"],
+);
+/// Prompt and generated tokens.
+pub const LLM_TOKENS: MetricDef = def(
+    "ferry_llm_tokens_total",
+    "counter",
+    "Language models: tokens of finished answers, kind=\"prompt\" or kind=\"generated\"",
+    &["model", "version", "kind"],
+);
+/// Running and waiting sequences.
+pub const LLM_SEQUENCES: MetricDef = def(
+    "ferry_llm_sequences",
+    "gauge",
+    "Language models: sequences in the running batch (state=\"running\") and requests waiting for room (state=\"waiting\")",
+    &["model", "version", "state"],
+);
+/// KV cache use.
+pub const LLM_KV_CACHE_TOKENS: MetricDef = def(
+    "ferry_llm_kv_cache_tokens",
+    "gauge",
+    "Language models: KV-cache cells holding tokens (kind=\"used\"), reserved by running sequences (prompt + max_tokens, kind=\"reserved\"), and the budget (kind=\"budget\", max_total_tokens)",
+    &["model", "version", "kind"],
+);
 /// Request body bytes.
 pub const REQUEST_BYTES: MetricDef = def(
     "ferry_request_bytes_total",
@@ -412,17 +454,20 @@ pub enum Protocol {
     TeiRest,
     /// OpenAI's REST API.
     OpenaiRest,
+    /// Triton's generate extension (REST).
+    GenerateRest,
 }
 
 impl Protocol {
     /// Every protocol, in declaration order (`ALL[p as usize] == p`).
-    pub const ALL: [Protocol; 6] = [
+    pub const ALL: [Protocol; 7] = [
         Protocol::KserveRest,
         Protocol::TfservingRest,
         Protocol::KserveGrpc,
         Protocol::TfservingGrpc,
         Protocol::TeiRest,
         Protocol::OpenaiRest,
+        Protocol::GenerateRest,
     ];
 
     /// The `protocol` label value.
@@ -434,6 +479,7 @@ impl Protocol {
             Protocol::TfservingGrpc => "grpc_tfserving",
             Protocol::TeiRest => "rest_tei",
             Protocol::OpenaiRest => "rest_openai",
+            Protocol::GenerateRest => "rest_generate",
         }
     }
 }

@@ -166,6 +166,14 @@ pub struct VersionSeries {
     text_tokens: AtomicU64,
     padding_tokens: AtomicU64,
     tokenize: AtomicHistogram,
+    /// Language models: time to the first token, between tokens, to the last; tokens of finished answers; the
+    /// engine whose gauges are read at each scrape (weak: the series outlives the version).
+    llm_first_token: AtomicHistogram,
+    llm_inter_token: AtomicHistogram,
+    llm_request: AtomicHistogram,
+    llm_prompt_tokens: AtomicU64,
+    llm_generated_tokens: AtomicU64,
+    llm: parking_lot::Mutex<Option<std::sync::Weak<ferry_llm::Llm>>>,
 }
 
 impl VersionSeries {
@@ -187,7 +195,53 @@ impl VersionSeries {
             text_tokens: AtomicU64::new(0),
             padding_tokens: AtomicU64::new(0),
             tokenize: AtomicHistogram::new(DURATION_BUCKETS_NS, DURATION_BUCKETS),
+            llm_first_token: AtomicHistogram::new(DURATION_BUCKETS_NS, DURATION_BUCKETS),
+            llm_inter_token: AtomicHistogram::new(DURATION_BUCKETS_NS, DURATION_BUCKETS),
+            llm_request: AtomicHistogram::new(DURATION_BUCKETS_NS, DURATION_BUCKETS),
+            llm_prompt_tokens: AtomicU64::new(0),
+            llm_generated_tokens: AtomicU64::new(0),
+            llm: parking_lot::Mutex::new(None),
         }
+    }
+
+    /// Language models: the engine whose running, waiting and KV figures the scrape reads.
+    pub fn set_llm(&self, llm: &std::sync::Arc<ferry_llm::Llm>) {
+        *self.llm.lock() = Some(std::sync::Arc::downgrade(llm));
+    }
+
+    /// The engine's figures now, while it is loaded.
+    pub(crate) fn llm_stats(&self) -> Option<ferry_llm::Stats> {
+        self.llm
+            .lock()
+            .as_ref()
+            .and_then(std::sync::Weak::upgrade)
+            .map(|l| l.stats())
+    }
+
+    /// Language models: the first token of an answer came `took` after the request.
+    pub fn llm_first_token(&self, took: Duration) {
+        if self.enabled {
+            self.llm_first_token.observe(nanos(took));
+        }
+    }
+
+    /// Language models: a token came `gap` after the previous one of the same answer.
+    pub fn llm_token_gap(&self, gap: Duration) {
+        if self.enabled {
+            self.llm_inter_token.observe(nanos(gap));
+        }
+    }
+
+    /// Language models: an answer ended `took` after its request, with its token counts.
+    pub fn llm_done(&self, took: Duration, prompt: usize, generated: usize) {
+        if !self.enabled {
+            return;
+        }
+        self.llm_request.observe(nanos(took));
+        self.llm_prompt_tokens
+            .fetch_add(prompt as u64, Ordering::Relaxed);
+        self.llm_generated_tokens
+            .fetch_add(generated as u64, Ordering::Relaxed);
     }
 
     /// Records one text request's tokenizing: its tokens and how long it took.

@@ -109,6 +109,9 @@ impl Metrics {
             (&TEXT_REQUEST_TOKENS, |s| &s.text_request_tokens),
             (&TEXT_BATCH_TOKENS, |s| &s.text_batch_tokens),
             (&TOKENIZE_DURATION, |s| &s.tokenize),
+            (&LLM_TIME_TO_FIRST_TOKEN, |s| &s.llm_first_token),
+            (&LLM_INTER_TOKEN, |s| &s.llm_inter_token),
+            (&LLM_REQUEST_DURATION, |s| &s.llm_request),
         ] {
             out.header(d);
             let counts = [
@@ -120,6 +123,63 @@ impl Metrics {
             for s in &series {
                 let labels = [s.model.clone(), s.version.to_string()];
                 out.atomic_histogram(d, &labels, pick(s), scale);
+            }
+        }
+
+        // Language models: token counters, and the engines' gauges for the versions loaded now.
+        let llm: Vec<(&VersionSeries, Option<ferry_llm::Stats>)> = series
+            .iter()
+            .map(|s| (&**s, s.llm_stats()))
+            .filter(|(s, stats)| {
+                stats.is_some() || s.llm_request.snapshot().0.iter().any(|c| *c > 0)
+            })
+            .collect();
+        out.header(&LLM_TOKENS);
+        for (s, _) in &llm {
+            for (kind, n) in [
+                ("prompt", &s.llm_prompt_tokens),
+                ("generated", &s.llm_generated_tokens),
+            ] {
+                let labels = [s.model.clone(), s.version.to_string(), kind.to_string()];
+                out.sample(
+                    LLM_TOKENS.name,
+                    LLM_TOKENS.labels,
+                    &labels,
+                    None,
+                    n.load(Ordering::Relaxed),
+                );
+            }
+        }
+        out.header(&LLM_SEQUENCES);
+        for (s, stats) in &llm {
+            let Some(stats) = stats else { continue };
+            for (state, n) in [("running", stats.running), ("waiting", stats.waiting)] {
+                let labels = [s.model.clone(), s.version.to_string(), state.to_string()];
+                out.sample(
+                    LLM_SEQUENCES.name,
+                    LLM_SEQUENCES.labels,
+                    &labels,
+                    None,
+                    n as u64,
+                );
+            }
+        }
+        out.header(&LLM_KV_CACHE_TOKENS);
+        for (s, stats) in &llm {
+            let Some(stats) = stats else { continue };
+            for (kind, n) in [
+                ("used", stats.kv_used_tokens),
+                ("reserved", stats.kv_reserved_tokens),
+                ("budget", stats.kv_budget_tokens),
+            ] {
+                let labels = [s.model.clone(), s.version.to_string(), kind.to_string()];
+                out.sample(
+                    LLM_KV_CACHE_TOKENS.name,
+                    LLM_KV_CACHE_TOKENS.labels,
+                    &labels,
+                    None,
+                    n as u64,
+                );
             }
         }
 

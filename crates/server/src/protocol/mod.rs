@@ -1,10 +1,12 @@
 //! Protocol adapters: each decodes its wire format into the internal request, calls [`crate::core::infer::Infer`],
 //! and encodes the answer. No business logic lives here.
 
+pub mod generate;
 pub mod grpc;
 pub mod kserve_grpc;
 pub mod kserve_rest;
 pub mod openai;
+pub mod openai_llm;
 pub mod tei;
 pub mod tfserving_grpc;
 pub mod tfserving_rest;

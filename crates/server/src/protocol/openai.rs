@@ -24,10 +24,31 @@ pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
+        // KServe's prefix for its OpenAI routes: here `/openai/v1/models/{model}` (OpenAI's "retrieve model") can
+        // exist, which plain `/v1/models/{model}` cannot, being TF Serving's model status.
+        .route("/openai/v1/embeddings", post(embeddings))
+        .route("/openai/v1/models", get(models))
+        .route("/openai/v1/models/{model}", get(model))
+        .merge(super::openai_llm::routes())
+}
+
+/// `GET /openai/v1/models/{model}`: one model, when it has a ready version.
+async fn model(
+    State(state): State<AppState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    match state.infer.resolve(&name, &VersionSelector::Latest) {
+        Ok(_) => Json(json!({"id": name, "object": "model", "created": 0, "owned_by": "ferry"}))
+            .into_response(),
+        Err(_) => error_response(
+            &InferError::not_found(format!("The model `{name}` does not exist")),
+            Some("model"),
+        ),
+    }
 }
 
 /// An error in OpenAI's shape; `param` names the request field at fault when there is one.
-fn error_response(e: &InferError, param: Option<&str>) -> Response {
+pub(crate) fn error_response(e: &InferError, param: Option<&str>) -> Response {
     let (kind, code) = match e.kind {
         ErrorKind::InvalidArgument | ErrorKind::PayloadTooLarge => {
             ("invalid_request_error", Value::Null)
@@ -38,11 +59,18 @@ fn error_response(e: &InferError, param: Option<&str>) -> Response {
         ErrorKind::Overloaded => ("rate_limit_exceeded", Value::Null),
         _ => ("server_error", Value::Null),
     };
-    (
+    let mut response = (
         e.kind.status(),
         Json(json!({"error": {"message": e.message, "type": kind, "param": param, "code": code}})),
     )
-        .into_response()
+        .into_response();
+    if matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Overloaded) {
+        response.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+    }
+    response
 }
 
 #[derive(Debug, Deserialize)]
@@ -106,7 +134,30 @@ async fn embeddings(
     )
 }
 
-type Failure = (InferError, Option<&'static str>);
+/// An error and the request field at fault.
+pub(crate) type Failure = (InferError, Option<&'static str>);
+
+/// The latest version of the model a request names, with OpenAI's wording when there is none.
+pub(crate) fn resolve(
+    call: &mut crate::infer::Call<'_>,
+    model: &str,
+    headers: &HeaderMap,
+    body_bytes: usize,
+) -> Result<std::sync::Arc<crate::repository::LoadedVersion>, Failure> {
+    call.resolve(
+        model,
+        Ok(VersionSelector::Latest),
+        super::route_key(headers),
+        body_bytes,
+    )
+    .map_err(|e| match e.kind {
+        ErrorKind::NotFound => (
+            InferError::not_found(format!("The model `{model}` does not exist")),
+            Some("model"),
+        ),
+        _ => (e, Some("model")),
+    })
+}
 
 async fn run(
     infer: &Infer,
@@ -122,20 +173,7 @@ async fn run(
             None,
         )
     })?;
-    let version = call
-        .resolve(
-            &req.model,
-            Ok(VersionSelector::Latest),
-            super::route_key(headers),
-            body.len(),
-        )
-        .map_err(|e| match e.kind {
-            ErrorKind::NotFound => (
-                InferError::not_found(format!("The model `{}` does not exist", req.model)),
-                Some("model"),
-            ),
-            _ => (e, Some("model")),
-        })?;
+    let version = resolve(call, &req.model, headers, body.len())?;
     let allowance = crate::infer::Budget::for_request(body.len()).total();
     let text = text::text_of(&version)
         .map_err(|e| (e, Some("model")))?

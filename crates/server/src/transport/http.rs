@@ -75,6 +75,7 @@ pub fn app_with_limit(
         .route("/metrics", get(metrics))
         .merge(crate::protocol::tei::routes())
         .merge(crate::protocol::openai::routes())
+        .merge(crate::protocol::generate::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::map_response(json_errors))
