@@ -15,7 +15,13 @@ ARG DEBIAN_RELEASE=bookworm
 
 # 1. The binary.
 FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS build
+# llama.cpp (language models) is built from source by cmake, with bindgen reading its header through libclang.
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends cmake g++ libclang-dev \
+    && rm -rf /var/lib/apt/lists/*
+# llama.cpp for any x86-64 CPU with AVX2 (.cargo/config.toml would build it for the building machine's CPU).
+ENV CFLAGS_x86_64_unknown_linux_gnu=-march=x86-64-v3 CXXFLAGS_x86_64_unknown_linux_gnu=-march=x86-64-v3
 WORKDIR /src
+COPY .cargo ./.cargo
 COPY Cargo.toml Cargo.lock ./
 COPY proto ./proto
 COPY crates ./crates

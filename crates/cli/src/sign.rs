@@ -14,7 +14,7 @@ use ferry_server::integrity::{self, IntegrityPolicy, PublicKey, SigningKey};
   ferry sign staging/.incoming-4 --key signing.key --model iris --model-version 4
   ferry serve --model-repository models --trusted-key signing.key.pub")]
 pub struct SignArgs {
-    /// The version folder to sign (`<repository>/<model>/<version>`). Every file in it is covered: model.onnx,
+    /// The version folder to sign (`<repository>/<model>/<version>`). Every file in it is covered: model.onnx or model.gguf,
     /// ferry.json, warmup/ requests and anything else.
     #[arg(value_name = "VERSION_DIR", required_unless_present = "generate_key")]
     pub version_dir: Option<PathBuf>,

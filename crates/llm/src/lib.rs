@@ -95,7 +95,7 @@ impl Default for Settings {
             max_sequences: 32,
             max_waiting: 256,
             max_new_tokens: 1024,
-            prefill_chunk: 256,
+            prefill_chunk: 64,
             threads,
             context_length: None,
             kv_cache_f32: false,

@@ -29,7 +29,7 @@
 //! max_sequences = 32                   # sequences decoded together
 //! max_waiting = 256                    # requests waiting for room; more are refused with 429
 //! max_new_tokens = 1024                # the largest max_tokens a request may ask (and the default)
-//! prefill_chunk = 256                  # prompt tokens processed per step, between decoding steps
+//! prefill_chunk = 64                   # prompt tokens processed per step, between decoding steps
 //! context_length = 8192                # tokens per sequence (default: the model's, within the budget)
 //! threads = 2                          # llama.cpp's threads (default: the machine's cores)
 //! kv_cache = "f16"                     # or "f32": twice the memory, logits exact to a float reference

@@ -202,20 +202,20 @@ async fn run(
     };
     let clock = Clock::start();
     let generation = engine.generate(tokens, params).map_err(llm::error)?;
-    let series = loaded.scheduler.series().clone();
     let (name, number) = (loaded.model.clone(), loaded.version.to_string());
     if !stream {
         let mut clock = clock;
-        let out = llm::collect(generation, &series, &mut clock).await?;
+        let out = llm::collect(generation, loaded.scheduler.series(), &mut clock).await?;
         return Ok(Json(
             json!({"model_name": name, "model_version": number, "text_output": out.text}),
         )
         .into_response());
     }
-    let state = (generation, series, clock, false);
+    // The stream holds its version (`loaded`), so a reload that retires it waits for the answer.
+    let state = (generation, loaded, clock, false);
     let events = futures_util::stream::unfold(
         state,
-        move |(mut generation, series, mut clock, ended)| {
+        move |(mut generation, loaded, mut clock, ended)| {
             let (name, number) = (name.clone(), number.clone());
             async move {
                 if ended {
@@ -223,9 +223,17 @@ async fn run(
                 }
                 let event = |v: Value| format!("data: {v}\n\n");
                 let (out, ended) = loop {
-                    match generation.events.recv().await {
+                    let next = match super::next_event(&mut generation.events).await {
+                        super::Next::Event(next) => next,
+                        super::Next::Heartbeat => {
+                            let out =
+                                String::from_utf8_lossy(super::HEARTBEAT_COMMENT).into_owned();
+                            break (out, false);
+                        }
+                    };
+                    match next {
                         Some(Event::Token { text, .. }) => {
-                            clock.token(&series);
+                            clock.token(loaded.scheduler.series());
                             if text.is_empty() {
                                 continue;
                             }
@@ -242,7 +250,7 @@ async fn run(
                             completion_tokens,
                             ..
                         }) => {
-                            clock.done(&series, prompt_tokens, completion_tokens);
+                            clock.done(loaded.scheduler.series(), prompt_tokens, completion_tokens);
                             if text.is_empty() {
                                 return None;
                             }
@@ -259,7 +267,7 @@ async fn run(
                 };
                 Some((
                     Ok::<Bytes, Infallible>(Bytes::from(out)),
-                    (generation, series, clock, ended),
+                    (generation, loaded, clock, ended),
                 ))
             }
         },

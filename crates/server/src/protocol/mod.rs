@@ -92,6 +92,32 @@ pub(crate) fn finish_rendered(
     }
 }
 
+/// What a server-sent event stream of a language model does next.
+pub(crate) enum Next {
+    /// The engine's next event (`None`: the engine stopped).
+    Event(Option<ferry_llm::Event>),
+    /// Nothing came for [`HEARTBEAT`]: send the SSE comment [`HEARTBEAT_COMMENT`]. Writing it is how a closed
+    /// connection is noticed while a sequence waits or reads its prompt (hyper learns of a closed socket only when
+    /// it writes), so the sequence is freed instead of running for nobody.
+    Heartbeat,
+}
+
+/// How long a stream waits for a token before it writes [`HEARTBEAT_COMMENT`].
+pub(crate) const HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// An SSE comment line, which clients ignore.
+pub(crate) const HEARTBEAT_COMMENT: &[u8] = b": waiting\n\n";
+
+/// The next event of a generation, or a heartbeat when none came in time.
+pub(crate) async fn next_event(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<ferry_llm::Event>,
+) -> Next {
+    match tokio::time::timeout(HEARTBEAT, events.recv()).await {
+        Ok(event) => Next::Event(event),
+        Err(_) => Next::Heartbeat,
+    }
+}
+
 /// The header a REST client sets to give its own deadline, in milliseconds.
 pub const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
 

@@ -24,7 +24,7 @@ use super::AppState;
 use crate::error::{ErrorKind, InferError};
 use crate::infer::Infer;
 use crate::llm::{self, Clock};
-use crate::metrics::VersionSeries;
+use crate::repository::LoadedVersion;
 use ferry_llm::{Event, Generation, Logprob, Message, Params, Sampling};
 
 /// The chat and completion routes, plain and under `/openai`.
@@ -378,10 +378,10 @@ async fn run(
         include_usage: common.include_usage(),
         logprobs: params.logprobs.is_some(),
     };
-    let series = version.scheduler.series().clone();
     if common.stream {
-        return Ok(stream(generation, series, clock, answering));
+        return Ok(stream(generation, version, clock, answering));
     }
+    let series = version.scheduler.series().clone();
     let mut clock = clock;
     let out = llm::collect(generation, &series, &mut clock)
         .await
@@ -484,16 +484,16 @@ fn completion_logprobs(lps: &[Logprob], offset: usize) -> Value {
 }
 
 /// The answer as server-sent events, one chunk per token that released text, the finish reason, the usage when
-/// asked, then `data: [DONE]`.
+/// asked, then `data: [DONE]`. The stream holds its version, so a reload that retires it waits for the answer.
 fn stream(
     generation: Generation,
-    series: Arc<VersionSeries>,
+    version: Arc<LoadedVersion>,
     clock: Clock,
     a: Answering,
 ) -> Response {
     struct State {
         generation: Generation,
-        series: Arc<VersionSeries>,
+        version: Arc<LoadedVersion>,
         clock: Clock,
         a: Answering,
         started: bool,
@@ -502,7 +502,7 @@ fn stream(
     }
     let state = State {
         generation,
-        series,
+        version,
         clock,
         a,
         started: false,
@@ -524,11 +524,18 @@ fn stream(
                     Value::Null,
                     Value::Null,
                 );
+                return Some((Ok::<Bytes, Infallible>(Bytes::from(out)), st));
             }
         }
-        match st.generation.events.recv().await {
+        let event = match super::next_event(&mut st.generation.events).await {
+            super::Next::Event(event) => event,
+            super::Next::Heartbeat => {
+                return Some((Ok(Bytes::from_static(super::HEARTBEAT_COMMENT)), st))
+            }
+        };
+        match event {
             Some(Event::Token { text, logprob }) => {
-                st.clock.token(&st.series);
+                st.clock.token(st.version.scheduler.series());
                 if !text.is_empty() || logprob.is_some() {
                     let lps = logprob.map(|l| vec![l]).unwrap_or_default();
                     let logprobs = match (st.a.logprobs, st.a.kind) {
@@ -546,7 +553,11 @@ fn stream(
                 prompt_tokens,
                 completion_tokens,
             }) => {
-                st.clock.done(&st.series, prompt_tokens, completion_tokens);
+                st.clock.done(
+                    st.version.scheduler.series(),
+                    prompt_tokens,
+                    completion_tokens,
+                );
                 if !text.is_empty() {
                     push_chunk(
                         &mut out,
