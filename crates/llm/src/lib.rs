@@ -8,7 +8,7 @@
 //! - [`Llm::generate`]: a prompt's tokens and [`Params`] in, a stream of [`Event`]s out. Refused at once when the
 //!   prompt is longer than the context ([`LlmError::PromptTooLong`]) or the waiting queue is full
 //!   ([`LlmError::Busy`]).
-//! - The engine ([`engine`]): sequences join and leave the running batch at every decoding step, prompts are
+//! - The engine (`engine.rs`): sequences join and leave the running batch at every decoding step, prompts are
 //!   processed in chunks between decoding steps, every admitted sequence has its KV cells reserved (prompt plus
 //!   `max_tokens`) within the budget `max_total_tokens`, and a sequence whose receiver is gone is freed at the
 //!   next step.
