@@ -5,8 +5,8 @@ server running at a time, both on 127.0.0.1 and free ports, both stopped at the 
 
 Run with the project's venv (it has llama-cpp-python[server]; scripts/setup-test-env makes it):
 
-    .venv/bin/python bench/llm.py             # 5 reps, 5 s warm-up + 30 s per cell, 30 s overload: about 8 min
-    .venv/bin/python bench/llm.py --quick     # about 2 min
+    .venv/bin/python bench/llm.py             # 5 reps, 5 s warm-up + 30 s per cell, 60 s overload: about 9 min
+    .venv/bin/python bench/llm.py --quick     # 1 rep, 1 s + 5 s cells, 10 s overload: about 2.5 min
     .venv/bin/python bench/llm.py --servers peer --phases single,concurrency   # the peer alone
 
 Phases (for each server in turn, then the overload phase on a second Ferry):
@@ -32,15 +32,19 @@ decoded by hand, one json.loads per event, one clock read per socket read). Its 
 the RSS sampler thread included) is reported for each phase beside the server's and whatever else used the machine:
 on 2 cores every bit the generator uses is taken from the servers' 2 llama.cpp threads.
 
+Also, before the servers, the engine alone: llama-cpp-python in this process (llama_cpp.Llama, same GGUF, threads,
+flash attention and n_ctx as the peer, logits_all off), the same prompts streamed with its KV cache reset before each
+(a full prefill, as Ferry does), and 128 one-token evals: what llama.cpp does here without HTTP or a server loop.
+
 Settings that differ from the servers' defaults, and why:
-  peer   --n_threads 2 --n_threads_batch 2 (the same threads as Ferry); --flash_attn true (--peer-flash-attn): Ferry's
-         llama.cpp context has flash attention `auto`, which is on for this CPU, and the attention kernels change the
-         last bits enough that greedy answers part within a few dozen tokens (with it both give the same text, which
-         the single-stream table checks); --interrupt_requests false: by default a new request makes
-         llama-cpp-python end the stream being generated (it sends [DONE] after the current token), so with several
-         clients most streams would be cut short; each request carries repeat_penalty 1.0 (its default 1.1 would
-         make greedy answers differ from Ferry's, which has no repetition penalty; Ferry ignores the field). n_ctx
-         8192 (llm_peer's default). logits_all stays at its default (true).
+  peer   --n_threads 2 --n_threads_batch 2 (the same threads as Ferry); --flash_attn (--peer-flash-attn, default off
+         as in llama-cpp-python and in Ferry's engine, which turns it off: the attention kernels change the last bits
+         enough that greedy answers part within a few dozen tokens, so the single-stream table checks that both
+         servers give the same text); --interrupt_requests false: by default a new request makes llama-cpp-python
+         end the stream being generated (it sends [DONE] after the current token), so with several clients most
+         streams would be cut short; each request carries repeat_penalty 1.0 (its default 1.1 would make greedy
+         answers differ from Ferry's, which has no repetition penalty; Ferry ignores the field). n_ctx 8192
+         (llm_peer's default). logits_all stays at its default (true).
   ferry  threads = 2 in config.toml; --request-timeout 10m (the peer has none; Ferry's 30 s would cut requests
          that wait long in the overload phase); --model-control-mode none.
 
@@ -49,6 +53,7 @@ Prints Markdown tables and writes the results as JSON (--out, default bench/llm.
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -104,18 +109,25 @@ def find_gguf(arg):
     return local
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """llama.cpp prints context warnings on file descriptor 2 even when not verbose."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def kv_bytes_per_token(gguf):
     """Bytes of F16 keys and values one token takes in llama.cpp's cache, from the GGUF's metadata."""
     import llama_cpp
 
-    saved = os.dup(2)  # llama.cpp prints a context warning even when not verbose
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            meta = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False).metadata
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    with quiet_stderr():
+        meta = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False).metadata
     arch = meta["general.architecture"]
     layers = int(meta[f"{arch}.block_count"])
     kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", meta[f"{arch}.attention.head_count"]))
@@ -147,7 +159,7 @@ class Peer:
     def __init__(self, gguf, log, threads, flash_attn):
         from llm_peer import start_peer
 
-        self.name = "peer"
+        self.name, self.log_path = "peer", log
         self.peer = start_peer(gguf, log, "--n_threads_batch", str(threads), "--interrupt_requests", "false",
                                "--flash_attn", str(flash_attn).lower(), n_threads=threads)
         self.proc, self.url = self.peer.process, self.peer.url
@@ -374,6 +386,42 @@ class Usage:
 
 # ---------------------------------------------------------------- phases
 
+def engine_reference(gguf, reps, max_tokens, threads, flash_attn, n_ctx=8192):
+    """llama-cpp-python in this process: the prompts streamed with the KV cache reset before each (a full prefill),
+    TTFT and decode rate as for the servers, medians over reps; and max_tokens one-token evals (llama.cpp's decode
+    step alone, no sampling)."""
+    import llama_cpp
+
+    with quiet_stderr():
+        llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                              flash_attn=flash_attn, verbose=False)
+    try:
+        ttft, rates = [], []
+        for rep in range(reps + 1):  # the first round warms up
+            for p in PROMPTS[:1] if rep == 0 else PROMPTS:
+                llm.reset()
+                times, t0 = [], time.perf_counter()
+                for chunk in llm.create_chat_completion(messages=[{"role": "user", "content": p}], temperature=0,
+                                                        max_tokens=max_tokens, repeat_penalty=1.0, stream=True):
+                    if chunk["choices"][0]["delta"].get("content"):
+                        times.append(time.perf_counter())
+                if rep:
+                    ttft.append((times[0] - t0) * 1000)
+                    rates.append((len(times) - 1) / (times[-1] - times[0]))
+        tokens = llm.tokenize(b"Once upon a time")
+        llm.reset()
+        llm.eval(tokens)
+        t0 = time.perf_counter()
+        for _ in range(max_tokens):
+            llm.eval(tokens[-1:])
+        eval_rate = max_tokens / (time.perf_counter() - t0)
+    finally:
+        llm.close()
+    return dict(ttft_ms=round(statistics.median(ttft), 2), decode_tok_s=round(statistics.median(rates), 1),
+                one_token_eval_tok_s=round(eval_rate, 1), reps=reps, threads=threads, flash_attn=flash_attn,
+                n_ctx=n_ctx, logits_all=False)
+
+
 def single_stream(server, reps, max_tokens):
     """One request at a time: TTFT and decode rate per prompt (medians over reps), the prompts taken in turn."""
     import requests
@@ -402,7 +450,10 @@ def single_stream(server, reps, max_tokens):
                 out[i].append(s)
         return out, usage.since()
 
+    evals_before = len(llama_eval_rates(server))
     streams, cpu = asyncio.run(run())
+    # llama.cpp's own decode rate inside the peer (llama-cpp-python logs its perf counters after each request).
+    evals = llama_eval_rates(server)[evals_before + 2:]
     prompts = []
     for i, runs in enumerate(streams):
         bad = [s.error for s in runs if s.error or s.status != 200]
@@ -421,7 +472,19 @@ def single_stream(server, reps, max_tokens):
     every = [s for runs in streams for s in runs]
     return dict(prompts=prompts, reps=reps, max_tokens=max_tokens,
                 ttft_ms=round(statistics.median((s.times[0] - s.sent) * 1000 for s in every), 2),
-                decode_tok_s=round(statistics.median(decode_rate(s) for s in every), 1), busy_others=busy, **cpu)
+                decode_tok_s=round(statistics.median(decode_rate(s) for s in every), 1), busy_others=busy,
+                llama_eval_tok_s=round(statistics.median(evals), 1) if evals else None,
+                llama_eval_tok_s_all=evals, **cpu)
+
+
+def llama_eval_rates(server):
+    """Decode rates llama.cpp reported in the peer's log so far ("eval time = ... tokens per second"); none for
+    Ferry."""
+    if server.name != "peer":
+        return []
+    text = Path(server.log_path).read_text(errors="replace")
+    return [float(m) for m in re.findall(r"^llama_perf_context_print:\s+eval time.*?([\d.]+) tokens per second",
+                                          text, re.M)]
 
 
 async def client_loop(host, port, bodies, start_index, until, streams, retry_cap=10.0):
@@ -479,7 +542,13 @@ def run_load(server, clients, warmup, duration, max_tokens):
     tokens = sum(bisect_left(s.times, end) - bisect_left(s.times, start) for s in streams)
     ttft = [(s.times[0] - s.sent) * 1000 for s in answered]
     finished = [s for s in streams if s.done and s.times and start <= s.times[0] and s.times[-1] < end]
-    rates = [r for r in (decode_rate(s) for s in finished) if r]
+    # Each stream's own rate over the tokens it got in the window (at 16+ clients few streams both start and end in
+    # it), for the streams with at least 10 there.
+    rates = []
+    for s in streams:
+        a, b = bisect_left(s.times, start), bisect_left(s.times, end)
+        if b - a >= 10:
+            rates.append((b - a - 1) / (s.times[b - 1] - s.times[a]))
     statuses = {}
     for s in window:
         statuses[str(s.status)] = statuses.get(str(s.status), 0) + 1
@@ -561,6 +630,7 @@ def overload(args, gguf, work, kv):
             clients_with_429=len(got_429),
             clients_429_on_first_request=sum(1 for c in per_client if c and c[0].status == 429),
             responses_429=sum(1 for c in per_client for s in c if s.status == 429),
+            retry_after_values=sorted({s.retry_after for c in per_client for s in c if s.status == 429}, key=str),
             completed_streams=sum(1 for c in per_client for s in c if s.done),
             load=cell, drained_s=drained, metrics_after=after, alive_after=alive, ready_status_after=ready)
         print(f"  overload: {result['clients_with_429']} clients got 429 ({result['responses_429']} responses), "
@@ -610,10 +680,18 @@ def report(results):
                 lines.append(f"| {name} | {p['prompt'][:40]}... | {p['prompt_tokens']} | {p['tokens']} | "
                              f"{p['ttft_ms']:.1f} | {p['decode_tok_s']:.1f} | {same} |")
             lines.append(f"| {name} | **all** | | | **{s['ttft_ms']:.1f}** | **{s['decode_tok_s']:.1f}** | |")
+        slow = single.get("peer", {}).get("llama_eval_tok_s")
+        if slow:
+            lines.append(f"| peer, llama.cpp's own decode rate in its log (eval time) | all | | | | {slow:.1f} | |")
+        e = results.get("engine")
+        if e:
+            lines.append(f"| engine alone (llama-cpp-python in-process, full prefill) | all | | | {e['ttft_ms']:.1f} | "
+                         f"{e['decode_tok_s']:.1f} (one-token evals: {e['one_token_eval_tok_s']:.1f}) | |")
         lines.append("")
     conc = [c | {"server": k} for k, v in servers.items() if isinstance(v, dict) for c in v.get("concurrency", [])]
     if conc:
-        lines.append("**Concurrent streaming clients** (closed loop; tokens that arrived in the measured window):\n")
+        lines.append("**Concurrent streaming clients** (closed loop; tokens that arrived in the measured window; "
+                     "per-stream: median of each stream's rate over its tokens in the window):\n")
         lines.append("| server | clients | tokens/s | TTFT p50 ms | TTFT p99 ms | per-stream tok/s | sent | finished | "
                      "errors | generator CPU (% core) | server CPU (cores) | other (cores) |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -637,11 +715,14 @@ def report(results):
             ("RSS after load (idle)", mib(o["rss_after_load_bytes"])),
             ("RSS idle after a request", mib(o["rss_idle_after_a_request_bytes"])),
             ("peak RSS (100 ms samples / VmHWM)", f"{mib(o['rss_peak_bytes'])} / {mib(o['vm_hwm_bytes'])}"),
+            ("peak RSS over idle", mib(o["rss_peak_bytes"] - o["rss_idle_after_a_request_bytes"])),
+            ("RSS once the clients had left and it was idle", mib(o["rss_after_bytes"])),
             ("peak running / waiting sequences", f"{fmt(pm.get('seq_running'))} / {fmt(pm.get('seq_waiting'))}"),
             ("peak KV used / reserved tokens", f"{fmt(pm.get('kv_used'))} / {fmt(pm.get('kv_reserved'))}"),
             ("clients that got 429 (on their first request)",
              f"{o['clients_with_429']} ({o['clients_429_on_first_request']})"),
-            ("429 responses / completed streams", f"{o['responses_429']} / {o['completed_streams']}"),
+            ("429 responses (Retry-After) / completed streams",
+             f"{o['responses_429']} ({', '.join(map(str, o['retry_after_values']))} s) / {o['completed_streams']}"),
             ("tokens/s, TTFT p50 / p99 ms", f"{load['tokens_per_s']:.1f}, {fmt(load['ttft_p50_ms'])} / "
                                             f"{fmt(load['ttft_p99_ms'])}"),
             ("other errors", f"{load['errors']} {load['error_sample'] or ''}".strip()),
@@ -705,19 +786,19 @@ def common_prefix(a, b):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--servers", default="peer,ferry", help="peer, ferry or both, in this order")
-    p.add_argument("--phases", default="single,concurrency,overload")
-    p.add_argument("--reps", type=int, help="repetitions of each prompt, one stream at a time (5; quick 2)")
+    p.add_argument("--phases", default="engine,single,concurrency,overload")
+    p.add_argument("--reps", type=int, help="repetitions of each prompt, one stream at a time (5; quick 1)")
     p.add_argument("--concurrency", default="1,4,16")
-    p.add_argument("--warmup", type=float, help="seconds of load before each concurrency cell (5; quick 2)")
-    p.add_argument("--duration", type=float, help="seconds measured per concurrency cell (30; quick 8)")
+    p.add_argument("--warmup", type=float, help="seconds of load before each concurrency cell (5; quick 1)")
+    p.add_argument("--duration", type=float, help="seconds measured per concurrency cell (30; quick 5)")
     p.add_argument("--overload-clients", type=int, default=200)
-    p.add_argument("--overload-duration", type=float, help="seconds (30; quick 10)")
+    p.add_argument("--overload-duration", type=float, help="seconds (60, so that streams finish; quick 10)")
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--peer-flash-attn", choices=["on", "off"], default="on",
-                   help="llama-cpp-python's default is off; Ferry's llama.cpp (flash attention `auto`) turns it on on "
-                   "CPU, and only with the same attention kernels do the greedy answers match")
-    p.add_argument("--quick", action="store_true", help="defaults of 2 reps, 2 s + 8 s cells, 10 s overload: "
-                   "about 2 min")
+    p.add_argument("--peer-flash-attn", choices=["on", "off"], default="off",
+                   help="flash attention in the peer (and the engine reference); Ferry's engine has it off, and only "
+                   "with the same attention kernels do the greedy answers match")
+    p.add_argument("--quick", action="store_true", help="defaults of 1 rep, 1 s + 5 s cells, 10 s overload: "
+                   "about 2.5 min on 2 idle cores")
     p.add_argument("--gguf", help="default: .ferry/examples/smollm2/1/model.gguf (scripts/fetch-smollm2)")
     p.add_argument("--ferry", default=os.environ.get("FERRY_BIN", str(ROOT / "target/release/ferry")))
     p.add_argument("--onnxruntime-lib", default=None, help="passed to `ferry serve` (default: "
@@ -725,7 +806,7 @@ def main():
     p.add_argument("--work", default="/tmp/ferry-llm-bench", help="model repositories and logs")
     p.add_argument("--out", default=str(HERE / "llm.json"))
     args = p.parse_args()
-    for key, full, quick in [("reps", 5, 2), ("warmup", 5, 2), ("duration", 30, 8), ("overload_duration", 30, 10)]:
+    for key, full, quick in [("reps", 5, 1), ("warmup", 5, 1), ("duration", 30, 5), ("overload_duration", 60, 10)]:
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
     ensure_python()
@@ -741,6 +822,12 @@ def main():
     kv = kv_bytes_per_token(gguf)
     results = {"args": vars(args), "meta": versions(args), "gguf": str(gguf), "prompts": PROMPTS,
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "servers": {}}
+    if "engine" in phases:
+        results["engine"] = engine_reference(gguf, args.reps, args.max_tokens, FERRY_CONFIG["threads"],
+                                             args.peer_flash_attn == "on")
+        e = results["engine"]
+        print(f"engine (llama-cpp-python in-process): TTFT {e['ttft_ms']} ms, decode {e['decode_tok_s']} tok/s, "
+              f"one-token evals {e['one_token_eval_tok_s']} tok/s", file=sys.stderr, flush=True)
     for name in args.servers.split(","):
         print(f"{name}:", file=sys.stderr, flush=True)
         try:
