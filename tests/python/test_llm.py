@@ -32,17 +32,21 @@ def smollm_gguf():
     return os.path.join(ROOT, folder, "1", "model.gguf")
 
 
-@pytest.fixture(scope="module")
-def llm_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llm_repo")
+def serve_smollm(tmp_path_factory, name, llm_settings):
+    """`ferry serve` on a repository holding SmolLM2 as model `smollm`, with `llm_settings` as its `[llm]` table."""
+    root = tmp_path_factory.mktemp(name + "_repo")
     os.makedirs(root / "smollm" / "1")
     shutil.copy(smollm_gguf(), root / "smollm" / "1" / "model.gguf")
-    # A small budget so the limits can be reached in a test: 4096 KV cells, 8 sequences, 16 waiting.
     with open(root / "smollm" / "config.toml", "w") as f:
-        f.write("[llm]\nmax_total_tokens = 4096\nmax_sequences = 8\nmax_waiting = 16\nmax_new_tokens = 256\n"
-                "context_length = 2048\n")
-    log = str(tmp_path_factory.mktemp("llm_log") / "ferry.log")
-    server = start_ferry(str(root), log, timeout=120)
+        f.write("[llm]\n" + llm_settings)
+    return start_ferry(str(root), str(tmp_path_factory.mktemp(name + "_log") / "ferry.log"), timeout=120)
+
+
+@pytest.fixture(scope="module")
+def llm_server(tmp_path_factory):
+    # A small budget so the limits can be reached in a test: 4096 KV cells, 8 sequences, 16 waiting.
+    server = serve_smollm(tmp_path_factory, "llm", "max_total_tokens = 4096\nmax_sequences = 8\nmax_waiting = 16\n"
+                          "max_new_tokens = 256\ncontext_length = 2048\n")
     yield server
     server.stop()
 
@@ -274,12 +278,8 @@ def test_full_queue_is_429_with_retry_after_and_the_server_survives(llm_server):
 @pytest.fixture(scope="module")
 def wide_server(tmp_path_factory):
     """SmolLM2 with room for 64 sequences at once."""
-    root = tmp_path_factory.mktemp("llm_wide_repo")
-    os.makedirs(root / "smollm" / "1")
-    shutil.copy(smollm_gguf(), root / "smollm" / "1" / "model.gguf")
-    with open(root / "smollm" / "config.toml", "w") as f:
-        f.write("[llm]\nmax_total_tokens = 16384\nmax_sequences = 64\nmax_new_tokens = 250\n")
-    server = start_ferry(str(root), str(tmp_path_factory.mktemp("llm_wide_log") / "ferry.log"), timeout=120)
+    server = serve_smollm(tmp_path_factory, "llm_wide", "max_total_tokens = 16384\nmax_sequences = 64\n"
+                          "max_new_tokens = 250\n")
     yield server
     server.stop()
 
