@@ -452,6 +452,53 @@ async fn oversized_messages_are_resource_exhausted() {
 }
 
 #[tokio::test]
+async fn idle_connections_close_but_calls_are_never_cut_and_clients_reconnect() {
+    let timeout = std::time::Duration::from_millis(500);
+    let repo = repository();
+    put_model(&repo.0, "heavy", 1, &heavy(384));
+    let s = TestServer::start_with(repo, |c| ferry_server::ServeConfig {
+        client_timeout: timeout,
+        ..c
+    })
+    .await;
+    let mut c = GrpcInferenceServiceClient::connect(s.grpc.clone())
+        .await
+        .unwrap();
+    // A call that runs for several idle limits is not cut.
+    let started = std::time::Instant::now();
+    let rows = 128;
+    let answer = c
+        .model_infer(ModelInferRequest {
+            model_name: "heavy".into(),
+            inputs: vec![InferInputTensor {
+                name: "x".into(),
+                datatype: "FP32".into(),
+                shape: vec![rows, 512],
+                parameters: Default::default(),
+                contents: Some(InferTensorContents {
+                    fp32_contents: vec![0.5; rows as usize * 512],
+                    ..Default::default()
+                }),
+            }],
+            ..Default::default()
+        })
+        .await;
+    let took = started.elapsed();
+    assert!(answer.is_ok(), "{answer:?}");
+    assert!(took > timeout * 2, "the call was too quick to test anything: {took:?}");
+    // Idle past the limit: the server closes the connection, and the same client reconnects for its next calls.
+    for _ in 0..2 {
+        tokio::time::sleep(timeout * 3).await;
+        let ready = c
+            .server_ready(ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(ready.ready);
+    }
+}
+
+#[tokio::test]
 async fn silent_connections_are_closed_after_the_client_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let timeout = std::time::Duration::from_millis(500);
@@ -482,12 +529,15 @@ async fn silent_connections_are_closed_after_the_client_timeout() {
     let mut partial = tokio::net::TcpStream::connect(&addr).await.unwrap();
     partial.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
     assert!(closed_within(&mut partial, timeout * 6).await);
-    // The whole preface and a SETTINGS frame: the connection stays open past the client timeout.
+    // The whole preface and a SETTINGS frame, then no call: closed as idle, as REST closes an idle keep-alive
+    // connection, but not before the client timeout.
+    let started = std::time::Instant::now();
     let mut live = tokio::net::TcpStream::connect(&addr).await.unwrap();
     live.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
         .await
         .unwrap();
-    assert!(!closed_within(&mut live, timeout * 3).await);
+    assert!(closed_within(&mut live, timeout * 8).await);
+    assert!(started.elapsed() >= timeout, "{:?}", started.elapsed());
     // A connection that has not sent its preface does not hold shutdown for the grace period (10 s here).
     let timeout = std::time::Duration::from_secs(5);
     let s = TestServer::start_with(repository(), |c| ferry_server::ServeConfig {

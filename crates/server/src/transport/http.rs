@@ -612,7 +612,10 @@ type GrpcLayers = tower::layer::util::Stack<
                 crate::transport::auth::GrpcAuthLayer,
                 tower::layer::util::Identity,
             >,
-            tower::layer::util::Identity,
+            tower::layer::util::Stack<
+                crate::transport::idle::CountCallsLayer,
+                tower::layer::util::Identity,
+            >,
         >,
     >,
 >;
@@ -638,6 +641,8 @@ fn grpc_router(
         max_request_bytes: max_message_bytes,
     };
     tonic::transport::Server::builder()
+        // Each call counts as open on its connection, which closes after --client-timeout without one.
+        .layer(crate::transport::idle::CountCallsLayer)
         .layer(tower::util::option_layer(
             auth.map(crate::transport::auth::GrpcAuthLayer),
         ))

@@ -186,6 +186,7 @@ pub async fn serve_http(
     header_timeout: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> io::Result<()> {
+    use crate::transport::parse_errors::JsonParseErrors;
     use hyper_util::rt::{TokioIo, TokioTimer};
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
@@ -218,13 +219,16 @@ pub async fn serve_http(
             // room for the larger TLS one (every open connection costs memory; see the overload benchmark).
             let result = match tls {
                 None => {
-                    Box::pin(watcher.watch(http.serve_connection(TokioIo::new(tcp), service))).await
+                    Box::pin(watcher.watch(http.serve_connection(TokioIo::new(JsonParseErrors::new(tcp)), service))).await
                 }
                 Some(acceptor) => {
                     match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
                             Box::pin(
-                                watcher.watch(http.serve_connection(TokioIo::new(stream), service)),
+                                watcher.watch(http.serve_connection(
+                                    TokioIo::new(JsonParseErrors::new(stream)),
+                                    service,
+                                )),
                             )
                             .await
                         }
@@ -257,12 +261,19 @@ enum GrpcIo {
 
 /// A connection gRPC can serve (plain or TLS) that must send the HTTP/2 client preface (24 bytes) within the
 /// client timeout, and is closed at shutdown if it has not: tonic (hyper, h2) would otherwise wait for it forever
-/// (holding file descriptors until the ports starve, and shutdown for the whole grace period).
+/// (holding file descriptors until the ports starve, and shutdown for the whole grace period). Once it has sent
+/// it, the connection ends after the client timeout without an open call (see [`crate::transport::idle`]).
 pub struct GrpcConnection {
     io: GrpcIo,
     /// Preface bytes seen so far, and what ends the wait for the rest (the timeout or shutdown); `None` once they
     /// all came.
     preface: Option<(usize, GiveUp)>,
+    /// The connection's open calls, and how long it may stay without one.
+    calls: std::sync::Arc<crate::transport::idle::Calls>,
+    idle_limit: Duration,
+    /// When bytes last arrived, and the timer that wakes the connection to look at its idleness.
+    last_read: std::time::Instant,
+    idle_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// Completes when a connection has waited long enough for its preface.
@@ -283,16 +294,43 @@ impl GrpcConnection {
                 () = crate::core::stopped(&mut stop) => {}
             }
         };
+        let now = std::time::Instant::now();
         GrpcConnection {
             io,
             preface: Some((0, Box::pin(give_up))),
+            calls: crate::transport::idle::Calls::new(now),
+            idle_limit: timeout,
+            last_read: now,
+            idle_timer: None,
+        }
+    }
+
+    /// Whether the connection has been idle past its limit; otherwise arms the timer that wakes it to look again.
+    fn idle_past_limit(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        loop {
+            let now = std::time::Instant::now();
+            let wait = match self.calls.idle_for(now, self.last_read) {
+                Some(idle) if idle >= self.idle_limit => return true,
+                Some(idle) => self.idle_limit - idle,
+                None => self.idle_limit,
+            };
+            let deadline = tokio::time::Instant::from_std(now + wait);
+            let timer = self
+                .idle_timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            timer.as_mut().reset(deadline);
+            if std::future::Future::poll(timer.as_mut(), cx).is_pending() {
+                return false;
+            }
         }
     }
 }
 
 impl tonic::transport::server::Connected for GrpcConnection {
-    type ConnectInfo = ();
-    fn connect_info(&self) {}
+    type ConnectInfo = crate::transport::idle::OpenCalls;
+    fn connect_info(&self) -> crate::transport::idle::OpenCalls {
+        crate::transport::idle::OpenCalls(self.calls.clone())
+    }
 }
 
 impl tokio::io::AsyncRead for GrpcConnection {
@@ -327,6 +365,19 @@ impl tokio::io::AsyncRead for GrpcConnection {
                     }
                 }
             }
+            return read;
+        }
+        match &read {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                this.last_read = std::time::Instant::now();
+            }
+            // No call for the idle limit: the connection ends as if the client had closed it (end of file), so
+            // hyper closes it; the client reconnects on its next call.
+            Poll::Pending if this.idle_past_limit(cx) => {
+                tracing::debug!("closing a gRPC connection idle for --client-timeout");
+                return Poll::Ready(Ok(()));
+            }
+            _ => {}
         }
         read
     }

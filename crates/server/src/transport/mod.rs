@@ -9,4 +9,6 @@ pub mod auth;
 pub mod config;
 pub mod front;
 pub mod http;
+pub mod idle;
 pub mod listen;
+pub mod parse_errors;
