@@ -101,11 +101,9 @@ def test_a_request_costs_memory_in_proportion_to_its_size(lean, case):
     else:
         assert answer[0] == 200, answer
     assert peak <= 10 * size, f"peak +{peak} bytes for a request of {size}"
-    # The target is 3 x B. Short byte strings miss it (3.1-3.3 x measured): each element is its own small block,
-    # and the output's blocks, made on an inference worker and freed on a request thread, stay cached in the worker's
-    # mimalloc heap until that worker allocates again. Numeric tensors keep 0.01-0.1 x.
-    limit = 4 if case == "kserve_strings" else 3
-    assert kept <= limit * size, f"{kept} bytes kept 10 s after a request of {size}"
+    # Byte strings kept 3.1-3.4 x until ONNX Runtime's freed std::strings (glibc blocks in the middle of a worker's
+    # heap) were given back after large string runs: 0.4 x now. Numeric tensors keep 0.01-0.1 x.
+    assert kept <= 3 * size, f"{kept} bytes kept 10 s after a request of {size}"
 
 
 def tf_fill(dtype, value_field, value, shape):

@@ -191,6 +191,7 @@ impl Backend for OrtBackend {
 
     fn predict(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, EngineError> {
         let inputs = check_inputs(&self.signature, inputs)?;
+        let mut string_bytes: usize = inputs.iter().map(|i| string_cost(&i.tensor.data)).sum();
         let mut values: Vec<(String, DynValue)> = Vec::with_capacity(inputs.len());
         for input in inputs {
             let value = to_value(&input.name, input.tensor)?;
@@ -211,11 +212,45 @@ impl Backend for OrtBackend {
             })?;
             result.push(from_value(spec, value)?);
         }
+        string_bytes += result
+            .iter()
+            .map(|o| string_cost(&o.tensor.data))
+            .sum::<usize>();
+        drop(outputs);
+        if string_bytes >= TRIM_AFTER_STRING_BYTES {
+            give_back_freed_heap();
+        }
         Ok(result)
     }
 
     fn engine_name(&self) -> &'static str {
         "onnxruntime"
+    }
+}
+
+/// After a run that moved this many bytes of strings through ONNX Runtime, the freed heap is given back.
+const TRIM_AFTER_STRING_BYTES: usize = 1 << 20;
+
+/// What a string tensor costs ONNX Runtime: a `std::string` (32 bytes) per element plus the contents.
+fn string_cost(data: &TensorData) -> usize {
+    match data {
+        TensorData::Bytes(s) => s.len() * 32 + s.content_len(),
+        _ => 0,
+    }
+}
+
+/// Returns glibc's free pages to the system. ONNX Runtime keeps each string of a string tensor in its own
+/// `std::string`, allocated by glibc's `malloc`: freed, these small blocks lie in the middle of the thread's heap,
+/// which trimming its top never returns, so a large string request kept several times its size until the next one
+/// reused it (measured: 3.4 x a 5.8 MB request 10 s later; 0.8 x with this). `malloc_trim` walks the heaps and
+/// releases every free page; it takes about a millisecond per hundred MB of heap, small beside a run that moved
+/// megabytes of strings.
+#[allow(unsafe_code)]
+fn give_back_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; it is thread-safe (it locks each arena it walks).
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -308,16 +343,18 @@ fn to_value(name: &str, tensor: Tensor) -> Result<DynValue, EngineError> {
         TensorData::F64(v) => prim!(v),
         TensorData::Bytes(v) => {
             let strings = v
-                .into_iter()
+                .iter()
                 .enumerate()
                 .map(|(i, b)| {
-                    String::from_utf8(b).map_err(|_| {
+                    std::str::from_utf8(b).map(str::to_string).map_err(|_| {
                         EngineError::InvalidInput(format!(
                             "input `{name}`: element {i} is not valid UTF-8, and ONNX string tensors hold text"
                         ))
                     })
                 })
                 .collect::<Result<Vec<String>, _>>()?;
+            // ONNX Runtime copies the strings into its own tensor; these copies live only for this call, on the
+            // thread that runs it.
             ort::value::Tensor::from_string_array((shape, strings.as_slice()))
                 .map_err(err)?
                 .into_dyn()
@@ -355,10 +392,7 @@ fn from_value(spec: &TensorSpec, value: &DynValue) -> Result<NamedTensor, Engine
         DataType::Bytes => {
             let (shape, strings) = value.try_extract_strings().map_err(err)?;
             let shape = shape.iter().map(|d| *d as usize).collect::<Vec<_>>();
-            (
-                shape,
-                TensorData::Bytes(strings.into_iter().map(String::into_bytes).collect()),
-            )
+            (shape, TensorData::Bytes(strings.iter().collect()))
         }
     };
     let tensor = Tensor::new(shape, data).map_err(|e| EngineError::Run(e.to_string()))?;

@@ -119,10 +119,12 @@ fn to_value(name: &str, tensor: Tensor) -> Result<TValue, EngineError> {
         TensorData::F64(v) => array(&shape, v),
         TensorData::Bytes(v) => {
             let strings = v
-                .into_iter()
+                .iter()
                 .enumerate()
                 .map(|(i, b)| {
-                    String::from_utf8(b).map_err(|_| format!("element {i} is not valid UTF-8"))
+                    std::str::from_utf8(b)
+                        .map(str::to_string)
+                        .map_err(|_| format!("element {i} is not valid UTF-8"))
                 })
                 .collect::<Result<Vec<String>, String>>()
                 .map_err(invalid)?;
@@ -155,13 +157,9 @@ fn from_value(spec: &TensorSpec, value: &TValue) -> Result<NamedTensor, EngineEr
         Some(DataType::F16) => TensorData::F16(collect(t).map_err(err)?),
         Some(DataType::F32) => TensorData::F32(collect(t).map_err(err)?),
         Some(DataType::F64) => TensorData::F64(collect(t).map_err(err)?),
-        Some(DataType::Bytes) => TensorData::Bytes(
-            collect::<String>(t)
-                .map_err(err)?
-                .into_iter()
-                .map(String::into_bytes)
-                .collect(),
-        ),
+        Some(DataType::Bytes) => {
+            TensorData::Bytes(collect::<String>(t).map_err(err)?.iter().collect())
+        }
         None => {
             return Err(EngineError::Run(format!(
                 "output `{}` has an unsupported type",

@@ -306,12 +306,15 @@ fn every_dtype_round_trips(s: &Subject) {
         ]),
         TensorData::F32(vec![0.25, -1e30, f32::MIN_POSITIVE, f32::INFINITY]),
         TensorData::F64(vec![0.1, 1e300, -0.0, f64::NEG_INFINITY]),
-        TensorData::Bytes(vec![
-            b"hello".to_vec(),
-            "é".as_bytes().to_vec(),
-            Vec::new(),
-            "a longer string, with spaces".into(),
-        ]),
+        TensorData::Bytes(
+            vec![
+                b"hello".to_vec(),
+                "é".as_bytes().to_vec(),
+                Vec::new(),
+                "a longer string, with spaces".into(),
+            ]
+            .into(),
+        ),
     ];
     assert_eq!(samples.len(), 13, "one sample per DataType");
     for data in samples {
@@ -393,7 +396,11 @@ fn refused_inputs_are_invalid_input(s: &Subject) {
         }
     }
     let strings = load(s, &identity(DataType::Bytes));
-    let bad = input("x", &[1, 1], TensorData::Bytes(vec![vec![0xff, 0xfe]]));
+    let bad = input(
+        "x",
+        &[1, 1],
+        TensorData::Bytes(vec![vec![0xff, 0xfe]].into()),
+    );
     match strings.predict(vec![bad]) {
         Err(EngineError::InvalidInput(m)) => {
             assert!(m.contains("`x`") && m.contains("UTF-8"), "{m}")
@@ -460,7 +467,7 @@ fn strings(s: &Subject) {
         .map(|w| w.as_bytes().to_vec())
         .collect();
     let out = backend
-        .predict(vec![input("s", &[5], TensorData::Bytes(words))])
+        .predict(vec![input("s", &[5], TensorData::Bytes(words.into()))])
         .unwrap();
     assert_eq!(
         out[0].tensor,

@@ -13,7 +13,9 @@ pub mod external;
 pub mod hf;
 pub mod onnx;
 mod signature;
+mod strings;
 mod tensor;
 
 pub use signature::{Signature, TensorSpec, ValueKind};
+pub use strings::ByteStrings;
 pub use tensor::{element_count, DataType, NamedTensor, ShapeMismatch, Tensor, TensorData};

@@ -5,6 +5,8 @@
 
 use half::f16;
 
+use crate::ByteStrings;
+
 /// The element types a tensor can hold: every type ONNX models use at their inputs and outputs.
 ///
 /// The names follow the KServe v2 protocol (`FP32`, `INT64`, `BYTES`, ...).
@@ -157,7 +159,7 @@ pub enum TensorData {
     F16(Vec<f16>),
     F32(Vec<f32>),
     F64(Vec<f64>),
-    Bytes(Vec<Vec<u8>>),
+    Bytes(ByteStrings),
 }
 
 /// Calls `$body` with `$v` bound to the inner vector of any [`TensorData`] variant.
@@ -227,7 +229,7 @@ impl TensorData {
             DataType::F16 => TensorData::F16(Vec::with_capacity(capacity)),
             DataType::F32 => TensorData::F32(Vec::with_capacity(capacity)),
             DataType::F64 => TensorData::F64(Vec::with_capacity(capacity)),
-            DataType::Bytes => TensorData::Bytes(Vec::with_capacity(capacity)),
+            DataType::Bytes => TensorData::Bytes(ByteStrings::with_capacity(capacity, 0)),
         }
     }
 
@@ -259,18 +261,7 @@ impl TensorData {
             DataType::U64 => TensorData::U64(chunks(raw, u64::from_le_bytes)?),
             DataType::I64 => TensorData::I64(chunks(raw, i64::from_le_bytes)?),
             DataType::F64 => TensorData::F64(chunks(raw, f64::from_le_bytes)?),
-            DataType::Bytes => {
-                let mut out = Vec::new();
-                let mut rest = raw;
-                while !rest.is_empty() {
-                    let len_bytes: [u8; 4] = rest.get(..4)?.try_into().ok()?;
-                    let len = u32::from_le_bytes(len_bytes) as usize;
-                    let elem = rest.get(4..4 + len)?;
-                    out.push(elem.to_vec());
-                    rest = &rest[4 + len..];
-                }
-                TensorData::Bytes(out)
-            }
+            DataType::Bytes => TensorData::Bytes(length_prefixed(raw, usize::MAX)?),
         })
     }
 
@@ -283,12 +274,14 @@ impl TensorData {
             ($($variant:ident),*) => {
                 match self {
                     $(TensorData::$variant(v) => TensorData::$variant(std::iter::repeat_n(v[0].clone(), n).collect()),)*
+                    TensorData::Bytes(_) => unreachable!("handled above"),
                 }
             };
         }
-        Some(rep!(
-            Bool, U8, U16, U32, U64, I8, I16, I32, I64, F16, F32, F64, Bytes
-        ))
+        Some(match self {
+            TensorData::Bytes(v) => TensorData::Bytes(v.repeat(0, n)),
+            _ => rep!(Bool, U8, U16, U32, U64, I8, I16, I32, I64, F16, F32, F64),
+        })
     }
 
     /// Like [`TensorData::from_le_bytes`], but refuses (`None`) a buffer holding more than `max` elements, counting
@@ -297,20 +290,7 @@ impl TensorData {
         match dtype.element_size() {
             Some(size) if raw.len() / size > max => None,
             Some(_) => TensorData::from_le_bytes(dtype, raw),
-            None => {
-                let mut out = Vec::with_capacity(max.min(raw.len() / 4));
-                let mut rest = raw;
-                while !rest.is_empty() {
-                    if out.len() == max {
-                        return None;
-                    }
-                    let len_bytes: [u8; 4] = rest.get(..4)?.try_into().ok()?;
-                    let len = u32::from_le_bytes(len_bytes) as usize;
-                    out.push(rest.get(4..4 + len)?.to_vec());
-                    rest = &rest[4 + len..];
-                }
-                Some(TensorData::Bytes(out))
-            }
+            None => length_prefixed(raw, max).map(TensorData::Bytes),
         }
     }
 
@@ -374,7 +354,7 @@ impl TensorData {
                 (TensorData::F16(o), TensorData::F16(p)) => o.extend_from_slice(p),
                 (TensorData::F32(o), TensorData::F32(p)) => o.extend_from_slice(p),
                 (TensorData::F64(o), TensorData::F64(p)) => o.extend_from_slice(p),
-                (TensorData::Bytes(o), TensorData::Bytes(p)) => o.extend_from_slice(p),
+                (TensorData::Bytes(o), TensorData::Bytes(p)) => o.extend_from(p),
                 _ => return None,
             }
         }
@@ -396,9 +376,34 @@ impl TensorData {
             TensorData::F16(v) => TensorData::F16(v[range].to_vec()),
             TensorData::F32(v) => TensorData::F32(v[range].to_vec()),
             TensorData::F64(v) => TensorData::F64(v[range].to_vec()),
-            TensorData::Bytes(v) => TensorData::Bytes(v[range].to_vec()),
+            TensorData::Bytes(v) => TensorData::Bytes(v.slice(range)),
         }
     }
+}
+
+/// Decodes `BYTES` elements each preceded by a 4-byte little-endian length, refusing (`None`) a truncated buffer or
+/// more than `max` elements. Counts the elements first, so the offsets and contents are allocated once, exactly.
+fn length_prefixed(raw: &[u8], max: usize) -> Option<ByteStrings> {
+    let (mut count, mut bytes, mut rest) = (0usize, 0usize, raw);
+    while !rest.is_empty() {
+        if count == max {
+            return None;
+        }
+        let len_bytes: [u8; 4] = rest.get(..4)?.try_into().ok()?;
+        let len = u32::from_le_bytes(len_bytes) as usize;
+        rest.get(4..4 + len)?;
+        rest = &rest[4 + len..];
+        count += 1;
+        bytes += len;
+    }
+    let mut out = ByteStrings::with_capacity(count, bytes);
+    let mut rest = raw;
+    while !rest.is_empty() {
+        let len = u32::from_le_bytes(rest[..4].try_into().expect("checked above")) as usize;
+        out.push(&rest[4..4 + len]);
+        rest = &rest[4 + len..];
+    }
+    Some(out)
 }
 
 /// A dense tensor: a shape and its row-major elements.
@@ -485,7 +490,7 @@ mod tests {
             TensorData::F16(vec![f16::from_f32(1.5), f16::from_f32(-2.0)]),
             TensorData::F32(vec![1.25, -0.0]),
             TensorData::F64(vec![std::f64::consts::PI, 1e300]),
-            TensorData::Bytes(vec![b"abc".to_vec(), vec![], vec![0, 159]]),
+            TensorData::Bytes(vec![b"abc".to_vec(), vec![], vec![0, 159]].into()),
         ];
         for data in samples {
             let mut raw = Vec::new();
@@ -502,7 +507,7 @@ mod tests {
         );
         assert_eq!(TensorData::F32(vec![2.0, 1.0]).repeat_single(3), None);
         let mut raw = Vec::new();
-        TensorData::Bytes(vec![vec![]; 5]).write_le_bytes(&mut raw);
+        TensorData::Bytes(vec![vec![]; 5].into()).write_le_bytes(&mut raw);
         assert!(TensorData::from_le_bytes_at_most(DataType::Bytes, &raw, 4).is_none());
         assert_eq!(
             TensorData::from_le_bytes_at_most(DataType::Bytes, &raw, 5).map(|d| d.len()),

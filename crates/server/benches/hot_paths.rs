@@ -188,7 +188,11 @@ fn drift(c: &mut Criterion) {
     let outputs = vec![
         NamedTensor::new(
             "label",
-            Tensor::new(vec![1], TensorData::Bytes(vec![b"virginica".to_vec()])).unwrap(),
+            Tensor::new(
+                vec![1],
+                TensorData::Bytes(vec![b"virginica".to_vec()].into()),
+            )
+            .unwrap(),
         ),
         NamedTensor::new(
             "prediction",

@@ -137,12 +137,9 @@ async fn kserve_health_metadata_and_infer() {
 
     // Raw contents in, including BYTES with length prefixes.
     let mut raw = Vec::new();
-    ferry_model::TensorData::Bytes(vec![
-        b"ab".to_vec(),
-        b"".to_vec(),
-        b"c".to_vec(),
-        b"def".to_vec(),
-    ])
+    ferry_model::TensorData::Bytes(
+        vec![b"ab".to_vec(), b"".to_vec(), b"c".to_vec(), b"def".to_vec()].into(),
+    )
     .write_le_bytes(&mut raw);
     let request = ModelInferRequest {
         model_name: "strings".into(),
@@ -485,7 +482,10 @@ async fn idle_connections_close_but_calls_are_never_cut_and_clients_reconnect() 
         .await;
     let took = started.elapsed();
     assert!(answer.is_ok(), "{answer:?}");
-    assert!(took > timeout * 2, "the call was too quick to test anything: {took:?}");
+    assert!(
+        took > timeout * 2,
+        "the call was too quick to test anything: {took:?}"
+    );
     // Idle past the limit: the server closes the connection, and the same client reconnects for its next calls.
     for _ in 0..2 {
         tokio::time::sleep(timeout * 3).await;

@@ -1544,10 +1544,21 @@ async fn requests_hyper_cannot_parse_get_json_errors() {
     let s = server().await;
     let addr = s.base.trim_start_matches("http://").to_string();
     let long_uri = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(70_000));
-    let big_header = format!("GET /v2 HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(500_000));
+    let big_header = format!(
+        "GET /v2 HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(500_000)
+    );
     for (request, status, fragment) in [
-        ("GET /v2 HTTP/1.1\r\nHost: x\r\nNo colon here\r\n\r\n".to_string(), 400, "parsed"),
-        ("GET /v2 HTTP/1.1\r\nHo st: x\r\n\r\n".to_string(), 400, "parsed"),
+        (
+            "GET /v2 HTTP/1.1\r\nHost: x\r\nNo colon here\r\n\r\n".to_string(),
+            400,
+            "parsed",
+        ),
+        (
+            "GET /v2 HTTP/1.1\r\nHo st: x\r\n\r\n".to_string(),
+            400,
+            "parsed",
+        ),
         (long_uri, 414, "URI"),
         (big_header, 431, "headers"),
     ] {
@@ -1560,7 +1571,10 @@ async fn requests_hyper_cannot_parse_get_json_errors() {
         let (head, body) = answer.split_once("\r\n\r\n").unwrap();
         assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{head}");
         assert!(head.contains("content-type: application/json"), "{head}");
-        assert!(head.contains(&format!("content-length: {}", body.len())), "{head}");
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
         let body: Value = serde_json::from_str(body).unwrap();
         assert!(body["error"].as_str().unwrap().contains(fragment), "{body}");
     }

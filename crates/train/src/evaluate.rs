@@ -78,10 +78,9 @@ impl OnnxModel {
                             }
                         });
                     }
-                    ("label", TensorData::Bytes(v)) => labels.get_or_insert_with(Vec::new).extend(
-                        v.into_iter()
-                            .map(|b| String::from_utf8_lossy(&b).into_owned()),
-                    ),
+                    ("label", TensorData::Bytes(v)) => labels
+                        .get_or_insert_with(Vec::new)
+                        .extend(v.iter().map(|b| String::from_utf8_lossy(b).into_owned())),
                     _ => {}
                 }
             }

@@ -106,22 +106,25 @@ pub fn decode_leaves(dtype: DataType, values: &[&Value], b64: bool) -> Result<Te
             "a number in FP32's range",
         )?),
         DataType::F64 => TensorData::F64(each(values, float, "a number")?),
-        DataType::Bytes => TensorData::Bytes(each(
-            values,
-            |v| match v {
-                Value::String(s) => Some(s.as_bytes().to_vec()),
-                Value::Object(map) if b64 && map.len() == 1 => map
-                    .get("b64")
-                    .and_then(Value::as_str)
-                    .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok()),
-                _ => None,
-            },
-            if b64 {
-                "a string or {\"b64\": \"...\"}"
-            } else {
-                "a string"
-            },
-        )?),
+        DataType::Bytes => TensorData::Bytes(
+            each(
+                values,
+                |v| match v {
+                    Value::String(s) => Some(s.as_bytes().to_vec()),
+                    Value::Object(map) if b64 && map.len() == 1 => map
+                        .get("b64")
+                        .and_then(Value::as_str)
+                        .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok()),
+                    _ => None,
+                },
+                if b64 {
+                    "a string or {\"b64\": \"...\"}"
+                } else {
+                    "a string"
+                },
+            )?
+            .into(),
+        ),
     })
 }
 
@@ -297,7 +300,7 @@ mod tests {
                 true
             )
             .unwrap(),
-            TensorData::Bytes(vec![b"hi".to_vec(), b"x".to_vec()])
+            TensorData::Bytes(vec![b"hi".to_vec(), b"x".to_vec()].into())
         );
         assert!(decode_leaves(DataType::Bytes, &[&json!({"b64": "aGk="})], false).is_err());
     }
@@ -321,7 +324,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(s, "[3.0,4.0]");
-        let bytes = TensorData::Bytes(vec![b"hi".to_vec()]);
+        let bytes = TensorData::Bytes(vec![b"hi".to_vec()].into());
         let s = serde_json::to_string(&NestedJson {
             data: &bytes,
             shape: &[1],
@@ -531,8 +534,22 @@ impl<'b> Decoder<'b> {
                 .map_err(refuse)?;
             ferry_model::with_tensor_data!(&mut self.data, v => v.reserve_exact(grow));
         }
-        if content > 0 {
-            self.budget.take(content).map_err(refuse)?;
+        // A byte string's content goes into the tensor's one buffer, whose growth is charged the same way (all of
+        // a doubling when the budget allows, else just what this string needs).
+        if let TensorData::Bytes(o) = &mut self.data {
+            let (held, capacity) = (o.content_len(), o.content_capacity());
+            if held + content > capacity {
+                let need = held + content - capacity;
+                let grow = need.max(capacity).max(256);
+                let grow = match self.budget.take(grow) {
+                    Ok(()) => grow,
+                    Err(_) => {
+                        self.budget.take(need).map_err(refuse)?;
+                        need
+                    }
+                };
+                o.reserve_content_exact(grow);
+            }
         }
         Ok(())
     }
@@ -636,7 +653,7 @@ impl<'b> Decoder<'b> {
         }
     }
 
-    fn bytes<E: serde::de::Error>(&mut self, v: Vec<u8>) -> Result<(), E> {
+    fn bytes<E: serde::de::Error>(&mut self, v: &[u8]) -> Result<(), E> {
         match &mut self.data {
             TensorData::Bytes(o) => {
                 o.push(v);
@@ -793,7 +810,7 @@ impl<'de> serde::de::Visitor<'de> for &mut Decoder<'_> {
                 return Ok(());
             }
             self.charge(v.len())?;
-            return self.bytes(v.as_bytes().to_vec());
+            return self.bytes(v.as_bytes());
         }
         if self.data.dtype().is_float() {
             if let Some(x) = nonfinite(v) {
@@ -834,7 +851,7 @@ impl<'de> serde::de::Visitor<'de> for &mut Decoder<'_> {
             .map_err(|e| {
                 A::Error::custom(format!("element {}: invalid base64: {e}", self.given()))
             })?;
-        self.bytes(decoded)
+        self.bytes(&decoded)
     }
 }
 
@@ -1040,7 +1057,10 @@ mod data_tests {
         let b = Budget::for_request(100);
         let (v, shape) =
             decode_value(DataType::Bytes, r#"[{"b64": "aGk="}, "x"]"#, true, &b).unwrap();
-        assert_eq!(v, TensorData::Bytes(vec![b"hi".to_vec(), b"x".to_vec()]));
+        assert_eq!(
+            v,
+            TensorData::Bytes(vec![b"hi".to_vec(), b"x".to_vec()].into())
+        );
         assert_eq!(shape, vec![2]);
         assert!(decode_value(DataType::Bytes, r#"[{"b64": "aGk="}]"#, false, &b).is_err());
         assert!(decode_value(DataType::Bytes, r#"[{"b64": "aGk=", "x": 1}]"#, true, &b).is_err());

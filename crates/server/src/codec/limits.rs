@@ -190,18 +190,25 @@ impl Budget {
 /// The memory decoded tensor data takes, counted as [`Budget`] charges it.
 pub fn memory_cost(data: &ferry_model::TensorData) -> usize {
     let content = match data {
-        ferry_model::TensorData::Bytes(v) => v.iter().map(Vec::len).sum(),
+        ferry_model::TensorData::Bytes(v) => v.content_len(),
         _ => 0,
     };
     data.len() * element_cost(data.dtype()) + content
 }
 
-/// The bytes one element of `dtype` takes in memory: its size, or for `BYTES` the vector that holds it (its content
-/// is charged on top).
+/// The memory byte strings take as prost decodes them (a vector each), before they are copied into a tensor's one
+/// buffer: charged as well, since both are held while the copy is made.
+pub fn decoded_strings_cost(strings: &[Vec<u8>]) -> usize {
+    std::mem::size_of_val(strings) + strings.iter().map(Vec::len).sum::<usize>()
+}
+
+/// The bytes one element of `dtype` takes in memory: its size, or for `BYTES` the string an engine makes of it
+/// (ONNX Runtime takes a `String` per element; the tensor itself holds an 8-byte offset), its content charged on
+/// top. So a flood of empty strings is refused before an engine would multiply it.
 pub fn element_cost(dtype: ferry_model::DataType) -> usize {
     dtype
         .element_size()
-        .unwrap_or(std::mem::size_of::<Vec<u8>>())
+        .unwrap_or(std::mem::size_of::<String>())
 }
 
 #[cfg(test)]

@@ -165,7 +165,7 @@ impl Backend for LlmBackend {
             answers.push(text.into_bytes());
         }
         let n = answers.len();
-        let tensor = Tensor::new(vec![n], TensorData::Bytes(answers))
+        let tensor = Tensor::new(vec![n], TensorData::Bytes(answers.into()))
             .map_err(|e| EngineError::Run(e.to_string()))?;
         Ok(vec![NamedTensor::new("text_output", tensor)])
     }

@@ -324,10 +324,10 @@ pub async fn predict_text_tensors(
     let TensorData::Bytes(strings) = input.tensor.data else {
         unreachable!("the datatype was checked");
     };
-    let request_bytes: usize = strings.iter().map(Vec::len).sum();
+    let request_bytes = strings.content_len();
     let mut texts = Vec::with_capacity(strings.len());
-    for (i, s) in strings.into_iter().enumerate() {
-        texts.push(String::from_utf8(s).map_err(|_| {
+    for (i, s) in strings.iter().enumerate() {
+        texts.push(String::from_utf8(s.to_vec()).map_err(|_| {
             InferError::invalid(format!(
                 "input `{TEXT_INPUT}`: element {i} is not valid UTF-8"
             ))
@@ -394,7 +394,7 @@ pub async fn predict_text_tensors(
             ));
             outputs.push(NamedTensor::new(
                 "label",
-                tensor(vec![n], TensorData::Bytes(labels))?,
+                tensor(vec![n], TensorData::Bytes(labels.into()))?,
             ));
         }
         Task::Reranker => {

@@ -117,6 +117,6 @@ fn synthetic(signature: &Signature) -> Option<Vec<NamedTensor>> {
 fn zeros(dtype: DataType, n: usize) -> Option<TensorData> {
     match dtype.element_size() {
         Some(size) => TensorData::from_le_bytes(dtype, &vec![0u8; n * size]),
-        None => Some(TensorData::Bytes(vec![Vec::new(); n])),
+        None => Some(TensorData::Bytes(std::iter::repeat_n(b"", n).collect())),
     }
 }

@@ -323,7 +323,7 @@ impl OutputWindow {
         Some(match (&self.baseline.bins, data) {
             (PredictionBins::Classes(_), TensorData::Bytes(v)) => v
                 .iter()
-                .map(|b| self.labels.get(b.as_slice()).copied().unwrap_or(other))
+                .map(|b| self.labels.get(b).copied().unwrap_or(other))
                 .collect(),
             (PredictionBins::Classes(_), TensorData::I64(v)) => v.iter().map(|x| int(*x)).collect(),
             (PredictionBins::Classes(_), TensorData::I32(v)) => {
@@ -714,7 +714,7 @@ mod tests {
             "label",
             Tensor::new(
                 vec![values.len()],
-                TensorData::Bytes(values.iter().map(|v| v.as_bytes().to_vec()).collect()),
+                TensorData::Bytes(values.iter().map(|v| v.as_bytes()).collect()),
             )
             .unwrap(),
         )]

@@ -94,7 +94,7 @@ fn agreeing(x: &TensorData, y: &TensorData) -> u64 {
     macro_rules! pairs {
         ($($v:ident),*) => {
             match (x, y) {
-                $((TensorData::$v(p), TensorData::$v(q)) => p.iter().zip(q).filter(|(a, b)| a == b).count() as u64,)*
+                $((TensorData::$v(p), TensorData::$v(q)) => p.iter().zip(q.iter()).filter(|(a, b)| a == b).count() as u64,)*
                 _ => 0,
             }
         };

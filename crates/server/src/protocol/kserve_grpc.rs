@@ -74,7 +74,7 @@ fn decode_contents(
         DataType::U64 => TensorData::U64(c.uint64_contents),
         DataType::F32 => TensorData::F32(c.fp32_contents),
         DataType::F64 => TensorData::F64(c.fp64_contents),
-        DataType::Bytes => TensorData::Bytes(c.bytes_contents),
+        DataType::Bytes => TensorData::Bytes(c.bytes_contents.into()),
         DataType::F16 => {
             return Err(InferError::invalid(format!(
                 "input `{name}`: FP16 has no typed contents field; send it in raw_input_contents"
@@ -111,9 +111,10 @@ fn decode_input(
         (None, Some(contents)) => {
             // prost has already decoded them (packed varints and empty strings take up to 8-12 x their bytes on
             // the wire); what does not fit the budget is refused here, before anything else is made of it.
+            let strings = crate::codec::limits::decoded_strings_cost(&contents.bytes_contents);
             let data = decode_contents(&name, dtype, contents)?;
             budget
-                .take(crate::codec::limits::memory_cost(&data))
+                .take(crate::codec::limits::memory_cost(&data) + strings)
                 .map_err(|e| InferError::invalid(format!("input `{name}`: {e}")))?;
             data
         }

@@ -173,7 +173,13 @@ fn decode(
                     .map(|b| f16::from_bits(*b as u16))
                     .collect(),
             ),
-            DataType::Bytes => TensorData::Bytes(std::mem::take(&mut t.string_val)),
+            DataType::Bytes => {
+                let strings = std::mem::take(&mut t.string_val);
+                budget
+                    .take(crate::codec::limits::decoded_strings_cost(&strings))
+                    .map_err(&err)?;
+                TensorData::Bytes(strings.into())
+            }
         }
     };
     // prost has already decoded the typed fields (packed varints and empty strings take up to 8-12 x their bytes on
@@ -230,7 +236,7 @@ fn encode(t: &Tensor) -> TensorProto {
         TensorData::U64(v) => p.uint64_val = v.clone(),
         TensorData::Bool(v) => p.bool_val = v.clone(),
         TensorData::F16(v) => p.half_val = v.iter().map(|x| i32::from(x.to_bits())).collect(),
-        TensorData::Bytes(v) => p.string_val = v.clone(),
+        TensorData::Bytes(v) => p.string_val = v.iter().map(<[u8]>::to_vec).collect(),
     }
     p
 }

@@ -94,18 +94,14 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future =
-        Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.0.poll_ready(cx)
     }
 
     fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
-        let guard = request
-            .extensions()
-            .get::<OpenCalls>()
-            .map(|c| c.0.start());
+        let guard = request.extensions().get::<OpenCalls>().map(|c| c.0.start());
         let answer = self.0.call(request);
         Box::pin(async move {
             let response = answer.await?;
@@ -161,10 +157,18 @@ mod tests {
         // Bytes just read (a request's first frame) keep it open.
         assert_eq!(calls.idle_for(later, later - QUIET_READS / 2), None);
         let guard = calls.start();
-        assert_eq!(calls.idle_for(Instant::now() + Duration::from_secs(60), t0), None);
+        assert_eq!(
+            calls.idle_for(Instant::now() + Duration::from_secs(60), t0),
+            None
+        );
         drop(guard);
         // Idle again, counted from the call's end.
-        let idle = calls.idle_for(Instant::now() + Duration::from_secs(5), t0).unwrap();
-        assert!(idle >= Duration::from_secs(5) && idle < Duration::from_secs(6), "{idle:?}");
+        let idle = calls
+            .idle_for(Instant::now() + Duration::from_secs(5), t0)
+            .unwrap();
+        assert!(
+            idle >= Duration::from_secs(5) && idle < Duration::from_secs(6),
+            "{idle:?}"
+        );
     }
 }

@@ -219,17 +219,18 @@ pub async fn serve_http(
             // room for the larger TLS one (every open connection costs memory; see the overload benchmark).
             let result = match tls {
                 None => {
-                    Box::pin(watcher.watch(http.serve_connection(TokioIo::new(JsonParseErrors::new(tcp)), service))).await
+                    Box::pin(watcher.watch(
+                        http.serve_connection(TokioIo::new(JsonParseErrors::new(tcp)), service),
+                    ))
+                    .await
                 }
                 Some(acceptor) => {
                     match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
-                            Box::pin(
-                                watcher.watch(http.serve_connection(
-                                    TokioIo::new(JsonParseErrors::new(stream)),
-                                    service,
-                                )),
-                            )
+                            Box::pin(watcher.watch(http.serve_connection(
+                                TokioIo::new(JsonParseErrors::new(stream)),
+                                service,
+                            )))
                             .await
                         }
                         Ok(Err(e)) => {

@@ -39,7 +39,9 @@ fn rewrite(head: &[u8]) -> Option<Vec<u8>> {
     let status_line = &head[..line_end];
     let code = status_line.strip_prefix(b"HTTP/1.1 ")?.get(..3)?;
     let message = match code {
-        b"400" => "the request could not be parsed as HTTP/1.1 (a malformed request line or header)",
+        b"400" => {
+            "the request could not be parsed as HTTP/1.1 (a malformed request line or header)"
+        }
         b"414" => "the request target (URI) is longer than the server accepts",
         b"431" => "the request headers are larger than the server accepts",
         _ => return None,
@@ -53,7 +55,9 @@ fn rewrite(head: &[u8]) -> Option<Vec<u8>> {
     let body = serde_json::json!({ "error": message }).to_string();
     let mut out = Vec::with_capacity(head.len() + body.len() + 64);
     out.extend_from_slice(status_line);
-    out.extend_from_slice(b"\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: ");
+    out.extend_from_slice(
+        b"\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: ",
+    );
     out.extend_from_slice(body.len().to_string().as_bytes());
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(rest);
@@ -154,7 +158,8 @@ mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
-    const HYPER_431: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\n\
+    const HYPER_431: &[u8] =
+        b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\n\
 content-length: 0\r\ndate: Thu, 03 Dec 2026 17:59:12 GMT\r\n\r\n";
 
     #[test]
