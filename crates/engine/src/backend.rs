@@ -99,6 +99,17 @@ pub enum EngineError {
     /// The engine failed while running the model.
     #[error("inference failed: {0}")]
     Run(String),
+    /// The engine has no room for the request now (a language model's waiting queue is full).
+    #[error("{reason}")]
+    Busy {
+        /// Why, in words the client can act on.
+        reason: String,
+        /// When room is likely, in seconds.
+        retry_after_secs: u32,
+    },
+    /// The engine is stopping (its model is being unloaded).
+    #[error("{0}")]
+    Stopping(String),
 }
 
 /// `inputs` in signature order, once each checked against `signature`: every input present once, none unknown,

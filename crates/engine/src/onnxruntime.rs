@@ -242,7 +242,7 @@ fn string_cost(data: &TensorData) -> usize {
 /// Returns glibc's free pages to the system. ONNX Runtime keeps each string of a string tensor in its own
 /// `std::string`, allocated by glibc's `malloc`: freed, these small blocks lie in the middle of the thread's heap,
 /// which trimming its top never returns, so a large string request kept several times its size until the next one
-/// reused it (measured: 3.4 x a 5.8 MB request 10 s later; 0.8 x with this). `malloc_trim` walks the heaps and
+/// reused it (measured: 3.4 x a 5.8 MB request 10 s later; 0.4-0.6 x with this). `malloc_trim` walks the heaps and
 /// releases every free page; it takes about a millisecond per hundred MB of heap, small beside a run that moved
 /// megabytes of strings.
 #[allow(unsafe_code)]

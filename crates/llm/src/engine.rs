@@ -140,6 +140,39 @@ struct Shared {
     kv_used: AtomicUsize,
     kv_reserved: AtomicUsize,
     context: AtomicUsize,
+    /// When the last sequences left the running batch (finished, failed or dropped), oldest first.
+    departures: Mutex<Departures>,
+}
+
+/// When sequences left the running batch lately: the rate they leave at tells a refused client when to retry.
+#[derive(Debug, Default)]
+pub(crate) struct Departures(VecDeque<std::time::Instant>);
+
+impl Departures {
+    /// Departures remembered.
+    const KEPT: usize = 64;
+
+    fn record(&mut self, at: std::time::Instant) {
+        if self.0.len() == Self::KEPT {
+            self.0.pop_front();
+        }
+        self.0.push_back(at);
+    }
+
+    /// Seconds until `ahead` more sequences have left at the recent rate (at least 1, at most 600); 1 without two
+    /// departures to measure a rate from, or when the last one is older than the span they cover (the engine was
+    /// idle, so the rate says nothing).
+    pub(crate) fn retry_after_secs(&self, ahead: usize, now: std::time::Instant) -> u32 {
+        let (Some(first), Some(last)) = (self.0.front(), self.0.back()) else {
+            return 1;
+        };
+        let span = last.duration_since(*first).as_secs_f64();
+        if self.0.len() < 2 || span <= 0.0 || now.duration_since(*last).as_secs_f64() > span {
+            return 1;
+        }
+        let rate = (self.0.len() - 1) as f64 / span;
+        (ahead as f64 / rate).ceil().clamp(1.0, 600.0) as u32
+    }
 }
 
 /// The server side of the engine thread.
@@ -210,6 +243,7 @@ pub(crate) fn start(path: &Path, settings: &Settings) -> Result<(Handle, Loaded)
         kv_used: AtomicUsize::new(0),
         kv_reserved: AtomicUsize::new(0),
         context: AtomicUsize::new(loaded.trained_context as usize),
+        departures: Mutex::new(Departures::default()),
     });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let thread = {
@@ -313,8 +347,14 @@ impl Handle {
                 return Err(LlmError::Stopped);
             }
             if queue.len() >= settings.max_waiting {
+                let retry_after_secs = self
+                    .shared
+                    .departures
+                    .lock()
+                    .retry_after_secs(queue.len() + 1, std::time::Instant::now());
                 return Err(LlmError::Busy {
                     waiting: queue.len(),
+                    retry_after_secs,
                 });
             }
             queue.push_back(Pending {
@@ -482,6 +522,7 @@ fn run(
                 let _ = ctx.clear_kv_cache_seq(Some(s.id as u32), None, None);
                 free_ids.push(s.id);
                 reserved -= s.reserve;
+                shared.departures.lock().record(std::time::Instant::now());
                 false
             } else {
                 true
@@ -599,11 +640,13 @@ fn run(
             }
         }
         finished.sort_unstable();
+        let now = std::time::Instant::now();
         for i in finished.into_iter().rev() {
             let s = seqs.remove(i);
             let _ = ctx.clear_kv_cache_seq(Some(s.id as u32), None, None);
             free_ids.push(s.id);
             reserved -= s.reserve;
+            shared.departures.lock().record(now);
         }
     }
 }
@@ -613,4 +656,39 @@ fn add(batch: &mut LlamaBatch, token: u32, pos: usize, seq: i32, logits: bool) {
     batch
         .add(LlamaToken(token as i32), pos as i32, &[seq], logits)
         .expect("the step fits the batch");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn retry_after_follows_the_rate_sequences_leave_at() {
+        let t0 = Instant::now();
+        let mut d = Departures::default();
+        // Nothing measured yet: 1 s.
+        assert_eq!(d.retry_after_secs(10, t0), 1);
+        d.record(t0);
+        assert_eq!(d.retry_after_secs(10, t0), 1);
+        // Five departures over 2 s: 2 per second, so 17 ahead take 9 s (rounded up).
+        for k in 1..=4 {
+            d.record(t0 + Duration::from_millis(500 * k));
+        }
+        assert_eq!(d.retry_after_secs(17, t0 + Duration::from_secs(2)), 9);
+        assert_eq!(d.retry_after_secs(1, t0 + Duration::from_secs(2)), 1);
+        // Bounded above.
+        assert_eq!(
+            d.retry_after_secs(100_000, t0 + Duration::from_secs(2)),
+            600
+        );
+        // Idle for longer than the departures span: the rate is stale.
+        assert_eq!(d.retry_after_secs(17, t0 + Duration::from_secs(5)), 1);
+        // Only the last 64 count.
+        for k in 0..100 {
+            d.record(t0 + Duration::from_secs(10) + Duration::from_millis(100 * k));
+        }
+        assert_eq!(d.0.len(), Departures::KEPT);
+        assert_eq!(d.retry_after_secs(20, t0 + Duration::from_secs(20)), 2);
+    }
 }

@@ -55,10 +55,13 @@ pub enum LlmError {
     #[error("{0}")]
     InvalidParams(String),
     /// Too many requests already wait.
-    #[error("{waiting} requests are already waiting for this model; retry later")]
+    #[error("{waiting} requests are already waiting for this model; retry in about {retry_after_secs} s")]
     Busy {
         /// Requests waiting.
         waiting: usize,
+        /// When a place is likely to be free: the waiting requests (and this one) at the rate sequences finished
+        /// lately; 1 s before any has finished.
+        retry_after_secs: u32,
     },
     /// The engine thread has stopped (the model is being unloaded).
     #[error("the model is shutting down")]

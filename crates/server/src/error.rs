@@ -105,6 +105,8 @@ pub struct InferError {
     pub kind: ErrorKind,
     /// What went wrong, in words the client can act on (no internal details).
     pub message: String,
+    /// For an overloaded or unavailable server, when to retry (seconds, `Retry-After`); 1 when not known.
+    pub retry_after: Option<u32>,
 }
 
 impl InferError {
@@ -113,6 +115,7 @@ impl InferError {
         InferError {
             kind,
             message: message.into(),
+            retry_after: None,
         }
     }
 
@@ -131,6 +134,17 @@ impl InferError {
         InferError::new(ErrorKind::Unavailable, message)
     }
 
+    /// The same error, telling the client to retry in `seconds` (`Retry-After`, at least 1).
+    pub fn with_retry_after(mut self, seconds: u32) -> InferError {
+        self.retry_after = Some(seconds.max(1));
+        self
+    }
+
+    /// The `Retry-After` value for this error (seconds; 1 when not known).
+    pub fn retry_after_header(&self) -> axum::http::HeaderValue {
+        axum::http::HeaderValue::from(self.retry_after.unwrap_or(1))
+    }
+
     /// The same error with `prefix` before its message (which input it was about).
     pub fn with_prefix(mut self, prefix: &str) -> InferError {
         self.message.insert_str(0, prefix);
@@ -142,6 +156,11 @@ impl From<ferry_engine::EngineError> for InferError {
     fn from(e: ferry_engine::EngineError) -> InferError {
         match e {
             ferry_engine::EngineError::InvalidInput(m) => InferError::invalid(m),
+            ferry_engine::EngineError::Busy {
+                reason,
+                retry_after_secs,
+            } => InferError::new(ErrorKind::Overloaded, reason).with_retry_after(retry_after_secs),
+            ferry_engine::EngineError::Stopping(m) => InferError::new(ErrorKind::Unavailable, m),
             other => InferError::new(ErrorKind::Internal, other.to_string()),
         }
     }
@@ -186,10 +205,9 @@ impl axum::response::IntoResponse for InferError {
         )
             .into_response();
         if matches!(self.kind, ErrorKind::Unavailable | ErrorKind::Overloaded) {
-            response.headers_mut().insert(
-                axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
-            );
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, self.retry_after_header());
         }
         if self.kind == ErrorKind::Unauthenticated {
             response.headers_mut().insert(

@@ -36,7 +36,11 @@ pub fn llm_of(version: &LoadedVersion) -> Result<&Arc<Llm>, InferError> {
 /// The error a client gets for a request the engine refused.
 pub fn error(e: LlmError) -> InferError {
     match e {
-        LlmError::Busy { .. } => InferError::new(ErrorKind::Overloaded, e.to_string()),
+        LlmError::Busy {
+            retry_after_secs, ..
+        } => {
+            InferError::new(ErrorKind::Overloaded, e.to_string()).with_retry_after(retry_after_secs)
+        }
         LlmError::Stopped => InferError::new(ErrorKind::Unavailable, e.to_string()),
         LlmError::Load(_) | LlmError::Template(_) => {
             InferError::new(ErrorKind::Internal, e.to_string())
@@ -143,7 +147,13 @@ impl Backend for LlmBackend {
                 ..Params::default()
             };
             let generation = self.llm.generate(tokens, params).map_err(|e| match e {
-                LlmError::Busy { .. } | LlmError::Stopped => EngineError::Run(e.to_string()),
+                LlmError::Busy {
+                    retry_after_secs, ..
+                } => EngineError::Busy {
+                    reason: e.to_string(),
+                    retry_after_secs,
+                },
+                LlmError::Stopped => EngineError::Stopping(e.to_string()),
                 other => EngineError::InvalidInput(format!("text_input[{i}]: {other}")),
             })?;
             running.push(generation);

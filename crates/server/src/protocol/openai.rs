@@ -65,10 +65,9 @@ pub(crate) fn error_response(e: &InferError, param: Option<&str>) -> Response {
     )
         .into_response();
     if matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Overloaded) {
-        response.headers_mut().insert(
-            axum::http::header::RETRY_AFTER,
-            axum::http::HeaderValue::from_static("1"),
-        );
+        response
+            .headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, e.retry_after_header());
     }
     response
 }
