@@ -288,7 +288,7 @@ pub struct ServeArgs {
     pub trusted_key: Vec<PathBuf>,
 
     /// A model.onnx larger than this many bytes is refused before it is read (from S3, before it is fetched).
-    #[arg(long, env = "FERRY_MAX_MODEL_BYTES", default_value_t = ferry_server::integrity::DEFAULT_MAX_MODEL_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "FERRY_MAX_MODEL_BYTES", default_value_t = ferry_repo::integrity::DEFAULT_MAX_MODEL_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_model_bytes: u64,
 
     /// The ONNX Runtime 1.32 library (`libonnxruntime.so.1.32.0`). Without it Ferry looks at $ORT_DYLIB_PATH, in
@@ -356,8 +356,7 @@ impl ServeArgs {
             8 * cores
         );
         for name in &self.load_model {
-            ferry_server::repository::validate_name(name)
-                .map_err(|e| anyhow::anyhow!("--load-model: {e}"))?;
+            ferry_repo::validate_name(name).map_err(|e| anyhow::anyhow!("--load-model: {e}"))?;
         }
         anyhow::ensure!(
             self.load_model.is_empty() || self.model_control_mode == ControlModeArg::Explicit,

@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use ferry_server::rollout::{RolloutState, PLAN_FILE};
-use ferry_server::source::Repository;
+use ferry_repo::rollout::{RolloutState, PLAN_FILE};
+use ferry_repo::source::Repository;
 use ferry_train::export::{metadata, metadata_json, onnx_model, read_metadata, Metadata};
 use ferry_train::gate::{headline, holdout_split, rows_for, score, GateRecord};
 use ferry_train::{CsvSource, ModelKind};
@@ -162,7 +162,7 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
     // Read the key first: a key that cannot sign should stop the run before any training.
     let sign_key = match &args.sign_key {
         Some(path) => Some(
-            ferry_server::integrity::SigningKey::read(path)
+            ferry_repo::integrity::SigningKey::read(path)
                 .map_err(anyhow::Error::msg)
                 .context("--sign-key")?,
         ),
@@ -387,9 +387,9 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         (ferry_train::export::MODEL_FILE.to_string(), onnx),
     ];
     if let Some(key) = &sign_key {
-        let sig = ferry_server::integrity::sign_files(&model, version, &files, key)
+        let sig = ferry_repo::integrity::sign_files(&model, version, &files, key)
             .map_err(anyhow::Error::msg)?;
-        files.push((ferry_server::integrity::SIGNATURE_FILE.to_string(), sig));
+        files.push((ferry_repo::integrity::SIGNATURE_FILE.to_string(), sig));
     }
     if let Err(e) = rt.block_on(repo.publish_version(&model, version, files)) {
         // Leave no plan behind for a version that never came: the earlier plan goes back, or the new one is

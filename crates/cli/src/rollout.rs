@@ -10,8 +10,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use ferry_server::rollout::{now_secs, RolloutPlan, RolloutState, PLAN_FILE};
-use ferry_server::source::Repository;
+use ferry_repo::rollout::{
+    now_secs, unversioned_target, RolloutPlan, RolloutState, Route, PLAN_FILE,
+};
+use ferry_repo::source::Repository;
 
 use crate::cli::parse_duration;
 
@@ -256,38 +258,23 @@ pub async fn write_plan(repo: &Repository, model: &str, plan: &RolloutPlan) -> a
 }
 
 /// The version that takes a model's unversioned traffic now, other than `exclude`, as a server following the plan
-/// routes it: the stable version while a rollout runs, the candidate once promoted (until a version newer than both
-/// plan versions exists), and after a rollback the highest version but the candidate; without a plan (or when those
-/// versions are gone) the highest version present.
+/// routes it (`ferry_repo::rollout::unversioned_target`, the rule the server routes by): the stable version while a
+/// rollout runs, the candidate once promoted (until a version newer than both plan versions exists), and after a
+/// rollback the highest version but the candidate; without a plan (or when those versions are gone) the highest
+/// version present.
 pub fn live_version(
     present: &[u64],
     plan: Option<&RolloutPlan>,
     exclude: Option<u64>,
 ) -> Option<u64> {
     let usable = |v: u64| Some(v) != exclude && present.contains(&v);
-    let highest_but = |skip: Option<u64>| {
-        present
-            .iter()
-            .copied()
-            .filter(|v| Some(*v) != exclude && Some(*v) != skip)
-            .max()
-    };
-    match plan {
-        None => highest_but(None),
-        Some(p) => match p.state {
-            RolloutState::Running if usable(p.stable) => Some(p.stable),
-            RolloutState::Promoted
-                if usable(p.candidate)
-                    && !present
-                        .iter()
-                        .any(|v| *v > p.candidate.max(p.stable) && Some(*v) != exclude) =>
-            {
-                Some(p.candidate)
-            }
-            RolloutState::RolledBack => highest_but(Some(p.candidate)),
-            RolloutState::Running | RolloutState::Promoted => highest_but(None),
-        },
-    }
+    let route = plan.map(|p| Route {
+        candidate: p.candidate,
+        stable: p.stable,
+        state: p.state,
+        to_candidate: false,
+    });
+    unversioned_target(route, present, usable, usable)
 }
 
 /// Refuses to replace a running plan unless forced.
@@ -467,7 +454,7 @@ fn utc(secs: u64) -> String {
     )
 }
 
-fn figures(f: &ferry_server::rollout::ArmFigures) -> String {
+fn figures(f: &ferry_repo::rollout::ArmFigures) -> String {
     let p99 = f
         .p99_ms
         .map_or("no p99".to_string(), |p| format!("p99 {p} ms"));

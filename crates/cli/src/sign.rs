@@ -1,10 +1,10 @@
 //! `ferry sign`: Ed25519 signatures of model versions (`ferry.sig`), and the keys that make them. Servers started
-//! with `--trusted-key` load only versions signed by one of their keys (`ferry_server::integrity`).
+//! with `--trusted-key` load only versions signed by one of their keys (`ferry_repo::integrity`).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use ferry_server::integrity::{self, IntegrityPolicy, PublicKey, SigningKey};
+use ferry_repo::integrity::{self, IntegrityPolicy, PublicKey, SigningKey};
 
 /// `ferry sign` flags.
 #[derive(Debug, clap::Args)]
@@ -80,7 +80,7 @@ fn names(dir: &Path, model: Option<&str>, version: Option<u64>) -> anyhow::Resul
         Some(v) => v,
         None => absolute
             .file_name()
-            .and_then(|n| ferry_server::repository::parse_version(&n.to_string_lossy()))
+            .and_then(|n| ferry_repo::parse_version(&n.to_string_lossy()))
             .with_context(|| {
                 format!(
                     "{} is not named like a version (a positive integer): give --model-version",
@@ -96,7 +96,7 @@ fn names(dir: &Path, model: Option<&str>, version: Option<u64>) -> anyhow::Resul
             .map(|n| n.to_string_lossy().into_owned())
             .context("cannot tell the model name from the path: give --model")?,
     };
-    ferry_server::repository::validate_name(&model).map_err(anyhow::Error::msg)?;
+    ferry_repo::validate_name(&model).map_err(anyhow::Error::msg)?;
     anyhow::ensure!(version > 0, "versions are positive integers");
     Ok((model, version))
 }

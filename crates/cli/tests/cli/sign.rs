@@ -1,10 +1,10 @@
 //! `ferry sign` and `ferry retrain --sign-key` as an operator runs them; the signatures they write are checked as
-//! the server checks them (`ferry_server::integrity`). Scoring in `ferry retrain` runs ONNX Runtime: run through
+//! the server checks them (`ferry_repo::integrity`). Scoring in `ferry retrain` runs ONNX Runtime: run through
 //! `scripts/test`, which sets `ORT_DYLIB_PATH`.
 
 use std::path::{Path, PathBuf};
 
-use ferry_server::integrity::{verify_version, version_files, PublicKey};
+use ferry_repo::integrity::{verify_version, version_files, PublicKey};
 
 use super::common::{ferry, iris_csv, publish_poor_iris};
 

@@ -760,36 +760,25 @@ fn resolve_in(
     };
     let version = match selector {
         VersionSelector::Latest => {
-            let mut excluded = None;
-            if let Some(live) = &record.rollout {
-                use crate::core::rollout::RolloutState;
+            use crate::core::rollout::{unversioned_target, Route};
+            let route = record.rollout.as_ref().map(|live| {
                 let (candidate, stable, state, to_candidate) = live.choose(key);
-                match state {
-                    RolloutState::Running => {
-                        let first = if to_candidate { candidate } else { stable };
-                        if let Some(l) = ready(first).or_else(|| ready(stable)) {
-                            return Ok(l);
-                        }
-                    }
-                    // A promoted candidate serves until a version newer than both plan versions is ready.
-                    RolloutState::Promoted => {
-                        let newer = record.versions.iter().any(|(v, s)| {
-                            *v > candidate.max(stable) && s.state == VersionState::Ready
-                        });
-                        if let Some(l) = ready(candidate).filter(|_| !newer) {
-                            return Ok(l);
-                        }
-                    }
-                    RolloutState::RolledBack => excluded = Some(candidate),
+                Route {
+                    candidate,
+                    stable,
+                    state,
+                    to_candidate,
                 }
-            }
-            if let Some(loaded) = record.versions.iter().rev().find_map(|(v, s)| {
-                s.loaded.clone().filter(|_| {
-                    s.state == VersionState::Ready
-                        && Some(*v) != excluded
-                        && Some(*v) != record.shadow_only
-                })
-            }) {
+            });
+            let versions: Vec<u64> = record.versions.keys().copied().collect();
+            // Any ready version can answer its rollout arm; a shadow-only one takes no other traffic.
+            let chosen = unversioned_target(
+                route,
+                &versions,
+                |v| ready(v).is_some(),
+                |v| ready(v).is_some() && Some(v) != record.shadow_only,
+            );
+            if let Some(loaded) = chosen.and_then(ready) {
                 return Ok(loaded);
             }
             let reasons: Vec<String> = record

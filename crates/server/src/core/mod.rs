@@ -1,22 +1,24 @@
-//! The core: the model repository and what serves from it. Sources (a local directory or S3), signatures and
-//! integrity, loading and reloading versions, rollouts and their gates, per-version batching, warm-up, the payload
-//! log, and [`infer::Infer`], whose [`infer::Call`] is the one entry point of every protocol adapter.
+//! The core: the model repository and what serves from it. Loading and reloading versions, following their rollouts,
+//! per-version batching, warm-up, the payload log, and [`infer::Infer`], whose [`infer::Call`] is the one entry
+//! point of every protocol adapter. Sources (a local directory or S3), signatures and rollout plans are `ferry-repo`'s,
+//! re-exported here.
 //!
 //! The core knows no protocol, listener or route: it uses only [`crate::error`], [`crate::codec`] and
 //! [`crate::metrics`].
 
 pub mod batching;
 pub mod infer;
-pub mod integrity;
 pub mod llm;
 pub mod model_config;
 pub mod payload_log;
 pub mod reload;
 pub mod repository;
-pub mod rollout;
-pub mod source;
 pub mod text;
 pub mod warmup;
+
+// The repository as files lives in `ferry-repo`, shared with the command line; re-exported at the paths the core
+// has always used.
+pub use ferry_repo::{integrity, rollout, source};
 
 use std::time::Duration;
 

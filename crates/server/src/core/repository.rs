@@ -242,31 +242,7 @@ impl ModelStore {
     }
 }
 
-/// Checks a model or label name: it must not be able to name anything outside the repository root.
-pub fn validate_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 255
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "invalid model name `{}`: use letters, digits, `-`, `_` and `.`, not starting with `.`",
-            name.escape_debug()
-        ))
-    }
-}
-
-/// Parses a version directory or URL segment: a positive integer.
-pub fn parse_version(text: &str) -> Option<u64> {
-    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    text.parse::<u64>().ok().filter(|v| *v > 0)
-}
+pub use ferry_repo::{parse_version, validate_name};
 
 /// Starts a prepared version's scheduler and drift window: from here on it can take requests.
 pub(crate) fn activate(
@@ -583,14 +559,7 @@ fn verify_signature(
     Ok(())
 }
 
-/// Hex sha256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+pub use ferry_repo::sha256_hex;
 
 /// Drift windows for a version: its input features when its single input is a `[rows, features]` float matrix
 /// matching the feature baseline, and each output of the prediction baseline the signature has with one value per

@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 
-use crate::repository::{sha256_hex, validate_name};
+use crate::{sha256_hex, validate_name};
 
 /// The signature file in a version directory.
 pub const SIGNATURE_FILE: &str = "ferry.sig";

@@ -401,9 +401,148 @@ pub fn key_hash(key: &str) -> u64 {
     })
 }
 
+/// What a rollout says about one request that names no version: the plan's versions and state, and whether the
+/// request's key fell in the candidate's share ([`Live::choose`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// The version being rolled out.
+    pub candidate: u64,
+    /// The version it replaces.
+    pub stable: u64,
+    /// Where the rollout is.
+    pub state: RolloutState,
+    /// Whether this request falls in the candidate's share.
+    pub to_candidate: bool,
+}
+
+/// The version that serves a request naming none, among `versions`: the one rule the server routes by and
+/// `ferry rollout`/`ferry retrain` read the live version from. `usable` says whether a version can answer now;
+/// `unrouted` whether it may also take traffic no rollout sends it (the server keeps shadow-only versions out).
+///
+/// - No rollout: the highest `unrouted` version.
+/// - Running: the arm the request fell in, else the stable version, if usable; else as without a rollout.
+/// - Promoted: the candidate, if usable and no usable version is newer than both plan versions; else as without a
+///   rollout.
+/// - Rolled back: as without a rollout, the candidate excluded.
+pub fn unversioned_target(
+    route: Option<Route>,
+    versions: &[u64],
+    usable: impl Fn(u64) -> bool,
+    unrouted: impl Fn(u64) -> bool,
+) -> Option<u64> {
+    let mut excluded = None;
+    if let Some(r) = route {
+        match r.state {
+            RolloutState::Running => {
+                let first = if r.to_candidate {
+                    r.candidate
+                } else {
+                    r.stable
+                };
+                if usable(first) {
+                    return Some(first);
+                }
+                if usable(r.stable) {
+                    return Some(r.stable);
+                }
+            }
+            RolloutState::Promoted => {
+                let newer = versions
+                    .iter()
+                    .any(|v| *v > r.candidate.max(r.stable) && usable(*v));
+                if !newer && usable(r.candidate) {
+                    return Some(r.candidate);
+                }
+            }
+            RolloutState::RolledBack => excluded = Some(r.candidate),
+        }
+    }
+    versions
+        .iter()
+        .copied()
+        .filter(|v| Some(*v) != excluded && unrouted(*v))
+        .max()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_naming_no_version_follow_the_rollout() {
+        let route = |state, to_candidate| {
+            Some(Route {
+                candidate: 3,
+                stable: 2,
+                state,
+                to_candidate,
+            })
+        };
+        let all = |_: u64| true;
+        let versions = [1, 2, 3];
+        // No rollout: the highest.
+        assert_eq!(unversioned_target(None, &versions, all, all), Some(3));
+        // Running: the arm, else stable, else the highest that may take unrouted traffic.
+        assert_eq!(
+            unversioned_target(route(RolloutState::Running, true), &versions, all, all),
+            Some(3)
+        );
+        assert_eq!(
+            unversioned_target(route(RolloutState::Running, false), &versions, all, all),
+            Some(2)
+        );
+        let no_candidate = |v: u64| v != 3;
+        assert_eq!(
+            unversioned_target(
+                route(RolloutState::Running, true),
+                &versions,
+                no_candidate,
+                no_candidate
+            ),
+            Some(2)
+        );
+        let only_one = |v: u64| v == 1;
+        assert_eq!(
+            unversioned_target(
+                route(RolloutState::Running, true),
+                &versions,
+                only_one,
+                only_one
+            ),
+            Some(1)
+        );
+        // Promoted: the candidate until a newer version is usable.
+        assert_eq!(
+            unversioned_target(route(RolloutState::Promoted, false), &[1, 2, 3], all, all),
+            Some(3)
+        );
+        let shadow_four = |v: u64| v != 4;
+        assert_eq!(
+            unversioned_target(route(RolloutState::Promoted, false), &[2, 3, 4], all, shadow_four),
+            Some(3),
+            "a newer shadow-only version ends the promotion, and the highest version that takes unrouted traffic serves"
+        );
+        assert_eq!(
+            unversioned_target(
+                Some(Route {
+                    candidate: 2,
+                    stable: 1,
+                    state: RolloutState::Promoted,
+                    to_candidate: false
+                }),
+                &[1, 2, 3],
+                all,
+                all
+            ),
+            Some(3)
+        );
+        // Rolled back: never the candidate.
+        assert_eq!(
+            unversioned_target(route(RolloutState::RolledBack, true), &versions, all, all),
+            Some(2)
+        );
+        assert_eq!(unversioned_target(None, &[], all, all), None);
+    }
 
     fn plan() -> RolloutPlan {
         RolloutPlan::new(

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::repository::{parse_version, validate_name};
+use crate::{parse_version, validate_name};
 
 /// What a scan found for one model.
 #[derive(Debug, Clone, Default, PartialEq)]
