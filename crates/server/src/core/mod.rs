@@ -11,6 +11,7 @@ pub mod infer;
 pub mod llm;
 pub mod model_config;
 pub mod payload_log;
+pub mod reconcile;
 pub mod reload;
 pub mod repository;
 pub mod text;

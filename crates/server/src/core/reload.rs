@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use ferry_engine::{EngineError, EngineOptions, OrtEngine};
 
 use crate::core::model_config::ModelConfig;
+use crate::core::reconcile::{self, Retire, Versions};
 use crate::core::repository::{LoadedVersion, ModelStore, VersionSlot, VersionState};
 use crate::core::rollout::{Live, RolloutPlan, RolloutState, Tick, PLAN_FILE};
 use crate::core::source::{Listing, ModelListing, Repository};
@@ -61,12 +62,8 @@ struct Known {
     config: Option<Arc<ModelConfig>>,
     config_error: Option<String>,
     rollout_text: Option<Option<Result<String, String>>>,
-    /// Fingerprints of the versions serving.
-    loaded: BTreeMap<u64, String>,
-    /// Fingerprints of versions that failed (not retried until their files change).
-    failed: BTreeMap<u64, String>,
-    /// Serving versions to load again under a changed configuration (they keep serving if that fails).
-    stale: BTreeSet<u64>,
+    /// The versions serving, failed and stale, by the fingerprints of their files.
+    versions: Versions,
 }
 
 #[derive(Debug, Default)]
@@ -509,13 +506,13 @@ impl Manager {
                 reload
             })
             .unwrap_or(false);
-        if reload_all && !known.loaded.is_empty() {
+        if reload_all && !known.versions.loaded.is_empty() {
             tracing::info!(
                 model = name,
                 "the new configuration changes how versions load: reloading them"
             );
-            known.stale = known.loaded.keys().copied().collect();
-            known.failed.clear();
+            known.versions.stale = known.versions.loaded.keys().copied().collect();
+            known.versions.failed.clear();
         }
 
         // The rollout plan.
@@ -554,67 +551,25 @@ impl Manager {
             .store
             .with_model(name, |r| r.rollout.as_ref().map(|l| l.plan()))
             .flatten();
-        let mut extra = BTreeSet::new();
-        let mut excluded = BTreeSet::new();
-        if let Some(plan) = &plan {
-            match plan.state {
-                RolloutState::Running => {
-                    extra.insert(plan.stable);
-                    extra.insert(plan.candidate);
-                }
-                // A finished plan pins its version until a version newer than both plan versions exists.
-                RolloutState::Promoted | RolloutState::RolledBack => {
-                    let newer = entry
-                        .versions
-                        .keys()
-                        .any(|v| *v > plan.candidate.max(plan.stable));
-                    if !newer {
-                        extra.insert(plan.settled_version());
-                    }
-                    if plan.state == RolloutState::RolledBack {
-                        excluded.insert(plan.candidate);
-                    }
-                }
-            }
-        }
-        let mut shadow_only = None;
-        if let Some(shadow) = &config.shadow {
-            if !extra.contains(&shadow.version) {
-                shadow_only = Some(shadow.version);
-            }
-            extra.insert(shadow.version);
-        }
+        let present: Vec<u64> = entry.versions.keys().copied().collect();
+        let pins = reconcile::pins(
+            plan.as_ref(),
+            config.shadow.as_ref().map(|s| s.version),
+            &present,
+        );
 
         // Versions: load what the policy (applied to versions that can load) wants, then retire the rest.
         known
+            .versions
             .failed
             .retain(|v, fp| entry.versions.get(v) == Some(fp));
         let wanted = loop {
-            let eligible: Vec<u64> = entry
-                .versions
-                .keys()
-                .copied()
-                .filter(|v| !excluded.contains(v))
-                .filter(|v| !known.failed.contains_key(v) || known.loaded.contains_key(v))
-                .collect();
-            let mut wanted: BTreeSet<u64> = config
-                .version_policy
-                .select(&eligible)
-                .into_iter()
-                .collect();
-            wanted.extend(extra.iter().copied().filter(|v| {
-                entry.versions.contains_key(v)
-                    && (!known.failed.contains_key(v) || known.loaded.contains_key(v))
-            }));
-            let to_load: Vec<u64> = wanted
-                .iter()
-                .copied()
-                .filter(|v| {
-                    let fp = &entry.versions[v];
-                    (known.loaded.get(v) != Some(fp) || known.stale.contains(v))
-                        && known.failed.get(v) != Some(fp)
-                })
-                .collect();
+            let (wanted, to_load) = reconcile::wanted_versions(
+                &entry.versions,
+                &config.version_policy,
+                &pins,
+                &known.versions,
+            );
             if to_load.is_empty() {
                 break wanted;
             }
@@ -657,15 +612,15 @@ impl Manager {
                                 loaded: Some(loaded),
                             },
                         );
-                        known.loaded.insert(v, fp);
-                        known.stale.remove(&v);
+                        known.versions.loaded.insert(v, fp);
+                        known.versions.stale.remove(&v);
                     }
                     Err(reason) => {
-                        known.failed.insert(v, fp);
-                        let was_stale = known.stale.remove(&v);
-                        if was_stale && known.loaded.contains_key(&v) {
+                        known.versions.failed.insert(v, fp);
+                        let was_stale = known.versions.stale.remove(&v);
+                        if was_stale && known.versions.loaded.contains_key(&v) {
                             tracing::warn!(model = name, version = v, %reason, "a serving version failed to load under the new configuration; it keeps serving as loaded before");
-                        } else if known.loaded.contains_key(&v) {
+                        } else if known.versions.loaded.contains_key(&v) {
                             tracing::warn!(model = name, version = v, %reason, "changed files of a serving version failed to load; the previous files keep serving");
                         } else {
                             self.store.set_version(
@@ -695,28 +650,22 @@ impl Manager {
             if wanted.contains(&v) {
                 continue;
             }
-            match slot_state {
-                VersionState::Ready => {
-                    known.loaded.remove(&v);
+            let failed = known.versions.failed.contains_key(&v) && entry.versions.contains_key(&v);
+            match reconcile::retire(&slot_state, failed) {
+                Retire::Unload => {
+                    known.versions.loaded.remove(&v);
                     self.unload_version(name, v);
                 }
-                VersionState::Unavailable(_)
-                    if known.failed.contains_key(&v) && entry.versions.contains_key(&v) => {}
-                VersionState::Unloading => {}
-                _ => {
+                Retire::Keep => {}
+                Retire::Remove => {
                     self.store.update(name, |r| r.versions.remove(&v));
                 }
             }
         }
-        known.loaded.retain(|v, _| wanted.contains(v));
-        known.stale.retain(|v| wanted.contains(v));
+        known.versions.loaded.retain(|v, _| wanted.contains(v));
+        known.versions.stale.retain(|v| wanted.contains(v));
         // A version loaded only to receive shadow copies never takes unversioned traffic.
-        let hidden = shadow_only.filter(|v| {
-            !config
-                .version_policy
-                .select(&entry.versions.keys().copied().collect::<Vec<_>>())
-                .contains(v)
-        });
+        let hidden = reconcile::hidden_shadow(pins.shadow_only, &config.version_policy, &present);
         self.store.update(name, |r| r.shadow_only = hidden);
         known
     }
