@@ -7,6 +7,7 @@
 //! [`crate::metrics`].
 
 pub mod batching;
+pub mod canary;
 pub mod infer;
 pub mod llm;
 pub mod model_config;

@@ -1,5 +1,6 @@
 //! Keeping the served models in step with the repository: the startup load, polling (`--model-control-mode poll`),
-//! explicit loads and unloads (the management API), and the canary controller.
+//! and explicit loads and unloads (the management API). The canary controller that drives rollouts is in
+//! [`crate::core::canary`].
 //!
 //! One rule makes updates safe: a version is prepared aside (fetched, checked against its sha256, loaded, warmed
 //! up) while the versions already serving keep serving; only a version that is ready replaces anything, in one
@@ -16,7 +17,7 @@ use ferry_engine::{EngineError, EngineOptions, OrtEngine};
 use crate::core::model_config::ModelConfig;
 use crate::core::reconcile::{self, Retire, Versions};
 use crate::core::repository::{LoadedVersion, ModelStore, VersionSlot, VersionState};
-use crate::core::rollout::{Live, RolloutPlan, RolloutState, Tick, PLAN_FILE};
+use crate::core::rollout::{Live, RolloutPlan};
 use crate::core::source::{Listing, ModelListing, Repository};
 
 /// How the served models follow the repository (Triton's `--model-control-mode`).
@@ -75,11 +76,11 @@ struct State {
 
 /// Applies the repository to the model table.
 pub struct Manager {
-    repo: Repository,
-    store: Arc<ModelStore>,
+    pub(super) repo: Repository,
+    pub(super) store: Arc<ModelStore>,
     engine: Result<OrtEngine, EngineError>,
     defaults: EngineOptions,
-    metrics: Arc<crate::metrics::Metrics>,
+    pub(super) metrics: Arc<crate::metrics::Metrics>,
     mode: ControlMode,
     drain_timeout: Duration,
     integrity: Arc<crate::core::integrity::IntegrityPolicy>,
@@ -301,108 +302,6 @@ impl Manager {
         while super::sleep_unless_stopped(every, &mut stop).await {
             if let Err(e) = self.poll().await {
                 tracing::warn!(error = %e, "repository poll failed; serving what is loaded");
-            }
-        }
-    }
-
-    /// Runs the canary controller every `every` until `stop` turns true.
-    pub async fn run_rollouts(
-        self: Arc<Self>,
-        every: Duration,
-        mut stop: tokio::sync::watch::Receiver<bool>,
-    ) {
-        while super::sleep_unless_stopped(every, &mut stop).await {
-            self.rollout_tick().await;
-        }
-    }
-
-    /// One pass of the canary controller over every running rollout.
-    pub async fn rollout_tick(&self) {
-        for name in self.store.model_names() {
-            let Some((live, ready)) = self
-                .store
-                .with_model(&name, |r| {
-                    r.rollout.clone().map(|live| {
-                        let plan = live.plan();
-                        let ready = |v: u64| {
-                            r.versions
-                                .get(&v)
-                                .is_some_and(|s| s.state == VersionState::Ready)
-                        };
-                        (live, ready(plan.candidate) && ready(plan.stable))
-                    })
-                })
-                .flatten()
-            else {
-                continue;
-            };
-            let plan = live.plan();
-            if plan.state != RolloutState::Running {
-                continue;
-            }
-            if !ready {
-                live.hold();
-                continue;
-            }
-            let tick = live.tick();
-            if tick == Tick::Wait {
-                continue;
-            }
-            let plan = live.plan();
-            let last = plan.history.last().cloned();
-            match &tick {
-                Tick::Finished(RolloutState::Promoted) => {
-                    tracing::info!(model = %name, candidate = plan.candidate, "rollout promoted: every step passed its gates")
-                }
-                Tick::Finished(_) => tracing::warn!(
-                    model = %name,
-                    candidate = plan.candidate,
-                    stable = plan.stable,
-                    reason = last.as_ref().map_or("", |e| e.reason.as_str()),
-                    "rollout rolled back"
-                ),
-                Tick::Advanced => tracing::info!(
-                    model = %name,
-                    candidate = plan.candidate,
-                    weight = live.weight(),
-                    "rollout step passed; candidate weight raised"
-                ),
-                _ => {
-                    tracing::info!(model = %name, candidate = plan.candidate, "rollout step extended: too little candidate traffic")
-                }
-            }
-            if let Tick::Finished(state) = tick {
-                self.metrics.rollout_decision(&name, state.name());
-            } else if tick == Tick::Advanced {
-                self.metrics.rollout_decision(&name, "step_passed");
-            }
-            // The plan file is the shared truth: write the decision so other replicas (and `ferry rollout status`)
-            // follow. Another writer's finished state wins over ours.
-            let stored = match self.repo.read_file(&name, PLAN_FILE).await {
-                Ok(Some(bytes)) => RolloutPlan::parse(&String::from_utf8_lossy(&bytes)).ok(),
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::warn!(model = %name, error = %e, "cannot read the rollout plan");
-                    None
-                }
-            };
-            if let Some(stored) = &stored {
-                if !live.same_rollout(stored) {
-                    // A new plan replaced this one; the next poll picks it up.
-                    continue;
-                }
-                if stored.state != RolloutState::Running {
-                    live.adopt(stored.clone());
-                    continue;
-                }
-            }
-            let merged = live.merged_with(stored.as_ref());
-            if let Err(e) = self
-                .repo
-                .write_file(&name, PLAN_FILE, merged.to_json().into_bytes())
-                .await
-            {
-                tracing::warn!(model = %name, error = %e, "cannot write the rollout plan");
             }
         }
     }
