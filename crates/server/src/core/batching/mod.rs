@@ -326,10 +326,16 @@ fn worker(shared: &Shared) {
                 let ran =
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &shared.text {
                         Some(runner) if batch[0].key.is_empty() => text::run_batch(
-                            runner,
+                            text::Engine {
+                                runner,
+                                backend: shared.backend.as_ref(),
+                                // This worker, and the idle ones whose sessions its runs may borrow.
+                                parallel: 1 + shared
+                                    .sleeping
+                                    .load(std::sync::atomic::Ordering::Relaxed),
+                            },
                             &shared.limits,
                             &shared.series,
-                            shared.backend.as_ref(),
                             batch,
                             &waits,
                             &record,

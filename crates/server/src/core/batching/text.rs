@@ -63,18 +63,32 @@ pub fn plan_runs(
     runs
 }
 
+/// Where a text batch runs: the model's inputs and outputs, the engine, and how many threads may take its runs (this
+/// one and the idle workers', whose sessions they borrow from the engine's pool).
+#[derive(Clone, Copy)]
+pub(super) struct Engine<'a> {
+    pub runner: &'a Runner,
+    pub backend: &'a dyn Backend,
+    pub parallel: usize,
+}
+
 /// Runs a batch of text entries and answers each: one `[texts, width]` FP32 output per request. Runs go shortest
-/// first, and a request is answered as soon as its last text has run: a short request that shares a batch with long
-/// ones does not wait for them.
+/// first, on up to `parallel` threads (the backend's session pool bounds how many run at once), and a request is
+/// answered as soon as its last text has run: a short request that shares a batch with long ones does not wait for
+/// them.
 pub(super) fn run_batch(
-    runner: &Runner,
+    engine: Engine<'_>,
     limits: &queue::Limits,
     series: &crate::metrics::VersionSeries,
-    backend: &dyn Backend,
     batch: Vec<Entry<Job>>,
     waits: &[Duration],
-    record: &dyn Fn(),
+    record: &(dyn Fn() + Sync),
 ) {
+    let Engine {
+        runner,
+        backend,
+        parallel,
+    } = engine;
     let started = Instant::now();
     let (works, mut responders): (Vec<Work>, Vec<_>) = batch
         .into_iter()
@@ -95,9 +109,9 @@ pub(super) fn run_batch(
         .collect();
     order.sort_by_key(|(j, i)| texts[*j][*i].len());
     let lens: Vec<usize> = order.iter().map(|(j, i)| texts[*j][*i].len()).collect();
-    let mut rows: Vec<Vec<Option<Vec<f32>>>> = texts.iter().map(|t| vec![None; t.len()]).collect();
-    let mut left: Vec<usize> = texts.iter().map(|t| t.len()).collect();
-    let mut failed: Vec<Option<InferError>> = texts.iter().map(|_| None).collect();
+    let rows: Vec<Vec<Option<Vec<f32>>>> = texts.iter().map(|t| vec![None; t.len()]).collect();
+    let left: Vec<usize> = texts.iter().map(|t| t.len()).collect();
+    let failed: Vec<Option<InferError>> = texts.iter().map(|_| None).collect();
     let answer = |j: usize, rows: Vec<Option<Vec<f32>>>, failed: Option<InferError>| match failed {
         Some(e) => Err(e),
         None => collect(rows).map(|output| Answered {
@@ -107,41 +121,81 @@ pub(super) fn run_batch(
         }),
     };
     let runs = plan_runs(&lens, limits.max_batch_size, limits.max_batch_tokens);
-    let last = runs.len().saturating_sub(1);
-    let mut recorded = false;
-    for (r, run) in runs.into_iter().enumerate() {
-        let members = &order[run];
+    let total = runs.len();
+    // Runs are taken in order (shortest first) by `parallel` threads, this one and helpers using the sessions of
+    // idle workers: a lone request of many texts uses every idle core, not one.
+    struct Progress {
+        rows: Vec<Vec<Option<Vec<f32>>>>,
+        left: Vec<usize>,
+        failed: Vec<Option<InferError>>,
+        done: usize,
+        recorded: bool,
+    }
+    let progress = parking_lot::Mutex::new(Progress {
+        rows,
+        left,
+        failed,
+        done: 0,
+        recorded: false,
+    });
+    let waiting = parking_lot::Mutex::new(&mut responders);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let take_runs = || loop {
+        let r = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(run) = runs.get(r) else { return };
+        let members = &order[run.clone()];
         let seqs: Vec<&Tokens> = members.iter().map(|(j, i)| &texts[*j][*i]).collect();
         let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
         series.text_run(seqs.iter().map(|s| s.len()).sum(), longest * seqs.len());
-        match run_once(runner, backend, &seqs) {
+        let out = run_once(runner, backend, &seqs);
+        let mut p = progress.lock();
+        match out {
             Ok(out) => {
                 for ((j, i), row) in members.iter().zip(out) {
-                    rows[*j][*i] = Some(row);
+                    p.rows[*j][*i] = Some(row);
                 }
             }
             Err(e) => {
                 for (j, _) in members {
-                    failed[*j] = Some(e.clone());
+                    p.failed[*j] = Some(e.clone());
                 }
             }
         }
+        p.done += 1;
         // The batch is recorded before the last run's requests are answered (a lone request scraping `/metrics`
         // after its answer sees its batch counted); requests answered earlier may be ahead of the count.
-        if r == last {
+        if p.done == total {
             record();
-            recorded = true;
+            p.recorded = true;
         }
         for (j, _) in members {
-            left[*j] -= 1;
-            if left[*j] == 0 {
-                if let Some(respond) = responders[*j].take() {
-                    let _ =
-                        respond.send(answer(*j, std::mem::take(&mut rows[*j]), failed[*j].take()));
+            p.left[*j] -= 1;
+            if p.left[*j] == 0 {
+                let done = (std::mem::take(&mut p.rows[*j]), p.failed[*j].take());
+                if let Some(respond) = waiting.lock()[*j].take() {
+                    let _ = respond.send(answer(*j, done.0, done.1));
                 }
             }
         }
+    };
+    let helpers = parallel.clamp(1, total.max(1)) - 1;
+    if helpers == 0 {
+        take_runs();
+    } else {
+        std::thread::scope(|scope| {
+            for _ in 0..helpers {
+                scope.spawn(take_runs);
+            }
+            take_runs();
+        });
     }
+    let Progress {
+        mut rows,
+        mut failed,
+        recorded,
+        ..
+    } = progress.into_inner();
+    let _ = waiting.into_inner();
     if !recorded {
         record();
     }
@@ -348,11 +402,15 @@ mod tests {
             max_batch_tokens: 16_384,
         };
         let metrics = crate::metrics::Metrics::new(crate::metrics::MetricsOptions::default());
+        let engine = Engine {
+            runner: &runner,
+            backend: &backend,
+            parallel: 1,
+        };
         run_batch(
-            &runner,
+            engine,
             &limits,
             &metrics.version_series("m", 1),
-            &backend,
             vec![long, short],
             &[Duration::ZERO; 2],
             &|| {},
@@ -396,5 +454,114 @@ mod tests {
         // A text over the token budget still runs, alone.
         assert_eq!(plan_runs(&[900], 64, 512), vec![0..1]);
         assert!(plan_runs(&[], 64, 512).is_empty());
+    }
+
+    /// An engine that answers each text with its first id, slowly, and counts the calls running at once.
+    #[derive(Default)]
+    struct Counting {
+        signature: ferry_model::Signature,
+        running: std::sync::atomic::AtomicUsize,
+        most: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Backend for Counting {
+        fn signature(&self) -> &ferry_model::Signature {
+            &self.signature
+        }
+        fn predict(
+            &self,
+            inputs: Vec<NamedTensor>,
+        ) -> Result<Vec<NamedTensor>, ferry_engine::EngineError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let now = self.running.fetch_add(1, SeqCst) + 1;
+            self.most.fetch_max(now, SeqCst);
+            std::thread::sleep(Duration::from_millis(100));
+            self.running.fetch_sub(1, SeqCst);
+            let t = &inputs[0].tensor;
+            let (n, len) = (t.shape[0], t.shape[1]);
+            let TensorData::I64(ids) = &t.data else {
+                unreachable!()
+            };
+            let data = (0..n).map(|r| ids[r * len] as f32).collect();
+            Ok(vec![NamedTensor::new(
+                "out",
+                Tensor::new(vec![n, 1], TensorData::F32(data)).unwrap(),
+            )])
+        }
+        fn engine_name(&self) -> &'static str {
+            "counting"
+        }
+    }
+
+    #[test]
+    fn a_lone_request_of_many_texts_runs_on_every_idle_session() {
+        for parallel in [1, 2, 3] {
+            let (respond, mut receiver) = tokio::sync::oneshot::channel();
+            // Eight texts of different lengths, two per run: four runs.
+            let lens = [5usize, 9, 3, 7, 4, 8, 6, 2];
+            let texts = lens
+                .iter()
+                .map(|n| Tokens {
+                    ids: vec![*n as u32; *n],
+                    type_ids: Vec::new(),
+                })
+                .collect();
+            let entry = Entry {
+                item: Job {
+                    work: Work::Texts(texts),
+                    respond,
+                },
+                rows: lens.len(),
+                tokens: lens.iter().sum(),
+                key: Vec::new(),
+                enqueued: Instant::now(),
+                deadline: None,
+                solo: false,
+            };
+            let backend = Counting::default();
+            let runner = Runner {
+                input_ids: "ids".into(),
+                attention_mask: None,
+                token_type_ids: None,
+                output: "out".into(),
+                pooling: None,
+                pad_id: 0,
+            };
+            let limits = queue::Limits {
+                max_batch_size: 2,
+                max_queue_delay: Duration::ZERO,
+                preferred_batch_sizes: Vec::new(),
+                max_queue_size: 8,
+                max_batch_tokens: 16_384,
+            };
+            let metrics = crate::metrics::Metrics::new(crate::metrics::MetricsOptions::default());
+            let recorded = std::sync::atomic::AtomicUsize::new(0);
+            let engine = Engine {
+                runner: &runner,
+                backend: &backend,
+                parallel,
+            };
+            run_batch(
+                engine,
+                &limits,
+                &metrics.version_series("m", 1),
+                vec![entry],
+                &[Duration::ZERO],
+                &|| {
+                    recorded.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                },
+            );
+            // Every text gets its own row back, in the request's order, whatever ran where.
+            let answer = receiver.try_recv().unwrap().unwrap();
+            let TensorData::F32(rows) = &answer.outputs[0].tensor.data else {
+                unreachable!()
+            };
+            let want: Vec<f32> = lens.iter().map(|n| *n as f32).collect();
+            assert_eq!(rows, &want);
+            assert_eq!(recorded.load(std::sync::atomic::Ordering::SeqCst), 1);
+            // At most `parallel` runs at once, and as many as allowed when there are runs for them (four here).
+            let most = backend.most.load(std::sync::atomic::Ordering::SeqCst);
+            assert_eq!(most, parallel, "parallel = {parallel}");
+        }
     }
 }
