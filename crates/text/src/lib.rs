@@ -42,6 +42,17 @@ pub enum TextError {
         /// The model's maximum.
         max: usize,
     },
+    /// A text longer in bytes than the model reads (`max_length × BYTES_PER_TOKEN`), and the request did not ask
+    /// to truncate: only a prefix could be tokenized, so its tokens would not be the text's.
+    #[error("an input of {bytes} bytes is longer than this model reads ({max_bytes} bytes, {BYTES_PER_TOKEN} for each of its {max} tokens); send `truncate: true` to cut it")]
+    TooManyBytes {
+        /// The text's length.
+        bytes: usize,
+        /// The most bytes tokenized.
+        max_bytes: usize,
+        /// The model's maximum in tokens.
+        max: usize,
+    },
     /// A token id outside the vocabulary (decoding).
     #[error("token id {0} is not in the vocabulary of {1} tokens")]
     UnknownId(u32, usize),
@@ -210,6 +221,7 @@ impl TextModel {
             return Err(TextError::Empty);
         }
         let cap = self.settings.max_length.saturating_mul(BYTES_PER_TOKEN);
+        let longest = text.len().max(pair.map_or(0, str::len));
         let side = truncate.unwrap_or(self.settings.truncation_side);
         let (text, cut_a) = cut(text, cap, side);
         let (pair, cut_b) = match pair {
@@ -234,6 +246,15 @@ impl TextModel {
             return Err(TextError::TooLong {
                 given: n,
                 more: if cut_a || cut_b { " or more" } else { "" },
+                max: self.settings.max_length,
+            });
+        }
+        // A text cut to its byte cap that still fits in tokens (a very long word is one unknown token): its tokens
+        // are the prefix's, not the text's.
+        if (cut_a || cut_b) && truncate.is_none() {
+            return Err(TextError::TooManyBytes {
+                bytes: longest,
+                max_bytes: cap,
                 max: self.settings.max_length,
             });
         }
@@ -265,6 +286,13 @@ impl TextModel {
         };
         let cap = self.settings.max_length.saturating_mul(BYTES_PER_TOKEN);
         let (cut_text, was_cut) = cut(text, cap, truncate.unwrap_or(Side::Right));
+        if was_cut && truncate.is_none() {
+            return Err(TextError::TooManyBytes {
+                bytes: text.len(),
+                max_bytes: cap,
+                max: self.settings.max_length,
+            });
+        }
         let encoding = tokenizer
             .encode(cut_text, add_special_tokens)
             .map_err(|e| TextError::Tokenizer(e.to_string()))?;
@@ -384,6 +412,37 @@ mod tests {
             m.decode(&[99], true),
             Err(TextError::UnknownId(99, 9))
         ));
+    }
+
+    #[test]
+    fn a_text_past_the_byte_cap_is_refused_unless_truncation_is_asked() {
+        // One "word" longer than max_length x 128 bytes is a single unknown token: without the byte check its
+        // tokens would silently be those of a prefix.
+        let m = model(4);
+        let long = "x".repeat(4 * BYTES_PER_TOKEN + 1);
+        for e in [
+            m.encode(&long, None, None).unwrap_err(),
+            m.tokenize(&long, true, None).unwrap_err(),
+        ] {
+            assert!(
+                matches!(
+                    e,
+                    TextError::TooManyBytes {
+                        bytes: 513,
+                        max_bytes: 512,
+                        max: 4
+                    }
+                ),
+                "{e}"
+            );
+            assert!(e.to_string().contains("truncate"), "{e}");
+        }
+        assert!(m.encode(&long, None, Some(Side::Right)).is_ok());
+        assert!(m.tokenize(&long, true, Some(Side::Right)).is_ok());
+        // Within the cap, as before.
+        assert!(m
+            .encode(&"x".repeat(4 * BYTES_PER_TOKEN), None, None)
+            .is_ok());
     }
 
     #[test]
