@@ -161,11 +161,7 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
     };
     // Read the key first: a key that cannot sign should stop the run before any training.
     let sign_key = match &args.sign_key {
-        Some(path) => Some(
-            ferry_repo::integrity::SigningKey::read(path)
-                .map_err(anyhow::Error::msg)
-                .context("--sign-key")?,
-        ),
+        Some(path) => Some(ferry_repo::integrity::SigningKey::read(path).context("--sign-key")?),
         None => None,
     };
     let engine = ferry_engine::OrtEngine::init(args.onnxruntime_lib.as_deref())
@@ -186,9 +182,7 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         Err(e) => return Err(e.context("--force replaces it")),
     };
     check_no_running_plan(&model, plan.as_ref(), args.force)?;
-    let present = rt
-        .block_on(repo.versions(&model))
-        .map_err(anyhow::Error::msg)?;
+    let present = rt.block_on(repo.versions(&model))?;
     let live = match live_version(&present, plan.as_ref(), None) {
         None => {
             steps.say(format_args!(
@@ -387,8 +381,7 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         (ferry_train::export::MODEL_FILE.to_string(), onnx),
     ];
     if let Some(key) = &sign_key {
-        let sig = ferry_repo::integrity::sign_files(&model, version, &files, key)
-            .map_err(anyhow::Error::msg)?;
+        let sig = ferry_repo::integrity::sign_files(&model, version, &files, key)?;
         files.push((ferry_repo::integrity::SIGNATURE_FILE.to_string(), sig));
     }
     if let Err(e) = rt.block_on(repo.publish_version(&model, version, files)) {
@@ -445,10 +438,7 @@ fn describe_gate(gate: &GateRecord) -> String {
 
 /// Reads the live version's files (fetched into the cache first from S3).
 async fn read_live(repo: &Repository, model: &str, version: u64) -> anyhow::Result<Live> {
-    let dir = repo
-        .fetch_version(model, version)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let dir = repo.fetch_version(model, version).await?;
     let meta = read_metadata(&dir).context(
         "its ferry.json gives the features and classes to score it (`ferry baseline` writes one for models made elsewhere)",
     )?;

@@ -45,7 +45,7 @@ impl RepositoryFlags {
             .cache_dir
             .clone()
             .unwrap_or_else(|| std::env::temp_dir().join("ferry-cache"));
-        Repository::open(spec, &cache).map_err(anyhow::Error::msg)
+        Ok(Repository::open(spec, &cache)?)
     }
 }
 
@@ -236,11 +236,7 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<()> {
 
 /// Reads a model's plan; `None` when it has none.
 pub async fn read_plan(repo: &Repository, model: &str) -> anyhow::Result<Option<RolloutPlan>> {
-    let Some(bytes) = repo
-        .read_file(model, PLAN_FILE)
-        .await
-        .map_err(anyhow::Error::msg)?
-    else {
+    let Some(bytes) = repo.read_file(model, PLAN_FILE).await? else {
         return Ok(None);
     };
     let text = String::from_utf8_lossy(&bytes);
@@ -253,7 +249,6 @@ pub async fn read_plan(repo: &Repository, model: &str) -> anyhow::Result<Option<
 pub async fn write_plan(repo: &Repository, model: &str, plan: &RolloutPlan) -> anyhow::Result<()> {
     repo.write_file(model, PLAN_FILE, plan.to_json().into_bytes())
         .await
-        .map_err(anyhow::Error::msg)
         .with_context(|| format!("writing {model}/{PLAN_FILE}"))
 }
 
@@ -319,7 +314,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         Err(e) => return Err(e.context("--force replaces it")),
     };
     check_no_running_plan(model, existing.as_ref(), args.force)?;
-    let present = repo.versions(model).await.map_err(anyhow::Error::msg)?;
+    let present = repo.versions(model).await?;
     anyhow::ensure!(
         !present.is_empty(),
         "{model} has no versions in {}",
@@ -387,7 +382,7 @@ async fn decide(args: DecideArgs, state: RolloutState) -> anyhow::Result<()> {
         );
     }
     if state == RolloutState::Promoted {
-        let present = repo.versions(model).await.map_err(anyhow::Error::msg)?;
+        let present = repo.versions(model).await?;
         anyhow::ensure!(
             present.contains(&plan.candidate),
             "cannot promote {model}: its candidate, version {}, is not in the repository ({}); publish it first, \
@@ -472,7 +467,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let plan = read_plan(&repo, model)
         .await?
         .with_context(|| format!("{model} has no rollout plan in {}", repo.describe()))?;
-    let present = repo.versions(model).await.map_err(anyhow::Error::msg)?;
+    let present = repo.versions(model).await?;
     let (step, since) = current_step(&plan);
     let running = plan.state == RolloutState::Running;
     if args.json {

@@ -46,7 +46,7 @@ pub struct SignArgs {
 /// Runs `ferry sign`.
 pub fn run(args: SignArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.generate_key {
-        let public = SigningKey::generate_files(path).map_err(anyhow::Error::msg)?;
+        let public = SigningKey::generate_files(path)?;
         println!(
             "wrote the secret key to {} (keep it private) and the public key to {} (key id {}); start servers with --trusted-key {}",
             path.display(),
@@ -59,10 +59,9 @@ pub fn run(args: SignArgs) -> anyhow::Result<()> {
     let (Some(dir), Some(key_path)) = (&args.version_dir, &args.key) else {
         anyhow::bail!("give VERSION_DIR and --key KEY_FILE (or --generate-key KEY_FILE)");
     };
-    let key = SigningKey::read(key_path).map_err(anyhow::Error::msg)?;
+    let key = SigningKey::read(key_path)?;
     let (model, version) = names(dir, args.model.as_deref(), args.model_version)?;
     let sig = integrity::sign_version(dir, &model, version, &key)
-        .map_err(anyhow::Error::msg)
         .with_context(|| format!("signing {}", dir.display()))?;
     println!(
         "signed {model} version {version} ({} files) with key {}: {}",
@@ -96,7 +95,7 @@ fn names(dir: &Path, model: Option<&str>, version: Option<u64>) -> anyhow::Resul
             .map(|n| n.to_string_lossy().into_owned())
             .context("cannot tell the model name from the path: give --model")?,
     };
-    ferry_repo::validate_name(&model).map_err(anyhow::Error::msg)?;
+    ferry_repo::validate_name(&model)?;
     anyhow::ensure!(version > 0, "versions are positive integers");
     Ok((model, version))
 }
@@ -105,9 +104,7 @@ fn names(dir: &Path, model: Option<&str>, version: Option<u64>) -> anyhow::Resul
 pub fn policy(trusted_keys: &[PathBuf], max_model_bytes: u64) -> anyhow::Result<IntegrityPolicy> {
     let mut keys: Vec<PublicKey> = Vec::new();
     for path in trusted_keys {
-        let key = PublicKey::read(path)
-            .map_err(anyhow::Error::msg)
-            .context("--trusted-key")?;
+        let key = PublicKey::read(path).context("--trusted-key")?;
         if !keys.contains(&key) {
             keys.push(key);
         }

@@ -33,7 +33,205 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 
-use crate::{sha256_hex, validate_name};
+use crate::{sha256_hex, validate_name, NameError};
+
+/// Why a key could not be read or made, a version not signed, or a version refused before it loads.
+#[derive(Debug, thiserror::Error)]
+pub enum IntegrityError {
+    /// A file (a key, a version's file, `ferry.sig`) could not be read or written.
+    #[error("cannot {action} {}: {source}", .path.display())]
+    Io {
+        /// `read`, `write` or `create`.
+        action: &'static str,
+        /// The file (`model.onnx` alone for the model: the reason reaches clients).
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Key text that is neither 64 hex digits nor base64.
+    #[error("not a key: expected 32 bytes in hex (64 digits) or base64")]
+    KeyNotEncoded,
+    /// Key text that decodes to a number of bytes other than 32.
+    #[error("not a key: {0} bytes, expected 32")]
+    KeyLength(usize),
+    /// A key file whose contents are not a key.
+    #[error("{}: {source}", .path.display())]
+    BadKeyFile {
+        /// The key file.
+        path: PathBuf,
+        /// What is wrong with its text ([`IntegrityError::KeyNotEncoded`] or [`IntegrityError::KeyLength`]).
+        #[source]
+        source: Box<IntegrityError>,
+    },
+    /// A public key file given where the secret key belongs.
+    #[error("{} is a public key (the .pub file servers take with --trusted-key): sign with the secret key file{}",
+        .path.display(),
+        if *.secret_exists {
+            format!(" beside it, {}", .secret.display())
+        } else {
+            format!(" it was made with (`ferry sign --generate-key {}` wrote both)", .secret.display())
+        }
+    )]
+    PublicKeyForSecret {
+        /// The `.pub` file.
+        path: PathBuf,
+        /// Where its secret key would be (the path without `.pub`).
+        secret: PathBuf,
+        /// Whether that file exists.
+        secret_exists: bool,
+    },
+    /// A secret key file that group or others can read.
+    #[error("{} is readable by other users (mode {mode:o}): `chmod 600` it", .path.display())]
+    KeyReadableByOthers {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// `--generate-key` found the secret key file already there.
+    #[error("{} exists; not overwriting a key", .0.display())]
+    KeyExists(PathBuf),
+    /// `--generate-key` found the public key file already there.
+    #[error("{} exists; not overwriting it", .0.display())]
+    PublicKeyExists(PathBuf),
+    /// The operating system could not give random bytes for a new key.
+    #[error("the operating system's random number generator failed")]
+    Random,
+    /// A model name that could leave the repository.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// Version 0.
+    #[error("versions are positive integers")]
+    ZeroVersion,
+    /// A folder to sign that holds no model.
+    #[error("the version has no model.onnx, model.gguf or Hugging Face checkpoint (config.json and model.safetensors)")]
+    NoModel,
+    /// A file whose name a repository cannot serve, so a signature over it would not verify from S3.
+    #[error("{0}: a file name Ferry does not fetch from S3 (hidden, or not letters, digits, `-`, `_` and `.`); remove or rename it before signing")]
+    UnfetchableName(String),
+    /// A file name in a version folder that is not UTF-8.
+    #[error("{}: a file name that is not UTF-8 ({name:?})", .folder.display())]
+    NonUtf8Name {
+        /// The folder holding it.
+        folder: PathBuf,
+        /// The name.
+        name: std::ffi::OsString,
+    },
+    /// A symbolic link to a folder inside a version.
+    #[error("{0} is a symbolic link to a folder, which a signed version cannot hold")]
+    LinkToFolder(String),
+    /// Folders nested deeper than a signature covers.
+    #[error("{0}: folders nest deeper than {MAX_DEPTH}")]
+    TooDeep(String),
+    /// More files than a signature covers.
+    #[error("the version has more than {MAX_FILES} files")]
+    TooManyFiles,
+    /// Signing the version in this folder failed.
+    #[error("{}: {source}", .dir.display())]
+    InFolder {
+        /// The version folder.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<IntegrityError>,
+    },
+    /// The signature could not be written as JSON.
+    #[error(transparent)]
+    Json(serde_json::Error),
+    /// The version has no `ferry.sig` and the server requires one.
+    #[error("the version is not signed (no {SIGNATURE_FILE}) and the server requires a signature by a trusted key (--trusted-key): sign it with `ferry sign`")]
+    Unsigned,
+    /// `ferry.sig` is larger than 1 MiB.
+    #[error("{SIGNATURE_FILE} is larger than 1 MiB")]
+    SignatureTooLarge,
+    /// `ferry.sig` is not the JSON of a signature.
+    #[error("{SIGNATURE_FILE} is malformed: {0}")]
+    Malformed(#[source] serde_json::Error),
+    /// `ferry.sig` of a format or algorithm this build does not read.
+    #[error("{SIGNATURE_FILE} has format `{format}` and algorithm `{algorithm}`; this build reads `{FORMAT}` with `ed25519`")]
+    UnknownFormat {
+        /// Its `format`.
+        format: String,
+        /// Its `algorithm`.
+        algorithm: String,
+    },
+    /// Signed by a key that is not trusted.
+    #[error("signed by key {key_id}, which is not a trusted key (trusted: {})", .trusted.join(", "))]
+    Untrusted {
+        /// The id of the key that signed.
+        key_id: String,
+        /// The ids of the trusted keys.
+        trusted: Vec<String>,
+    },
+    /// The signature in `ferry.sig` is not base64.
+    #[error("{SIGNATURE_FILE}: the signature is not base64: {0}")]
+    SignatureNotBase64(#[source] base64::DecodeError),
+    /// The signature does not verify over the version as it is.
+    #[error("the signature by key {key_id} does not match the version: {why}")]
+    Mismatch {
+        /// The id of the key that claims to have signed.
+        key_id: String,
+        /// What differs from what `ferry.sig` lists (files added, changed or removed, another model or version), or
+        /// that the file itself was altered.
+        why: String,
+    },
+    /// `model.onnx` is larger than protobuf allows.
+    #[error("model.onnx is {0} bytes, larger than the {MAX_GRAPH_BYTES} bytes protobuf allows: keep the weights in external data files beside it")]
+    GraphTooLarge(u64),
+    /// `model.onnx` is larger than `--max-model-bytes`.
+    #[error("model.onnx is {size} bytes, larger than the {max} bytes --max-model-bytes allows")]
+    ModelTooLarge {
+        /// Its size, in bytes.
+        size: u64,
+        /// The limit, in bytes.
+        max: u64,
+    },
+    /// An external data file that `model.onnx` names cannot be read.
+    #[error("cannot read the external data file {} that model.onnx names: {source}", .file.display())]
+    ExternalDataUnreadable {
+        /// The file, relative to the version folder.
+        file: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An external data file that `model.onnx` names is not a regular file.
+    #[error("the external data file {} that model.onnx names is not a regular file", .0.display())]
+    ExternalDataNotAFile(PathBuf),
+    /// `model.onnx` and its external data files are larger together than `--max-model-bytes`.
+    #[error("model.onnx and its external data ({}) are {total} bytes, larger than the {max} bytes --max-model-bytes allows",
+        .files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "))]
+    ExternalTooLarge {
+        /// The external data files, relative to the version folder.
+        files: Vec<PathBuf>,
+        /// Their size with `model.onnx`, in bytes.
+        total: u64,
+        /// The limit, in bytes.
+        max: u64,
+    },
+}
+
+impl IntegrityError {
+    fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> IntegrityError {
+        let path = path.into();
+        move |source| IntegrityError::Io {
+            action,
+            path,
+            source,
+        }
+    }
+
+    fn bad_key_file(path: &Path) -> impl FnOnce(IntegrityError) -> IntegrityError + '_ {
+        move |e| IntegrityError::BadKeyFile {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        }
+    }
+}
 
 /// The signature file in a version directory.
 pub const SIGNATURE_FILE: &str = "ferry.sig";
@@ -79,14 +277,14 @@ impl std::fmt::Debug for PublicKey {
 
 impl PublicKey {
     /// Parses a public key written in hex or base64.
-    pub fn parse(text: &str) -> Result<PublicKey, String> {
+    pub fn parse(text: &str) -> Result<PublicKey, IntegrityError> {
         decode_key(text).map(PublicKey)
     }
 
     /// Reads a public key file (`ferry sign --generate-key` writes `KEY_FILE.pub`).
-    pub fn read(path: &Path) -> Result<PublicKey, String> {
+    pub fn read(path: &Path) -> Result<PublicKey, IntegrityError> {
         let text = read_small(path)?;
-        PublicKey::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+        PublicKey::parse(&text).map_err(IntegrityError::bad_key_file(path))
     }
 
     /// The key's id: the first 16 hex digits of the sha256 of its bytes.
@@ -128,82 +326,72 @@ impl SigningKey {
     }
 
     /// A new random key and its seed (from the operating system's generator).
-    pub fn generate() -> Result<(SigningKey, [u8; 32]), String> {
+    pub fn generate() -> Result<(SigningKey, [u8; 32]), IntegrityError> {
         use ring::rand::SecureRandom;
         let mut seed = [0u8; 32];
         ring::rand::SystemRandom::new()
             .fill(&mut seed)
-            .map_err(|_| "the operating system's random number generator failed".to_string())?;
+            .map_err(|_| IntegrityError::Random)?;
         Ok((SigningKey::from_seed(&seed), seed))
     }
 
     /// Reads a secret key file. On Unix it must not be readable by group or others (as ssh insists). A file named
     /// `*.pub` is refused as the public key `--generate-key` writes (the same 64 hex digits as a seed), unless it is
     /// itself the secret key of a `*.pub.pub` beside it.
-    pub fn read(path: &Path) -> Result<SigningKey, String> {
+    pub fn read(path: &Path) -> Result<SigningKey, IntegrityError> {
         if path.extension().is_some_and(|e| e == "pub") {
             let own_public = PublicKey::read(&public_key_path(path));
             let seed = read_small(path).and_then(|t| decode_key(&t));
             let is_secret = matches!((own_public, seed), (Ok(p), Ok(s)) if SigningKey::from_seed(&s).public_key() == p);
             if !is_secret {
                 let secret = path.with_extension("");
-                return Err(format!(
-                    "{} is a public key (the .pub file servers take with --trusted-key): sign with the secret key file{}",
-                    path.display(),
-                    if secret.is_file() {
-                        format!(" beside it, {}", secret.display())
-                    } else {
-                        format!(
-                            " it was made with (`ferry sign --generate-key {}` wrote both)",
-                            secret.display()
-                        )
-                    }
-                ));
+                return Err(IntegrityError::PublicKeyForSecret {
+                    path: path.to_path_buf(),
+                    secret_exists: secret.is_file(),
+                    secret,
+                });
             }
         }
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
             let mode = std::fs::metadata(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+                .map_err(IntegrityError::io("read", path))?
                 .permissions()
                 .mode();
             if mode & 0o077 != 0 {
-                return Err(format!(
-                    "{} is readable by other users (mode {:o}): `chmod 600` it",
-                    path.display(),
-                    mode & 0o777
-                ));
+                return Err(IntegrityError::KeyReadableByOthers {
+                    path: path.to_path_buf(),
+                    mode: mode & 0o777,
+                });
             }
         }
         let text = read_small(path)?;
-        let seed = decode_key(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let seed = decode_key(&text).map_err(IntegrityError::bad_key_file(path))?;
         Ok(SigningKey::from_seed(&seed))
     }
 
     /// Makes a new key: the seed into `path` (created, never overwritten, mode 0600) and the public key into
     /// `path.pub`. Returns the public key.
-    pub fn generate_files(path: &Path) -> Result<PublicKey, String> {
+    pub fn generate_files(path: &Path) -> Result<PublicKey, IntegrityError> {
         let (key, seed) = SigningKey::generate()?;
         let public = key.public_key();
         let pub_path = public_key_path(path);
         if pub_path.exists() {
-            return Err(format!("{} exists; not overwriting it", pub_path.display()));
+            return Err(IntegrityError::PublicKeyExists(pub_path));
         }
         let mut options = std::fs::OpenOptions::new();
         options.write(true).create_new(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let mut file = options.open(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => {
-                format!("{} exists; not overwriting a key", path.display())
-            }
-            _ => format!("cannot create {}: {e}", path.display()),
+            std::io::ErrorKind::AlreadyExists => IntegrityError::KeyExists(path.to_path_buf()),
+            _ => IntegrityError::io("create", path)(e),
         })?;
         std::io::Write::write_all(&mut file, format!("{}\n", hex(&seed)).as_bytes())
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            .map_err(IntegrityError::io("write", path))?;
         std::fs::write(&pub_path, format!("{}\n", public.to_hex()))
-            .map_err(|e| format!("cannot write {}: {e}", pub_path.display()))?;
+            .map_err(IntegrityError::io("write", &pub_path))?;
         Ok(public)
     }
 
@@ -263,20 +451,21 @@ pub fn signed_message(model: &str, version: u64, files: &BTreeMap<String, String
 pub fn version_files(
     dir: &Path,
     known: &dyn Fn(&str) -> Option<String>,
-) -> Result<BTreeMap<String, String>, String> {
+) -> Result<BTreeMap<String, String>, IntegrityError> {
     let mut files = BTreeMap::new();
     let mut pending = vec![(dir.to_path_buf(), String::new(), 0usize)];
     while let Some((folder, prefix, depth)) = pending.pop() {
-        let entries = std::fs::read_dir(&folder)
-            .map_err(|e| format!("cannot read {}: {e}", folder.display()))?;
+        let entries = std::fs::read_dir(&folder).map_err(IntegrityError::io("read", &folder))?;
         for entry in entries {
-            let entry = entry.map_err(|e| format!("cannot read {}: {e}", folder.display()))?;
-            let name = entry.file_name().into_string().map_err(|n| {
-                format!(
-                    "{}: a file name that is not UTF-8 ({n:?})",
-                    folder.display()
-                )
-            })?;
+            let entry = entry.map_err(IntegrityError::io("read", &folder))?;
+            let name =
+                entry
+                    .file_name()
+                    .into_string()
+                    .map_err(|name| IntegrityError::NonUtf8Name {
+                        folder: folder.clone(),
+                        name,
+                    })?;
             let rel = format!("{prefix}{name}");
             // Hidden files (`.gitattributes` in a folder from the Hugging Face hub) are not part of a version: the
             // server never reads them and S3 fetches skip them, so signatures neither cover nor require them.
@@ -286,23 +475,20 @@ pub fn version_files(
             let path = entry.path();
             let link = entry
                 .file_type()
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+                .map_err(IntegrityError::io("read", &path))?
                 .is_symlink();
-            let meta = std::fs::metadata(&path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let meta = std::fs::metadata(&path).map_err(IntegrityError::io("read", &path))?;
             if meta.is_dir() {
                 if link {
-                    return Err(format!(
-                        "{rel} is a symbolic link to a folder, which a signed version cannot hold"
-                    ));
+                    return Err(IntegrityError::LinkToFolder(rel));
                 }
                 if depth + 1 >= MAX_DEPTH {
-                    return Err(format!("{rel}: folders nest deeper than {MAX_DEPTH}"));
+                    return Err(IntegrityError::TooDeep(rel));
                 }
                 pending.push((path, format!("{rel}/"), depth + 1));
             } else if meta.is_file() {
                 if files.len() >= MAX_FILES {
-                    return Err(format!("the version has more than {MAX_FILES} files"));
+                    return Err(IntegrityError::TooManyFiles);
                 }
                 let sha = match known(&rel) {
                     Some(sha) => sha,
@@ -315,16 +501,15 @@ pub fn version_files(
     Ok(files)
 }
 
-fn hash_file(path: &Path) -> Result<String, String> {
+fn hash_file(path: &Path) -> Result<String, IntegrityError> {
     use sha2::Digest;
-    let mut file =
-        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut file = std::fs::File::open(path).map_err(IntegrityError::io("read", path))?;
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
         let n = file
             .read(&mut buf)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            .map_err(IntegrityError::io("read", path))?;
         if n == 0 {
             break;
         }
@@ -341,15 +526,17 @@ pub fn sign_version(
     model: &str,
     version: u64,
     key: &SigningKey,
-) -> Result<SignatureFile, String> {
+) -> Result<SignatureFile, IntegrityError> {
     let files = version_files(dir, &|_| None)?;
-    let sig = signature_file(model, version, files, key)
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
-    let text = serde_json::to_string_pretty(&sig).map_err(|e| e.to_string())? + "\n";
+    let sig = signature_file(model, version, files, key).map_err(|e| IntegrityError::InFolder {
+        dir: dir.to_path_buf(),
+        source: Box::new(e),
+    })?;
+    let text = serde_json::to_string_pretty(&sig).map_err(IntegrityError::Json)? + "\n";
     let tmp = dir.join(format!(".{SIGNATURE_FILE}.tmp"));
-    std::fs::write(&tmp, text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, dir.join(SIGNATURE_FILE))
-        .map_err(|e| format!("cannot write {}: {e}", dir.join(SIGNATURE_FILE).display()))?;
+    std::fs::write(&tmp, text).map_err(IntegrityError::io("write", &tmp))?;
+    let path = dir.join(SIGNATURE_FILE);
+    std::fs::rename(&tmp, &path).map_err(IntegrityError::io("write", path))?;
     Ok(sig)
 }
 
@@ -360,14 +547,14 @@ pub fn sign_files(
     version: u64,
     files: &[(String, Vec<u8>)],
     key: &SigningKey,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, IntegrityError> {
     let files = files
         .iter()
         .filter(|(path, _)| path != SIGNATURE_FILE)
         .map(|(path, bytes)| (path.clone(), sha256_hex(bytes)))
         .collect();
     let sig = signature_file(model, version, files, key)?;
-    Ok((serde_json::to_string_pretty(&sig).map_err(|e| e.to_string())? + "\n").into_bytes())
+    Ok((serde_json::to_string_pretty(&sig).map_err(IntegrityError::Json)? + "\n").into_bytes())
 }
 
 fn signature_file(
@@ -375,27 +562,22 @@ fn signature_file(
     version: u64,
     files: BTreeMap<String, String>,
     key: &SigningKey,
-) -> Result<SignatureFile, String> {
+) -> Result<SignatureFile, IntegrityError> {
     validate_name(model)?;
     if version == 0 {
-        return Err("versions are positive integers".into());
+        return Err(IntegrityError::ZeroVersion);
     }
     if !files.contains_key("model.onnx")
         && !files.contains_key("model.gguf")
         && !ferry_model::hf::is_checkpoint(|f| files.contains_key(f))
     {
-        return Err(
-            "the version has no model.onnx, model.gguf or Hugging Face checkpoint (config.json and model.safetensors)"
-                .into(),
-        );
+        return Err(IntegrityError::NoModel);
     }
     if let Some(bad) = files
         .keys()
         .find(|p| p.split('/').any(|part| validate_name(part).is_err()))
     {
-        return Err(format!(
-            "{bad}: a file name Ferry does not fetch from S3 (hidden, or not letters, digits, `-`, `_` and `.`); remove or rename it before signing"
-        ));
+        return Err(IntegrityError::UnfetchableName(bad.clone()));
     }
     let signature = key.sign(&signed_message(model, version, &files));
     Ok(SignatureFile {
@@ -417,49 +599,41 @@ pub fn verify_version(
     version: u64,
     files: &BTreeMap<String, String>,
     trusted: &[PublicKey],
-) -> Result<String, String> {
+) -> Result<String, IntegrityError> {
     let path = dir.join(SIGNATURE_FILE);
     let read = std::fs::File::open(&path).and_then(|f| {
         let mut text = Vec::new();
         f.take((1 << 20) + 1).read_to_end(&mut text).map(|_| text)
     });
     let text = match read {
-        Ok(t) if t.len() > 1 << 20 => return Err(format!("{SIGNATURE_FILE} is larger than 1 MiB")),
+        Ok(t) if t.len() > 1 << 20 => return Err(IntegrityError::SignatureTooLarge),
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(format!(
-                "the version is not signed (no {SIGNATURE_FILE}) and the server requires a signature by a trusted key (--trusted-key): sign it with `ferry sign`"
-            ))
-        }
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(IntegrityError::Unsigned),
+        Err(e) => return Err(IntegrityError::io("read", path)(e)),
     };
-    let sig: SignatureFile =
-        serde_json::from_slice(&text).map_err(|e| format!("{SIGNATURE_FILE} is malformed: {e}"))?;
+    let sig: SignatureFile = serde_json::from_slice(&text).map_err(IntegrityError::Malformed)?;
     if sig.format != FORMAT || sig.algorithm != "ed25519" {
-        return Err(format!(
-            "{SIGNATURE_FILE} has format `{}` and algorithm `{}`; this build reads `{FORMAT}` with `ed25519`",
-            sig.format, sig.algorithm
-        ));
+        return Err(IntegrityError::UnknownFormat {
+            format: sig.format,
+            algorithm: sig.algorithm,
+        });
     }
     let Some(key) = trusted.iter().find(|k| k.id() == sig.key_id) else {
-        let ids: Vec<String> = trusted.iter().map(PublicKey::id).collect();
-        return Err(format!(
-            "signed by key {}, which is not a trusted key (trusted: {})",
-            sig.key_id,
-            ids.join(", ")
-        ));
+        return Err(IntegrityError::Untrusted {
+            key_id: sig.key_id,
+            trusted: trusted.iter().map(PublicKey::id).collect(),
+        });
     };
     let signature = base64::engine::general_purpose::STANDARD
         .decode(sig.signature.trim())
-        .map_err(|e| format!("{SIGNATURE_FILE}: the signature is not base64: {e}"))?;
+        .map_err(IntegrityError::SignatureNotBase64)?;
     if key.verifies(&signed_message(model, version, files), &signature) {
         return Ok(sig.key_id);
     }
-    Err(format!(
-        "the signature by key {} does not match the version: {}",
-        sig.key_id,
-        explain(&sig, model, version, files)
-    ))
+    Err(IntegrityError::Mismatch {
+        why: explain(&sig, model, version, files),
+        key_id: sig.key_id,
+    })
 }
 
 /// Why a signature does not match, from the files and names `ferry.sig` lists.
@@ -503,28 +677,29 @@ fn explain(
 
 /// Reads `model.onnx`, refusing one larger than `max_bytes` (or than [`MAX_GRAPH_BYTES`]) before reading it (and
 /// if it grows while read).
-pub fn read_model(path: &Path, max_bytes: u64) -> Result<Vec<u8>, String> {
+pub fn read_model(path: &Path, max_bytes: u64) -> Result<Vec<u8>, IntegrityError> {
     let max_bytes = max_bytes.min(MAX_GRAPH_BYTES);
     let too_big = |size: u64| {
         if max_bytes == MAX_GRAPH_BYTES {
-            format!("model.onnx is {size} bytes, larger than the {MAX_GRAPH_BYTES} bytes protobuf allows: keep the weights in external data files beside it")
+            IntegrityError::GraphTooLarge(size)
         } else {
-            format!("model.onnx is {size} bytes, larger than the {max_bytes} bytes --max-model-bytes allows")
+            IntegrityError::ModelTooLarge {
+                size,
+                max: max_bytes,
+            }
         }
     };
     // The reason reaches clients: name the file, not where the repository lives.
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot read model.onnx: {e}"))?;
-    let size = file
-        .metadata()
-        .map_err(|e| format!("cannot read model.onnx: {e}"))?
-        .len();
+    let unreadable = || IntegrityError::io("read", "model.onnx");
+    let file = std::fs::File::open(path).map_err(unreadable())?;
+    let size = file.metadata().map_err(unreadable())?.len();
     if size > max_bytes {
         return Err(too_big(size));
     }
     let mut bytes = Vec::with_capacity(size as usize);
     file.take(max_bytes.saturating_add(1))
         .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read model.onnx: {e}"))?;
+        .map_err(unreadable())?;
     if bytes.len() as u64 > max_bytes {
         return Err(too_big(bytes.len() as u64));
     }
@@ -539,40 +714,40 @@ pub fn check_external_sizes(
     graph_bytes: u64,
     files: &[PathBuf],
     max_bytes: u64,
-) -> Result<(), String> {
+) -> Result<(), IntegrityError> {
     let mut total = graph_bytes;
     for file in files {
         // The reason reaches clients: name the file relative to the version, not where the repository lives.
-        let name = file.display();
-        let meta = std::fs::metadata(dir.join(file)).map_err(|e| {
-            format!("cannot read the external data file {name} that model.onnx names: {e}")
+        let meta = std::fs::metadata(dir.join(file)).map_err(|source| {
+            IntegrityError::ExternalDataUnreadable {
+                file: file.clone(),
+                source,
+            }
         })?;
         if !meta.is_file() {
-            return Err(format!(
-                "the external data file {name} that model.onnx names is not a regular file"
-            ));
+            return Err(IntegrityError::ExternalDataNotAFile(file.clone()));
         }
         total = total.saturating_add(meta.len());
     }
     if total > max_bytes {
-        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-        return Err(format!(
-            "model.onnx and its external data ({}) are {total} bytes, larger than the {max_bytes} bytes --max-model-bytes allows",
-            names.join(", ")
-        ));
+        return Err(IntegrityError::ExternalTooLarge {
+            files: files.to_vec(),
+            total,
+            max: max_bytes,
+        });
     }
     Ok(())
 }
 
-fn read_small(path: &Path) -> Result<String, String> {
+fn read_small(path: &Path) -> Result<String, IntegrityError> {
     let mut text = String::new();
     std::fs::File::open(path)
         .and_then(|f| f.take(4096).read_to_string(&mut text))
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        .map_err(IntegrityError::io("read", path))?;
     Ok(text)
 }
 
-fn decode_key(text: &str) -> Result<[u8; 32], String> {
+fn decode_key(text: &str) -> Result<[u8; 32], IntegrityError> {
     let text = text.trim();
     let bytes = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
         (0..32)
@@ -581,11 +756,11 @@ fn decode_key(text: &str) -> Result<[u8; 32], String> {
     } else {
         base64::engine::general_purpose::STANDARD
             .decode(text)
-            .map_err(|_| "not a key: expected 32 bytes in hex (64 digits) or base64".to_string())?
+            .map_err(|_| IntegrityError::KeyNotEncoded)?
     };
     bytes
         .try_into()
-        .map_err(|b: Vec<u8>| format!("not a key: {} bytes, expected 32", b.len()))
+        .map_err(|b: Vec<u8>| IntegrityError::KeyLength(b.len()))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -611,7 +786,12 @@ mod tests {
         std::fs::write(dir.join("warmup/1.json"), b"{}").unwrap();
         Dir(dir)
     }
-    fn verify(dir: &Path, model: &str, version: u64, keys: &[PublicKey]) -> Result<String, String> {
+    fn verify(
+        dir: &Path,
+        model: &str,
+        version: u64,
+        keys: &[PublicKey],
+    ) -> Result<String, IntegrityError> {
         let files = version_files(dir, &|_| None)?;
         verify_version(dir, model, version, &files, keys)
     }
@@ -624,36 +804,38 @@ mod tests {
         let sig = sign_version(&dir.0, "iris", 3, &key).unwrap();
         assert_eq!(sig.files.len(), 3);
         assert_eq!(
-            verify(&dir.0, "iris", 3, &trusted),
-            Ok(key.public_key().id())
+            verify(&dir.0, "iris", 3, &trusted).unwrap(),
+            key.public_key().id()
         );
 
-        let e = verify(&dir.0, "iris", 4, &trusted).unwrap_err();
+        let e = verify(&dir.0, "iris", 4, &trusted).unwrap_err().to_string();
         assert!(
             e.contains("signed for iris version 3, not iris version 4"),
             "{e}"
         );
-        let e = verify(&dir.0, "other", 3, &trusted).unwrap_err();
+        let e = verify(&dir.0, "other", 3, &trusted)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not other version 3"), "{e}");
 
         std::fs::write(dir.0.join("model.onnx"), b"model bytez").unwrap();
-        let e = verify(&dir.0, "iris", 3, &trusted).unwrap_err();
+        let e = verify(&dir.0, "iris", 3, &trusted).unwrap_err().to_string();
         assert!(e.contains("model.onnx changed after signing"), "{e}");
         std::fs::write(dir.0.join("model.onnx"), b"model bytes").unwrap();
 
         std::fs::write(dir.0.join("warmup/2.json"), b"{}").unwrap();
-        let e = verify(&dir.0, "iris", 3, &trusted).unwrap_err();
+        let e = verify(&dir.0, "iris", 3, &trusted).unwrap_err().to_string();
         assert!(e.contains("warmup/2.json was added after signing"), "{e}");
         std::fs::remove_file(dir.0.join("warmup/2.json")).unwrap();
 
         std::fs::remove_file(dir.0.join("ferry.json")).unwrap();
-        let e = verify(&dir.0, "iris", 3, &trusted).unwrap_err();
+        let e = verify(&dir.0, "iris", 3, &trusted).unwrap_err().to_string();
         assert!(e.contains("ferry.json was removed after signing"), "{e}");
 
         for i in 0..20 {
             std::fs::write(dir.0.join(format!("extra{i}")), b"x").unwrap();
         }
-        let e = verify(&dir.0, "iris", 3, &trusted).unwrap_err();
+        let e = verify(&dir.0, "iris", 3, &trusted).unwrap_err().to_string();
         assert!(e.contains("; 16 more differences"), "{e}");
     }
 
@@ -663,11 +845,13 @@ mod tests {
         let key = SigningKey::from_seed(&[1; 32]);
         let other = SigningKey::from_seed(&[2; 32]);
         let e = verify(&dir.0, "m", 1, &[key.public_key()]).unwrap_err();
-        assert!(e.contains("not signed"), "{e}");
+        assert!(matches!(e, IntegrityError::Unsigned), "{e}");
+        assert!(e.to_string().contains("not signed"), "{e}");
 
         sign_version(&dir.0, "m", 1, &other).unwrap();
         let e = verify(&dir.0, "m", 1, &[key.public_key()]).unwrap_err();
-        assert!(e.contains("not a trusted key"), "{e}");
+        assert!(matches!(e, IntegrityError::Untrusted { .. }), "{e}");
+        assert!(e.to_string().contains("not a trusted key"), "{e}");
         assert!(verify(&dir.0, "m", 1, &[key.public_key(), other.public_key()]).is_ok());
 
         // Claim the trusted key's id over the other key's signature: the files match, the signature does not.
@@ -677,10 +861,16 @@ mod tests {
         sig.key_id = key.public_key().id();
         std::fs::write(&path, serde_json::to_vec(&sig).unwrap()).unwrap();
         let e = verify(&dir.0, "m", 1, &[key.public_key()]).unwrap_err();
-        assert!(e.contains("altered, or made with another key"), "{e}");
+        assert!(matches!(e, IntegrityError::Mismatch { .. }), "{e}");
+        assert!(
+            e.to_string().contains("altered, or made with another key"),
+            "{e}"
+        );
 
         std::fs::write(&path, b"{not json").unwrap();
-        let e = verify(&dir.0, "m", 1, &[key.public_key()]).unwrap_err();
+        let e = verify(&dir.0, "m", 1, &[key.public_key()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("malformed"), "{e}");
     }
 
@@ -694,7 +884,9 @@ mod tests {
             (p == "model.onnx").then(|| sha256_hex(b"other"))
         })
         .unwrap();
-        let e = verify_version(&dir.0, "m", 1, &files, &[key.public_key()]).unwrap_err();
+        let e = verify_version(&dir.0, "m", 1, &files, &[key.public_key()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("model.onnx changed"), "{e}");
     }
 
@@ -709,7 +901,9 @@ mod tests {
         let sig = sign_files("m", 2, &files, &key).unwrap();
         std::fs::write(dir.0.join(SIGNATURE_FILE), sig).unwrap();
         assert!(verify(&dir.0, "m", 2, &[key.public_key()]).is_ok());
-        let e = sign_files("m", 2, &files[1..], &key).unwrap_err();
+        let e = sign_files("m", 2, &files[1..], &key)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no model.onnx"), "{e}");
     }
 
@@ -724,11 +918,11 @@ mod tests {
         std::fs::write(dir.0.join(".gitattributes"), b"changed").unwrap();
         assert!(verify(&dir.0, "m", 1, &[key.public_key()]).is_ok());
         std::fs::write(dir.0.join("bad name"), b"x").unwrap();
-        let e = sign_version(&dir.0, "m", 1, &key).unwrap_err();
+        let e = sign_version(&dir.0, "m", 1, &key).unwrap_err().to_string();
         assert!(e.contains("bad name"), "{e}");
         std::fs::remove_file(dir.0.join("bad name")).unwrap();
         std::fs::remove_file(dir.0.join("model.onnx")).unwrap();
-        let e = sign_version(&dir.0, "m", 1, &key).unwrap_err();
+        let e = sign_version(&dir.0, "m", 1, &key).unwrap_err().to_string();
         assert!(e.contains("no model.onnx"), "{e}");
     }
 
@@ -739,21 +933,90 @@ mod tests {
         let public = SigningKey::generate_files(&path).unwrap();
         assert_eq!(PublicKey::read(&public_key_path(&path)).unwrap(), public);
         assert_eq!(SigningKey::read(&path).unwrap().public_key(), public);
-        assert!(SigningKey::generate_files(&path)
-            .unwrap_err()
-            .contains("exists"));
+        let e = SigningKey::generate_files(&path).unwrap_err();
+        assert!(matches!(e, IntegrityError::PublicKeyExists(_)), "{e}");
+        assert!(e.to_string().contains("exists"), "{e}");
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-            assert!(SigningKey::read(&path).unwrap_err().contains("chmod 600"));
+            let e = SigningKey::read(&path).unwrap_err();
+            assert!(
+                matches!(e, IntegrityError::KeyReadableByOthers { mode: 0o644, .. }),
+                "{e}"
+            );
+            assert!(e.to_string().contains("chmod 600"), "{e}");
         }
         let b64 = base64::engine::general_purpose::STANDARD.encode(public.0);
         assert_eq!(PublicKey::parse(&format!("  {b64}\n")).unwrap(), public);
-        assert!(PublicKey::parse("abcd").is_err());
+        assert!(matches!(
+            PublicKey::parse("abcd"),
+            Err(IntegrityError::KeyLength(3))
+        ));
         assert_eq!(public.id().len(), 16);
+    }
+
+    #[test]
+    fn errors_read_as_the_messages_they_replace() {
+        let dir = version_dir("messages");
+        let public = dir.0.join("k.pub");
+        std::fs::write(
+            &public,
+            format!(
+                "{}\n",
+                SigningKey::from_seed(&[6; 32]).public_key().to_hex()
+            ),
+        )
+        .unwrap();
+        let e = SigningKey::read(&public).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{} is a public key (the .pub file servers take with --trusted-key): sign with the secret key file it was made with (`ferry sign --generate-key {}` wrote both)",
+                public.display(),
+                dir.0.join("k").display()
+            )
+        );
+        std::fs::write(dir.0.join("k"), b"x").unwrap();
+        let e = SigningKey::read(&public).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{} is a public key (the .pub file servers take with --trusted-key): sign with the secret key file beside it, {}",
+                public.display(),
+                dir.0.join("k").display()
+            )
+        );
+        std::fs::write(&public, b"abcd").unwrap();
+        let e = PublicKey::read(&public).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{}: not a key: 3 bytes, expected 32", public.display())
+        );
+        let e = IntegrityError::Untrusted {
+            key_id: "a".into(),
+            trusted: vec!["b".into(), "c".into()],
+        };
+        assert_eq!(
+            e.to_string(),
+            "signed by key a, which is not a trusted key (trusted: b, c)"
+        );
+        let e = check_external_sizes(
+            &dir.0,
+            1,
+            &[PathBuf::from("ferry.json"), PathBuf::from("warmup/1.json")],
+            2,
+        )
+        .unwrap_err();
+        assert!(matches!(e, IntegrityError::ExternalTooLarge { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "model.onnx and its external data (ferry.json, warmup/1.json) are 24 bytes, larger than the 2 bytes --max-model-bytes allows"
+        );
+        let e = read_model(&dir.0.join("absent.onnx"), 10).unwrap_err();
+        assert!(e.to_string().starts_with("cannot read model.onnx: "), "{e}");
     }
 
     #[test]
@@ -762,6 +1025,13 @@ mod tests {
         let path = dir.0.join("model.onnx");
         assert_eq!(read_model(&path, 11).unwrap(), b"model bytes");
         let e = read_model(&path, 10).unwrap_err();
-        assert!(e.contains("11 bytes, larger than the 10 bytes"), "{e}");
+        assert!(
+            matches!(e, IntegrityError::ModelTooLarge { size: 11, max: 10 }),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("11 bytes, larger than the 10 bytes"),
+            "{e}"
+        );
     }
 }

@@ -10,14 +10,32 @@
 //!   `ferry retrain` read the live version from it).
 //! - Names: [`validate_name`] and [`parse_version`], the rules for model and version names, and [`sha256_hex`].
 //!
+//! Errors are typed, one per module: [`NameError`], [`source::SourceError`], [`integrity::IntegrityError`] and
+//! [`rollout::PlanError`] (a caller matches on the variant; the text of each is what the reason reads as).
+//!
 //! It knows nothing of serving: no engine, protocol or listener.
 
 pub mod integrity;
 pub mod rollout;
 pub mod source;
 
+pub use integrity::IntegrityError;
+pub use rollout::PlanError;
+pub use source::SourceError;
+
+/// A model, label or file name that could name something outside the repository root (see [`validate_name`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid model name `{}`: use letters, digits, `-`, `_` and `.`, not starting with `.`",
+    .name.escape_debug()
+)]
+pub struct NameError {
+    /// The name refused.
+    pub name: String,
+}
+
 /// Checks a model or label name: it must not be able to name anything outside the repository root.
-pub fn validate_name(name: &str) -> Result<(), String> {
+pub fn validate_name(name: &str) -> Result<(), NameError> {
     let ok = !name.is_empty()
         && name.len() <= 255
         && !name.starts_with('.')
@@ -27,10 +45,9 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "invalid model name `{}`: use letters, digits, `-`, `_` and `.`, not starting with `.`",
-            name.escape_debug()
-        ))
+        Err(NameError {
+            name: name.to_string(),
+        })
     }
 }
 

@@ -15,6 +15,47 @@ use serde::{Deserialize, Serialize};
 /// The name of the plan file in a model's directory.
 pub const PLAN_FILE: &str = "rollout.json";
 
+/// Why a rollout plan (from flags or from `rollout.json`) is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// A version 0.
+    #[error("versions are positive integers")]
+    ZeroVersion,
+    /// The candidate is the stable version.
+    #[error("the candidate and the stable version are both {0}")]
+    SameVersion(u64),
+    /// No steps.
+    #[error("a rollout needs at least one step")]
+    NoSteps,
+    /// A step weight outside (0, 100].
+    #[error("step weights are percentages above 0, at most 100")]
+    WeightOutOfRange,
+    /// Step weights that do not increase.
+    #[error("step weights must increase")]
+    WeightsNotIncreasing,
+    /// A last step below 100.
+    #[error("the last step must be 100 (the candidate takes all traffic)")]
+    LastStepNotFull,
+    /// `min_requests` of 0.
+    #[error("min_requests must be at least 1 (a step is judged on evidence)")]
+    NoMinRequests,
+    /// A step interval that is not a positive number of seconds.
+    #[error("the step interval must be positive")]
+    StepInterval,
+    /// A maximum error rate outside [0, 1].
+    #[error("the maximum error rate is a fraction between 0 and 1")]
+    MaxErrorRate,
+    /// A maximum p99 ratio below 1.
+    #[error("the maximum p99 ratio must be at least 1")]
+    MaxP99Ratio,
+    /// `rollout.json` is not the JSON of a plan.
+    #[error("{PLAN_FILE}: {0}")]
+    Json(#[source] serde_json::Error),
+    /// `rollout.json` holds a plan whose settings are refused.
+    #[error("{PLAN_FILE}: {0}")]
+    InFile(#[source] Box<PlanError>),
+}
+
 /// Where a rollout stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -131,7 +172,7 @@ impl RolloutPlan {
         step_interval: Duration,
         max_error_rate: f64,
         max_p99_ratio: f64,
-    ) -> Result<RolloutPlan, String> {
+    ) -> Result<RolloutPlan, PlanError> {
         let mut plan = RolloutPlan {
             candidate,
             stable,
@@ -150,52 +191,49 @@ impl RolloutPlan {
     }
 
     /// Checks a plan read from a file or built from flags.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), PlanError> {
         if self.candidate == 0 || self.stable == 0 {
-            return Err("versions are positive integers".into());
+            return Err(PlanError::ZeroVersion);
         }
         if self.candidate == self.stable {
-            return Err(format!(
-                "the candidate and the stable version are both {}",
-                self.stable
-            ));
+            return Err(PlanError::SameVersion(self.stable));
         }
         if self.steps.is_empty() {
-            return Err("a rollout needs at least one step".into());
+            return Err(PlanError::NoSteps);
         }
         if self
             .steps
             .iter()
             .any(|w| !w.is_finite() || *w <= 0.0 || *w > 100.0)
         {
-            return Err("step weights are percentages above 0, at most 100".into());
+            return Err(PlanError::WeightOutOfRange);
         }
         if self.steps.windows(2).any(|w| w[1] <= w[0]) {
-            return Err("step weights must increase".into());
+            return Err(PlanError::WeightsNotIncreasing);
         }
         if self.steps.last() != Some(&100.0) {
-            return Err("the last step must be 100 (the candidate takes all traffic)".into());
+            return Err(PlanError::LastStepNotFull);
         }
         if self.min_requests == 0 {
-            return Err("min_requests must be at least 1 (a step is judged on evidence)".into());
+            return Err(PlanError::NoMinRequests);
         }
         if !(self.step_interval_secs.is_finite() && self.step_interval_secs > 0.0) {
-            return Err("the step interval must be positive".into());
+            return Err(PlanError::StepInterval);
         }
         if !(0.0..=1.0).contains(&self.max_error_rate) {
-            return Err("the maximum error rate is a fraction between 0 and 1".into());
+            return Err(PlanError::MaxErrorRate);
         }
         if !(self.max_p99_ratio.is_finite() && self.max_p99_ratio >= 1.0) {
-            return Err("the maximum p99 ratio must be at least 1".into());
+            return Err(PlanError::MaxP99Ratio);
         }
         Ok(())
     }
 
     /// Parses and checks a plan file.
-    pub fn parse(text: &str) -> Result<RolloutPlan, String> {
-        let plan: RolloutPlan =
-            serde_json::from_str(text).map_err(|e| format!("{PLAN_FILE}: {e}"))?;
-        plan.validate().map_err(|e| format!("{PLAN_FILE}: {e}"))?;
+    pub fn parse(text: &str) -> Result<RolloutPlan, PlanError> {
+        let plan: RolloutPlan = serde_json::from_str(text).map_err(PlanError::Json)?;
+        plan.validate()
+            .map_err(|e| PlanError::InFile(Box::new(e)))?;
         Ok(plan)
     }
 
@@ -572,8 +610,16 @@ mod tests {
         }
         let mut same = p.clone();
         same.candidate = same.stable;
-        assert!(same.validate().is_err());
-        assert!(RolloutPlan::parse("{").is_err());
+        assert!(matches!(same.validate(), Err(PlanError::SameVersion(_))));
+        assert!(matches!(RolloutPlan::parse("{"), Err(PlanError::Json(_))));
+        let mut decreasing = p.clone();
+        decreasing.steps = vec![50.0, 25.0, 100.0];
+        let e = RolloutPlan::parse(&decreasing.to_json()).unwrap_err();
+        assert!(
+            matches!(&e, PlanError::InFile(inner) if matches!(**inner, PlanError::WeightsNotIncreasing)),
+            "{e}"
+        );
+        assert_eq!(e.to_string(), "rollout.json: step weights must increase");
     }
 
     #[test]

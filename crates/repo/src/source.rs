@@ -11,12 +11,120 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::{parse_version, validate_name};
+use crate::{parse_version, validate_name, NameError};
+
+/// Why a repository could not be opened, scanned, read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// A local repository path that is not a directory.
+    #[error("model repository {spec} is not a directory")]
+    NotADirectory {
+        /// The repository as the user named it.
+        spec: String,
+    },
+    /// An `s3://` URL without a bucket.
+    #[error("{spec}: no bucket name (expected s3://bucket/prefix)")]
+    NoBucket {
+        /// The repository as the user named it.
+        spec: String,
+    },
+    /// The S3 client could not be set up from the URL and the `AWS_*` environment.
+    #[error("{spec}: cannot set up the S3 client: {source}")]
+    S3Client {
+        /// The repository as the user named it.
+        spec: String,
+        /// Why.
+        #[source]
+        source: Box<object_store::Error>,
+    },
+    /// A model, label or file name that could leave the repository.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// A file or folder on local disk (the repository, or the cache of an S3 one) could not be read or written.
+    #[error("cannot {action} {}: {source}", .path.display())]
+    Io {
+        /// What was being done: `read`, `write`, `create`, `read model repository`, `create the cache`.
+        action: &'static str,
+        /// The path (for a model's file, `model/name` relative to the repository).
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A version fetched into the cache could not be renamed from its `.partial` folder.
+    #[error("cannot move {} into place: {source}", .path.display())]
+    MoveIntoPlace {
+        /// The `.partial` folder.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The object store refused or failed a request.
+    #[error("{url}: cannot {action}{}: {source}", .key.as_ref().map(|k| format!(" {k}")).unwrap_or_default())]
+    ObjectStore {
+        /// The repository's URL.
+        url: String,
+        /// `read`, `write` or `list`.
+        action: &'static str,
+        /// The object (or the prefix listed); `None` when the whole repository was listed.
+        key: Option<String>,
+        /// Why.
+        #[source]
+        source: Box<object_store::Error>,
+    },
+    /// An object listed a moment ago is gone.
+    #[error("{url}: {key} vanished while fetching")]
+    Vanished {
+        /// The repository's URL.
+        url: String,
+        /// The object.
+        key: String,
+    },
+    /// A version's objects are larger together than the limit; nothing was fetched.
+    #[error("{url}: the files of {prefix} are {total} bytes, larger than the {max} bytes --max-model-bytes allows; not fetched")]
+    TooLarge {
+        /// The repository's URL.
+        url: String,
+        /// The version's prefix.
+        prefix: String,
+        /// Their size together, in bytes.
+        total: u64,
+        /// The limit, in bytes.
+        max: u64,
+    },
+    /// Publishing a version number that is taken.
+    #[error("version {version} of {model} already exists")]
+    VersionExists {
+        /// The model.
+        model: String,
+        /// The version.
+        version: u64,
+    },
+    /// The blocking task that scans a local repository failed (panicked or was cancelled).
+    #[error("scanning the repository failed: {0}")]
+    ScanTask(#[source] tokio::task::JoinError),
+}
+
+impl SourceError {
+    fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> SourceError {
+        let path = path.into();
+        move |source| SourceError::Io {
+            action,
+            path,
+            source,
+        }
+    }
+}
 
 /// What a scan found for one model.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ModelListing {
-    /// The text of `config.toml`, when present (`Err` when it could not be read).
+    /// The text of `config.toml`, when present (`Err` with the reason when it could not be read: shown as the
+    /// model's load failure, so kept as text).
     pub config: Option<Result<String, String>>,
     /// The text of `rollout.json`, when present.
     pub rollout: Option<Result<String, String>>,
@@ -58,19 +166,21 @@ type ObjPath = object_store::path::Path;
 
 impl Repository {
     /// Opens `spec`: a directory, or `s3://bucket/prefix` (cached under `cache_dir`).
-    pub fn open(spec: &str, cache_dir: &Path) -> Result<Repository, String> {
+    pub fn open(spec: &str, cache_dir: &Path) -> Result<Repository, SourceError> {
         let Some(rest) = spec.strip_prefix("s3://") else {
             let path = PathBuf::from(spec);
             if !path.is_dir() {
-                return Err(format!("model repository {spec} is not a directory"));
+                return Err(SourceError::NotADirectory {
+                    spec: spec.to_string(),
+                });
             }
             return Ok(Repository::Local(path));
         };
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
-            return Err(format!(
-                "{spec}: no bucket name (expected s3://bucket/prefix)"
-            ));
+            return Err(SourceError::NoBucket {
+                spec: spec.to_string(),
+            });
         }
         let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
         let endpoint = std::env::var("AWS_ENDPOINT_URL")
@@ -86,9 +196,10 @@ impl Repository {
                 builder = builder.with_region(region);
             }
         }
-        let store = builder
-            .build()
-            .map_err(|e| format!("{spec}: cannot set up the S3 client: {e}"))?;
+        let store = builder.build().map_err(|source| SourceError::S3Client {
+            spec: spec.to_string(),
+            source: Box::new(source),
+        })?;
         let cache = cache_dir.join(sanitize(bucket)).join(sanitize(prefix));
         Ok(Repository::S3(Arc::new(S3Repository {
             url: spec.to_string(),
@@ -107,20 +218,20 @@ impl Repository {
     }
 
     /// Lists every model, its small files and its versions' fingerprints.
-    pub async fn scan(&self) -> Result<Listing, String> {
+    pub async fn scan(&self) -> Result<Listing, SourceError> {
         match self {
             Repository::Local(root) => {
                 let root = root.clone();
                 tokio::task::spawn_blocking(move || scan_local(&root))
                     .await
-                    .map_err(|e| format!("scanning the repository failed: {e}"))?
+                    .map_err(SourceError::ScanTask)?
             }
             Repository::S3(s3) => s3.scan().await,
         }
     }
 
     /// The version's directory on local disk (fetched into the cache first for S3), ready to load.
-    pub async fn fetch_version(&self, model: &str, version: u64) -> Result<PathBuf, String> {
+    pub async fn fetch_version(&self, model: &str, version: u64) -> Result<PathBuf, SourceError> {
         self.fetch_version_within(model, version, u64::MAX).await
     }
 
@@ -131,7 +242,7 @@ impl Repository {
         model: &str,
         version: u64,
         max_file_bytes: u64,
-    ) -> Result<PathBuf, String> {
+    ) -> Result<PathBuf, SourceError> {
         validate_name(model)?;
         match self {
             Repository::Local(root) => Ok(root.join(model).join(version.to_string())),
@@ -140,28 +251,32 @@ impl Repository {
     }
 
     /// Reads a file of a model (`config.toml`, `rollout.json`); `None` when it does not exist.
-    pub async fn read_file(&self, model: &str, name: &str) -> Result<Option<Vec<u8>>, String> {
+    pub async fn read_file(&self, model: &str, name: &str) -> Result<Option<Vec<u8>>, SourceError> {
         validate_name(model)?;
         validate_name(name)?;
         match self {
             Repository::Local(root) => match std::fs::read(root.join(model).join(name)) {
                 Ok(b) => Ok(Some(b)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(format!("cannot read {model}/{name}: {e}")),
+                Err(e) => Err(SourceError::io("read", format!("{model}/{name}"))(e)),
             },
             Repository::S3(s3) => s3.get(&s3.key(&[model, name])).await,
         }
     }
 
     /// Writes a file of a model, replacing it atomically.
-    pub async fn write_file(&self, model: &str, name: &str, bytes: Vec<u8>) -> Result<(), String> {
+    pub async fn write_file(
+        &self,
+        model: &str,
+        name: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(), SourceError> {
         validate_name(model)?;
         validate_name(name)?;
         match self {
             Repository::Local(root) => {
                 let dir = root.join(model);
-                std::fs::create_dir_all(&dir)
-                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                std::fs::create_dir_all(&dir).map_err(SourceError::io("create", &dir))?;
                 write_atomic(&dir.join(name), &bytes)
             }
             Repository::S3(s3) => s3.put(&s3.key(&[model, name]), bytes).await,
@@ -169,7 +284,7 @@ impl Repository {
     }
 
     /// The versions present for a model (with a `model.onnx`), ascending.
-    pub async fn versions(&self, model: &str) -> Result<Vec<u64>, String> {
+    pub async fn versions(&self, model: &str) -> Result<Vec<u64>, SourceError> {
         validate_name(model)?;
         let listing = self.scan().await?;
         Ok(listing
@@ -185,10 +300,13 @@ impl Repository {
         model: &str,
         version: u64,
         files: Vec<(String, Vec<u8>)>,
-    ) -> Result<(), String> {
+    ) -> Result<(), SourceError> {
         validate_name(model)?;
         if self.versions(model).await?.contains(&version) {
-            return Err(format!("version {version} of {model} already exists"));
+            return Err(SourceError::VersionExists {
+                model: model.to_string(),
+                version,
+            });
         }
         let mut files = files;
         files.sort_by_key(|(name, _)| name == "model.onnx" || name == "model.gguf");
@@ -204,7 +322,7 @@ impl Repository {
                     let path = dir.join(&name);
                     if let Some(parent) = path.parent() {
                         std::fs::create_dir_all(parent)
-                            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+                            .map_err(SourceError::io("create", parent))?;
                     }
                     write_atomic(&path, &bytes)?;
                 }
@@ -259,23 +377,23 @@ fn unique_suffix() -> String {
     )
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SourceError> {
     let tmp = path.with_extension(format!("tmp.{}", unique_suffix()));
-    std::fs::write(&tmp, bytes).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    std::fs::write(&tmp, bytes).map_err(SourceError::io("write", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(SourceError::io("write", path))
 }
 
 fn read_small(path: &Path) -> Option<Result<String, String>> {
     match std::fs::read_to_string(path) {
         Ok(t) => Some(Ok(t)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => Some(Err(format!("cannot read {}: {e}", path.display()))),
+        Err(e) => Some(Err(SourceError::io("read", path)(e).to_string())),
     }
 }
 
-fn scan_local(root: &Path) -> Result<Listing, String> {
-    let entries = std::fs::read_dir(root)
-        .map_err(|e| format!("cannot read model repository {}: {e}", root.display()))?;
+fn scan_local(root: &Path) -> Result<Listing, SourceError> {
+    let entries =
+        std::fs::read_dir(root).map_err(SourceError::io("read model repository", root))?;
     let mut listing = Listing::new();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -403,38 +521,57 @@ impl S3Repository {
         ObjPath::from(key)
     }
 
-    async fn get(&self, key: &ObjPath) -> Result<Option<Vec<u8>>, String> {
+    /// The error for a failed `action` (`read`, `write`, `list`) on `key` (`None`: the whole repository).
+    fn failed(
+        &self,
+        action: &'static str,
+        key: Option<&ObjPath>,
+    ) -> impl FnOnce(object_store::Error) -> SourceError {
+        let url = self.url.clone();
+        let key = key.map(ToString::to_string);
+        move |source| SourceError::ObjectStore {
+            url,
+            action,
+            key,
+            source: Box::new(source),
+        }
+    }
+
+    async fn get(&self, key: &ObjPath) -> Result<Option<Vec<u8>>, SourceError> {
         match self.store.get(key).await {
             Ok(r) => r
                 .bytes()
                 .await
                 .map(|b| Some(b.to_vec()))
-                .map_err(|e| format!("{}: cannot read {key}: {e}", self.url)),
+                .map_err(self.failed("read", Some(key))),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(format!("{}: cannot read {key}: {e}", self.url)),
+            Err(e) => Err(self.failed("read", Some(key))(e)),
         }
     }
 
-    async fn put(&self, key: &ObjPath, bytes: Vec<u8>) -> Result<(), String> {
+    async fn put(&self, key: &ObjPath, bytes: Vec<u8>) -> Result<(), SourceError> {
         self.store
             .put(key, bytes.into())
             .await
             .map(|_| ())
-            .map_err(|e| format!("{}: cannot write {key}: {e}", self.url))
+            .map_err(self.failed("write", Some(key)))
     }
 
     /// Streams one object into a file, chunk by chunk (external data files run to gigabytes: never held whole).
-    async fn download(&self, key: &ObjPath, path: &Path) -> Result<(), String> {
+    async fn download(&self, key: &ObjPath, path: &Path) -> Result<(), SourceError> {
         use futures_util::TryStreamExt;
         use std::io::Write;
         let mut stream = match self.store.get(key).await {
             Ok(r) => r.into_stream(),
             Err(object_store::Error::NotFound { .. }) => {
-                return Err(format!("{}: {key} vanished while fetching", self.url))
+                return Err(SourceError::Vanished {
+                    url: self.url.clone(),
+                    key: key.to_string(),
+                })
             }
-            Err(e) => return Err(format!("{}: cannot read {key}: {e}", self.url)),
+            Err(e) => return Err(self.failed("read", Some(key))(e)),
         };
-        let write_error = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
+        let write_error = |e: std::io::Error| SourceError::io("write", path)(e);
         let mut file = std::io::BufWriter::with_capacity(
             1 << 20,
             std::fs::File::create(path).map_err(write_error)?,
@@ -442,7 +579,7 @@ impl S3Repository {
         while let Some(chunk) = stream
             .try_next()
             .await
-            .map_err(|e| format!("{}: cannot read {key}: {e}", self.url))?
+            .map_err(self.failed("read", Some(key)))?
         {
             file.write_all(&chunk).map_err(write_error)?;
         }
@@ -450,7 +587,7 @@ impl S3Repository {
     }
 
     /// Every object under the prefix, as (path relative to the prefix, size, etag).
-    async fn list_all(&self) -> Result<Vec<(String, u64, String)>, String> {
+    async fn list_all(&self) -> Result<Vec<(String, u64, String)>, SourceError> {
         use futures_util::TryStreamExt;
         let prefix = (!self.prefix.is_empty()).then(|| ObjPath::from(self.prefix.as_str()));
         let objects: Vec<object_store::ObjectMeta> = self
@@ -458,7 +595,7 @@ impl S3Repository {
             .list(prefix.as_ref())
             .try_collect()
             .await
-            .map_err(|e| format!("{}: cannot list: {e}", self.url))?;
+            .map_err(self.failed("list", None))?;
         let strip = if self.prefix.is_empty() {
             0
         } else {
@@ -484,7 +621,7 @@ impl S3Repository {
             .collect())
     }
 
-    async fn scan(&self) -> Result<Listing, String> {
+    async fn scan(&self) -> Result<Listing, SourceError> {
         let mut listing = Listing::new();
         let mut files: BTreeMap<(String, u64), Vec<String>> = BTreeMap::new();
         let mut has_model: BTreeMap<(String, u64), bool> = BTreeMap::new();
@@ -540,7 +677,7 @@ impl S3Repository {
             let value = match text {
                 Ok(Some(t)) => Some(Ok(t)),
                 Ok(None) => None,
-                Err(e) => Some(Err(e)),
+                Err(e) => Some(Err(e.to_string())),
             };
             if file == "config.toml" {
                 entry.config = value;
@@ -557,7 +694,7 @@ impl S3Repository {
         model: &str,
         version: u64,
         max_file_bytes: u64,
-    ) -> Result<PathBuf, String> {
+    ) -> Result<PathBuf, SourceError> {
         use futures_util::TryStreamExt;
         let v = version.to_string();
         let prefix = self.key(&[model, &v]);
@@ -566,7 +703,7 @@ impl S3Repository {
             .list(Some(&prefix))
             .try_collect()
             .await
-            .map_err(|e| format!("{}: cannot list {prefix}: {e}", self.url))?;
+            .map_err(self.failed("list", Some(&prefix)))?;
         let strip = prefix.as_ref().len() + 1;
         let relative = |o: &object_store::ObjectMeta| {
             o.location.as_ref()[strip.min(o.location.as_ref().len())..].to_string()
@@ -577,10 +714,12 @@ impl S3Repository {
             .filter(|o| local_parts(&relative(o)).is_some())
             .fold(0u64, |t, o| t.saturating_add(o.size));
         if total > max_file_bytes {
-            return Err(format!(
-                "{}: the files of {prefix} are {total} bytes, larger than the {max_file_bytes} bytes --max-model-bytes allows; not fetched",
-                self.url
-            ));
+            return Err(SourceError::TooLarge {
+                url: self.url.clone(),
+                prefix: prefix.to_string(),
+                total,
+                max: max_file_bytes,
+            });
         }
         // Downloaded under a `.partial` name and renamed when complete, so a half-fetched version never looks
         // whole; named by process so two processes sharing the cache never remove each other's copies.
@@ -590,9 +729,8 @@ impl S3Repository {
             .join(model)
             .join(format!("{mine}{}", unique_suffix()));
         let partial = dir.with_extension("partial");
-        std::fs::create_dir_all(&partial)
-            .map_err(|e| format!("cannot create the cache {}: {e}", dir.display()))?;
-        let fetched: Result<(), String> = async {
+        std::fs::create_dir_all(&partial).map_err(SourceError::io("create the cache", &dir))?;
+        let fetched: Result<(), SourceError> = async {
         for o in objects {
             let rel = relative(&o);
             let Some(parts) = local_parts(&rel) else {
@@ -601,8 +739,7 @@ impl S3Repository {
             };
             let path = parts.iter().fold(partial.clone(), |p, part| p.join(part));
             if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+                std::fs::create_dir_all(parent).map_err(SourceError::io("create", parent))?;
             }
             self.download(&o.location, &path).await?;
         }
@@ -613,8 +750,10 @@ impl S3Repository {
             let _ = std::fs::remove_dir_all(&partial);
             return Err(e);
         }
-        std::fs::rename(&partial, &dir)
-            .map_err(|e| format!("cannot move {} into place: {e}", partial.display()))?;
+        std::fs::rename(&partial, &dir).map_err(|source| SourceError::MoveIntoPlace {
+            path: partial.clone(),
+            source,
+        })?;
         // This process's earlier fetches of this version are no longer needed once this one exists (a loaded
         // session keeps its own copy of the model in memory).
         if let Ok(entries) = std::fs::read_dir(self.cache.join(model)) {
@@ -656,6 +795,46 @@ mod tests {
         }
         assert_eq!(local_parts("model.onnx"), Some(vec!["model.onnx"]));
         assert_eq!(local_parts("warmup/1.json"), Some(vec!["warmup", "1.json"]));
+    }
+
+    #[test]
+    fn errors_read_as_the_messages_they_replace() {
+        let list = SourceError::ObjectStore {
+            url: "s3://b/p".into(),
+            action: "list",
+            key: None,
+            source: Box::new(object_store::Error::NotImplemented),
+        };
+        assert_eq!(
+            list.to_string(),
+            "s3://b/p: cannot list: Operation not yet implemented."
+        );
+        let read = SourceError::ObjectStore {
+            url: "s3://b/p".into(),
+            action: "read",
+            key: Some("p/m/config.toml".into()),
+            source: Box::new(object_store::Error::NotImplemented),
+        };
+        assert_eq!(
+            read.to_string(),
+            "s3://b/p: cannot read p/m/config.toml: Operation not yet implemented."
+        );
+        let io = SourceError::io("read", "m/config.toml")(std::io::Error::other("boom"));
+        assert_eq!(io.to_string(), "cannot read m/config.toml: boom");
+        assert!(std::error::Error::source(&io).is_some());
+        let missing = std::env::temp_dir().join(format!("ferry-no-repo-{}", std::process::id()));
+        let spec = missing.display().to_string();
+        let e = Repository::open(&spec, &missing).unwrap_err();
+        assert!(matches!(e, SourceError::NotADirectory { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!("model repository {spec} is not a directory")
+        );
+        let e = Repository::open("s3:///p", &missing).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "s3:///p: no bucket name (expected s3://bucket/prefix)"
+        );
     }
 
     #[test]
@@ -721,7 +900,22 @@ mod tests {
         // The limit holds for the version's files together (model.onnx and warmup/1.json: 8 bytes).
         assert!(repo.fetch_version("m", 1, 8).await.is_ok());
         let e = repo.fetch_version("m", 1, 7).await.unwrap_err();
-        assert!(e.contains("are 8 bytes, larger than the 7 bytes"), "{e}");
+        assert!(
+            matches!(
+                e,
+                SourceError::TooLarge {
+                    total: 8,
+                    max: 7,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("are 8 bytes, larger than the 7 bytes"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&cache).unwrap();
     }
 }

@@ -109,6 +109,13 @@ pub struct InferError {
     pub retry_after: Option<u32>,
 }
 
+/// A name that could not name a model is a 400.
+impl From<ferry_repo::NameError> for InferError {
+    fn from(e: ferry_repo::NameError) -> InferError {
+        InferError::invalid(e.to_string())
+    }
+}
+
 impl InferError {
     /// An error of the given kind.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> InferError {

@@ -455,6 +455,10 @@ async fn the_repository_refuses_names_that_leave_it() {
         .publish_version("m", 1, vec![("../../escape".into(), b"x".to_vec())])
         .await
         .unwrap_err();
-    assert!(e.contains("invalid"), "{e}");
+    assert!(
+        matches!(e, ferry_server::source::SourceError::Name(_)),
+        "{e}"
+    );
+    assert!(e.to_string().contains("invalid"), "{e}");
     assert!(!repo.0.parent().unwrap().join("escape").exists());
 }

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ferry_repo::integrity::{verify_version, version_files, PublicKey};
+use ferry_repo::integrity::{verify_version, version_files, IntegrityError, PublicKey};
 
 use super::common::{ferry, iris_csv, publish_poor_iris};
 
@@ -24,7 +24,7 @@ fn scratch(name: &str) -> PathBuf {
     super::common::scratch("sign", name)
 }
 
-fn verify(dir: &Path, model: &str, version: u64, key: &Path) -> Result<String, String> {
+fn verify(dir: &Path, model: &str, version: u64, key: &Path) -> Result<String, IntegrityError> {
     let key = PublicKey::read(key).unwrap();
     let files = version_files(dir, &|_| None)?;
     verify_version(dir, model, version, &files, &[key])
@@ -41,9 +41,10 @@ fn sign_and_retrain_write_signatures_the_server_accepts() {
 
     publish_poor_iris(&models);
     let v1 = models.join("iris/1");
-    assert!(verify(&v1, "iris", 1, &public)
-        .unwrap_err()
-        .contains("not signed"));
+    assert!(matches!(
+        verify(&v1, "iris", 1, &public),
+        Err(IntegrityError::Unsigned)
+    ));
     let out = expect(
         0,
         &["sign", v1.to_str().unwrap(), "--key", key.to_str().unwrap()],

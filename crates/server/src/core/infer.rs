@@ -325,7 +325,7 @@ impl Infer {
         model: &str,
         selector: &VersionSelector,
     ) -> Result<Vec<(u64, VersionState)>, InferError> {
-        validate_name(model).map_err(InferError::invalid)?;
+        validate_name(model)?;
         let not_found =
             || InferError::not_found(format!("Could not find any versions of model {model}"));
         let (wanted, states) = self
@@ -422,7 +422,7 @@ impl Infer {
         selector: &VersionSelector,
         route_key: Option<&str>,
     ) -> Result<Arc<LoadedVersion>, InferError> {
-        validate_name(model).map_err(InferError::invalid)?;
+        validate_name(model)?;
         let key = route_key
             .filter(|k| !k.is_empty())
             .map(crate::core::rollout::key_hash);

@@ -150,7 +150,7 @@ impl Manager {
     /// The startup load: every model (modes `none` and `poll`) or the models named in `initial` (`explicit`).
     /// Fails only when the repository cannot be listed.
     pub async fn startup(&self, initial: &[String]) -> Result<(), String> {
-        let listing = self.repo.scan().await?;
+        let listing = self.repo.scan().await.map_err(|e| e.to_string())?;
         let mut state = self.state.lock().await;
         if self.mode == ControlMode::Explicit {
             for name in initial {
@@ -168,7 +168,7 @@ impl Manager {
 
     /// Scans the repository once and applies what changed (poll mode).
     pub async fn poll(&self) -> Result<(), String> {
-        let listing = self.repo.scan().await?;
+        let listing = self.repo.scan().await.map_err(|e| e.to_string())?;
         let mut state = self.state.lock().await;
         self.reconcile(&mut state, &listing).await;
         Ok(())
@@ -182,7 +182,11 @@ impl Manager {
                 self.mode.name()
             )));
         }
-        let listing = self.repo.scan().await.map_err(ManageError::Refused)?;
+        let listing = self
+            .repo
+            .scan()
+            .await
+            .map_err(|e| ManageError::Refused(e.to_string()))?;
         if !listing.contains_key(name) {
             return Err(ManageError::NotFound(format!(
                 "failed to load '{name}': no such model in the repository"
@@ -251,7 +255,7 @@ impl Manager {
 
     /// The repository index: every model in the repository or the table, with its versions' states.
     pub async fn index(&self, ready_only: bool) -> Result<Vec<IndexEntry>, String> {
-        let listing = self.repo.scan().await?;
+        let listing = self.repo.scan().await.map_err(|e| e.to_string())?;
         let mut names: BTreeSet<String> = listing.keys().cloned().collect();
         names.extend(self.store.model_names());
         let mut out = Vec::new();
@@ -580,7 +584,8 @@ impl Manager {
             let dir = self
                 .repo
                 .fetch_version_within(name, version, self.integrity.max_model_bytes)
-                .await?;
+                .await
+                .map_err(|e| e.to_string())?;
             let (engine, cfg, integrity) =
                 (self.engine.clone(), config.clone(), self.integrity.clone());
             let model = name.to_string();

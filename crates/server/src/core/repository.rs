@@ -403,7 +403,7 @@ pub(crate) fn prepare(
         );
         imported.onnx
     } else {
-        crate::integrity::read_model(&onnx, integrity.max_model_bytes)?
+        crate::integrity::read_model(&onnx, integrity.max_model_bytes).map_err(|e| e.to_string())?
     };
     // Before anything else reads the data files (the signature hashes them): their locations must stay inside the
     // version directory and their sizes within the limit.
@@ -414,7 +414,8 @@ pub(crate) fn prepare(
         bytes.len() as u64,
         &external,
         integrity.max_model_bytes,
-    )?;
+    )
+    .map_err(|e| e.to_string())?;
     let meta_bytes = read_meta_bytes(dir)?;
     let model_sha = std::cell::OnceCell::new();
     let model_sha = || model_sha.get_or_init(|| sha256_hex(&bytes)).clone();
@@ -552,9 +553,10 @@ fn verify_signature(
     if integrity.trusted_keys.is_empty() {
         return Ok(());
     }
-    let files = crate::integrity::version_files(dir, known)?;
+    let files = crate::integrity::version_files(dir, known).map_err(|e| e.to_string())?;
     let key =
-        crate::integrity::verify_version(dir, model, version, &files, &integrity.trusted_keys)?;
+        crate::integrity::verify_version(dir, model, version, &files, &integrity.trusted_keys)
+            .map_err(|e| e.to_string())?;
     tracing::info!(model, version, key, "signature verified");
     Ok(())
 }

@@ -112,7 +112,7 @@ fn manage_error(e: ManageError) -> InferError {
 
 /// A model name from the path, checked as the repository checks it: 400 when it could not name a model.
 fn model_name(model: &str) -> Result<(), InferError> {
-    validate_name(model).map_err(InferError::invalid)
+    Ok(validate_name(model)?)
 }
 
 fn model_not_found(model: &str) -> InferError {
@@ -181,7 +181,8 @@ async fn set_label(
     Path((model, label)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, InferError> {
-    validate_name(&label).map_err(|e| InferError::invalid(e.replace("model name", "label")))?;
+    validate_name(&label)
+        .map_err(|e| InferError::invalid(e.to_string().replace("model name", "label")))?;
     let version = serde_json::from_slice::<serde_json::Value>(&body)
         .map_err(|e| InferError::invalid(format!("malformed label request: {e}")))?
         .get("version")
