@@ -2,6 +2,7 @@
 chat and completions APIs (through the official `openai` client, streaming and not), Triton's generate extension and
 KServe v2 (through `tritonclient`), with the model's own chat template; limits, errors, metrics, and clients that go
 away mid-answer."""
+import collections
 import concurrent.futures
 import json
 import os
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import start_ferry
+from conftest import ferry_binary, start_ferry
 from test_updates import s3  # noqa: F401  (a fixture)
 
 openai = pytest.importorskip("openai")
@@ -308,6 +309,69 @@ def test_full_queue_is_429_with_retry_after_and_the_server_survives(llm_server):
     assert requests.get(llm_server.url + "/v2/health/ready", timeout=10).status_code == 200
 
 
+# About 1000 tokens of SmolLM2 (10 a sentence): half the context, 16 prefill chunks of 64.
+LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 100
+
+
+def stream_during_a_long_prompt(server, warm=20):
+    """Streams a completion from SmolLM2 on `server`, and once `warm` tokens have come, sends LONG_PROMPT (one token
+    to generate) beside it. Returns the arrival times of the stream's tokens, and when the long request was sent and
+    answered (time.perf_counter)."""
+    window, times, sender = {}, [], None
+
+    def send_long():
+        window["sent"] = time.perf_counter()
+        r = requests.post(server.url + "/v1/completions", timeout=300, json={
+            "model": "smollm", "prompt": LONG_PROMPT, "max_tokens": 1, "temperature": 0})
+        window["answered"] = time.perf_counter()
+        window["prompt_tokens"] = r.json()["usage"]["prompt_tokens"]
+
+    # Counting goes on for the whole max_tokens, long after the long prompt is answered; the stream is left once two
+    # tokens came after that answer.
+    body = {"model": "smollm", "prompt": "1, 2, 3, 4, 5,", "max_tokens": 256, "temperature": 0, "stream": True}
+    r = requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=300)
+    assert r.status_code == 200, r.text
+    for line in r.iter_lines(decode_unicode=True):
+        # Each token is one event (heartbeat comments, ": waiting", are not tokens).
+        if line.startswith("data: ") and line != "data: [DONE]":
+            times.append(time.perf_counter())
+            if len(times) == warm:
+                sender = threading.Thread(target=send_long)
+                sender.start()
+            if "answered" in window and sum(t > window["answered"] for t in times) >= 2:
+                break
+    r.close()
+    sender.join()
+    assert "answered" in window and times[-1] > window["answered"], "the stream ended before the long prompt's answer"
+    return times, window
+
+
+def test_a_long_prompt_does_not_stall_streams_already_decoding(tmp_path_factory):
+    """Chunked prefill: a ~1000-token prompt is read 64 tokens a step (`prefill_chunk`'s default), and each of those
+    steps also decodes one token of every running stream, so a stream keeps coming while the long prompt is read.
+    Read in one step (`prefill_chunk = 2048`), the stream stops for the whole prefill. Measured on 2 cores, idle and
+    beside builds (load 4-5): the stream's largest gap was 96-100% of the long request's time with 1-2 tokens
+    meanwhile in one step, 7-20% with 16-17 tokens chunked. The bound is relative to the long request's own time,
+    measured at the same moment, because a shared machine's speed is not steady: with two threads the same prompt
+    alone took 4.4 s on idle cores and up to 40 s beside other work. One llama.cpp thread, since two spin at their
+    barriers when another process holds a core: this test took 47-112 s with two threads at a load of 4-5, and
+    15-19 s with one (10-13 s on idle cores)."""
+    server = serve_smollm(tmp_path_factory, "llm_prefill", "max_total_tokens = 4096\ncontext_length = 2048\n"
+                          "max_new_tokens = 256\nthreads = 1\n")
+    try:
+        times, window = stream_during_a_long_prompt(server)
+    finally:
+        server.stop()
+    took = window["answered"] - window["sent"]
+    assert window["prompt_tokens"] > 900, window
+    during = [b - a for a, b in zip(times, times[1:]) if b > window["sent"] and a < window["answered"]]
+    came = sum(window["sent"] < t < window["answered"] for t in times)
+    gap = max(during)
+    report = f"largest gap {gap:.2f} s while the long prompt took {took:.2f} s; {came} tokens came meanwhile"
+    assert came >= 6, report
+    assert gap < 0.4 * took, report
+
+
 @pytest.fixture(scope="module")
 def wide_server(tmp_path_factory):
     """SmolLM2 with room for 64 sequences at once."""
@@ -419,6 +483,83 @@ def test_greedy_tokens_equal_llama_cpps_on_the_same_gguf(client):
     assert same >= len(prompts) - 1, same
 
 
+def byte_level_tokenizer(path):
+    """Writes, with Hugging Face's `tokenizers`, a tokenizer.json over the tiny model's vocabulary (its ids) but with
+    none of its merges: every byte b of a text is token 3 + b, and the special tokens are added tokens (one id each)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    import llm_reference as ref
+    tokens, _, _ = ref.vocabulary()
+    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ref.SPECIAL_TOKENS])
+    tokenizer.save(str(path))
+    return tokenizer
+
+
+def test_a_tokenizer_json_beside_the_gguf_tokenizes_the_prompts(tmp_path):
+    """The same tiny GGUF twice: `tiny` with the GGUF's own tokenizer (byte-level BPE with merges), `tiny_bytes` with a
+    tokenizer.json beside it that has no merges. The override's token ids are the prompt's bytes, which the prompt
+    counts and the answer's log-probabilities (against the NumPy reference fed those ids) show, for completions and
+    for chat, whose template's special tokens must stay one token each."""
+    import llm_reference as ref
+    root = tmp_path / "repo"
+    model = ref.tiny_llama(seed=0, tied=False)
+    for name in ("tiny", "tiny_bytes"):
+        os.makedirs(root / name / "1")
+        ref.write_gguf(model, root / name / "1" / "model.gguf")
+        with open(root / name / "config.toml", "w") as f:
+            f.write('[llm]\nkv_cache = "f32"\nmax_total_tokens = 1024\nthreads = 1\n')
+    tokenizer = byte_level_tokenizer(root / "tiny_bytes" / "1" / "tokenizer.json")
+    text = "What is the capital of France?"
+    ids = [3 + b for b in text.encode()]
+    assert tokenizer.encode(text).ids == ids
+    # The tiny model's ChatML template, rendered for one user message, and its ids under the override.
+    rendered = "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    chat_ids = [ref.BOS_ID, *[3 + b for b in b"user\nhello"], ref.EOS_ID, 3 + ord("\n"), ref.BOS_ID,
+                *[3 + b for b in b"assistant\n"]]
+    assert tokenizer.encode(rendered).ids == chat_ids
+    server = start_ferry(str(root), str(tmp_path / "ferry.log"), timeout=120)
+    try:
+        def complete(name, prompt):
+            r = requests.post(server.url + "/v1/completions", timeout=60, json={
+                "model": name, "prompt": prompt, "max_tokens": 4, "temperature": 0, "logprobs": 1})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        def chat(name):
+            r = requests.post(server.url + "/v1/chat/completions", timeout=60, json={
+                "model": name, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0,
+                "logprobs": True})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        def first_logprob(prompt_ids):
+            """The greedy first token's log-probability after `prompt_ids`, by the NumPy reference."""
+            return float(log_softmax(ref.forward(model, prompt_ids)[-1]).max())
+
+        own, override, given = complete("tiny", text), complete("tiny_bytes", text), complete("tiny", ids)
+        # The GGUF's merges make 7 tokens of the text ("What", " is", " the", " capital", " of", " France", "?"); the
+        # override, one a byte.
+        assert own["usage"]["prompt_tokens"] == 7
+        assert override["usage"]["prompt_tokens"] == len(ids) == 30
+        # Those are the ids themselves: the answer is the one the model gives when the ids are sent as the prompt, and
+        # its first token's log-probability is the reference's for them (and not for the GGUF's own tokens).
+        lp = override["choices"][0]["logprobs"]["token_logprobs"]
+        assert override["choices"][0]["text"] == given["choices"][0]["text"]
+        assert np.allclose(lp, given["choices"][0]["logprobs"]["token_logprobs"], atol=1e-4)
+        assert abs(lp[0] - first_logprob(ids)) < 1e-4, (lp[0], first_logprob(ids))
+        assert abs(own["choices"][0]["logprobs"]["token_logprobs"][0] - first_logprob(ids)) > 1e-3
+
+        own, override = chat("tiny"), chat("tiny_bytes")
+        assert override["usage"]["prompt_tokens"] == len(chat_ids) == 24
+        assert own["usage"]["prompt_tokens"] < len(chat_ids)
+        lp = override["choices"][0]["logprobs"]["content"][0]["logprob"]
+        assert abs(lp - first_logprob(chat_ids)) < 1e-4, (lp, first_logprob(chat_ids))
+    finally:
+        server.stop()
+
+
 # --- GGUF versions in the repository: signatures, hot reload, S3 ------------------------------------------------------
 
 def tiny_version(path, seed):
@@ -488,6 +629,68 @@ def test_hot_reload_of_a_gguf_model_fails_no_stream(tmp_path):
             t.join()
         server.stop()
     assert outcomes and all(o == (200, "data: [DONE]") for o in outcomes), [o for o in outcomes if o[1] != "data: [DONE]"]
+
+
+def test_canary_rollout_of_a_gguf_model_splits_openai_traffic(tmp_path):
+    """Two versions of a tiny Llama with different weights, and a canary as a user starts one (`ferry rollout start`,
+    30% to version 2). OpenAI's routes cannot name a version (`model` is the model's name, which the answer echoes,
+    and no header tells the version), so which version answered is told by its greedy answer, learned by asking each
+    version by number through Triton's generate route, and checked against the per-version request counters.
+    Unversioned chat requests reach the candidate in about the step's share, a routing key keeps its side, and
+    requests naming a version get that version."""
+    root = tmp_path / "repo"
+    tiny_version(root / "tiny" / "1", 0)
+    tiny_version(root / "tiny" / "2", 1)
+    # One llama.cpp thread: a tiny model gains nothing from two, whose spinning barriers crawl on a busy machine.
+    with open(root / "tiny" / "config.toml", "w") as f:
+        f.write("[llm]\nthreads = 1\n")
+    # A long step: the share stays 30% for the whole test.
+    subprocess.run([ferry_binary(), "rollout", "start", "tiny", "--model-repository", str(root), "--version", "2",
+                    "--stable", "1", "--steps", "30,100", "--step-interval", "60m"], check=True, capture_output=True)
+    server = start_ferry(str(root), str(tmp_path / "ferry.log"), timeout=120)
+    try:
+        # The chat prompt as the tiny model's ChatML template renders it, asked of each version by number.
+        rendered = "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+        answer = {}
+        for v in (1, 2):
+            r = requests.post(f"{server.url}/v2/models/tiny/versions/{v}/generate", timeout=60,
+                              json={"text_input": rendered, "max_tokens": 6, "temperature": 0})
+            assert r.status_code == 200 and r.json()["model_version"] == str(v), r.text
+            answer[v] = r.json()["text_output"]
+        assert answer[1] != answer[2], answer
+        version_of = {text: v for v, text in answer.items()}
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+        def ask(**kw):
+            r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
+                                               max_tokens=6, temperature=0, **kw)
+            assert r.model == "tiny"
+            # None: an answer neither version gives.
+            return version_of.get(r.choices[0].message.content)
+
+        served = {v: metric(server, "ferry_requests_total", model="tiny", version=str(v), protocol="rest_openai") or 0
+                  for v in (1, 2)}
+        n = 200
+        counts = collections.Counter(ask() for _ in range(n))
+        assert set(counts) == {1, 2}, counts
+        # 30% of 200 is 60. The split hashes a counter (no routing key here), so it is the same every run (63 here);
+        # the bounds would hold a random 30% split too (3.7 standard deviations of 6.5 either side).
+        assert 0.18 <= counts[2] / n <= 0.42, counts
+        for v in (1, 2):
+            assert metric(server, "ferry_requests_total", model="tiny", version=str(v),
+                          protocol="rest_openai") - served[v] == counts[v], (v, counts)
+        # A client's routing key keeps its side.
+        for user in range(8):
+            sides = [ask(extra_headers={"x-route-key": f"user-{user}"}) for _ in range(3)]
+            assert sides[0] in (1, 2) and sides.count(sides[0]) == 3, (user, sides)
+        # A request naming a version is not split.
+        for v in (1, 2):
+            for _ in range(10):
+                r = requests.post(f"{server.url}/v2/models/tiny/versions/{v}/generate", timeout=60,
+                                  json={"text_input": rendered, "max_tokens": 6, "temperature": 0})
+                assert r.json()["model_version"] == str(v) and r.json()["text_output"] == answer[v], (v, r.text)
+    finally:
+        server.stop()
 
 
 def test_gguf_model_from_an_s3_repository(tmp_path, s3):
