@@ -693,6 +693,40 @@ def test_canary_rollout_of_a_gguf_model_splits_openai_traffic(tmp_path):
         server.stop()
 
 
+def test_canary_gates_judge_a_language_models_answers(tmp_path):
+    """A rollout's steps are judged on the answers of OpenAI's and Triton's generate routes, as on ONNX predictions:
+    with only such traffic, a canary whose steps need 5 candidate answers each passes them and is promoted."""
+    root = tmp_path / "repo"
+    tiny_version(root / "tiny" / "1", 0)
+    tiny_version(root / "tiny" / "2", 1)
+    with open(root / "tiny" / "config.toml", "w") as f:
+        f.write("[llm]\nthreads = 1\n")
+    subprocess.run([ferry_binary(), "rollout", "start", "tiny", "--model-repository", str(root), "--version", "2",
+                    "--stable", "1", "--steps", "50,100", "--step-interval", "500ms", "--min-requests", "5",
+                    "--max-p99-ratio", "100"], check=True, capture_output=True)
+    server = start_ferry(str(root), str(tmp_path / "ferry.log"), "--repository-poll-secs", "0.1", timeout=120)
+    try:
+        def state():
+            return requests.get(server.admin + "/v2/repository/models/tiny/rollout", timeout=10).json()["plan"]
+
+        deadline = time.monotonic() + 60
+        i = 0
+        while state()["state"] == "running":
+            assert time.monotonic() < deadline, state()
+            if i % 2:
+                r = requests.post(server.url + "/v1/completions", timeout=30,
+                                  json={"model": "tiny", "prompt": "hello", "max_tokens": 4, "temperature": 0})
+            else:
+                r = requests.post(server.url + "/v2/models/tiny/generate", timeout=30,
+                                  json={"text_input": "hello", "max_tokens": 4})
+            assert r.status_code == 200, r.text
+            i += 1
+        final = state()
+        assert final["state"] == "promoted", final
+    finally:
+        server.stop()
+
+
 def test_gguf_model_from_an_s3_repository(tmp_path, s3):
     client, aws = s3
     path = tiny_version(tmp_path / "src", 0)

@@ -185,19 +185,46 @@ impl Backend for LlmBackend {
     }
 }
 
-/// What one streamed or collected answer measured, for the version's metrics.
-#[derive(Debug)]
+/// What one streamed or collected answer measured, for the version's metrics and, while a rollout runs, for its
+/// arm's gate figures (the answer's whole time, and whether the engine failed it).
 pub struct Clock {
     started: Instant,
     last: Option<Instant>,
+    /// The model's rollout when there is one, and the version answering.
+    rollout: Option<(Arc<crate::core::rollout::Live>, u64)>,
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Clock")
+            .field("started", &self.started)
+            .field("last", &self.last)
+            .field("in_rollout", &self.rollout.is_some())
+            .finish()
+    }
 }
 
 impl Clock {
-    /// Starts at the request's arrival.
-    pub fn start() -> Clock {
+    /// Starts at the request's arrival, for an answer of `version` (its rollout, if any, is looked up in `store`).
+    pub fn start(store: &crate::core::repository::ModelStore, version: &LoadedVersion) -> Clock {
+        let rollout = store
+            .with_model(&version.model, |r| r.rollout.clone())
+            .flatten()
+            .map(|live| (live, version.version));
         Clock {
             started: Instant::now(),
             last: None,
+            rollout,
+        }
+    }
+
+    /// Counts the answer in its rollout arm, if a rollout runs: a canary of a language model is judged on its
+    /// answers as one of an ONNX model is on its predictions.
+    pub fn observe(&self, failed: bool) {
+        if let Some((live, version)) = &self.rollout {
+            if let Some(arm) = live.arm(*version) {
+                arm.observe(self.started.elapsed(), failed);
+            }
         }
     }
 
@@ -211,9 +238,10 @@ impl Clock {
         self.last = Some(now);
     }
 
-    /// The answer ended: its whole time and its token counts.
+    /// The answer ended: its whole time and its token counts (and, in a rollout, one answer for its arm).
     pub fn done(&self, series: &crate::metrics::VersionSeries, prompt: usize, completion: usize) {
         series.llm_done(self.started.elapsed(), prompt, completion);
+        self.observe(false);
     }
 
     /// Time since the request arrived.
@@ -264,8 +292,14 @@ pub async fn collect(
                 clock.done(series, prompt_tokens, completion_tokens);
                 return Ok(out);
             }
-            Some(Event::Failed(e)) => return Err(InferError::new(ErrorKind::Internal, e)),
-            None => return Err(InferError::new(ErrorKind::Unavailable, "the model stopped")),
+            Some(Event::Failed(e)) => {
+                clock.observe(true);
+                return Err(InferError::new(ErrorKind::Internal, e));
+            }
+            None => {
+                clock.observe(true);
+                return Err(InferError::new(ErrorKind::Unavailable, "the model stopped"));
+            }
         }
     }
 }

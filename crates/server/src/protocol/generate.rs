@@ -200,7 +200,7 @@ async fn run(
             .map_err(|_| InferError::new(ErrorKind::Internal, "tokenizing failed"))?
             .map_err(llm::error)?
     };
-    let clock = Clock::start();
+    let clock = Clock::start(&infer.store, &loaded);
     let generation = engine.generate(tokens, params).map_err(llm::error)?;
     let (name, number) = (loaded.model.clone(), loaded.version.to_string());
     if !stream {
@@ -261,8 +261,14 @@ async fn run(
                                 true,
                             );
                         }
-                        Some(Event::Failed(e)) => break (event(json!({"error": e})), true),
-                        None => break (event(json!({"error": "the model stopped"})), true),
+                        Some(Event::Failed(e)) => {
+                            clock.observe(true);
+                            break (event(json!({"error": e})), true);
+                        }
+                        None => {
+                            clock.observe(true);
+                            break (event(json!({"error": "the model stopped"})), true);
+                        }
                     }
                 };
                 Some((

@@ -347,7 +347,7 @@ async fn run(
                 )
             })?
     };
-    let clock = Clock::start();
+    let clock = Clock::start(&infer.store, &version);
     let generation = model.generate(tokens, params.clone()).map_err(|e| {
         let param = match &e {
             ferry_llm::LlmError::PromptTooLong { .. } => Some(if kind == Kind::Chat {
@@ -588,11 +588,13 @@ fn stream(
                 st.ended = true;
             }
             Some(Event::Failed(e)) => {
+                st.clock.observe(true);
                 let error = json!({"error": {"message": e, "type": "server_error", "param": null, "code": null}});
                 out.push_str(&format!("data: {error}\n\n"));
                 st.ended = true;
             }
             None => {
+                st.clock.observe(true);
                 let error = json!({"error": {"message": "the model stopped", "type": "server_error", "param": null, "code": null}});
                 out.push_str(&format!("data: {error}\n\n"));
                 st.ended = true;
