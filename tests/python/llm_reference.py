@@ -132,13 +132,15 @@ def tiny_llama(seed=0, tied=False, **sizes):
     return m
 
 
-def write_gguf(m, path):
-    """Writes `m` as a GGUF v3 file (all tensors float32) with gguf-py, llama.cpp's own writer."""
+def write_gguf(m, path, raw=None):
+    """Writes `m` as a GGUF v3 file with gguf-py, llama.cpp's own writer: float32 tensors, except those `raw` maps
+    to (bytes as gguf-py's quantizer made them, their GGMLQuantizationType)."""
     import gguf
 
+    raw = raw or {}
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("ferry-tiny-llama")
-    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32) if not raw else int(gguf.LlamaFileType.GUESSED))
     writer.add_context_length(m.n_ctx)
     writer.add_embedding_length(m.n_embd)
     writer.add_block_count(m.n_layer)
@@ -160,7 +162,11 @@ def write_gguf(m, path):
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
     for name, value in m.weights.items():
-        writer.add_tensor(name, value)
+        if name in raw:
+            data, qtype = raw[name]
+            writer.add_tensor(name, data, raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
