@@ -2,7 +2,9 @@
 //! the build needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read when the script runs, not baked in when it is compiled: a build script shared through one target
+    // directory by two checkouts must find this checkout's files.
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let files = [
         "kserve/grpc_service.proto",
         "tensorflow_serving/apis/services.proto",
