@@ -632,6 +632,20 @@ def test_hot_reload_of_a_gguf_model_fails_no_stream(tmp_path):
     assert outcomes and all(o == (200, "data: [DONE]") for o in outcomes), [o for o in outcomes if o[1] != "data: [DONE]"]
 
 
+def tiny_canary(tmp_path, *rollout):
+    """A repository with versions 1 and 2 of a tiny Llama (different weights) and a canary of version 2 started as a
+    user starts one, `ferry rollout start` with the `rollout` flags; gives the repository's path."""
+    root = tmp_path / "repo"
+    tiny_version(root / "tiny" / "1", 0)
+    tiny_version(root / "tiny" / "2", 1)
+    # One llama.cpp thread: a tiny model gains nothing from two, whose spinning barriers crawl on a busy machine.
+    with open(root / "tiny" / "config.toml", "w") as f:
+        f.write("[llm]\nthreads = 1\n")
+    subprocess.run([ferry_binary(), "rollout", "start", "tiny", "--model-repository", str(root), "--version", "2",
+                    "--stable", "1", *rollout], check=True, capture_output=True)
+    return root
+
+
 def test_canary_rollout_of_a_gguf_model_splits_openai_traffic(tmp_path):
     """Two versions of a tiny Llama with different weights, and a canary as a user starts one (`ferry rollout start`,
     30% to version 2). OpenAI's routes cannot name a version (`model` is the model's name, which the answer echoes,
@@ -639,15 +653,8 @@ def test_canary_rollout_of_a_gguf_model_splits_openai_traffic(tmp_path):
     version by number through Triton's generate route, and checked against the per-version request counters.
     Unversioned chat requests reach the candidate in about the step's share, a routing key keeps its side, and
     requests naming a version get that version."""
-    root = tmp_path / "repo"
-    tiny_version(root / "tiny" / "1", 0)
-    tiny_version(root / "tiny" / "2", 1)
-    # One llama.cpp thread: a tiny model gains nothing from two, whose spinning barriers crawl on a busy machine.
-    with open(root / "tiny" / "config.toml", "w") as f:
-        f.write("[llm]\nthreads = 1\n")
     # A long step: the share stays 30% for the whole test.
-    subprocess.run([ferry_binary(), "rollout", "start", "tiny", "--model-repository", str(root), "--version", "2",
-                    "--stable", "1", "--steps", "30,100", "--step-interval", "60m"], check=True, capture_output=True)
+    root = tiny_canary(tmp_path, "--steps", "30,100", "--step-interval", "60m")
     server = start_ferry(str(root), str(tmp_path / "ferry.log"), timeout=120)
     try:
         # The chat prompt as the tiny model's ChatML template renders it, asked of each version by number.
@@ -697,14 +704,8 @@ def test_canary_rollout_of_a_gguf_model_splits_openai_traffic(tmp_path):
 def test_canary_gates_judge_a_language_models_answers(tmp_path):
     """A rollout's steps are judged on the answers of OpenAI's and Triton's generate routes, as on ONNX predictions:
     with only such traffic, a canary whose steps need 5 candidate answers each passes them and is promoted."""
-    root = tmp_path / "repo"
-    tiny_version(root / "tiny" / "1", 0)
-    tiny_version(root / "tiny" / "2", 1)
-    with open(root / "tiny" / "config.toml", "w") as f:
-        f.write("[llm]\nthreads = 1\n")
-    subprocess.run([ferry_binary(), "rollout", "start", "tiny", "--model-repository", str(root), "--version", "2",
-                    "--stable", "1", "--steps", "50,100", "--step-interval", "500ms", "--min-requests", "5",
-                    "--max-p99-ratio", "100"], check=True, capture_output=True)
+    root = tiny_canary(tmp_path, "--steps", "50,100", "--step-interval", "500ms", "--min-requests", "5",
+                       "--max-p99-ratio", "100")
     server = start_ferry(str(root), str(tmp_path / "ferry.log"), "--repository-poll-secs", "0.1", timeout=120)
     try:
         def state():

@@ -353,39 +353,38 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_short_request_is_answered_before_the_long_runs_of_its_batch() {
-        let job = |lens: &[usize]| {
-            let (respond, receiver) = tokio::sync::oneshot::channel();
-            let texts = lens
-                .iter()
-                .map(|n| Tokens {
-                    ids: vec![*n as u32; *n],
-                    type_ids: Vec::new(),
-                })
-                .collect();
-            let entry = Entry {
-                item: Job {
-                    work: Work::Texts(texts),
-                    respond,
-                },
-                rows: lens.len(),
-                tokens: lens.iter().sum(),
-                key: Vec::new(),
-                enqueued: Instant::now(),
-                deadline: None,
-                solo: false,
-            };
-            (entry, receiver)
+    /// A queued request of texts of the given lengths (each text repeats its length as its ids), and its receiver.
+    fn job(
+        lens: &[usize],
+    ) -> (
+        Entry<Job>,
+        tokio::sync::oneshot::Receiver<super::super::Answer>,
+    ) {
+        let (respond, receiver) = tokio::sync::oneshot::channel();
+        let texts = lens
+            .iter()
+            .map(|n| Tokens {
+                ids: vec![*n as u32; *n],
+                type_ids: Vec::new(),
+            })
+            .collect();
+        let entry = Entry {
+            item: Job {
+                work: Work::Texts(texts),
+                respond,
+            },
+            rows: lens.len(),
+            tokens: lens.iter().sum(),
+            key: Vec::new(),
+            enqueued: Instant::now(),
+            deadline: None,
+            solo: false,
         };
-        // A long request (two runs of 2 texts: the row limit is 2) then a short one.
-        let (long, long_rx) = job(&[300, 300, 310, 310]);
-        let (short, short_rx) = job(&[3]);
-        let backend = Watching {
-            signature: Default::default(),
-            watched: parking_lot::Mutex::new(vec![short_rx, long_rx]),
-            seen: Default::default(),
-        };
+        (entry, receiver)
+    }
+
+    /// A model reading `ids` and answering `out`, and batches of at most two texts.
+    fn runner_and_limits() -> (Runner, queue::Limits) {
         let runner = Runner {
             input_ids: "ids".into(),
             attention_mask: None,
@@ -401,6 +400,20 @@ mod tests {
             max_queue_size: 8,
             max_batch_tokens: 16_384,
         };
+        (runner, limits)
+    }
+
+    #[test]
+    fn a_short_request_is_answered_before_the_long_runs_of_its_batch() {
+        // A long request (two runs of 2 texts: the row limit is 2) then a short one.
+        let (long, long_rx) = job(&[300, 300, 310, 310]);
+        let (short, short_rx) = job(&[3]);
+        let backend = Watching {
+            signature: Default::default(),
+            watched: parking_lot::Mutex::new(vec![short_rx, long_rx]),
+            seen: Default::default(),
+        };
+        let (runner, limits) = runner_and_limits();
         let metrics = crate::metrics::Metrics::new(crate::metrics::MetricsOptions::default());
         let engine = Engine {
             runner: &runner,
@@ -496,44 +509,11 @@ mod tests {
     #[test]
     fn a_lone_request_of_many_texts_runs_on_every_idle_session() {
         for parallel in [1, 2, 3] {
-            let (respond, mut receiver) = tokio::sync::oneshot::channel();
             // Eight texts of different lengths, two per run: four runs.
             let lens = [5usize, 9, 3, 7, 4, 8, 6, 2];
-            let texts = lens
-                .iter()
-                .map(|n| Tokens {
-                    ids: vec![*n as u32; *n],
-                    type_ids: Vec::new(),
-                })
-                .collect();
-            let entry = Entry {
-                item: Job {
-                    work: Work::Texts(texts),
-                    respond,
-                },
-                rows: lens.len(),
-                tokens: lens.iter().sum(),
-                key: Vec::new(),
-                enqueued: Instant::now(),
-                deadline: None,
-                solo: false,
-            };
+            let (entry, mut receiver) = job(&lens);
             let backend = Counting::default();
-            let runner = Runner {
-                input_ids: "ids".into(),
-                attention_mask: None,
-                token_type_ids: None,
-                output: "out".into(),
-                pooling: None,
-                pad_id: 0,
-            };
-            let limits = queue::Limits {
-                max_batch_size: 2,
-                max_queue_delay: Duration::ZERO,
-                preferred_batch_sizes: Vec::new(),
-                max_queue_size: 8,
-                max_batch_tokens: 16_384,
-            };
+            let (runner, limits) = runner_and_limits();
             let metrics = crate::metrics::Metrics::new(crate::metrics::MetricsOptions::default());
             let recorded = std::sync::atomic::AtomicUsize::new(0);
             let engine = Engine {
