@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::ValueEnum;
-use ferry_server::protocol::grpc::inference::{
+use ferry_wire::inference::{
     grpc_inference_service_client::GrpcInferenceServiceClient,
     model_infer_request::InferInputTensor, ModelInferRequest, ModelMetadataRequest,
 };

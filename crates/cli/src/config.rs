@@ -214,7 +214,7 @@ fn pipeline_args(
 
 /// A TOML syntax error with its line and column.
 fn syntax(e: &toml::de::Error, text: &str) -> String {
-    e.message().trim_end().to_string() + &ferry_server::model_config::locate(e, text)
+    e.message().trim_end().to_string() + &ferry_repo::toml_error_position(e, text)
 }
 
 /// Where the subcommand's name stands among the arguments: the first argument equal to it that is not the value of

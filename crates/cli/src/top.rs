@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use ferry_wire::metrics;
 
 /// `ferry top` flags.
 #[derive(Debug, clap::Args)]
@@ -259,21 +260,21 @@ pub fn rows(before: Option<&Scrape>, now: &Scrape) -> Vec<Row> {
             })
             .collect()
     };
-    let all = delta("ferry_requests_total", &|_| true);
-    let failed = delta("ferry_requests_total", &|s| {
+    let all = delta(metrics::REQUESTS.name, &|_| true);
+    let failed = delta(metrics::REQUESTS.name, &|s| {
         s.labels.get("outcome").is_some_and(|o| o != "success")
     });
-    let batch_sum = delta("ferry_batch_size_sum", &|_| true);
-    let batch_count = delta("ferry_batch_size_count", &|_| true);
-    let latency_now = now.buckets("ferry_request_duration_seconds");
+    let batch_sum = delta(&format!("{}_sum", metrics::BATCH_SIZE.name), &|_| true);
+    let batch_count = delta(&format!("{}_count", metrics::BATCH_SIZE.name), &|_| true);
+    let latency_now = now.buckets(metrics::REQUEST_DURATION.name);
     let latency_before = before
-        .map(|b| b.buckets("ferry_request_duration_seconds"))
+        .map(|b| b.buckets(metrics::REQUEST_DURATION.name))
         .unwrap_or_default();
-    let queue = now.sum_by_version("ferry_queue_depth", |_| true);
+    let queue = now.sum_by_version(metrics::QUEUE_DEPTH.name, |_| true);
     let mut drift: BTreeMap<Key, Vec<String>> = BTreeMap::new();
     for (metric, label) in [
-        ("ferry_feature_drift_psi", "feature"),
-        ("ferry_prediction_drift_psi", "output"),
+        (metrics::DRIFT_PSI.name, "feature"),
+        (metrics::PREDICTION_DRIFT_PSI.name, "output"),
     ] {
         for s in now.samples.iter().filter(|s| s.name == metric) {
             if let (Some(k), Some(name)) = (Scrape::key(s), s.labels.get(label)) {
@@ -289,7 +290,7 @@ pub fn rows(before: Option<&Scrape>, now: &Scrape) -> Vec<Row> {
         }
     }
     let mut out = Vec::new();
-    for s in now.samples.iter().filter(|s| s.name == "ferry_model_state") {
+    for s in now.samples.iter().filter(|s| s.name == metrics::MODEL_STATE.name) {
         let Some(k) = Scrape::key(s) else { continue };
         let state = s.labels.get("state").cloned().unwrap_or_default();
         let requests = all.get(&k).copied().unwrap_or(0.0);
@@ -342,17 +343,17 @@ pub fn frame(url: &str, before: Option<&Scrape>, now: &Scrape) -> String {
         .filter(|s| *s > 0.0);
     let cpu = match (
         seconds,
-        before.and_then(|b| b.total("process_cpu_seconds_total")),
+        before.and_then(|b| b.total(metrics::CPU.name)),
     ) {
         (Some(s), Some(was)) => now
-            .total("process_cpu_seconds_total")
+            .total(metrics::CPU.name)
             .map(|cpu| format!("{:.0}%", (cpu - was).max(0.0) / s * 100.0)),
         _ => None,
     };
     let rss = now
-        .total("process_resident_memory_bytes")
+        .total(metrics::RSS.name)
         .map(|b| format!("{:.0} MiB", b / (1024.0 * 1024.0)));
-    let in_flight = now.total("ferry_requests_in_flight").unwrap_or(0.0);
+    let in_flight = now.total(metrics::IN_FLIGHT.name).unwrap_or(0.0);
     let _ = writeln!(
         out,
         "ferry top  {url}  in flight {in_flight:.0}  cpu {}  rss {}  (rates over {})",

@@ -8,7 +8,8 @@
 //!   requests between the stable version and the candidate, and [`rollout::unversioned_target`], the one rule
 //!   for which version serves a request that names none (the server routes by it; `ferry rollout` and
 //!   `ferry retrain` read the live version from it).
-//! - Names: [`validate_name`] and [`parse_version`], the rules for model and version names, and [`sha256_hex`].
+//! - Names: [`validate_name`] and [`parse_version`], the rules for model and version names, [`sha256_hex`], and
+//!   [`toml_error_position`] for errors in TOML files.
 //!
 //! Errors are typed, one per module: [`NameError`], [`source::SourceError`], [`integrity::IntegrityError`] and
 //! [`rollout::PlanError`] (a caller matches on the variant; the text of each is what the reason reads as).
@@ -32,6 +33,21 @@ pub use source::SourceError;
 pub struct NameError {
     /// The name refused.
     pub name: String,
+}
+
+/// " (line L, column C)" for a TOML error (a model's `config.toml`, or Ferry's own configuration file) that has a position in `text` (both from 1; the column counts characters),
+/// else "".
+pub fn toml_error_position(e: &toml::de::Error, text: &str) -> String {
+    let Some(span) = e.span() else {
+        return String::new();
+    };
+    let before = text.get(..span.start).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    format!(
+        " (line {}, column {})",
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1
+    )
 }
 
 /// Checks a model or label name: it must not be able to name anything outside the repository root.

@@ -369,7 +369,7 @@ impl ModelConfig {
     /// the engine start thousands of threads (ONNX Runtime crashed the process at `intra_op_threads = 100000`). Errors name the offending key.
     pub fn parse(text: &str, engine: &EngineOptions) -> Result<ModelConfig, String> {
         let raw: RawConfig =
-            toml::from_str(text).map_err(|e| e.message().to_string() + &locate(&e, text))?;
+            toml::from_str(text).map_err(|e| e.message().to_string() + &ferry_repo::toml_error_position(&e, text))?;
         let version_policy = match raw.version_policy {
             None => VersionPolicy::Latest(1),
             Some(RawPolicy::Word(w)) if w == "all" => VersionPolicy::All,
@@ -530,21 +530,6 @@ impl ModelConfig {
             outputs: raw.outputs,
         })
     }
-}
-
-/// " (line L, column C)" for a TOML error that has a position in `text` (both from 1; the column counts characters),
-/// else "".
-pub fn locate(e: &toml::de::Error, text: &str) -> String {
-    let Some(span) = e.span() else {
-        return String::new();
-    };
-    let before = text.get(..span.start).unwrap_or(text);
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    format!(
-        " (line {}, column {})",
-        before.matches('\n').count() + 1,
-        before[line_start..].chars().count() + 1
-    )
 }
 
 #[cfg(test)]

@@ -1,26 +1,11 @@
-//! Code generated from `proto/` by `build.rs` (KServe v2 and TF Serving gRPC), and what both gRPC adapters share.
-
-#![allow(missing_docs, clippy::all, unreachable_pub)]
+//! The gRPC messages and services (generated in `ferry-wire`, re-exported here) and what both gRPC adapters share.
 
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::error::InferError;
 
-/// KServe v2 / Open Inference Protocol messages and service (`package inference`).
-pub mod inference {
-    tonic::include_proto!("inference");
-}
-
-/// TensorFlow framework messages (`package tensorflow`).
-pub mod tensorflow {
-    tonic::include_proto!("tensorflow");
-
-    /// TF Serving messages and services (`package tensorflow.serving`).
-    pub mod serving {
-        tonic::include_proto!("tensorflow.serving");
-    }
-}
+pub use ferry_wire::{inference, tensorflow};
 
 /// Ends a gRPC call: counts the response message, records the outcome, and turns the result into a response with a
 /// prediction's timing as metadata (`x-queue-time-us`, `x-compute-time-us`, `x-total-time-us`).
