@@ -7,6 +7,7 @@ import base64
 import concurrent.futures
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -62,6 +63,10 @@ def cosine(a, b):
 def text_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("text_repo")
     ferry_import(minilm_dir(), root / "minilm" / "1")
+    # The same model with prompts, named in config.toml (as sentence-transformers' prompts and default).
+    shutil.copytree(root / "minilm" / "1", root / "prompted" / "1")
+    (root / "prompted" / "config.toml").write_text(
+        '[text]\nprompts = { query = "query: ", passage = "passage: " }\ndefault_prompt_name = "passage"\n')
     tiny = {}
     for name, labels in [("classifier", ["negative", "neutral", "positive"]), ("reranker", ["LABEL_0"])]:
         src = tmp_path_factory.mktemp(name)
@@ -175,6 +180,86 @@ def test_tei_options_and_errors(text_server):
     r = requests.post(server.url + "/models/minilm/embed", data=b'{"inputs": "\xff\xfe"}',
                       headers={"content-type": "application/json"})
     assert r.status_code == 422
+
+
+def reference_tokens(weights, ids):
+    """Every token's vector of the last layer (no pooling): what TEI's /embed_all answers."""
+    w, cfg = weights
+    ids = np.array([ids], dtype=np.int64)
+    hidden, _ = reference(w, cfg, ids, np.ones_like(ids))
+    return hidden[0]
+
+
+def test_embed_all_gives_every_tokens_vector_beside_pooled_requests(text_server, minilm_tokenizer, minilm_weights):
+    server, _ = text_server
+    texts = [SENTENCES[0], SENTENCES[2], SENTENCES[3]]
+    want = {t: reference_tokens(minilm_weights, minilm_tokenizer.encode(t).ids) for t in texts}
+    pooled = {t: reference_embedding(minilm_weights, minilm_tokenizer.encode(t).ids) for t in texts}
+    # Token requests and pooled requests at once, so that runs of one batch mix both.
+    jobs = [("embed_all" if i % 2 else "embed", texts[i % 3]) for i in range(24)]
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda j: post(server, f"/models/minilm/{j[0]}", {"inputs": [j[1], texts[0]]}), jobs))
+    for (call, text), r in zip(jobs, answers):
+        assert r.status_code == 200, r.text
+        if call == "embed":
+            assert cosine(r.json()[0], pooled[text]) >= 0.9999
+            continue
+        got = r.json()
+        assert len(got) == 2 and len(got[1]) == len(want[texts[0]])
+        assert len(got[0]) == len(want[text]) and all(len(v) == 384 for v in got[0])
+        for g, w in zip(got[0], want[text]):
+            assert cosine(g, w) >= 0.9999
+            assert abs(np.linalg.norm(g) / np.linalg.norm(w) - 1) < 1e-3
+    # Only embedding models have token vectors; a request whose answer would be out of proportion to it is refused.
+    r = post(server, "/models/classifier/embed_all", {"inputs": "hello"})
+    assert r.status_code == 422 and "embedding" in r.json()["error"]
+    many = ["word " * 250] * 64
+    r = post(server, "/models/minilm/embed_all", {"inputs": many})
+    assert r.status_code == 422 and "split the request" in r.json()["error"], r.text
+    assert post(server, "/models/minilm/embed_all", {"inputs": many[:8]}).status_code == 200
+
+
+def test_similarity_is_the_cosine_of_the_references_embeddings(text_server, minilm_tokenizer, minilm_weights):
+    server, _ = text_server
+    source, others = SENTENCES[1], [SENTENCES[0], SENTENCES[2], "What is Machine Learning?"]
+    r = post(server, "/models/minilm/similarity", {"inputs": {"source_sentence": source, "sentences": others}})
+    assert r.status_code == 200, r.text
+    ref = lambda t: reference_embedding(minilm_weights, minilm_tokenizer.encode(t).ids)
+    want = [cosine(ref(source), ref(o)) for o in others]
+    assert np.allclose(r.json(), want, atol=1e-4), (r.json(), want)
+    assert max(range(3), key=lambda i: r.json()[i]) == 2
+    r = post(server, "/models/minilm/similarity",
+             {"inputs": {"source_sentence": source, "sentences": [LONG]},
+              "parameters": {"truncate": True, "truncation_direction": "Left"}})
+    assert r.status_code == 200 and len(r.json()) == 1
+    r = post(server, "/models/minilm/similarity", {"inputs": {"source_sentence": source, "sentences": []}})
+    assert r.status_code == 400 and r.json()["error_type"] == "Empty"
+
+
+def test_prompts_are_put_before_texts_as_sentence_transformers_does(text_server, minilm_tokenizer, minilm_weights):
+    server, _ = text_server
+    text = "What is the capital of France?"
+    ref = lambda t: reference_embedding(minilm_weights, minilm_tokenizer.encode(t).ids)
+    # The default prompt (passage) when a request names none, the named one otherwise.
+    r = post(server, "/models/prompted/embed", {"inputs": text})
+    assert r.status_code == 200, r.text
+    assert cosine(r.json()[0], ref("passage: " + text)) >= 0.9999
+    assert cosine(r.json()[0], ref(text)) < 0.999
+    r = post(server, "/models/prompted/embed", {"inputs": [text], "prompt_name": "query"})
+    assert cosine(r.json()[0], ref("query: " + text)) >= 0.9999
+    r = post(server, "/models/prompted/tokenize", {"inputs": text, "prompt_name": "query"})
+    assert [t["id"] for t in r.json()[0]] == minilm_tokenizer.encode("query: " + text).ids
+    r = post(server, "/models/prompted/embed_all", {"inputs": text, "prompt_name": "query"})
+    assert len(r.json()[0]) == len(minilm_tokenizer.encode("query: " + text).ids)
+    import openai
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    e = client.embeddings.create(model="prompted", input=text, encoding_format="float")
+    assert cosine(e.data[0].embedding, ref("passage: " + text)) >= 0.9999
+    # A prompt the model does not have is refused, naming the ones it has.
+    r = post(server, "/models/prompted/embed", {"inputs": text, "prompt_name": "doc"})
+    assert r.status_code == 422 and "`passage`, `query`" in r.json()["error"], r.text
+    r = post(server, "/models/minilm/embed", {"inputs": text, "prompt_name": "query"})
+    assert r.status_code == 422 and "no prompts" in r.json()["error"]
 
 
 def tiny_logits(model, tokenizer, a, b=None):

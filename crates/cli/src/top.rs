@@ -290,7 +290,11 @@ pub fn rows(before: Option<&Scrape>, now: &Scrape) -> Vec<Row> {
         }
     }
     let mut out = Vec::new();
-    for s in now.samples.iter().filter(|s| s.name == metrics::MODEL_STATE.name) {
+    for s in now
+        .samples
+        .iter()
+        .filter(|s| s.name == metrics::MODEL_STATE.name)
+    {
         let Some(k) = Scrape::key(s) else { continue };
         let state = s.labels.get("state").cloned().unwrap_or_default();
         let requests = all.get(&k).copied().unwrap_or(0.0);
@@ -341,10 +345,7 @@ pub fn frame(url: &str, before: Option<&Scrape>, now: &Scrape) -> String {
     let seconds = before
         .and_then(|b| Some(now.at?.duration_since(b.at?).as_secs_f64()))
         .filter(|s| *s > 0.0);
-    let cpu = match (
-        seconds,
-        before.and_then(|b| b.total(metrics::CPU.name)),
-    ) {
+    let cpu = match (seconds, before.and_then(|b| b.total(metrics::CPU.name))) {
         (Some(s), Some(was)) => now
             .total(metrics::CPU.name)
             .map(|cpu| format!("{:.0}%", (cpu - was).max(0.0) / s * 100.0)),

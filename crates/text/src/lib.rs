@@ -53,6 +53,9 @@ pub enum TextError {
         /// The model's maximum in tokens.
         max: usize,
     },
+    /// A request named a prompt the model does not have.
+    #[error("{0}")]
+    Prompt(String),
     /// A token id outside the vocabulary (decoding).
     #[error("token id {0} is not in the vocabulary of {1} tokens")]
     UnknownId(u32, usize),
@@ -394,6 +397,8 @@ mod tests {
             labels: Vec::new(),
             pad_id: 0,
             model_type: "bert".into(),
+            prompts: Default::default(),
+            default_prompt_name: None,
         };
         TextModel::from_bytes(TOKENIZER.as_bytes(), settings).unwrap()
     }

@@ -90,6 +90,10 @@ pub struct Overrides {
     pub pooling: Option<Pooling>,
     /// Whether embeddings are L2-normalized by default.
     pub normalize: Option<bool>,
+    /// Named prompts prepended to texts (sentence-transformers' `prompts`), replacing the folder's.
+    pub prompts: Option<BTreeMap<String, String>>,
+    /// The prompt applied when a request names none (sentence-transformers' `default_prompt_name`).
+    pub default_prompt_name: Option<String>,
 }
 
 /// Everything Ferry needs to know to serve a text model, settled at load time.
@@ -111,6 +115,35 @@ pub struct Settings {
     pub pad_id: u32,
     /// `config.json`'s `model_type` (`bert`, `roberta`, ...), for `/info`.
     pub model_type: String,
+    /// Named prompts, prepended to a text before it is tokenized (`config_sentence_transformers.json`'s `prompts`,
+    /// as sentence-transformers applies them: `query: ` for a model trained with query and passage prefixes).
+    pub prompts: BTreeMap<String, String>,
+    /// The prompt applied when a request names none.
+    pub default_prompt_name: Option<String>,
+}
+
+impl Settings {
+    /// The text prepended for a request naming prompt `name`, or naming none (the default prompt, if any; else
+    /// nothing). A name the model does not have is refused with the names it has.
+    pub fn prompt(&self, name: Option<&str>) -> Result<&str, TextError> {
+        let Some(name) = name.or(self.default_prompt_name.as_deref()) else {
+            return Ok("");
+        };
+        self.prompts.get(name).map(String::as_str).ok_or_else(|| {
+            TextError::Prompt(if self.prompts.is_empty() {
+                format!("prompt `{name}` is not defined: the model has no prompts")
+            } else {
+                format!(
+                    "prompt `{name}` is not defined; the model's prompts are {}",
+                    self.prompts
+                        .keys()
+                        .map(|k| format!("`{k}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+        })
+    }
 }
 
 fn read_json(dir: &Path, name: &str) -> Result<Option<Value>, TextError> {
@@ -213,6 +246,24 @@ impl Settings {
                 max_length = max_length.min(n);
             }
         }
+        let mut prompts = BTreeMap::new();
+        let mut default_prompt_name = None;
+        if let Some(st) = read_json(dir, "config_sentence_transformers.json")? {
+            if let Some(map) = st.get("prompts").and_then(Value::as_object) {
+                for (k, v) in map {
+                    let text = v.as_str().ok_or_else(|| {
+                        TextError::Settings(format!(
+                            "config_sentence_transformers.json: prompt `{k}` is not a string"
+                        ))
+                    })?;
+                    prompts.insert(k.clone(), text.to_string());
+                }
+            }
+            default_prompt_name = st
+                .get("default_prompt_name")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+        }
         let truncation_side = tokenizer_config
             .get("truncation_side")
             .and_then(Value::as_str)
@@ -231,6 +282,8 @@ impl Settings {
             labels,
             pad_id,
             model_type,
+            prompts,
+            default_prompt_name,
         };
         if pooling.is_none() && task == Task::Embedding {
             // A bare encoder without sentence-transformers files: TEI's default is CLS pooling too.
@@ -253,6 +306,19 @@ impl Settings {
         }
         if let Some(n) = overrides.normalize {
             settings.normalize = n;
+        }
+        if let Some(p) = &overrides.prompts {
+            settings.prompts = p.clone();
+        }
+        if let Some(name) = &overrides.default_prompt_name {
+            settings.default_prompt_name = Some(name.clone());
+        }
+        if let Some(name) = &settings.default_prompt_name {
+            if !settings.prompts.contains_key(name) {
+                return Err(TextError::Settings(format!(
+                    "the default prompt `{name}` is not among the model's prompts"
+                )));
+            }
         }
         if settings.max_length == 0 || settings.max_length >= NO_LIMIT {
             return Err(TextError::Settings(
@@ -383,6 +449,47 @@ mod tests {
     }
 
     #[test]
+    fn prompts_come_from_sentence_transformers_and_config_toml() {
+        let d = folder(&[
+            ("config.json", r#"{"max_position_embeddings":512}"#),
+            (
+                "config_sentence_transformers.json",
+                r#"{"prompts":{"query":"query: ","passage":"passage: "},"default_prompt_name":null}"#,
+            ),
+        ]);
+        let s = Settings::read(d.path(), &Overrides::default()).unwrap();
+        assert_eq!(s.prompt(None).unwrap(), "");
+        assert_eq!(s.prompt(Some("query")).unwrap(), "query: ");
+        let e = s.prompt(Some("doc")).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "prompt `doc` is not defined; the model's prompts are `passage`, `query`"
+        );
+        let o = Overrides {
+            default_prompt_name: Some("passage".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            Settings::read(d.path(), &o).unwrap().prompt(None).unwrap(),
+            "passage: "
+        );
+        let o = Overrides {
+            prompts: Some([("q".to_string(), "Q: ".to_string())].into()),
+            default_prompt_name: Some("query".into()),
+            ..Overrides::default()
+        };
+        let e = Settings::read(d.path(), &o).unwrap_err().to_string();
+        assert!(e.contains("default prompt `query` is not among"), "{e}");
+        let bare = folder(&[("config.json", r#"{"max_position_embeddings":512}"#)]);
+        let s = Settings::read(bare.path(), &Overrides::default()).unwrap();
+        assert!(s
+            .prompt(Some("query"))
+            .unwrap_err()
+            .to_string()
+            .contains("no prompts"));
+    }
+
+    #[test]
     fn sentence_transformers_folder() {
         let d = folder(&[
             (
@@ -410,6 +517,7 @@ mod tests {
             pooling: Some(Pooling::Max),
             normalize: Some(false),
             truncation_side: Some(Side::Left),
+            ..Overrides::default()
         };
         let s = Settings::read(d.path(), &o).unwrap();
         // Longer than the position table: refused at load, never a failure of the engine at run time.

@@ -182,21 +182,31 @@ impl<'a> Call<'a> {
     }
 
     /// Runs tokenized texts on the resolved version, a text model (see [`crate::text`]), under the earlier of
-    /// `--request-timeout` and the client's `deadline`, and gives back one `[texts, width]` FP32 output.
+    /// `--request-timeout` and the client's `deadline`, and gives back one FP32 output: `[texts, width]` pooled, or
+    /// every token's vector (`[tokens, width]`) as `output` asks.
     pub async fn predict_texts(
         &mut self,
         texts: Vec<ferry_text::Tokens>,
+        output: crate::batching::TextOutput,
         deadline: Option<Instant>,
     ) -> Result<Vec<NamedTensor>, InferError> {
         let Some(version) = self.version.clone() else {
             tracing::error!("a protocol adapter called Call::predict_texts before Call::resolve");
             return Err(InferError::new(ErrorKind::Internal, "inference failed"));
         };
-        let Prediction { outputs, timing } =
-            self.infer.predict_texts(&version, texts, deadline).await?;
+        let Prediction { outputs, timing } = self
+            .infer
+            .predict_texts(&version, texts, output, deadline)
+            .await?;
         self.record.timing(timing.queue, timing.compute);
         self.timing = Some(timing);
         Ok(outputs)
+    }
+
+    /// The earlier of `--request-timeout` from now and the client's `deadline`: what bounds work done before the
+    /// call queues (tokenizing).
+    pub fn deadline(&self, client: Option<Instant>) -> Instant {
+        self.infer.deadline(Instant::now(), client)
     }
 
     /// The per-request limits the adapter's decoder checks.

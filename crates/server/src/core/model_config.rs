@@ -24,6 +24,8 @@
 //! truncation_side = "Right"            # or "Left": the side cut when a request asks to truncate
 //! pooling = "mean"                     # "mean" | "cls" | "last_token" | "max"
 //! normalize = true                     # L2-normalize embeddings unless the request says otherwise
+//! prompts = { query = "query: " }      # named prompts put before texts (sentence-transformers' `prompts`)
+//! default_prompt_name = "query"        # the prompt used when a request names none
 //! [llm]                              # language models (model.gguf): limits of generation
 //! max_total_tokens = 16384             # the KV-cache budget in tokens, shared by running sequences
 //! max_sequences = 32                   # sequences decoded together
@@ -368,8 +370,8 @@ impl ModelConfig {
     /// (threads and instances relative to its cores, batch and queue sizes) are refused, so a file can never make
     /// the engine start thousands of threads (ONNX Runtime crashed the process at `intra_op_threads = 100000`). Errors name the offending key.
     pub fn parse(text: &str, engine: &EngineOptions) -> Result<ModelConfig, String> {
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| e.message().to_string() + &ferry_repo::toml_error_position(&e, text))?;
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| e.message().to_string() + &ferry_repo::toml_error_position(&e, text))?;
         let version_policy = match raw.version_policy {
             None => VersionPolicy::Latest(1),
             Some(RawPolicy::Word(w)) if w == "all" => VersionPolicy::All,

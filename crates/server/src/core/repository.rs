@@ -355,6 +355,13 @@ fn text_model(
         token_type_ids: has("token_type_ids").then(|| "token_type_ids".into()),
         output,
         pooling: (settings.task == ferry_text::Task::Embedding).then_some(settings.pooling),
+        token_output: ["token_embeddings", "last_hidden_state"]
+            .into_iter()
+            .filter(|_| settings.task == ferry_text::Task::Embedding)
+            .find_map(|w| match signature.output(w)?.shape.as_deref()? {
+                [_, _, width] => Some((w.to_string(), usize::try_from(*width).ok()?)),
+                _ => None,
+            }),
         pad_id: settings.pad_id,
     };
     tracing::info!(

@@ -56,6 +56,21 @@ pub fn text_error(e: TextError) -> InferError {
     }
 }
 
+/// `texts` with the prompt `name` names (or, naming none, the model's default prompt, if it has one) before each,
+/// as sentence-transformers applies prompts.
+pub fn prompted(
+    text: &TextModel,
+    name: Option<&str>,
+    texts: Vec<String>,
+) -> Result<Vec<String>, InferError> {
+    let prompt = text.settings().prompt(name).map_err(text_error)?;
+    Ok(if prompt.is_empty() {
+        texts
+    } else {
+        texts.into_iter().map(|t| format!("{prompt}{t}")).collect()
+    })
+}
+
 /// The text model a loaded version serves, or a 400 saying it takes tensors.
 pub fn text_of(version: &LoadedVersion) -> Result<&Arc<TextModel>, InferError> {
     version.text.as_ref().ok_or_else(|| {
@@ -68,15 +83,17 @@ pub fn text_of(version: &LoadedVersion) -> Result<&Arc<TextModel>, InferError> {
 
 /// Tokenizes `inputs` with `version`'s tokenizer (with special tokens; cut on `truncate`'s side when asked, else refused past the
 /// maximum length). Short requests are tokenized on the calling task, longer ones on the blocking pool, at most one
-/// per core at once. The tokens kept may take at most `allowance` bytes.
+/// per core at once, and refused with DEADLINE_EXCEEDED when `deadline` passes before a thread is free. The tokens
+/// kept may take at most `allowance` bytes.
 pub async fn tokenize(
     version: &LoadedVersion,
     inputs: Vec<TextInput>,
     truncate: Option<Side>,
     allowance: usize,
+    deadline: Instant,
 ) -> Result<Vec<Tokens>, InferError> {
     let started = Instant::now();
-    let tokens = tokenize_with(text_of(version)?, inputs, truncate, allowance).await?;
+    let tokens = tokenize_with(text_of(version)?, inputs, truncate, allowance, deadline).await?;
     version
         .scheduler
         .series()
@@ -89,6 +106,7 @@ async fn tokenize_with(
     inputs: Vec<TextInput>,
     truncate: Option<Side>,
     allowance: usize,
+    deadline: Instant,
 ) -> Result<Vec<Tokens>, InferError> {
     let run = move |model: &TextModel, inputs: Vec<TextInput>| {
         let mut left = allowance;
@@ -112,21 +130,27 @@ async fn tokenize_with(
     };
     let bytes = inputs.iter().map(TextInput::bytes).sum::<usize>();
     let model = model.clone();
-    off_runtime(bytes, move || run(&model, inputs)).await
+    off_runtime(bytes, deadline, move || run(&model, inputs)).await
 }
 
 /// Runs `work` (tokenizing `bytes` of text) on the calling task when it is small, else on the blocking pool, at most
-/// one per core at once.
+/// one per core at once; DEADLINE_EXCEEDED when `deadline` passes before a thread is free.
 async fn off_runtime<T: Send + 'static>(
     bytes: usize,
+    deadline: Instant,
     work: impl FnOnce() -> Result<T, InferError> + Send + 'static,
 ) -> Result<T, InferError> {
     if bytes <= INLINE_BYTES {
         return work();
     }
-    let _permit = tokenizer_permits()
-        .acquire()
+    let _permit = tokio::time::timeout_at(deadline.into(), tokenizer_permits().acquire())
         .await
+        .map_err(|_| {
+            InferError::new(
+                ErrorKind::DeadlineExceeded,
+                "the request's deadline passed while it waited to be tokenized",
+            )
+        })?
         .map_err(|_| InferError::unavailable("server shutting down"))?;
     tokio::task::spawn_blocking(work)
         .await
@@ -151,10 +175,11 @@ pub async fn listing(
     texts: Vec<String>,
     add_special_tokens: bool,
     allowance: usize,
+    deadline: Instant,
 ) -> Result<Vec<u8>, InferError> {
     let bytes = texts.iter().map(String::len).sum();
     let model = model.clone();
-    off_runtime(bytes, move || {
+    off_runtime(bytes, deadline, move || {
         let too_big = || {
             InferError::invalid(format!(
                 "the request's texts hold more tokens than a request of its size may list ({allowance} bytes of \
@@ -203,6 +228,7 @@ impl Infer {
         &self,
         version: &Arc<LoadedVersion>,
         texts: Vec<Tokens>,
+        output: crate::batching::TextOutput,
         deadline: Option<Instant>,
     ) -> Result<Prediction, InferError> {
         if texts.len() > self.limits.max_rows {
@@ -214,7 +240,9 @@ impl Infer {
         }
         let start = Instant::now();
         let deadline = self.deadline(start, deadline);
-        let receiver = version.scheduler.submit_texts(texts, Some(deadline))?;
+        let receiver = version
+            .scheduler
+            .submit_texts(texts, output, Some(deadline))?;
         let answered = self
             .await_answer(version, receiver, start, deadline)
             .await?;
@@ -333,6 +361,11 @@ pub async fn predict_text_tensors(
             ))
         })?);
     }
+    let texts = if settings.task == Task::Embedding {
+        prompted(text_of(version)?, None, texts)?
+    } else {
+        texts
+    };
     let inputs: Vec<TextInput> = if settings.task == Task::Reranker {
         let mut pairs = Vec::with_capacity(texts.len() / 2);
         let mut it = texts.into_iter();
@@ -349,8 +382,22 @@ pub async fn predict_text_tensors(
         )));
     }
     let allowance = crate::infer::Budget::for_request(request_bytes).total();
-    let tokens = tokenize(version, inputs, None, allowance).await?;
-    let prediction = infer.predict_texts(version, tokens, deadline).await?;
+    let tokens = tokenize(
+        version,
+        inputs,
+        None,
+        allowance,
+        infer.deadline(Instant::now(), deadline),
+    )
+    .await?;
+    let prediction = infer
+        .predict_texts(
+            version,
+            tokens,
+            crate::batching::TextOutput::Pooled,
+            deadline,
+        )
+        .await?;
     let (rows, width) = rows(&prediction.outputs)?;
     let n = rows.len() / width.max(1);
     let tensor = |shape: Vec<usize>, data| {
@@ -458,6 +505,35 @@ pub fn sigmoid(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn tokenizing_waits_for_a_thread_only_until_the_deadline() {
+        // Every tokenizing thread busy: a large request waits, and is refused when its deadline passes.
+        let permits = tokenizer_permits();
+        let held = permits
+            .acquire_many(u32::try_from(crate::model_config::machine_cores().max(1)).unwrap())
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let deadline = started + std::time::Duration::from_millis(100);
+        let e = off_runtime(INLINE_BYTES + 1, deadline, || Ok(()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::DeadlineExceeded, "{e:?}");
+        assert!(started.elapsed() >= std::time::Duration::from_millis(100));
+        // Small requests never wait; once a thread is free, large ones run.
+        off_runtime(INLINE_BYTES, deadline, || Ok(()))
+            .await
+            .unwrap();
+        drop(held);
+        let later = Instant::now() + std::time::Duration::from_secs(10);
+        assert_eq!(
+            off_runtime(INLINE_BYTES + 1, later, || Ok(7))
+                .await
+                .unwrap(),
+            7
+        );
+    }
 
     #[test]
     fn scores_as_clients_expect() {

@@ -217,10 +217,16 @@ async fn run(
             Some("input"),
         )
     };
+    let deadline = super::client_deadline(headers).map_err(|e| (e, None))?;
+    let until = infer.deadline(std::time::Instant::now(), deadline);
     let tokens: Vec<Tokens> = match input {
-        Input::One(s) => {
-            text::tokenize(&version, vec![TextInput::Single(s)], None, allowance).await
-        }
+        Input::One(s) => match text::prompted(&text, None, vec![s]) {
+            Ok(v) => {
+                let inputs = v.into_iter().map(TextInput::Single).collect();
+                text::tokenize(&version, inputs, None, allowance, until).await
+            }
+            Err(e) => Err(e),
+        },
         Input::Many(v) => {
             if v.len() > max_rows {
                 return Err(too_many(v.len(), max_rows));
@@ -228,13 +234,13 @@ async fn run(
             if v.is_empty() {
                 return Err(empty());
             }
-            text::tokenize(
-                &version,
-                v.into_iter().map(TextInput::Single).collect(),
-                None,
-                allowance,
-            )
-            .await
+            match text::prompted(&text, None, v) {
+                Ok(v) => {
+                    let inputs = v.into_iter().map(TextInput::Single).collect();
+                    text::tokenize(&version, inputs, None, allowance, until).await
+                }
+                Err(e) => Err(e),
+            }
         }
         Input::Ids(ids) => ids_to_tokens(&text, vec![ids]),
         Input::ManyIds(lists) => {
@@ -249,9 +255,8 @@ async fn run(
     }
     .map_err(|e| (e, Some("input")))?;
     let prompt_tokens: usize = tokens.iter().map(Tokens::len).sum();
-    let deadline = super::client_deadline(headers).map_err(|e| (e, None))?;
     let outputs = call
-        .predict_texts(tokens, deadline)
+        .predict_texts(tokens, crate::batching::TextOutput::Pooled, deadline)
         .await
         .map_err(|e| (e, None))?;
     let (rows, width) = text::rows(&outputs).map_err(|e| (e, None))?;

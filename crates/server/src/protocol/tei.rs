@@ -181,6 +181,40 @@ struct RerankRequest {
 }
 
 #[derive(Debug, Deserialize)]
+struct EmbedAllRequest {
+    inputs: Inputs,
+    #[serde(default)]
+    truncate: Option<bool>,
+    #[serde(default)]
+    truncation_direction: Direction,
+    #[serde(default)]
+    prompt_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SimilarityInputs {
+    source_sentence: String,
+    sentences: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct SimilarityParameters {
+    #[serde(default)]
+    truncate: Option<bool>,
+    #[serde(default)]
+    truncation_direction: Direction,
+    #[serde(default)]
+    prompt_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SimilarityRequest {
+    inputs: SimilarityInputs,
+    #[serde(default)]
+    parameters: Option<SimilarityParameters>,
+}
+
+#[derive(Debug, Deserialize)]
 struct TokenizeRequest {
     inputs: Inputs,
     #[serde(default = "yes")]
@@ -215,6 +249,8 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/models/{model}/info", get(named_info));
     for (path, call) in [
         ("embed", Call::Embed),
+        ("embed_all", Call::EmbedAll),
+        ("similarity", Call::Similarity),
         ("predict", Call::Predict),
         ("rerank", Call::Rerank),
         ("tokenize", Call::Tokenize),
@@ -233,11 +269,15 @@ pub fn routes() -> axum::Router<AppState> {
     router
 }
 
-/// The five TEI calls and `/info`.
+/// TEI's calls (besides `/info`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Call {
     /// `POST /embed`.
     Embed,
+    /// `POST /embed_all`: every token's vector, unpooled.
+    EmbedAll,
+    /// `POST /similarity`: cosine similarity of a source sentence to each of a list.
+    Similarity,
     /// `POST /predict`.
     Predict,
     /// `POST /rerank`.
@@ -422,8 +462,17 @@ async fn run_texts(
     allowance: usize,
     deadline: Option<std::time::Instant>,
 ) -> Result<Vec<ferry_model::NamedTensor>, InferError> {
-    let tokens = text::tokenize(version, inputs, truncate, allowance).await?;
-    c.predict_texts(tokens, deadline).await
+    let until = c.deadline(deadline);
+    let tokens = text::tokenize(version, inputs, truncate, allowance, until).await?;
+    c.predict_texts(tokens, crate::batching::TextOutput::Pooled, deadline)
+        .await
+}
+
+/// How many numbers an `/embed_all` answer may hold for a request of `allowance` bytes of budget: as JSON each
+/// takes about 10 bytes, so this bounds the answer to about 40 times the budget (every token's vector is the point
+/// of the call, and a token's vector is hundreds of numbers).
+fn embed_all_values(allowance: usize) -> usize {
+    allowance.saturating_mul(4)
 }
 
 async fn run(
@@ -454,9 +503,6 @@ async fn run(
             if task != Task::Embedding {
                 return Err(wrong_task("an embedding"));
             }
-            if req.prompt_name.is_some() {
-                return Err(InferError::invalid("`prompt_name` is not supported"));
-            }
             if req.dimensions == Some(0) {
                 return Err(InferError::invalid("`dimensions` must be at least 1"));
             }
@@ -464,6 +510,7 @@ async fn run(
             if texts.is_empty() {
                 return Err(empty("inputs"));
             }
+            let texts = text::prompted(&text, req.prompt_name.as_deref(), texts)?;
             let normalize = req.normalize.unwrap_or(true);
             let truncate = truncation(req.truncate, req.truncation_direction);
             let outputs = run_texts(
@@ -479,6 +526,61 @@ async fn run(
             let out: Vec<Vec<f32>> = rows
                 .chunks_exact(width.max(1))
                 .map(|r| text::embedding(r, req.dimensions, normalize))
+                .collect();
+            Ok(Json(out).into_response())
+        }
+        Call::EmbedAll => {
+            let req: EmbedAllRequest = parse(infer, &body)?;
+            drop(body);
+            if task != Task::Embedding {
+                return Err(wrong_task("an embedding"));
+            }
+            let (texts, _) = req.inputs.into_vec();
+            if texts.is_empty() {
+                return Err(empty("inputs"));
+            }
+            let texts = text::prompted(&text, req.prompt_name.as_deref(), texts)?;
+            let truncate = truncation(req.truncate, req.truncation_direction);
+            let inputs = texts.into_iter().map(TextInput::Single).collect();
+            let until = c.deadline(deadline);
+            let tokens = text::tokenize(&version, inputs, truncate, allowance, until).await?;
+            let lens: Vec<usize> = tokens.iter().map(ferry_text::Tokens::len).collect();
+            let output = crate::batching::TextOutput::Tokens {
+                max_values: embed_all_values(allowance),
+            };
+            let outputs = c.predict_texts(tokens, output, deadline).await?;
+            let (values, width) = text::rows(&outputs)?;
+            let mut rows = values.chunks_exact(width.max(1));
+            let out: Vec<Vec<&[f32]>> = lens
+                .iter()
+                .map(|n| rows.by_ref().take(*n).collect())
+                .collect();
+            Ok(Json(out).into_response())
+        }
+        Call::Similarity => {
+            let req: SimilarityRequest = parse(infer, &body)?;
+            drop(body);
+            if task != Task::Embedding {
+                return Err(wrong_task("an embedding"));
+            }
+            if req.inputs.sentences.is_empty() {
+                return Err(empty("sentences"));
+            }
+            let p = req.parameters.unwrap_or_default();
+            let mut texts = Vec::with_capacity(req.inputs.sentences.len() + 1);
+            texts.push(req.inputs.source_sentence);
+            texts.extend(req.inputs.sentences);
+            let texts = text::prompted(&text, p.prompt_name.as_deref(), texts)?;
+            let truncate = truncation(p.truncate, p.truncation_direction);
+            let inputs = texts.into_iter().map(TextInput::Single).collect();
+            let outputs = run_texts(c, &version, inputs, truncate, allowance, deadline).await?;
+            let (rows, width) = text::rows(&outputs)?;
+            let mut vectors = rows
+                .chunks_exact(width.max(1))
+                .map(|r| text::embedding(r, None, true));
+            let source = vectors.next().unwrap_or_default();
+            let out: Vec<f32> = vectors
+                .map(|v| source.iter().zip(&v).map(|(a, b)| a * b).sum())
                 .collect();
             Ok(Json(out).into_response())
         }
@@ -573,14 +675,13 @@ async fn run(
         Call::Tokenize => {
             let req: TokenizeRequest = parse(infer, &body)?;
             drop(body);
-            if req.prompt_name.is_some() {
-                return Err(InferError::invalid("`prompt_name` is not supported"));
-            }
             let (texts, _) = req.inputs.into_vec();
             if texts.is_empty() {
                 return Err(empty("inputs"));
             }
-            let out = text::listing(&text, texts, req.add_special_tokens, allowance).await?;
+            let texts = text::prompted(&text, req.prompt_name.as_deref(), texts)?;
+            let until = c.deadline(deadline);
+            let out = text::listing(&text, texts, req.add_special_tokens, allowance, until).await?;
             Ok((
                 [(axum::http::header::CONTENT_TYPE, "application/json")],
                 out,

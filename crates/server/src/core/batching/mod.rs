@@ -53,14 +53,28 @@ pub struct Job {
 #[derive(Debug)]
 enum Work {
     Tensors(Vec<NamedTensor>),
-    Texts(Vec<ferry_text::Tokens>),
+    Texts(Vec<ferry_text::Tokens>, TextOutput),
+}
+
+/// What a text request gets back for each of its texts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextOutput {
+    /// One row per text: its pooled embedding, or a classifier's scores (`[texts, width]`).
+    Pooled,
+    /// Every token's vector before pooling, the texts one after another (`[tokens of all texts, width]`); TEI's
+    /// `/embed_all`. Only for models with a per-token output of a stated width; refused before it queues when the
+    /// answer would hold more than `max_values` numbers.
+    Tokens {
+        /// The most numbers the answer may hold.
+        max_values: usize,
+    },
 }
 
 impl Work {
     fn tensors(&mut self) -> Vec<NamedTensor> {
         match self {
             Work::Tensors(t) => std::mem::take(t),
-            Work::Texts(_) => Vec::new(),
+            Work::Texts(..) => Vec::new(),
         }
     }
 }
@@ -203,6 +217,7 @@ impl Scheduler {
     pub fn submit_texts(
         &self,
         texts: Vec<ferry_text::Tokens>,
+        output: TextOutput,
         deadline: Option<Instant>,
     ) -> Result<oneshot::Receiver<Answer>, InferError> {
         if self.shared.text.is_none() {
@@ -211,12 +226,29 @@ impl Scheduler {
                 self.shared.label
             )));
         }
+        if let (TextOutput::Tokens { max_values }, Some(runner)) = (output, &self.shared.text) {
+            let Some((_, width)) = &runner.token_output else {
+                return Err(InferError::invalid(format!(
+                    "model `{}` gives no per-token vectors (its graph has no `token_embeddings` or \
+                     `last_hidden_state` output of a stated width)",
+                    self.shared.label
+                )));
+            };
+            let tokens: usize = texts.iter().map(ferry_text::Tokens::len).sum();
+            let values = tokens.saturating_mul(*width);
+            if values > max_values {
+                return Err(InferError::invalid(format!(
+                    "the answer would hold {tokens} token vectors of {width} numbers ({values}); a request of this \
+                     size may get at most {max_values}: split the request"
+                )));
+            }
+        }
         let (respond, receiver) = oneshot::channel();
         let entry = Entry {
             rows: texts.len(),
             tokens: texts.iter().map(ferry_text::Tokens::len).sum(),
             item: Job {
-                work: Work::Texts(texts),
+                work: Work::Texts(texts, output),
                 respond,
             },
             key: Vec::new(),
@@ -431,7 +463,7 @@ fn concat_inputs(jobs: &[Job], total: usize) -> Result<Vec<NamedTensor>, InferEr
         .iter()
         .map(|j| match &j.work {
             Work::Tensors(t) => t.as_slice(),
-            Work::Texts(_) => &[],
+            Work::Texts(..) => &[],
         })
         .collect();
     let count = tensors[0].len();

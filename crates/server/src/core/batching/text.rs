@@ -8,7 +8,7 @@ use ferry_engine::Backend;
 use ferry_model::{NamedTensor, Tensor, TensorData};
 use ferry_text::{Pooling, Tokens};
 
-use super::{queue, Answered, Entry, Job, Work};
+use super::{queue, Answered, Entry, Job, TextOutput, Work};
 use crate::error::{ErrorKind, InferError};
 
 /// How a text model's graph is fed and read.
@@ -24,6 +24,9 @@ pub struct Runner {
     pub output: String,
     /// How a 3-D output is pooled; `None` refuses 3-D outputs (classifiers).
     pub pooling: Option<Pooling>,
+    /// The output holding every token's vector (`[texts, tokens, width]`) and its width, when the model has one
+    /// whose width the graph states: what TEI's `/embed_all` answers.
+    pub token_output: Option<(String, usize)>,
     /// The id padding is filled with (masked out, so any valid id does).
     pub pad_id: u32,
 }
@@ -97,9 +100,13 @@ pub(super) fn run_batch(
     let texts: Vec<&[Tokens]> = works
         .iter()
         .map(|w| match w {
-            Work::Texts(t) => t.as_slice(),
+            Work::Texts(t, _) => t.as_slice(),
             Work::Tensors(_) => &[],
         })
+        .collect();
+    let per_token: Vec<bool> = works
+        .iter()
+        .map(|w| matches!(w, Work::Texts(_, TextOutput::Tokens { .. })))
         .collect();
     // Every text of the batch as (request, index), shortest first.
     let mut order: Vec<(usize, usize)> = texts
@@ -114,7 +121,7 @@ pub(super) fn run_batch(
     let failed: Vec<Option<InferError>> = texts.iter().map(|_| None).collect();
     let answer = |j: usize, rows: Vec<Option<Vec<f32>>>, failed: Option<InferError>| match failed {
         Some(e) => Err(e),
-        None => collect(rows).map(|output| Answered {
+        None => collect(rows, per_token[j].then_some(texts[j])).map(|output| Answered {
             outputs: vec![output],
             queue: waits.get(j).copied().unwrap_or_default(),
             compute: started.elapsed(),
@@ -147,7 +154,8 @@ pub(super) fn run_batch(
         let seqs: Vec<&Tokens> = members.iter().map(|(j, i)| &texts[*j][*i]).collect();
         let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
         series.text_run(seqs.iter().map(|s| s.len()).sum(), longest * seqs.len());
-        let out = run_once(runner, backend, &seqs);
+        let whole: Vec<bool> = members.iter().map(|(j, _)| per_token[*j]).collect();
+        let out = run_once(runner, backend, &seqs, &whole);
         let mut p = progress.lock();
         match out {
             Ok(out) => {
@@ -207,26 +215,35 @@ pub(super) fn run_batch(
     }
 }
 
-/// One request's rows as a `[texts, width]` tensor.
-fn collect(rows: Vec<Option<Vec<f32>>>) -> Result<NamedTensor, InferError> {
-    let n = rows.len();
-    let width = rows.first().and_then(|r| r.as_ref()).map_or(0, Vec::len);
-    let mut data = Vec::with_capacity(n * width);
+/// One request's rows as a `[texts, width]` tensor, or, for a request of every token's vector (`tokens` gives its
+/// texts), its texts' token vectors one after another as `[tokens, width]`.
+fn collect(
+    rows: Vec<Option<Vec<f32>>>,
+    tokens: Option<&[Tokens]>,
+) -> Result<NamedTensor, InferError> {
+    let n = match tokens {
+        Some(texts) => texts.iter().map(Tokens::len).sum(),
+        None => rows.len(),
+    };
+    let mut data = Vec::with_capacity(rows.iter().flatten().map(Vec::len).sum());
     for row in rows {
         let row =
             row.ok_or_else(|| InferError::new(ErrorKind::Internal, "a text got no answer"))?;
         data.extend_from_slice(&row);
     }
+    let width = data.len().checked_div(n).unwrap_or(0);
     let tensor = Tensor::new(vec![n, width], TensorData::F32(data))
         .map_err(|e| InferError::new(ErrorKind::Internal, e.to_string()))?;
     Ok(NamedTensor::new(OUTPUT, tensor))
 }
 
-/// Pads `seqs` to the longest, runs the engine once, and reads one row per text.
+/// Pads `seqs` to the longest, runs the engine once, and reads one row per text: pooled, or (where `per_token` says)
+/// the text's token vectors one after another, padding left out.
 fn run_once(
     runner: &Runner,
     backend: &dyn Backend,
     seqs: &[&Tokens],
+    per_token: &[bool],
 ) -> Result<Vec<Vec<f32>>, InferError> {
     let n = seqs.len();
     let len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
@@ -255,58 +272,114 @@ fn run_once(
         inputs.push(tensor(name, types)?);
     }
     let outputs = backend.predict(inputs).map_err(InferError::from)?;
-    let out = outputs
-        .into_iter()
-        .find(|o| o.name == runner.output)
-        .ok_or_else(|| {
-            InferError::new(
+    let pooled = if per_token.iter().all(|t| *t) {
+        None
+    } else {
+        Some(read(&outputs, &runner.output, n, len)?)
+    };
+    let tokens = match (per_token.iter().any(|t| *t), &runner.token_output) {
+        (false, _) => None,
+        (true, Some((name, _))) => Some(read(&outputs, name, n, len)?),
+        (true, None) => {
+            return Err(InferError::new(
                 ErrorKind::Internal,
-                format!("the model gave no output `{}`", runner.output),
-            )
-        })?;
-    let TensorData::F32(values) = &out.tensor.data else {
-        return Err(InferError::new(
-            ErrorKind::Internal,
-            format!(
-                "output `{}` is {}, not FP32",
-                runner.output,
-                out.tensor.dtype()
-            ),
-        ));
-    };
-    let shape = &out.tensor.shape;
-    let bad_shape = || {
-        InferError::new(
-            ErrorKind::Internal,
-            format!(
-                "output `{}` has shape {shape:?} for {n} texts of {len} tokens",
-                runner.output
-            ),
-        )
-    };
-    match (shape.as_slice(), runner.pooling) {
-        ([rows, width], _) if *rows == n => Ok(values
-            .chunks_exact((*width).max(1))
-            .take(n)
-            .map(<[f32]>::to_vec)
-            .collect()),
-        ([rows, tokens, width], Some(pooling)) if *rows == n && *tokens == len => {
-            let stride = len * width;
-            Ok(seqs
-                .iter()
-                .enumerate()
-                .map(|(r, s)| {
-                    ferry_text::pool(
-                        pooling,
-                        &values[r * stride..(r + 1) * stride],
-                        *width,
-                        s.len(),
-                    )
-                })
-                .collect())
+                "the model has no per-token output",
+            ))
         }
-        _ => Err(bad_shape()),
+    };
+    let mut rows = Vec::with_capacity(n);
+    for (r, s) in seqs.iter().enumerate() {
+        let row = match (per_token.get(r).copied().unwrap_or(false), &pooled, &tokens) {
+            (
+                true,
+                _,
+                Some(Read {
+                    values,
+                    shape: [_, _, width],
+                }),
+            ) => {
+                let stride = len * width;
+                values[r * stride..r * stride + s.len() * width].to_vec()
+            }
+            (
+                false,
+                Some(Read {
+                    values,
+                    shape: [_, width],
+                }),
+                _,
+            ) => values[r * width..(r + 1) * width].to_vec(),
+            (
+                false,
+                Some(Read {
+                    values,
+                    shape: [_, _, width],
+                }),
+                _,
+            ) => {
+                let stride = len * width;
+                let vectors = &values[r * stride..(r + 1) * stride];
+                match runner.pooling {
+                    Some(pooling) => ferry_text::pool(pooling, vectors, *width, s.len()),
+                    None => {
+                        return Err(InferError::new(
+                            ErrorKind::Internal,
+                            format!(
+                                "output `{}` is per token and the model has no pooling",
+                                runner.output
+                            ),
+                        ))
+                    }
+                }
+            }
+            _ => {
+                return Err(InferError::new(
+                    ErrorKind::Internal,
+                    "a text's output was not read",
+                ))
+            }
+        };
+        rows.push(row);
     }
+    Ok(rows)
+}
+
+/// An FP32 output read back: `[texts, width]` or `[texts, tokens, width]` (its shape checked against the run).
+struct Read<'a> {
+    values: &'a [f32],
+    shape: &'a [usize],
+}
+
+/// Reads output `name` of a run of `n` texts padded to `len` tokens.
+fn read<'a>(
+    outputs: &'a [NamedTensor],
+    name: &str,
+    n: usize,
+    len: usize,
+) -> Result<Read<'a>, InferError> {
+    let internal = |m: String| InferError::new(ErrorKind::Internal, m);
+    let out = outputs
+        .iter()
+        .find(|o| o.name == name)
+        .ok_or_else(|| internal(format!("the model gave no output `{name}`")))?;
+    let TensorData::F32(values) = &out.tensor.data else {
+        return Err(internal(format!(
+            "output `{name}` is {}, not FP32",
+            out.tensor.dtype()
+        )));
+    };
+    let shape = out.tensor.shape.as_slice();
+    let fits = match shape {
+        [rows, width] => *rows == n && values.len() == n * width,
+        [rows, tokens, width] => *rows == n && *tokens == len && values.len() == n * len * width,
+        _ => false,
+    };
+    if !fits {
+        return Err(internal(format!(
+            "output `{name}` has shape {shape:?} for {n} texts of {len} tokens"
+        )));
+    }
+    Ok(Read { values, shape })
 }
 
 #[cfg(test)]
@@ -370,7 +443,7 @@ mod tests {
             .collect();
         let entry = Entry {
             item: Job {
-                work: Work::Texts(texts),
+                work: Work::Texts(texts, TextOutput::Pooled),
                 respond,
             },
             rows: lens.len(),
@@ -391,6 +464,7 @@ mod tests {
             token_type_ids: None,
             output: "out".into(),
             pooling: None,
+            token_output: None,
             pad_id: 0,
         };
         let limits = queue::Limits {
