@@ -27,7 +27,7 @@ pub mod transport;
 
 // The modules' paths from before the layers had folders, kept for the CLI, the tests and the fuzz targets.
 pub use crate::core::{
-    batching, infer, integrity, llm, model_config, payload_log, reload, repository, rollout,
+    batching, explain, infer, integrity, llm, model_config, payload_log, reload, repository, rollout,
     source, text, warmup,
 };
 pub use metrics::{drift, shadow};

@@ -8,6 +8,7 @@
 
 pub mod batching;
 pub mod canary;
+pub mod explain;
 pub mod infer;
 pub mod llm;
 pub mod model_config;

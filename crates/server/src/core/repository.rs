@@ -83,6 +83,9 @@ pub struct LoadedVersion {
     pub text: Option<Arc<ferry_text::TextModel>>,
     /// The language model, for a version with a `model.gguf` ([`crate::llm`]).
     pub llm: Option<Arc<ferry_llm::Llm>>,
+    /// How its predictions are explained, for a model of one numeric `[rows, features]` input
+    /// ([`crate::explain`]).
+    pub explainer: Option<Arc<crate::explain::Explainer>>,
 }
 
 impl std::fmt::Debug for LoadedVersion {
@@ -297,6 +300,7 @@ pub(crate) fn activate(
         drift,
         text,
         llm: parts.llm,
+        explainer: parts.explainer,
     }
 }
 
@@ -307,6 +311,7 @@ pub(crate) struct Prepared {
     backend: Arc<dyn Backend>,
     text: Option<(Arc<ferry_text::TextModel>, crate::batching::text::Runner)>,
     llm: Option<Arc<ferry_llm::Llm>>,
+    explainer: Option<Arc<crate::explain::Explainer>>,
 }
 
 /// Loads a text model's tokenizer and settings and works out how its graph is fed: `input_ids` and, when the graph
@@ -504,12 +509,18 @@ pub(crate) fn prepare(
         None
     };
     crate::warmup::run(dir, &signature, backend.as_ref())?;
+    let explainer = if text.is_none() {
+        crate::explain::Explainer::prepare(dir, &bytes, &signature, meta.features.as_deref()).map(Arc::new)
+    } else {
+        None
+    };
     Ok(Prepared {
         signature,
         meta,
         backend,
         text,
         llm: None,
+        explainer,
     })
 }
 
@@ -546,6 +557,7 @@ fn prepare_llm(
         backend,
         text: None,
         llm: Some(llm),
+        explainer: None,
     })
 }
 

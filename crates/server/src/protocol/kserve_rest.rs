@@ -309,6 +309,83 @@ async fn infer_inner(
     Ok(encode_response(&request, &loaded, &outputs, binary_of))
 }
 
+/// `POST /v2/models/{m}/explain`: a KServe v2 inference request answered with the prediction and its feature
+/// attributions ([`super::explain`]).
+pub async fn explain(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    crate::protocol::AdmittedBody(body): crate::protocol::AdmittedBody,
+) -> Response {
+    explain_request(&state.infer, &model, None, &headers, body).await
+}
+
+/// `POST /v2/models/{m}/versions/{v}/explain`.
+pub async fn explain_version(
+    State(state): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    crate::protocol::AdmittedBody(body): crate::protocol::AdmittedBody,
+) -> Response {
+    explain_request(&state.infer, &model, Some(&version), &headers, body).await
+}
+
+async fn explain_request(
+    infer: &Infer,
+    model: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    body: Result<Bytes, InferError>,
+) -> Response {
+    let mut call = infer.call(Protocol::KserveRest);
+    call.named(model);
+    let result = async {
+        let body = body?;
+        let loaded = call.resolve(
+            model,
+            selector(version),
+            super::route_key(headers),
+            body.len(),
+        )?;
+        let (request, inputs) = decode_request(headers, &body, call.limits())?;
+        drop(body);
+        let deadline = client_deadline(headers)?;
+        let (outputs, explained) = super::explain::run(
+            &mut call,
+            &loaded,
+            inputs,
+            request.parameters.as_ref(),
+            request.id.clone(),
+            deadline,
+        )
+        .await?;
+        let outputs = outputs
+            .iter()
+            .map(|out| OutputBody {
+                name: &out.name,
+                datatype: out.tensor.dtype().kserve_name(),
+                shape: &out.tensor.shape,
+                parameters: Map::new(),
+                data: Some(FlatJson(&out.tensor.data, NonFinite::Tokens)),
+            })
+            .collect();
+        let answer = InferResponseBody {
+            id: request.id.as_deref(),
+            model_name: &loaded.model,
+            model_version: loaded.version.to_string(),
+            outputs,
+        };
+        let mut json = serde_json::to_value(&answer)
+            .map_err(|e| InferError::new(ErrorKind::Internal, e.to_string()))?;
+        let mut explanations = super::explain::info(&explained);
+        explanations.insert("rows".into(), Value::from(super::explain::rows(&explained)));
+        json["explanations"] = Value::Object(explanations);
+        Ok(Json(json).into_response())
+    }
+    .await;
+    finish(call, result)
+}
+
 fn flag(parameters: Option<&Map<String, Value>>, key: &str) -> Result<Option<bool>, InferError> {
     match parameters.and_then(|p| p.get(key)) {
         None => Ok(None),

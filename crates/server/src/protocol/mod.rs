@@ -1,6 +1,7 @@
 //! Protocol adapters: each decodes its wire format into the internal request, calls [`crate::core::infer::Infer`],
 //! and encodes the answer. No business logic lives here.
 
+pub mod explain;
 pub mod generate;
 pub mod grpc;
 pub mod kserve_grpc;

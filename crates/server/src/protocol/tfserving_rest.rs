@@ -37,6 +37,8 @@ pub enum Action {
     Classify,
     /// `POST ...:regress`.
     Regress,
+    /// `POST ...:explain` (KServe v1's explain verb: `instances` in, `predictions` and `explanations` out).
+    Explain,
 }
 
 /// Parses the part of the path after `/v1/models/` for the given method.
@@ -55,6 +57,7 @@ pub fn parse_path(
         (&Method::POST, Some("predict")) => Action::Predict,
         (&Method::POST, Some("classify")) => Action::Classify,
         (&Method::POST, Some("regress")) => Action::Regress,
+        (&Method::POST, Some("explain")) => Action::Explain,
         (&Method::GET, None) => Action::Status,
         _ => return Err(malformed()),
     };
@@ -111,6 +114,7 @@ pub async fn post(
         )?;
         match action {
             Action::Predict => predict(&mut call, loaded, &body, deadline).await,
+            Action::Explain => explain(&mut call, loaded, &body, deadline).await,
             Action::Classify | Action::Regress => {
                 let request = parse_body(&body, call.limits())?;
                 classify_or_regress(&mut call, loaded, &request, action, deadline)
@@ -118,7 +122,7 @@ pub async fn post(
                     .map(|v| axum::Json(v).into_response())
             }
             Action::Status | Action::Metadata => {
-                unreachable!("parse_path gives POST only predict, classify or regress")
+                unreachable!("parse_path gives POST only predict, classify, regress or explain")
             }
         }
     }
@@ -513,6 +517,40 @@ async fn predict(
     } else {
         encode(&Outputs(&outputs))
     }
+}
+
+/// KServe v1's `:explain`: the rows of `instances` (or `inputs`) predicted and explained. The answer is
+/// `{"predictions": [...], "explanations": [{"base_values", "attributions"}, ...], "explanation_info": {...}}`, one
+/// explanation per instance; options go in a top-level `parameters` object ([`super::explain::options`]).
+async fn explain(
+    call: &mut Call<'_>,
+    loaded: std::sync::Arc<LoadedVersion>,
+    body: &[u8],
+    deadline: Option<std::time::Instant>,
+) -> Result<Response, InferError> {
+    let (inputs, _) = decode_predict_body(&loaded.signature.inputs, body, call.limits())?;
+    let parameters = match top_level(body)?.get("parameters") {
+        None => None,
+        Some(raw) => Some(
+            serde_json::from_str::<serde_json::Map<String, Value>>(raw.get())
+                .map_err(|_| InferError::invalid("`parameters` must be an object"))?,
+        ),
+    };
+    let (outputs, explained) =
+        super::explain::run(call, &loaded, inputs, parameters.as_ref(), None, deadline).await?;
+    let batch = outputs
+        .first()
+        .and_then(|o| o.tensor.shape.first().copied())
+        .unwrap_or(0);
+    let predictions = serde_json::to_value(Predictions {
+        outputs: &outputs,
+        batch,
+    })
+    .map_err(internal)?;
+    let mut answer = predictions;
+    answer["explanations"] = Value::from(super::explain::rows(&explained));
+    answer["explanation_info"] = Value::Object(super::explain::info(&explained));
+    Ok(axum::Json(answer).into_response())
 }
 
 /// Serializes a response body straight from the tensors (no intermediate JSON tree, so FP32 values keep their
