@@ -237,6 +237,20 @@ mod tests {
     use ferry_model::{Tensor, TensorData};
 
     #[test]
+    fn an_over_budget_charge_says_what_a_request_may_take() {
+        let budget = Budget::for_request(10);
+        assert_eq!(
+            budget.take(usize::MAX).unwrap_err().to_string(),
+            format!(
+                "decoding it would take more than {} bytes of memory, the most a request of 10 bytes may take (4 x its \
+                 size + 1 MiB): split the request, or send the elements themselves rather than one value filling a \
+                 large shape",
+                budget.total()
+            )
+        );
+    }
+
+    #[test]
     fn limits_count_rows_elements_and_json_depth() {
         let limits = Limits {
             max_rows: 2,
