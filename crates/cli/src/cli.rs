@@ -470,7 +470,7 @@ impl ServeArgs {
 }
 
 /// [`parse_duration`], where zero (`0`, `0s`, `0ms`) is allowed too and means none.
-pub fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
+pub fn parse_duration_or_zero(text: &str) -> anyhow::Result<Duration> {
     if seconds(text)? == 0.0 {
         return Ok(Duration::ZERO);
     }
@@ -478,21 +478,20 @@ pub fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
 }
 
 /// Parses `250ms`, `30s`, `2m` or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
     let seconds = seconds(text)?;
     let text = text.trim();
-    if seconds <= 0.0 || !seconds.is_finite() {
-        return Err(format!("`{text}` must be longer than zero"));
-    }
+    anyhow::ensure!(
+        seconds > 0.0 && seconds.is_finite(),
+        "`{text}` must be longer than zero"
+    );
     // Anything past a day is a mistake (and far past it would overflow deadline arithmetic).
-    if seconds > 86_400.0 {
-        return Err(format!("`{text}` is longer than a day"));
-    }
+    anyhow::ensure!(seconds <= 86_400.0, "`{text}` is longer than a day");
     Ok(Duration::from_secs_f64(seconds))
 }
 
 /// The seconds a duration's text stands for, unchecked.
-fn seconds(text: &str) -> Result<f64, String> {
+fn seconds(text: &str) -> anyhow::Result<f64> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit() && c != '.')
@@ -500,11 +499,11 @@ fn seconds(text: &str) -> Result<f64, String> {
     let (number, unit) = text.split_at(split);
     let n: f64 = number
         .parse()
-        .map_err(|_| format!("`{text}` is not a duration (try 500ms, 30s or 2m)"))?;
+        .map_err(|_| anyhow::anyhow!("`{text}` is not a duration (try 500ms, 30s or 2m)"))?;
     match unit {
         "ms" => Ok(n / 1000.0),
         "" | "s" => Ok(n),
         "m" => Ok(n * 60.0),
-        _ => Err(format!("`{text}` has an unknown unit (use ms, s or m)")),
+        _ => anyhow::bail!("`{text}` has an unknown unit (use ms, s or m)"),
     }
 }

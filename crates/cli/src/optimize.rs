@@ -137,9 +137,13 @@ pub struct SearchArgs {
     pub try_epochs: Vec<usize>,
 }
 
-fn parse_sizes(s: &str) -> Result<Vec<usize>, String> {
+fn parse_sizes(s: &str) -> anyhow::Result<Vec<usize>> {
     s.split(',')
-        .map(|p| p.trim().parse::<usize>().map_err(|e| format!("`{p}`: {e}")))
+        .map(|p| {
+            p.trim()
+                .parse::<usize>()
+                .map_err(|e| anyhow::anyhow!("`{p}`: {e}"))
+        })
         .collect()
 }
 

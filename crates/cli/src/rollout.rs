@@ -58,7 +58,7 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Parses an error rate: `1%` or the fraction `0.01`.
-pub fn parse_rate(text: &str) -> Result<f64, String> {
+pub fn parse_rate(text: &str) -> anyhow::Result<f64> {
     let text = text.trim();
     let (number, scale) = match text.strip_suffix('%') {
         Some(n) => (n.trim(), 100.0),
@@ -66,23 +66,22 @@ pub fn parse_rate(text: &str) -> Result<f64, String> {
     };
     let rate = number
         .parse::<f64>()
-        .map_err(|_| format!("`{text}` is not a rate (try 1% or 0.01)"))?
+        .map_err(|_| anyhow::anyhow!("`{text}` is not a rate (try 1% or 0.01)"))?
         / scale;
-    if !(0.0..=1.0).contains(&rate) {
-        return Err(format!(
-            "`{text}` is not between 0 and 1 (write 5% or 0.05)"
-        ));
-    }
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&rate),
+        "`{text}` is not between 0 and 1 (write 5% or 0.05)"
+    );
     Ok(rate)
 }
 
 /// Parses one step weight: a percentage, with or without `%`.
-fn parse_step(text: &str) -> Result<f64, String> {
+fn parse_step(text: &str) -> anyhow::Result<f64> {
     let text = text.trim();
     text.trim_end_matches('%')
         .trim()
         .parse::<f64>()
-        .map_err(|_| format!("`{text}` is not a percentage (steps look like 5,25,50,100)"))
+        .map_err(|_| anyhow::anyhow!("`{text}` is not a percentage (steps look like 5,25,50,100)"))
 }
 
 /// A rollout's settings, shared by `ferry rollout start` and `ferry retrain`.
@@ -610,12 +609,12 @@ mod tests {
 
     #[test]
     fn rates_steps_and_times() {
-        assert_eq!(parse_rate("1%"), Ok(0.01));
-        assert_eq!(parse_rate("0.01"), Ok(0.01));
-        assert_eq!(parse_rate(" 2.5 % "), Ok(0.025));
+        assert_eq!(parse_rate("1%").unwrap(), 0.01);
+        assert_eq!(parse_rate("0.01").unwrap(), 0.01);
+        assert_eq!(parse_rate(" 2.5 % ").unwrap(), 0.025);
         assert!(parse_rate("5").is_err());
         assert!(parse_rate("lots").is_err());
-        assert_eq!(parse_step("25%"), Ok(25.0));
+        assert_eq!(parse_step("25%").unwrap(), 25.0);
         assert!(parse_step("x").is_err());
         assert_eq!(utc(0), "1970-01-01 00:00:00");
         assert_eq!(utc(951_782_400 + 3_723), "2000-02-29 01:02:03");

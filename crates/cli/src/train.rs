@@ -11,8 +11,8 @@ use ferry_train::optim::{OptimizerKind, Schedule};
 use ferry_train::{Impute, LoadOptions, ModelKind, Task, TrainOptions};
 
 /// Parses a lower-case name into one of the training crate's enums (they spell their values as serde does).
-pub fn parse_name<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
-    serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|e| e.to_string())
+pub fn parse_name<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, serde_json::Error> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
 }
 
 /// `ferry train` flags.

@@ -34,16 +34,21 @@ pub enum OptimizationLevel {
     All,
 }
 
-impl std::str::FromStr for OptimizationLevel {
-    type Err = String;
+/// A graph optimization level that is none of `disable`, `basic`, `extended` or `all`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown graph optimization level `{0}` (expected disable, basic, extended or all)")]
+pub struct UnknownOptimizationLevel(pub String);
 
-    fn from_str(s: &str) -> Result<OptimizationLevel, String> {
+impl std::str::FromStr for OptimizationLevel {
+    type Err = UnknownOptimizationLevel;
+
+    fn from_str(s: &str) -> Result<OptimizationLevel, UnknownOptimizationLevel> {
         match s {
             "disable" => Ok(OptimizationLevel::Disable),
             "basic" => Ok(OptimizationLevel::Basic),
             "extended" => Ok(OptimizationLevel::Extended),
             "all" => Ok(OptimizationLevel::All),
-            other => Err(format!("unknown graph optimization level `{other}` (expected disable, basic, extended or all)")),
+            other => Err(UnknownOptimizationLevel(other.to_string())),
         }
     }
 }

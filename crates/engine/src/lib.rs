@@ -14,7 +14,9 @@ mod onnxruntime;
 #[cfg(feature = "tract")]
 mod tract;
 
-pub use backend::{check_inputs, Backend, EngineError, EngineOptions, OptimizationLevel};
+pub use backend::{
+    check_inputs, Backend, EngineError, EngineOptions, OptimizationLevel, UnknownOptimizationLevel,
+};
 pub use library::{find_onnxruntime, ENV_ORT_DYLIB_PATH};
 pub use onnxruntime::{OrtBackend, OrtEngine};
 #[cfg(feature = "tract")]

@@ -20,7 +20,7 @@ use crate::{
 };
 
 /// The process-wide ONNX Runtime: the library can be loaded only once per process.
-static RUNTIME: OnceLock<Result<Environment, String>> = OnceLock::new();
+static RUNTIME: OnceLock<Result<Environment, EngineError>> = OnceLock::new();
 
 /// A handle on the loaded ONNX Runtime library, from which models are loaded.
 #[derive(Clone)]
@@ -39,17 +39,23 @@ impl OrtEngine {
     /// return the same runtime whatever path they pass.
     pub fn init(library: Option<&Path>) -> Result<OrtEngine, EngineError> {
         let env = RUNTIME.get_or_init(|| {
-            let path = find_onnxruntime(library).map_err(|e| e.to_string())?;
+            let path =
+                find_onnxruntime(library).map_err(|e| EngineError::Library(e.to_string()))?;
             tracing::info!(library = %path.display(), "loading ONNX Runtime");
             ort::init_from(&path)
-                .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", path.display()))?
+                .map_err(|e| {
+                    EngineError::Library(format!(
+                        "cannot load ONNX Runtime from {}: {e}",
+                        path.display()
+                    ))
+                })?
                 .with_name("ferry")
                 .build()
-                .map_err(|e| format!("cannot start ONNX Runtime: {e}"))
+                .map_err(|e| EngineError::Library(format!("cannot start ONNX Runtime: {e}")))
         });
         match env {
             Ok(env) => Ok(OrtEngine { env: env.clone() }),
-            Err(message) => Err(EngineError::Library(message.clone())),
+            Err(e) => Err(e.clone()),
         }
     }
 

@@ -98,11 +98,11 @@ impl TractBackend {
 
 fn to_value(name: &str, tensor: Tensor) -> Result<TValue, EngineError> {
     let shape = tensor.shape;
-    let invalid = |e: String| EngineError::InvalidInput(format!("input `{name}`: {e}"));
-    fn array<T: Datum>(shape: &[usize], v: Vec<T>) -> Result<TValue, String> {
+    let invalid =
+        |e: &dyn std::fmt::Display| EngineError::InvalidInput(format!("input `{name}`: {e}"));
+    fn array<T: Datum>(shape: &[usize], v: Vec<T>) -> Result<TValue, tract_ndarray::ShapeError> {
         tract_ndarray::ArrayD::from_shape_vec(shape, v)
             .map(|a| tract_onnx::prelude::Tensor::from(a).into_tvalue())
-            .map_err(|e| e.to_string())
     }
     match tensor.data {
         TensorData::Bool(v) => array(&shape, v),
@@ -118,20 +118,17 @@ fn to_value(name: &str, tensor: Tensor) -> Result<TValue, EngineError> {
         TensorData::F32(v) => array(&shape, v),
         TensorData::F64(v) => array(&shape, v),
         TensorData::Bytes(v) => {
-            let strings = v
-                .iter()
-                .enumerate()
-                .map(|(i, b)| {
-                    std::str::from_utf8(b)
-                        .map(str::to_string)
-                        .map_err(|_| format!("element {i} is not valid UTF-8"))
-                })
-                .collect::<Result<Vec<String>, String>>()
-                .map_err(invalid)?;
+            let mut strings = Vec::with_capacity(v.len());
+            for (i, b) in v.iter().enumerate() {
+                let Ok(s) = std::str::from_utf8(b) else {
+                    return Err(invalid(&format_args!("element {i} is not valid UTF-8")));
+                };
+                strings.push(s.to_string());
+            }
             array(&shape, strings)
         }
     }
-    .map_err(invalid)
+    .map_err(|e| invalid(&e))
 }
 
 fn from_value(spec: &TensorSpec, value: &TValue) -> Result<NamedTensor, EngineError> {

@@ -153,7 +153,9 @@ enum Tokenizer {
 impl Llm {
     /// Loads `dir/model.gguf` (and `dir/tokenizer.json` when present) and starts its engine thread.
     pub fn load(dir: &Path, settings: Settings) -> Result<Llm, LlmError> {
-        settings.check().map_err(LlmError::Load)?;
+        settings
+            .check()
+            .map_err(|e| LlmError::Load(e.to_string()))?;
         let path: PathBuf = dir.join("model.gguf");
         let tokenizer = match dir.join("tokenizer.json") {
             p if p.is_file() => Tokenizer::Json(Box::new(
@@ -249,29 +251,51 @@ impl Llm {
 
 impl Settings {
     /// Refuses values llama.cpp cannot take or this crate does not allow, naming the field.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), SettingsError> {
         let s = self;
-        let bad = |m: &str| Err(m.to_owned());
         if s.max_total_tokens < 16 || s.max_total_tokens > 1 << 22 {
-            return bad("max_total_tokens must be between 16 and 4194304");
+            return Err(SettingsError::MaxTotalTokens);
         }
         if s.max_sequences == 0 || s.max_sequences > 256 {
-            return bad("max_sequences must be between 1 and 256 (llama.cpp's limit)");
+            return Err(SettingsError::MaxSequences);
         }
         if s.prefill_chunk < 16 || s.prefill_chunk > 8192 {
-            return bad("prefill_chunk must be between 16 and 8192");
+            return Err(SettingsError::PrefillChunk);
         }
         if s.threads == 0 || s.threads > 256 {
-            return bad("threads must be between 1 and 256");
+            return Err(SettingsError::Threads);
         }
         if s.max_new_tokens == 0 {
-            return bad("max_new_tokens must be at least 1");
+            return Err(SettingsError::MaxNewTokens);
         }
         if s.max_waiting == 0 {
-            return bad("max_waiting must be at least 1");
+            return Err(SettingsError::MaxWaiting);
         }
         Ok(())
     }
+}
+
+/// A [`Settings`] field out of its range; each message starts with the field's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SettingsError {
+    /// `max_total_tokens` outside 16..=4194304.
+    #[error("max_total_tokens must be between 16 and 4194304")]
+    MaxTotalTokens,
+    /// `max_sequences` outside 1..=256.
+    #[error("max_sequences must be between 1 and 256 (llama.cpp's limit)")]
+    MaxSequences,
+    /// `prefill_chunk` outside 16..=8192.
+    #[error("prefill_chunk must be between 16 and 8192")]
+    PrefillChunk,
+    /// `threads` outside 1..=256.
+    #[error("threads must be between 1 and 256")]
+    Threads,
+    /// `max_new_tokens` of 0.
+    #[error("max_new_tokens must be at least 1")]
+    MaxNewTokens,
+    /// `max_waiting` of 0.
+    #[error("max_waiting must be at least 1")]
+    MaxWaiting,
 }
 
 /// Shared so the server can hold it beside its other engines.

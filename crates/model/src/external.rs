@@ -41,8 +41,8 @@ pub enum ExternalDataError {
         tensor: String,
         /// The location it names.
         location: String,
-        /// Which rule it breaks.
-        why: String,
+        /// Which rule it breaks (shown inside the message, so not a `#[source]`: a chain would repeat it).
+        why: LocationError,
     },
     /// A tensor keeps its data in another file, which the chosen engine does not load (only ONNX Runtime does).
     #[error("model.onnx: tensor `{tensor}` keeps its data in an external file (`{location}`), which only the ONNX Runtime engine loads: serve it with engine = \"onnxruntime\", or save the model with its weights inside model.onnx (in Python, onnx.save_model(model, path, save_as_external_data=False))")]
@@ -52,6 +52,33 @@ pub enum ExternalDataError {
         /// The location it names.
         location: String,
     },
+}
+
+/// Which rule an external-data `location` breaks ([`check_location`]); each text completes "outside the version
+/// directory (...)".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LocationError {
+    /// An empty location.
+    #[error("no location")]
+    Empty,
+    /// A location holding a NUL character.
+    #[error("a NUL character")]
+    Nul,
+    /// A backslash or a drive prefix (a path on Windows, where ONNX Runtime would follow it).
+    #[error("a backslash or drive prefix")]
+    WindowsPath,
+    /// A `..` component.
+    #[error("a `..` component")]
+    ParentDir,
+    /// An absolute path.
+    #[error("an absolute path")]
+    Absolute,
+    /// An existing file whose real path cannot be worked out.
+    #[error("a path that cannot be resolved")]
+    Unresolvable,
+    /// A symbolic link (or a path through one) that resolves outside the directory.
+    #[error("a symbolic link to {}", .0.display())]
+    SymlinkOutside(PathBuf),
 }
 
 /// Lists every tensor of a serialized model that keeps its data in an external file.
@@ -121,33 +148,33 @@ fn note(t: &SkeletonTensor, found: &mut Vec<ExternalTensor>) {
 /// Checks that an external-data `location` names a file inside `dir` (the version directory): relative, no `..`,
 /// no backslashes or drive prefixes, and, when `dir` is given and the file exists, not a symbolic link (or through
 /// one) that resolves outside `dir`. The error says which rule it breaks.
-pub fn check_location(location: &str, dir: Option<&Path>) -> Result<(), String> {
+pub fn check_location(location: &str, dir: Option<&Path>) -> Result<(), LocationError> {
     if location.is_empty() {
-        return Err("no location".into());
+        return Err(LocationError::Empty);
     }
     if location.contains('\0') {
-        return Err("a NUL character".into());
+        return Err(LocationError::Nul);
     }
     // Backslashes and drive letters mean paths on Windows, where ONNX Runtime would follow them.
     if location.contains('\\') || location.contains(':') {
-        return Err("a backslash or drive prefix".into());
+        return Err(LocationError::WindowsPath);
     }
     let path = Path::new(location);
     for component in path.components() {
         match component {
             Component::Normal(_) | Component::CurDir => {}
-            Component::ParentDir => return Err("a `..` component".into()),
-            Component::RootDir | Component::Prefix(_) => return Err("an absolute path".into()),
+            Component::ParentDir => return Err(LocationError::ParentDir),
+            Component::RootDir | Component::Prefix(_) => return Err(LocationError::Absolute),
         }
     }
     if let Some(dir) = dir {
         let target = dir.join(path);
         if std::fs::symlink_metadata(&target).is_ok() {
             let (Ok(root), Ok(real)) = (dir.canonicalize(), target.canonicalize()) else {
-                return Err("a path that cannot be resolved".into());
+                return Err(LocationError::Unresolvable);
             };
             if !real.starts_with(&root) {
-                return Err(format!("a symbolic link to {}", real.display()));
+                return Err(LocationError::SymlinkOutside(real));
             }
         }
     }
@@ -315,7 +342,7 @@ mod tests {
                 panic!("{location}: {err}");
             };
             assert_eq!(tensor, "w");
-            assert!(said.contains(why), "{location}: {err}");
+            assert!(said.to_string().contains(why), "{location}: {err}");
             assert!(
                 err.to_string().contains("outside the version directory"),
                 "{err}"
@@ -529,7 +556,11 @@ mod tests {
         std::os::unix::fs::symlink("/etc/passwd", dir.join("w.bin")).unwrap();
         std::fs::write(dir.join("inside.bin"), b"1234").unwrap();
         let e = check_location("w.bin", Some(&dir)).unwrap_err();
-        assert!(e.contains("symbolic link"), "{e}");
+        assert!(
+            matches!(e, LocationError::SymlinkOutside(_))
+                && e.to_string().contains("symbolic link"),
+            "{e}"
+        );
         assert_eq!(check_location("inside.bin", Some(&dir)), Ok(()));
         assert_eq!(check_location("missing.bin", Some(&dir)), Ok(()));
         let err = check_self_contained(&external("w.bin"), Some(&dir)).unwrap_err();
@@ -551,7 +582,7 @@ mod tests {
             ("", "no location"),
             ("a\0b", "NUL"),
         ] {
-            let e = check_location(bad, None).unwrap_err();
+            let e = check_location(bad, None).unwrap_err().to_string();
             assert!(e.contains(why), "{bad:?}: {e}");
         }
     }

@@ -236,11 +236,10 @@ pub fn score_model(
                 path: dataset.path.clone(),
                 message: "a classifier's ferry.json must list its classes".into(),
             })?;
-            let truth =
-                class_indices(&dataset.target, &classes).map_err(|message| TrainError::Data {
-                    path: dataset.path.clone(),
-                    message,
-                })?;
+            let truth = class_indices(&dataset.target, &classes).map_err(|e| TrainError::Data {
+                path: dataset.path.clone(),
+                message: e.to_string(),
+            })?;
             Report::Classification(metrics::classification(
                 &classes,
                 &truth,
@@ -250,13 +249,21 @@ pub fn score_model(
     })
 }
 
+/// A target value that is none of the model's classes.
+#[derive(Debug, thiserror::Error)]
+#[error("target value `{label}` is not one of the model's classes ({})", .classes.join(", "))]
+struct UnknownClass {
+    /// The value, as written (numbers as `f64` displays them).
+    label: String,
+    /// The model's classes.
+    classes: Vec<String>,
+}
+
 /// Maps a target column onto a model's classes: by label, or by numeric value for numeric classes.
-fn class_indices(target: &Target, classes: &[String]) -> Result<Vec<usize>, String> {
-    let unknown = |label: &str| {
-        format!(
-            "target value `{label}` is not one of the model's classes ({})",
-            classes.join(", ")
-        )
+fn class_indices(target: &Target, classes: &[String]) -> Result<Vec<usize>, UnknownClass> {
+    let unknown = |label: &str| UnknownClass {
+        label: label.to_string(),
+        classes: classes.to_vec(),
     };
     match target {
         Target::Labels {

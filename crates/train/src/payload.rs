@@ -43,6 +43,93 @@ enum Layout {
     Columns(Vec<String>),
 }
 
+/// Why a record's values cannot be read (the text completes "input `NAME`: ").
+#[derive(Debug, thiserror::Error)]
+enum ValueError {
+    /// A number JSON holds but an `f64` cannot.
+    #[error("a number out of range")]
+    OutOfRange,
+    /// Values the log replaced with `[redacted]`.
+    #[error("its values are redacted in the log (--payload-log-redact)")]
+    Redacted,
+    /// A value that is neither a number nor a boolean.
+    #[error("`{0}` is not a number")]
+    NotANumber(Value),
+}
+
+/// Why a record's inputs do not give rows (the text follows "line N: " in a [`TrainError::Data`]).
+#[derive(Debug, thiserror::Error)]
+enum RecordError {
+    /// The layout names an input the record does not have.
+    #[error("no input `{0}`")]
+    NoInput(String),
+    /// An input without a `shape` array.
+    #[error("input `{0}` has no shape")]
+    NoShape(String),
+    /// A `shape` that is not a list of sizes.
+    #[error("input `{0}` has a bad shape")]
+    BadShape(String),
+    /// An input whose `data` holds something other than numbers.
+    #[error("input `{input}`: {why}")]
+    Values {
+        /// The input.
+        input: String,
+        /// What it holds instead.
+        why: ValueError,
+    },
+    /// An input whose number of values is not its shape's.
+    #[error("input `{input}` has {values} values for shape {shape:?}")]
+    Count {
+        /// The input.
+        input: String,
+        /// How many values it holds.
+        values: usize,
+        /// Its shape.
+        shape: Vec<usize>,
+    },
+    /// A first record that fits neither layout the live version's features allow.
+    #[error(
+        "its inputs ({}) give neither a [rows, {}] matrix nor the live version's features ({})",
+        .inputs.join(", "),
+        .features.len(),
+        .features.join(", ")
+    )]
+    NoLayout {
+        /// The record's inputs.
+        inputs: Vec<String>,
+        /// The live version's features.
+        features: Vec<String>,
+    },
+    /// The matrix input of a later record with another shape.
+    #[error("input `{input}` has shape {shape:?}, expected [rows, {width}]")]
+    NotAMatrix {
+        /// The input.
+        input: String,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// The width of the first record's matrix.
+        width: usize,
+    },
+    /// A feature input that is not one value per row.
+    #[error("input `{input}` has shape {shape:?}, expected one value per row")]
+    NotAColumn {
+        /// The input.
+        input: String,
+        /// Its shape.
+        shape: Vec<usize>,
+    },
+    /// Feature inputs with different numbers of rows.
+    #[error("input `{input}` has {rows} rows, the others {others}")]
+    RowCount {
+        /// The input.
+        input: String,
+        /// Its rows.
+        rows: usize,
+        /// The rows of the inputs before it.
+        others: usize,
+    },
+}
+
 fn data_error(path: &Path, message: String) -> TrainError {
     TrainError::Data {
         path: path.to_path_buf(),
@@ -102,21 +189,19 @@ fn read_labels(path: &Path) -> Result<(String, HashMap<String, String>), TrainEr
 }
 
 /// The numbers of a tensor's `data` (flat or nested).
-fn numbers(value: &Value, out: &mut Vec<f64>) -> Result<(), String> {
+fn numbers(value: &Value, out: &mut Vec<f64>) -> Result<(), ValueError> {
     match value {
         Value::Array(items) => items.iter().try_for_each(|v| numbers(v, out)),
         Value::Number(n) => {
-            out.push(n.as_f64().ok_or("a number out of range")?);
+            out.push(n.as_f64().ok_or(ValueError::OutOfRange)?);
             Ok(())
         }
         Value::Bool(b) => {
             out.push(f64::from(u8::from(*b)));
             Ok(())
         }
-        Value::String(s) if s == "[redacted]" => {
-            Err("its values are redacted in the log (--payload-log-redact)".into())
-        }
-        other => Err(format!("`{other}` is not a number")),
+        Value::String(s) if s == "[redacted]" => Err(ValueError::Redacted),
+        other => Err(ValueError::NotANumber(other.clone())),
     }
 }
 
@@ -124,26 +209,31 @@ fn numbers(value: &Value, out: &mut Vec<f64>) -> Result<(), String> {
 fn tensor(
     inputs: &serde_json::Map<String, Value>,
     name: &str,
-) -> Result<(Vec<usize>, Vec<f64>), String> {
+) -> Result<(Vec<usize>, Vec<f64>), RecordError> {
     let t = inputs
         .get(name)
-        .ok_or_else(|| format!("no input `{name}`"))?;
+        .ok_or_else(|| RecordError::NoInput(name.to_string()))?;
     let shape: Vec<usize> = t
         .get("shape")
         .and_then(Value::as_array)
-        .ok_or_else(|| format!("input `{name}` has no shape"))?
+        .ok_or_else(|| RecordError::NoShape(name.to_string()))?
         .iter()
         .map(|d| d.as_u64().map(|d| d as usize))
         .collect::<Option<_>>()
-        .ok_or_else(|| format!("input `{name}` has a bad shape"))?;
+        .ok_or_else(|| RecordError::BadShape(name.to_string()))?;
     let mut values = Vec::new();
-    numbers(t.get("data").unwrap_or(&Value::Null), &mut values)
-        .map_err(|e| format!("input `{name}`: {e}"))?;
+    numbers(t.get("data").unwrap_or(&Value::Null), &mut values).map_err(|why| {
+        RecordError::Values {
+            input: name.to_string(),
+            why,
+        }
+    })?;
     if values.len() != shape.iter().product::<usize>() {
-        return Err(format!(
-            "input `{name}` has {} values for shape {shape:?}",
-            values.len()
-        ));
+        return Err(RecordError::Count {
+            input: name.to_string(),
+            values: values.len(),
+            shape,
+        });
     }
     Ok((shape, values))
 }
@@ -156,7 +246,7 @@ fn is_column(shape: &[usize]) -> bool {
 fn layout(
     inputs: &serde_json::Map<String, Value>,
     features: Option<&[String]>,
-) -> Result<(Layout, Vec<String>), String> {
+) -> Result<(Layout, Vec<String>), RecordError> {
     let names: Vec<&String> = inputs.keys().collect();
     let matrix = match names.as_slice() {
         [only] => tensor(inputs, only)
@@ -175,12 +265,10 @@ fn layout(
             if features.iter().all(|f| inputs.contains_key(f)) {
                 return Ok((Layout::Columns(features.to_vec()), features.to_vec()));
             }
-            Err(format!(
-                "its inputs ({}) give neither a [rows, {}] matrix nor the live version's features ({})",
-                names.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", "),
-                features.len(),
-                features.join(", ")
-            ))
+            Err(RecordError::NoLayout {
+                inputs: names.iter().map(|n| n.to_string()).collect(),
+                features: features.to_vec(),
+            })
         }
         None => match matrix {
             Some((input, width)) if width > 1 => {
@@ -196,14 +284,19 @@ fn layout(
 }
 
 /// A record's rows under `layout`.
-fn rows(inputs: &serde_json::Map<String, Value>, layout: &Layout) -> Result<Vec<Vec<f64>>, String> {
+fn rows(
+    inputs: &serde_json::Map<String, Value>,
+    layout: &Layout,
+) -> Result<Vec<Vec<f64>>, RecordError> {
     match layout {
         Layout::Matrix { input, width } => {
             let (shape, values) = tensor(inputs, input)?;
             if shape.len() != 2 || shape[1] != *width {
-                return Err(format!(
-                    "input `{input}` has shape {shape:?}, expected [rows, {width}]"
-                ));
+                return Err(RecordError::NotAMatrix {
+                    input: input.clone(),
+                    shape,
+                    width: *width,
+                });
             }
             Ok(values.chunks(*width).map(<[f64]>::to_vec).collect())
         }
@@ -213,16 +306,17 @@ fn rows(inputs: &serde_json::Map<String, Value>, layout: &Layout) -> Result<Vec<
             for name in names {
                 let (shape, values) = tensor(inputs, name)?;
                 if !is_column(&shape) {
-                    return Err(format!(
-                        "input `{name}` has shape {shape:?}, expected one value per row"
-                    ));
+                    return Err(RecordError::NotAColumn {
+                        input: name.clone(),
+                        shape,
+                    });
                 }
                 if *n_rows.get_or_insert(shape[0]) != shape[0] {
-                    return Err(format!(
-                        "input `{name}` has {} rows, the others {}",
-                        shape[0],
-                        n_rows.unwrap_or(0)
-                    ));
+                    return Err(RecordError::RowCount {
+                        input: name.clone(),
+                        rows: shape[0],
+                        others: n_rows.unwrap_or(0),
+                    });
                 }
                 columns.push(values);
             }
@@ -298,7 +392,7 @@ pub fn join(
                 .and_then(Value::as_object)
                 .ok_or_else(|| at("no `inputs` object".into()))?;
             if chosen.is_none() {
-                let (layout, columns) = layout(inputs, features).map_err(at)?;
+                let (layout, columns) = layout(inputs, features).map_err(|e| at(e.to_string()))?;
                 let mut header = columns.clone();
                 header.push(target.clone());
                 writer
@@ -307,7 +401,7 @@ pub fn join(
                 chosen = Some((layout, columns));
             }
             let (layout, _) = chosen.as_ref().expect("chosen above");
-            let record_rows = rows(inputs, layout).map_err(at)?;
+            let record_rows = rows(inputs, layout).map_err(|e| at(e.to_string()))?;
             let Some(id) = record.get("id").and_then(Value::as_str) else {
                 unlabeled += record_rows.len();
                 continue;

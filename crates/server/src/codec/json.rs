@@ -8,10 +8,50 @@ use serde::ser::{SerializeMap, SerializeSeq, SerializeStruct};
 use serde::{Serialize, Serializer};
 use serde_json::Value;
 
-use crate::codec::limits::Budget;
+use crate::codec::limits::{Budget, OverBudget};
+
+/// Why JSON tensor data cannot be decoded; the adapters prefix the input's name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JsonDataError {
+    /// Nested lists whose elements differ in shape.
+    #[error("ragged nested list: element {index} has shape {shape:?} but element 0 has {first:?}")]
+    Ragged {
+        /// The element that differs.
+        index: usize,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// Element 0's shape.
+        first: Vec<usize>,
+    },
+    /// An element that is not of the tensor's type.
+    #[error("element {index}: expected {want}, got {got} ({shown})")]
+    Element {
+        /// The element, counted in row-major order.
+        index: usize,
+        /// What the datatype takes.
+        want: &'static str,
+        /// What kind of JSON value it is.
+        got: &'static str,
+        /// The value, cut at 40 bytes.
+        shown: String,
+    },
+    /// A `data` field with more or fewer elements than the shape.
+    #[error("the shape needs {expected} elements but `data` has {given}")]
+    Count {
+        /// Elements the shape needs.
+        expected: usize,
+        /// Elements `data` holds.
+        given: usize,
+    },
+    /// What the streaming [`Decoder`] refused: the text of serde_json's error (a syntax error, or the decoder's own
+    /// reason passed through serde's `custom`), with the position dropped and the element named. serde_json keeps
+    /// its errors as text, so this stays text.
+    #[error("{0}")]
+    Decode(String),
+}
 
 /// The shape of nested JSON arrays, checking that every level is rectangular. A non-array is a scalar (`[]`).
-pub fn nested_shape(value: &Value) -> Result<Vec<usize>, String> {
+pub fn nested_shape(value: &Value) -> Result<Vec<usize>, JsonDataError> {
     match value {
         Value::Array(items) => {
             let mut shape = vec![items.len()];
@@ -20,9 +60,11 @@ pub fn nested_shape(value: &Value) -> Result<Vec<usize>, String> {
                 for (i, item) in items.iter().enumerate().skip(1) {
                     let other = nested_shape(item)?;
                     if other != inner {
-                        return Err(format!(
-                            "ragged nested list: element {i} has shape {other:?} but element 0 has {inner:?}"
-                        ));
+                        return Err(JsonDataError::Ragged {
+                            index: i,
+                            shape: other,
+                            first: inner,
+                        });
                     }
                 }
                 shape.extend(inner);
@@ -53,12 +95,16 @@ fn kind(v: &Value) -> &'static str {
 }
 
 /// Converts JSON leaves to elements of `dtype`. `{"b64": "..."}` objects are accepted for `BYTES` when `b64` is set.
-pub fn decode_leaves(dtype: DataType, values: &[&Value], b64: bool) -> Result<TensorData, String> {
+pub fn decode_leaves(
+    dtype: DataType,
+    values: &[&Value],
+    b64: bool,
+) -> Result<TensorData, JsonDataError> {
     fn each<T>(
         values: &[&Value],
         f: impl Fn(&Value) -> Option<T>,
-        want: &str,
-    ) -> Result<Vec<T>, String> {
+        want: &'static str,
+    ) -> Result<Vec<T>, JsonDataError> {
         values
             .iter()
             .enumerate()
@@ -70,7 +116,12 @@ pub fn decode_leaves(dtype: DataType, values: &[&Value], b64: bool) -> Result<Te
                     } else {
                         shown
                     };
-                    format!("element {i}: expected {want}, got {} ({shown})", kind(v))
+                    JsonDataError::Element {
+                        index: i,
+                        want,
+                        got: kind(v),
+                        shown,
+                    }
                 })
             })
             .collect()
@@ -283,12 +334,16 @@ mod tests {
             decode_leaves(DataType::I32, &l, false).unwrap(),
             TensorData::I32(vec![1, 2, 3, 300])
         );
-        let e = decode_leaves(DataType::U8, &l, false).unwrap_err();
+        let e = decode_leaves(DataType::U8, &l, false)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("element 3: expected an integer in 0..=255"),
             "{e}"
         );
-        let e = decode_leaves(DataType::I64, &[&json!(1.5)], false).unwrap_err();
+        let e = decode_leaves(DataType::I64, &[&json!(1.5)], false)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("expected an INT64 integer, got a number (1.5)"),
             "{e}"
@@ -348,14 +403,12 @@ pub fn decode_data(
     raw: &str,
     expected: usize,
     budget: &Budget,
-) -> Result<TensorData, String> {
+) -> Result<TensorData, JsonDataError> {
     let mut decoder = Decoder::new(dtype, false, Some(expected), raw.len(), budget);
     decoder.decode_str(raw)?;
     let given = decoder.given();
     if given != expected {
-        return Err(format!(
-            "the shape needs {expected} elements but `data` has {given}"
-        ));
+        return Err(JsonDataError::Count { expected, given });
     }
     Ok(decoder.finish())
 }
@@ -367,7 +420,7 @@ pub fn decode_value(
     raw: &str,
     b64: bool,
     budget: &Budget,
-) -> Result<(TensorData, Vec<usize>), String> {
+) -> Result<(TensorData, Vec<usize>), JsonDataError> {
     let mut decoder = Decoder::new(dtype, b64, None, raw.len(), budget);
     let shape = decoder.decode_str(raw)?;
     Ok((decoder.finish(), shape))
@@ -448,7 +501,7 @@ impl<'b> Decoder<'b> {
 
     /// Decodes one value from JSON text and gives its shape; errors name the element and drop serde_json's position
     /// (which means nothing to a client when `raw` is one field of a body).
-    pub fn decode_str(&mut self, raw: &str) -> Result<Vec<usize>, String> {
+    pub fn decode_str(&mut self, raw: &str) -> Result<Vec<usize>, JsonDataError> {
         let mut de = serde_json::Deserializer::from_str(raw);
         let shape = self.decode(&mut de).map_err(|e| self.explain(e))?;
         de.end().map_err(|e| self.explain(e))?;
@@ -456,17 +509,19 @@ impl<'b> Decoder<'b> {
     }
 
     /// Turns a serde_json error into a client message naming the element it happened at.
-    fn explain(&self, e: serde_json::Error) -> String {
+    fn explain(&self, e: serde_json::Error) -> JsonDataError {
         let text = e.to_string();
         let text = match text.rfind(" at line ") {
             Some(i) => text[..i].to_string(),
             None => text,
         };
-        if text.starts_with("element ") || text.starts_with("ragged") {
-            text
-        } else {
-            format!("element {}: {text}", self.given())
-        }
+        JsonDataError::Decode(
+            if text.starts_with("element ") || text.starts_with("ragged") {
+                text
+            } else {
+                format!("element {}: {text}", self.given())
+            },
+        )
     }
 
     /// Decodes one value from a deserializer and gives its shape.
@@ -524,7 +579,7 @@ impl<'b> Decoder<'b> {
     /// the memory held is the memory charged.
     fn charge<E: serde::de::Error>(&mut self, content: usize) -> Result<(), E> {
         let given = self.given();
-        let refuse = |e: String| E::custom(format!("element {given}: {e}"));
+        let refuse = |e: OverBudget| E::custom(format!("element {given}: {e}"));
         let (len, capacity) =
             ferry_model::with_tensor_data!(&self.data, v => (v.len(), v.capacity()));
         if len == capacity {
@@ -677,9 +732,7 @@ pub fn json_text<'a>(
         return Ok((std::borrow::Cow::Borrowed(body), scan));
     }
     let text = nonfinite_as_strings(body);
-    budget
-        .take(text.len())
-        .map_err(crate::error::InferError::invalid)?;
+    budget.take(text.len())?;
     Ok((std::borrow::Cow::Owned(text), scan))
 }
 
@@ -883,24 +936,34 @@ mod data_tests {
         }
     }
 
-    fn data(dtype: DataType, raw: &str, n: usize) -> Result<TensorData, String> {
+    fn data(dtype: DataType, raw: &str, n: usize) -> Result<TensorData, JsonDataError> {
         decode_data(dtype, raw, n, &Budget::for_request(raw.len()))
     }
 
     #[test]
     fn ragged_lists_are_refused() {
-        let e = data(DataType::F32, "[[1, 2, 3], [4]]", 4).unwrap_err();
+        let e = data(DataType::F32, "[[1, 2, 3], [4]]", 4)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("ragged nested list"), "{e}");
-        let e = data(DataType::F32, "[[1, 2], 3]", 3).unwrap_err();
+        let e = data(DataType::F32, "[[1, 2], 3]", 3)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("ragged nested list"), "{e}");
-        let e = data(DataType::F32, "[1, [2, 3]]", 3).unwrap_err();
+        let e = data(DataType::F32, "[1, [2, 3]]", 3)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("ragged nested list"), "{e}");
-        let e = data(DataType::F32, "[[], [1]]", 1).unwrap_err();
+        let e = data(DataType::F32, "[[], [1]]", 1).unwrap_err().to_string();
         assert!(e.starts_with("ragged nested list"), "{e}");
-        let e = data(DataType::I32, "[[[], []], [1, 2]]", 2).unwrap_err();
+        let e = data(DataType::I32, "[[[], []], [1, 2]]", 2)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("ragged nested list"), "{e}");
         let b = Budget::for_request(100);
-        let e = decode_value(DataType::I32, "[[[]], [1]]", false, &b).unwrap_err();
+        let e = decode_value(DataType::I32, "[[[]], [1]]", false, &b)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("ragged nested list"), "{e}");
         assert_eq!(
             data(DataType::F32, "[[1, 2], [3, 4]]", 4).unwrap(),
@@ -984,16 +1047,20 @@ mod data_tests {
 
     #[test]
     fn numbers_out_of_range_are_refused_not_rounded_to_infinity() {
-        let e = data(DataType::F32, "[1, 3.5e38]", 2).unwrap_err();
+        let e = data(DataType::F32, "[1, 3.5e38]", 2)
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "element 1: 3.5e38 is out of range for FP32 (largest 3.4028235e38)"
         );
-        let e = data(DataType::F16, "[70000]", 1).unwrap_err();
+        let e = data(DataType::F16, "[70000]", 1).unwrap_err().to_string();
         assert!(e.contains("out of range for FP16"), "{e}");
         assert!(data(DataType::F32, "[3.4028235e38]", 1).is_ok());
         assert!(data(DataType::F64, "[3.5e38]", 1).is_ok());
-        let e = data(DataType::F64, "[1, 2, 1e400]", 3).unwrap_err();
+        let e = data(DataType::F64, "[1, 2, 1e400]", 3)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("element 2: number out of range"), "{e}");
     }
 
@@ -1016,7 +1083,8 @@ mod data_tests {
             200_000,
             &Budget::for_request(raw.len()),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(
             e.contains("more than") && e.contains("bytes of memory"),
             "{e}"
@@ -1069,31 +1137,42 @@ mod data_tests {
 
     #[test]
     fn streaming_errors_name_the_element() {
-        let e =
-            decode_data(DataType::F32, r#"[1, "two"]"#, 2, &Budget::for_request(1)).unwrap_err();
+        let e = decode_data(DataType::F32, r#"[1, "two"]"#, 2, &Budget::for_request(1))
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, r#"element 1: expected a number, got a string ("two")"#);
-        let e = decode_data(DataType::U8, "[1, 300]", 2, &Budget::for_request(1)).unwrap_err();
+        let e = decode_data(DataType::U8, "[1, 300]", 2, &Budget::for_request(1))
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "element 1: expected an integer in 0..=255, got a number (300)"
         );
-        let e = decode_data(DataType::I32, "[1.5]", 1, &Budget::for_request(1)).unwrap_err();
+        let e = decode_data(DataType::I32, "[1.5]", 1, &Budget::for_request(1))
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "element 0: expected an INT32 integer, got a number (1.5)"
         );
-        let e = decode_data(DataType::F32, "[1, 2, 3]", 2, &Budget::for_request(1)).unwrap_err();
+        let e = decode_data(DataType::F32, "[1, 2, 3]", 2, &Budget::for_request(1))
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "the shape needs 2 elements but `data` has 3");
-        let e = decode_data(DataType::F32, "[[1], [2]]", 3, &Budget::for_request(1)).unwrap_err();
+        let e = decode_data(DataType::F32, "[[1], [2]]", 3, &Budget::for_request(1))
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "the shape needs 3 elements but `data` has 2");
         assert!(
             decode_data(DataType::F32, "[null]", 1, &Budget::for_request(1))
                 .unwrap_err()
+                .to_string()
                 .contains("got null")
         );
         assert!(
             decode_data(DataType::Bool, "[1]", 1, &Budget::for_request(1))
                 .unwrap_err()
+                .to_string()
                 .contains("expected true or false")
         );
     }

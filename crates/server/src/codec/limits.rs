@@ -161,18 +161,16 @@ impl Budget {
     }
 
     /// Takes `bytes`, or says why it cannot.
-    pub fn take(&self, bytes: usize) -> Result<(), String> {
+    pub fn take(&self, bytes: usize) -> Result<(), OverBudget> {
         match self.left.get().checked_sub(bytes) {
             Some(left) => {
                 self.left.set(left);
                 Ok(())
             }
-            None => Err(format!(
-                "decoding it would take more than {} bytes of memory, the most a request of {} bytes may take \
-                 ({EXPANSION_FACTOR} x its size + 1 MiB): split the request, or send the elements themselves rather \
-                 than one value filling a large shape",
-                self.total, self.request_bytes
-            )),
+            None => Err(OverBudget {
+                total: self.total,
+                request_bytes: self.request_bytes,
+            }),
         }
     }
 
@@ -184,6 +182,28 @@ impl Budget {
     /// The whole budget.
     pub fn total(&self) -> usize {
         self.total
+    }
+}
+
+/// A charge a request's [`Budget`] cannot take.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "decoding it would take more than {total} bytes of memory, the most a request of {request_bytes} bytes may take \
+     ({factor} x its size + 1 MiB): split the request, or send the elements themselves rather than one \
+     value filling a large shape",
+    factor = EXPANSION_FACTOR
+)]
+pub struct OverBudget {
+    /// The whole budget.
+    pub total: usize,
+    /// The size of the request it belongs to.
+    pub request_bytes: usize,
+}
+
+/// A request that would decode into more memory than its budget is a 400.
+impl From<OverBudget> for InferError {
+    fn from(e: OverBudget) -> InferError {
+        InferError::invalid(e.to_string())
     }
 }
 
@@ -215,6 +235,20 @@ pub fn element_cost(dtype: ferry_model::DataType) -> usize {
 mod tests {
     use super::*;
     use ferry_model::{Tensor, TensorData};
+
+    #[test]
+    fn an_over_budget_charge_says_what_a_request_may_take() {
+        let budget = Budget::for_request(10);
+        assert_eq!(
+            budget.take(usize::MAX).unwrap_err().to_string(),
+            format!(
+                "decoding it would take more than {} bytes of memory, the most a request of 10 bytes may take (4 x its \
+                 size + 1 MiB): split the request, or send the elements themselves rather than one value filling a \
+                 large shape",
+                budget.total()
+            )
+        );
+    }
 
     #[test]
     fn limits_count_rows_elements_and_json_depth() {

@@ -51,18 +51,38 @@ pub fn error(e: LlmError) -> InferError {
     }
 }
 
+/// Why a language model did not load (its text is the version's UNAVAILABLE reason).
+#[derive(Debug, thiserror::Error)]
+pub enum LlmLoadError {
+    /// `config.toml`'s `[llm]` table is refused.
+    #[error(transparent)]
+    Config(#[from] crate::model_config::LlmConfigError),
+    /// llama.cpp did not load the model, or its tokenizer failed.
+    #[error(transparent)]
+    Llm(#[from] LlmError),
+    /// The warm-up generation was refused.
+    #[error("warm-up: {0}")]
+    Warmup(#[source] LlmError),
+    /// The warm-up generation failed.
+    #[error("warm-up failed: {0}")]
+    WarmupFailed(String),
+    /// The engine stopped during warm-up.
+    #[error("warm-up: the engine stopped")]
+    Stopped,
+}
+
 /// Loads the language model in `dir` with `config.toml`'s `[llm]` settings and warms it up (one token from a
 /// short prompt). The caller has checked the file's size and signature.
 pub(crate) fn load(
     dir: &Path,
     config: &crate::model_config::ModelConfig,
-) -> Result<Arc<Llm>, String> {
+) -> Result<Arc<Llm>, LlmLoadError> {
     let settings = config.llm.settings()?;
     let started = Instant::now();
-    let llm = Llm::load(dir, settings).map_err(|e| e.to_string())?;
+    let llm = Llm::load(dir, settings)?;
     let info = llm.info().clone();
     // Warm-up: the first decode allocates llama.cpp's compute buffers.
-    let prompt = llm.tokenize("Hello", false).map_err(|e| e.to_string())?;
+    let prompt = llm.tokenize("Hello", false)?;
     let params = Params {
         max_tokens: Some(1),
         sampling: Sampling {
@@ -71,15 +91,13 @@ pub(crate) fn load(
         },
         ..Params::default()
     };
-    let mut generation = llm
-        .generate(prompt, params)
-        .map_err(|e| format!("warm-up: {e}"))?;
+    let mut generation = llm.generate(prompt, params).map_err(LlmLoadError::Warmup)?;
     loop {
         match generation.events.blocking_recv() {
             Some(Event::Done { .. }) => break,
-            Some(Event::Failed(e)) => return Err(format!("warm-up failed: {e}")),
+            Some(Event::Failed(e)) => return Err(LlmLoadError::WarmupFailed(e)),
             Some(Event::Token { .. }) => {}
-            None => return Err("warm-up: the engine stopped".into()),
+            None => return Err(LlmLoadError::Stopped),
         }
     }
     tracing::info!(

@@ -164,25 +164,25 @@ pub enum KvCacheType {
 impl LlmConfig {
     /// The settings a language model loads with: these values over the defaults, bounded by this machine (at
     /// most twice its cores in threads).
-    pub fn settings(&self) -> Result<ferry_llm::Settings, String> {
+    pub fn settings(&self) -> Result<ferry_llm::Settings, LlmConfigError> {
         let d = ferry_llm::Settings::default();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
         let threads = self.threads.unwrap_or(d.threads);
         if threads == 0 || threads > 2 * cores {
-            return Err(format!(
-                "llm.threads must be between 1 and {} (twice this machine's cores), got {threads}",
-                2 * cores
-            ));
+            return Err(LlmConfigError::Threads {
+                max: 2 * cores,
+                got: threads,
+            });
         }
         if let Some(0) = self.max_waiting {
-            return Err("llm.max_waiting must be at least 1".into());
+            return Err(LlmConfigError::MaxWaitingZero);
         }
         if self.max_waiting.is_some_and(|n| n > 1 << 20) {
-            return Err("llm.max_waiting must be at most 1048576".into());
+            return Err(LlmConfigError::MaxWaitingTooLarge);
         }
         if let Some(c) = self.context_length {
             if c < 16 {
-                return Err(format!("llm.context_length must be at least 16, got {c}"));
+                return Err(LlmConfigError::ContextLength(c));
             }
         }
         let settings = ferry_llm::Settings {
@@ -195,9 +195,133 @@ impl LlmConfig {
             context_length: self.context_length,
             kv_cache_f32: self.kv_cache == Some(KvCacheType::F32),
         };
-        settings.check().map_err(|e| format!("llm.{e}"))?;
+        settings.check().map_err(LlmConfigError::Settings)?;
         Ok(settings)
     }
+}
+
+/// Why `config.toml`'s `[llm]` table is refused; each message starts with the key (`llm.threads`, ...).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LlmConfigError {
+    /// `llm.threads` of 0 or more than twice this machine's cores.
+    #[error("llm.threads must be between 1 and {max} (twice this machine's cores), got {got}")]
+    Threads {
+        /// Twice this machine's cores.
+        max: u32,
+        /// The value given (or the default).
+        got: u32,
+    },
+    /// `llm.max_waiting` of 0.
+    #[error("llm.max_waiting must be at least 1")]
+    MaxWaitingZero,
+    /// `llm.max_waiting` above 1048576.
+    #[error("llm.max_waiting must be at most 1048576")]
+    MaxWaitingTooLarge,
+    /// `llm.context_length` below 16.
+    #[error("llm.context_length must be at least 16, got {0}")]
+    ContextLength(u32),
+    /// A value the language model crate refuses.
+    #[error("llm.{0}")]
+    Settings(#[source] ferry_llm::SettingsError),
+}
+
+/// Why `config.toml` is refused; each message names the offending key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// Not TOML, or not the shape `config.toml` has: the parser's message and where (see [`locate`]).
+    #[error("{message}{at}")]
+    Toml {
+        /// The parser's message.
+        message: String,
+        /// " (line L, column C)", or "".
+        at: String,
+    },
+    /// `version_policy` as a word other than "all".
+    #[error(
+        "version_policy: expected \"all\", {{ latest = N }} or {{ specific = [..] }}, got \"{0}\""
+    )]
+    PolicyWord(String),
+    /// `version_policy.latest = 0`.
+    #[error("version_policy.latest must be at least 1")]
+    LatestZero,
+    /// `version_policy.specific` empty or holding 0.
+    #[error("version_policy.specific must list version numbers of 1 or more")]
+    SpecificVersions,
+    /// `version_policy` with both or neither of `latest` and `specific`.
+    #[error("version_policy: give exactly one of `latest` or `specific`")]
+    PolicyTable,
+    /// An engine other than auto, onnxruntime or tract.
+    #[error("engine: unknown engine `{0}` (expected auto, onnxruntime or tract)")]
+    UnknownEngine(String),
+    /// An unknown `graph_optimization_level`.
+    #[error("graph_optimization_level: {0}")]
+    Optimization(#[source] ferry_engine::UnknownOptimizationLevel),
+    /// `intra_op_threads` of 0 or more than 4 x the cores.
+    #[error("intra_op_threads must be between 1 and {} (4 x this machine's {cores} cores), got {got}", 4 * .cores)]
+    IntraOpThreads {
+        /// This machine's cores.
+        cores: usize,
+        /// The value given.
+        got: usize,
+    },
+    /// `instances` of 0 or more than 4 x the cores.
+    #[error("instances must be between 1 and {} (4 x this machine's {cores} cores), got {got}", 4 * .cores)]
+    Instances {
+        /// This machine's cores.
+        cores: usize,
+        /// The value given.
+        got: usize,
+    },
+    /// More engine threads than 8 x the cores.
+    #[error(
+        "instances x intra_op_threads is {threads}; at most {} (8 x this machine's {cores} cores) engine threads \
+         are allowed per model",
+        8 * .cores
+    )]
+    EngineThreads {
+        /// instances x intra_op_threads.
+        threads: usize,
+        /// This machine's cores.
+        cores: usize,
+    },
+    /// A label naming version 0.
+    #[error("labels.{0}: versions start at 1")]
+    LabelVersion(String),
+    /// `max_batch_size` above the limit.
+    #[error("max_batch_size must be at most {MAX_BATCH_OR_QUEUE}, got {0}", MAX_BATCH_OR_QUEUE = MAX_BATCH_OR_QUEUE)]
+    MaxBatchSize(usize),
+    /// A preferred batch size of 0 or above `max_batch_size`.
+    #[error("preferred_batch_sizes: {size} is not between 1 and max_batch_size ({max})")]
+    PreferredBatchSize {
+        /// The size given.
+        size: usize,
+        /// `max_batch_size`.
+        max: usize,
+    },
+    /// `max_queue_size` of 0 or above the limit.
+    #[error("max_queue_size must be between 1 and {MAX_BATCH_OR_QUEUE}, got {0}", MAX_BATCH_OR_QUEUE = MAX_BATCH_OR_QUEUE)]
+    MaxQueueSize(usize),
+    /// `max_batch_tokens` outside 1..=16777216.
+    #[error("max_batch_tokens must be between 1 and 16777216, got {0}")]
+    MaxBatchTokens(usize),
+    /// `text.max_length` outside 1..=1048576.
+    #[error("text.max_length must be between 1 and 1048576, got {0}")]
+    TextMaxLength(usize),
+    /// `drift_window` outside 1..=1000000.
+    #[error("drift_window must be between 1 and 1000000 rows")]
+    DriftWindow,
+    /// `shadow.version = 0`.
+    #[error("shadow.version: versions start at 1")]
+    ShadowVersion,
+    /// `shadow.fraction` outside 0..=1.
+    #[error("shadow.fraction must be between 0 and 1")]
+    ShadowFraction,
+    /// `max_concurrent_requests` outside 1..=1048576.
+    #[error("max_concurrent_requests must be between 1 and 1048576")]
+    MaxConcurrentRequests,
+    /// The `[llm]` table.
+    #[error(transparent)]
+    Llm(#[from] LlmConfigError),
 }
 
 /// How many texts a text model's batch holds when `config.toml` sets no `max_batch_size`.
@@ -369,61 +493,56 @@ impl ModelConfig {
     /// Parses `config.toml` text; `engine` gives the server-wide defaults. Values beyond what this machine can run
     /// (threads and instances relative to its cores, batch and queue sizes) are refused, so a file can never make
     /// the engine start thousands of threads (ONNX Runtime crashed the process at `intra_op_threads = 100000`). Errors name the offending key.
-    pub fn parse(text: &str, engine: &EngineOptions) -> Result<ModelConfig, String> {
-        let raw: RawConfig = toml::from_str(text)
-            .map_err(|e| e.message().to_string() + &ferry_repo::toml_error_position(&e, text))?;
+    pub fn parse(text: &str, engine: &EngineOptions) -> Result<ModelConfig, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Toml {
+            message: e.message().to_string(),
+            at: ferry_repo::toml_error_position(&e, text),
+        })?;
         let version_policy = match raw.version_policy {
             None => VersionPolicy::Latest(1),
             Some(RawPolicy::Word(w)) if w == "all" => VersionPolicy::All,
-            Some(RawPolicy::Word(w)) => {
-                return Err(format!("version_policy: expected \"all\", {{ latest = N }} or {{ specific = [..] }}, got \"{w}\""))
-            }
-            Some(RawPolicy::Table(RawPolicyTable { latest: Some(0), specific: None })) => {
-                return Err("version_policy.latest must be at least 1".into())
-            }
-            Some(RawPolicy::Table(RawPolicyTable { latest: Some(n), specific: None })) => VersionPolicy::Latest(n),
-            Some(RawPolicy::Table(RawPolicyTable { latest: None, specific: Some(v) })) => {
+            Some(RawPolicy::Word(w)) => return Err(ConfigError::PolicyWord(w)),
+            Some(RawPolicy::Table(RawPolicyTable {
+                latest: Some(0),
+                specific: None,
+            })) => return Err(ConfigError::LatestZero),
+            Some(RawPolicy::Table(RawPolicyTable {
+                latest: Some(n),
+                specific: None,
+            })) => VersionPolicy::Latest(n),
+            Some(RawPolicy::Table(RawPolicyTable {
+                latest: None,
+                specific: Some(v),
+            })) => {
                 if v.is_empty() || v.contains(&0) {
-                    return Err("version_policy.specific must list version numbers of 1 or more".into());
+                    return Err(ConfigError::SpecificVersions);
                 }
                 VersionPolicy::Specific(v)
             }
-            Some(RawPolicy::Table(_)) => {
-                return Err("version_policy: give exactly one of `latest` or `specific`".into())
-            }
+            Some(RawPolicy::Table(_)) => return Err(ConfigError::PolicyTable),
         };
         let engine_choice = match raw.engine.as_deref() {
             None | Some("auto") => EngineChoice::Auto,
             Some("onnxruntime") => EngineChoice::OnnxRuntime,
             Some("tract") => EngineChoice::Tract,
-            Some(other) => {
-                return Err(format!(
-                    "engine: unknown engine `{other}` (expected auto, onnxruntime or tract)"
-                ))
-            }
+            Some(other) => return Err(ConfigError::UnknownEngine(other.to_string())),
         };
         let mut engine_options = engine.clone();
         if let Some(level) = raw.graph_optimization_level {
             engine_options.optimization = level
                 .parse::<OptimizationLevel>()
-                .map_err(|e| format!("graph_optimization_level: {e}"))?;
+                .map_err(ConfigError::Optimization)?;
         }
         let cores = machine_cores();
         if let Some(n) = raw.intra_op_threads {
             if n == 0 || n > 4 * cores {
-                return Err(format!(
-                    "intra_op_threads must be between 1 and {} (4 x this machine's {cores} cores), got {n}",
-                    4 * cores
-                ));
+                return Err(ConfigError::IntraOpThreads { cores, got: n });
             }
             engine_options.intra_op_threads = n;
         }
         if let Some(n) = raw.instances {
             if n == 0 || n > 4 * cores {
-                return Err(format!(
-                    "instances must be between 1 and {} (4 x this machine's {cores} cores), got {n}",
-                    4 * cores
-                ));
+                return Err(ConfigError::Instances { cores, got: n });
             }
             engine_options.instances = n;
         }
@@ -437,23 +556,17 @@ impl ModelConfig {
             .instances
             .saturating_mul(engine_options.intra_op_threads.max(1));
         if threads > 8 * cores {
-            return Err(format!(
-                "instances x intra_op_threads is {threads}; at most {} (8 x this machine's {cores} cores) engine threads \
-                 are allowed per model",
-                8 * cores
-            ));
+            return Err(ConfigError::EngineThreads { threads, cores });
         }
         for (label, version) in &raw.labels {
             if *version == 0 {
-                return Err(format!("labels.{label}: versions start at 1"));
+                return Err(ConfigError::LabelVersion(label.clone()));
             }
         }
         let mut batching = default_limits();
         if let Some(n) = raw.max_batch_size {
             if n > MAX_BATCH_OR_QUEUE {
-                return Err(format!(
-                    "max_batch_size must be at most {MAX_BATCH_OR_QUEUE}, got {n}"
-                ));
+                return Err(ConfigError::MaxBatchSize(n));
             }
             // 0 (Triton's spelling) and 1 both mean every request runs alone.
             batching.max_batch_size = n.max(1);
@@ -466,52 +579,46 @@ impl ModelConfig {
             .iter()
             .find(|p| **p == 0 || **p > batching.max_batch_size)
         {
-            return Err(format!(
-                "preferred_batch_sizes: {bad} is not between 1 and max_batch_size ({})",
-                batching.max_batch_size
-            ));
+            return Err(ConfigError::PreferredBatchSize {
+                size: *bad,
+                max: batching.max_batch_size,
+            });
         }
         batching.preferred_batch_sizes = raw.preferred_batch_sizes;
         if let Some(n) = raw.max_queue_size {
             if n == 0 || n > MAX_BATCH_OR_QUEUE {
-                return Err(format!(
-                    "max_queue_size must be between 1 and {MAX_BATCH_OR_QUEUE}, got {n}"
-                ));
+                return Err(ConfigError::MaxQueueSize(n));
             }
             batching.max_queue_size = n;
         }
         if let Some(n) = raw.max_batch_tokens {
             if !(1..=1 << 24).contains(&n) {
-                return Err(format!(
-                    "max_batch_tokens must be between 1 and 16777216, got {n}"
-                ));
+                return Err(ConfigError::MaxBatchTokens(n));
             }
             batching.max_batch_tokens = n;
         }
         if let Some(n) = raw.text.max_length {
             if !(1..=1 << 20).contains(&n) {
-                return Err(format!(
-                    "text.max_length must be between 1 and 1048576, got {n}"
-                ));
+                return Err(ConfigError::TextMaxLength(n));
             }
         }
         let drift_window = raw.drift_window.unwrap_or(2000);
         if drift_window == 0 || drift_window > 1_000_000 {
-            return Err("drift_window must be between 1 and 1000000 rows".into());
+            return Err(ConfigError::DriftWindow);
         }
         // 0 turns drift off for the model.
         let drift_sample_every = raw.drift_sample_every.unwrap_or(1);
         if let Some(shadow) = &raw.shadow {
             if shadow.version == 0 {
-                return Err("shadow.version: versions start at 1".into());
+                return Err(ConfigError::ShadowVersion);
             }
             if !(0.0..=1.0).contains(&shadow.fraction) {
-                return Err("shadow.fraction must be between 0 and 1".into());
+                return Err(ConfigError::ShadowFraction);
             }
         }
         if let Some(n) = raw.max_concurrent_requests {
             if !(1..=1 << 20).contains(&n) {
-                return Err("max_concurrent_requests must be between 1 and 1048576".into());
+                return Err(ConfigError::MaxConcurrentRequests);
             }
         }
         raw.llm.settings()?;
@@ -538,8 +645,39 @@ impl ModelConfig {
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<ModelConfig, String> {
+    fn parse(text: &str) -> Result<ModelConfig, ConfigError> {
         ModelConfig::parse(text, &EngineOptions::default())
+    }
+
+    #[test]
+    fn computed_limits_read_as_before() {
+        assert_eq!(
+            ConfigError::IntraOpThreads { cores: 2, got: 9 }.to_string(),
+            "intra_op_threads must be between 1 and 8 (4 x this machine's 2 cores), got 9"
+        );
+        assert_eq!(
+            ConfigError::EngineThreads {
+                threads: 20,
+                cores: 2
+            }
+            .to_string(),
+            "instances x intra_op_threads is 20; at most 16 (8 x this machine's 2 cores) engine threads are allowed per model"
+        );
+        assert_eq!(
+            ConfigError::PolicyWord("newest".into()).to_string(),
+            "version_policy: expected \"all\", { latest = N } or { specific = [..] }, got \"newest\""
+        );
+        assert_eq!(
+            ConfigError::MaxQueueSize(0).to_string(),
+            "max_queue_size must be between 1 and 65536, got 0"
+        );
+        assert_eq!(
+            ConfigError::from(LlmConfigError::Settings(
+                ferry_llm::SettingsError::MaxWaiting
+            ))
+            .to_string(),
+            "llm.max_waiting must be at least 1"
+        );
     }
 
     #[test]
@@ -571,7 +709,7 @@ mod tests {
                 "max_queue_size must be between 1 and 65536",
             ),
         ] {
-            let e = parse(&text).unwrap_err();
+            let e = parse(&text).unwrap_err().to_string();
             assert!(e.starts_with(key), "{text}: {e}");
         }
         let fine = parse(&format!("intra_op_threads = {cores}\ninstances = 2")).unwrap();
@@ -607,38 +745,50 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let e = parse("instancs = 2").unwrap_err();
+        let e = parse("instancs = 2").unwrap_err().to_string();
         assert!(e.contains("instancs"), "{e}");
-        let e = parse("version_policy = \"newest\"").unwrap_err();
+        let e = parse("version_policy = \"newest\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("version_policy"), "{e}");
-        let e = parse("graph_optimization_level = \"max\"").unwrap_err();
+        let e = parse("graph_optimization_level = \"max\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("graph_optimization_level"), "{e}");
-        let e = parse("[labels]\nstable = \"x\"").unwrap_err();
+        let e = parse("[labels]\nstable = \"x\"").unwrap_err().to_string();
         assert!(e.contains("(line 2, column 10)"), "{e}");
         // A key at the start of a line is on that line, not the one before.
-        let e = parse("version_policy = \"all\"\ninstancs = 2").unwrap_err();
+        let e = parse("version_policy = \"all\"\ninstancs = 2")
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("instancs") && e.ends_with("(line 2, column 1)"),
             "{e}"
         );
-        let e = parse("engine = \"auto\"\n\nmax_batch_size = [\n").unwrap_err();
+        let e = parse("engine = \"auto\"\n\nmax_batch_size = [\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("(line 3, column "), "{e}");
-        let e = parse("engine = \"tensorrt\"").unwrap_err();
+        let e = parse("engine = \"tensorrt\"").unwrap_err().to_string();
         assert!(e.starts_with("engine"), "{e}");
     }
 
     #[test]
     fn a_misspelt_policy_names_its_key_the_forms_and_the_line() {
-        let e = parse("engine = \"auto\"\nversion_policy = { lastest = 1 }").unwrap_err();
+        let e = parse("engine = \"auto\"\nversion_policy = { lastest = 1 }")
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("unknown key `lastest`")
                 && e.contains("\"all\", { latest = N } or { specific = [..] }")
                 && e.contains("line 2,"),
             "{e}"
         );
-        let e = parse("version_policy = 3").unwrap_err();
+        let e = parse("version_policy = 3").unwrap_err().to_string();
         assert!(e.contains("{ latest = N }") && e.contains("line 1,"), "{e}");
-        let e = parse("version_policy = { latest = 2, specific = [1] }").unwrap_err();
+        let e = parse("version_policy = { latest = 2, specific = [1] }")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("exactly one"), "{e}");
     }
 
@@ -658,9 +808,11 @@ mod tests {
         );
         assert!(parse("max_batch_size = 4\npreferred_batch_sizes = [8]")
             .unwrap_err()
+            .to_string()
             .starts_with("preferred_batch_sizes"));
         assert!(parse("max_queue_size = 0")
             .unwrap_err()
+            .to_string()
             .starts_with("max_queue_size"));
     }
 

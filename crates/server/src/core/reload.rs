@@ -16,9 +16,9 @@ use ferry_engine::{EngineError, EngineOptions, OrtEngine};
 
 use crate::core::model_config::ModelConfig;
 use crate::core::reconcile::{self, Retire, Versions};
-use crate::core::repository::{LoadedVersion, ModelStore, VersionSlot, VersionState};
+use crate::core::repository::{LoadError, LoadedVersion, ModelStore, VersionSlot, VersionState};
 use crate::core::rollout::{Live, RolloutPlan};
-use crate::core::source::{Listing, ModelListing, Repository};
+use crate::core::source::{Listing, ModelListing, Repository, SourceError};
 
 /// How the served models follow the repository (Triton's `--model-control-mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +107,17 @@ pub enum ManageError {
     Refused(String),
 }
 
+/// Why the startup load failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The repository cannot be listed.
+    #[error(transparent)]
+    Scan(#[from] SourceError),
+    /// `--load-model` names a model the repository does not have.
+    #[error("--load-model {0}: no such model in the repository")]
+    NoSuchModel(String),
+}
+
 impl Manager {
     /// A manager over `repo` feeding `store`.
     pub fn new(
@@ -149,15 +160,13 @@ impl Manager {
 
     /// The startup load: every model (modes `none` and `poll`) or the models named in `initial` (`explicit`).
     /// Fails only when the repository cannot be listed.
-    pub async fn startup(&self, initial: &[String]) -> Result<(), String> {
-        let listing = self.repo.scan().await.map_err(|e| e.to_string())?;
+    pub async fn startup(&self, initial: &[String]) -> Result<(), StartupError> {
+        let listing = self.repo.scan().await?;
         let mut state = self.state.lock().await;
         if self.mode == ControlMode::Explicit {
             for name in initial {
                 if !listing.contains_key(name) {
-                    return Err(format!(
-                        "--load-model {name}: no such model in the repository"
-                    ));
+                    return Err(StartupError::NoSuchModel(name.clone()));
                 }
                 state.explicit.insert(name.clone());
             }
@@ -167,8 +176,8 @@ impl Manager {
     }
 
     /// Scans the repository once and applies what changed (poll mode).
-    pub async fn poll(&self) -> Result<(), String> {
-        let listing = self.repo.scan().await.map_err(|e| e.to_string())?;
+    pub async fn poll(&self) -> Result<(), SourceError> {
+        let listing = self.repo.scan().await?;
         let mut state = self.state.lock().await;
         self.reconcile(&mut state, &listing).await;
         Ok(())
@@ -254,8 +263,8 @@ impl Manager {
     }
 
     /// The repository index: every model in the repository or the table, with its versions' states.
-    pub async fn index(&self, ready_only: bool) -> Result<Vec<IndexEntry>, String> {
-        let listing = self.repo.scan().await.map_err(|e| e.to_string())?;
+    pub async fn index(&self, ready_only: bool) -> Result<Vec<IndexEntry>, SourceError> {
+        let listing = self.repo.scan().await?;
         let mut names: BTreeSet<String> = listing.keys().cloned().collect();
         names.extend(self.store.model_names());
         let mut out = Vec::new();
@@ -530,7 +539,7 @@ impl Manager {
                                 name,
                                 v,
                                 VersionSlot {
-                                    state: VersionState::Unavailable(reason),
+                                    state: VersionState::Unavailable(reason.to_string()),
                                     loaded: None,
                                 },
                             );
@@ -578,14 +587,13 @@ impl Manager {
         name: &str,
         version: u64,
         config: &Arc<ModelConfig>,
-    ) -> Result<Arc<LoadedVersion>, String> {
+    ) -> Result<Arc<LoadedVersion>, LoadError> {
         let started = Instant::now();
         let result = async {
             let dir = self
                 .repo
                 .fetch_version_within(name, version, self.integrity.max_model_bytes)
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             let (engine, cfg, integrity) =
                 (self.engine.clone(), config.clone(), self.integrity.clone());
             let model = name.to_string();
@@ -593,7 +601,7 @@ impl Manager {
                 crate::core::repository::prepare(&dir, (&model, version), &cfg, &engine, &integrity)
             })
             .await
-            .unwrap_or_else(|e| Err(format!("loading panicked: {e}")))
+            .unwrap_or_else(|e| Err(LoadError::Panicked(e)))
         }
         .await;
         self.metrics.load(name, started.elapsed(), result.is_ok());

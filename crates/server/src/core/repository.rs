@@ -304,6 +304,135 @@ pub(crate) fn activate(
     }
 }
 
+/// Why a version did not load. Its text is the reason shown in the version's UNAVAILABLE state (it reaches
+/// clients: files are named relative to the version, never by where the repository lives).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The version's files could not be fetched from the repository.
+    #[error(transparent)]
+    Fetch(#[from] crate::source::SourceError),
+    /// Loading panicked.
+    #[error("loading panicked: {0}")]
+    Panicked(#[source] tokio::task::JoinError),
+    /// A Hugging Face checkpoint that could not be turned into ONNX.
+    #[error("importing the Hugging Face checkpoint: {0}")]
+    Import(#[source] ferry_model::hf::HfError),
+    /// A size limit, a signature or a file read refused the version.
+    #[error(transparent)]
+    Integrity(#[from] crate::integrity::IntegrityError),
+    /// `model.onnx` names external data outside the version, or keeps it where the engine cannot read it.
+    #[error(transparent)]
+    External(#[from] ferry_model::external::ExternalDataError),
+    /// `ferry.json` cannot be read or is malformed.
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    /// `model.onnx` whose sha256 is not the one `ferry.json` records.
+    #[error(
+        "model.onnx does not match its checksum: sha256 is {actual}, ferry.json says {expected}"
+    )]
+    Checksum {
+        /// The file's sha256.
+        actual: String,
+        /// What `ferry.json` says.
+        expected: String,
+    },
+    /// The engine refused the model.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// ONNX Runtime is needed but did not load.
+    #[error("ONNX Runtime is not available: {0}")]
+    NoOnnxRuntime(#[source] EngineError),
+    /// `engine = "tract"` in a build without it.
+    #[error("engine = \"tract\" needs a build with the `tract` feature; this build has ONNX Runtime only")]
+    NoTract,
+    /// `config.toml` overrides a tensor the model does not have.
+    #[error("config.toml: {what}.{tensor}: the model has no such {}", &.what[..what.len() - 1])]
+    NoSuchTensor {
+        /// `inputs` or `outputs`.
+        what: &'static str,
+        /// The tensor named.
+        tensor: String,
+    },
+    /// `config.toml` overrides a tensor's shape with one the model cannot take.
+    #[error("config.toml: {what}.{tensor}.shape {shape:?}: {why}")]
+    BadShape {
+        /// `inputs` or `outputs`.
+        what: &'static str,
+        /// The tensor.
+        tensor: String,
+        /// The shape given.
+        shape: Vec<i64>,
+        /// Why it is refused.
+        why: ShapeError,
+    },
+    /// A text model's tokenizer or settings.
+    #[error(transparent)]
+    Text(#[from] ferry_text::TextError),
+    /// A text model's graph without `input_ids`.
+    #[error("a text model's graph must take `input_ids`")]
+    NoInputIds,
+    /// A text model's graph with an input a tokenizer does not make.
+    #[error("a text model's graph takes input_ids, attention_mask and token_type_ids, not `{0}`")]
+    TextInput(String),
+    /// A graph without outputs.
+    #[error("the model has no outputs")]
+    NoOutputs,
+    /// A recorded warm-up request failed.
+    #[error(transparent)]
+    Warmup(#[from] crate::warmup::WarmupError),
+    /// `model.gguf` cannot be read.
+    #[error("cannot read {}: {source}", .path.display())]
+    Gguf {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `model.gguf` over `--max-model-bytes`.
+    #[error("model.gguf is {size} bytes, more than --max-model-bytes allows ({max})")]
+    GgufTooLarge {
+        /// Its size.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The language model did not load or warm up.
+    #[error(transparent)]
+    Llm(#[from] crate::llm::LlmLoadError),
+}
+
+/// Why a `config.toml` shape override does not fit the model's tensor.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShapeError {
+    /// A dimension below -1.
+    #[error("dimensions are sizes or -1")]
+    Dimension,
+    /// Another rank than the model's.
+    #[error("the model's rank is {0}")]
+    Rank(usize),
+    /// A size where the model fixes another.
+    #[error("the model fixes a dimension at {0}")]
+    Fixed(i64),
+}
+
+/// Why a version's `ferry.json` is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    /// The file exists but cannot be read.
+    #[error("cannot read ferry.json: {0}")]
+    Read(#[source] std::io::Error),
+    /// Not JSON.
+    #[error("ferry.json: {0}")]
+    Json(#[source] serde_json::Error),
+    /// A key that must hold a list.
+    #[error("ferry.json: `{0}` must be a list")]
+    NotAList(String),
+    /// `model_sha256` that is not a string.
+    #[error("ferry.json: `model_sha256` must be a hex string")]
+    Sha256,
+}
+
 /// What loading a version produces before its scheduler starts.
 pub(crate) struct Prepared {
     signature: Signature,
@@ -322,12 +451,12 @@ fn text_model(
     dir: &Path,
     signature: &Signature,
     config: &ModelConfig,
-) -> Result<(Arc<ferry_text::TextModel>, crate::batching::text::Runner), String> {
-    let model = ferry_text::TextModel::load(dir, &config.text).map_err(|e| e.to_string())?;
+) -> Result<(Arc<ferry_text::TextModel>, crate::batching::text::Runner), LoadError> {
+    let model = ferry_text::TextModel::load(dir, &config.text)?;
     let settings = model.settings();
     let has = |n: &str| signature.input(n).is_some();
     if !has("input_ids") {
-        return Err("a text model's graph must take `input_ids`".into());
+        return Err(LoadError::NoInputIds);
     }
     if let Some(other) = signature.inputs.iter().find(|i| {
         !matches!(
@@ -335,10 +464,7 @@ fn text_model(
             "input_ids" | "attention_mask" | "token_type_ids"
         )
     }) {
-        return Err(format!(
-            "a text model's graph takes input_ids, attention_mask and token_type_ids, not `{}`",
-            other.name
-        ));
+        return Err(LoadError::TextInput(other.name.clone()));
     }
     let wanted: &[&str] = match settings.task {
         ferry_text::Task::Embedding => &[
@@ -353,7 +479,7 @@ fn text_model(
         .find(|w| signature.output(w).is_some())
         .map(|w| w.to_string())
         .or_else(|| signature.outputs.first().map(|o| o.name.clone()))
-        .ok_or("the model has no outputs")?;
+        .ok_or(LoadError::NoOutputs)?;
     let runner = crate::batching::text::Runner {
         input_ids: "input_ids".into(),
         attention_mask: has("attention_mask").then(|| "attention_mask".into()),
@@ -392,7 +518,7 @@ pub(crate) fn prepare(
     config: &ModelConfig,
     onnxruntime: &Result<OrtEngine, EngineError>,
     integrity: &crate::integrity::IntegrityPolicy,
-) -> Result<Prepared, String> {
+) -> Result<Prepared, LoadError> {
     if crate::llm::present(dir) {
         return prepare_llm(dir, (model, version), config, integrity);
     }
@@ -404,8 +530,7 @@ pub(crate) fn prepare(
         let limit = integrity
             .max_model_bytes
             .min(ferry_model::hf::MAX_INLINE_WEIGHT_BYTES);
-        let imported = ferry_model::hf::import_with_limit(dir, limit)
-            .map_err(|e| format!("importing the Hugging Face checkpoint: {e}"))?;
+        let imported = ferry_model::hf::import_with_limit(dir, limit).map_err(LoadError::Import)?;
         tracing::info!(
             model,
             version,
@@ -415,19 +540,17 @@ pub(crate) fn prepare(
         );
         imported.onnx
     } else {
-        crate::integrity::read_model(&onnx, integrity.max_model_bytes).map_err(|e| e.to_string())?
+        crate::integrity::read_model(&onnx, integrity.max_model_bytes)?
     };
     // Before anything else reads the data files (the signature hashes them): their locations must stay inside the
     // version directory and their sizes within the limit.
-    let external =
-        ferry_model::external::external_files(&bytes, Some(dir)).map_err(|e| e.to_string())?;
+    let external = ferry_model::external::external_files(&bytes, Some(dir))?;
     crate::integrity::check_external_sizes(
         dir,
         bytes.len() as u64,
         &external,
         integrity.max_model_bytes,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     let meta_bytes = read_meta_bytes(dir)?;
     let model_sha = std::cell::OnceCell::new();
     let model_sha = || model_sha.get_or_init(|| sha256_hex(&bytes)).clone();
@@ -440,9 +563,10 @@ pub(crate) fn prepare(
     if let Some(expected) = &meta.sha256 {
         let actual = model_sha();
         if !actual.eq_ignore_ascii_case(expected) {
-            return Err(format!(
-                "model.onnx does not match its checksum: sha256 is {actual}, ferry.json says {expected}"
-            ));
+            return Err(LoadError::Checksum {
+                actual,
+                expected: expected.clone(),
+            });
         }
     }
     // A text model keeps ONNX Runtime's arena unless config.toml says otherwise: its batches are bounded in tokens,
@@ -457,15 +581,14 @@ pub(crate) fn prepare(
     let folder = (!external.is_empty()).then_some(dir);
     let backend: Arc<dyn Backend> = match (config.engine, onnxruntime) {
         (EngineChoice::Tract, _) => tract_backend(&bytes, dir, options)?,
-        (EngineChoice::OnnxRuntime | EngineChoice::Auto, Ok(ort)) => Arc::new(
-            ort.load_with_external_data(&bytes, folder, options)
-                .map_err(|e| e.to_string())?,
-        ),
+        (EngineChoice::OnnxRuntime | EngineChoice::Auto, Ok(ort)) => {
+            Arc::new(ort.load_with_external_data(&bytes, folder, options)?)
+        }
         // Without ONNX Runtime, `auto` falls back to tract in builds that have it.
         (EngineChoice::Auto, Err(_)) if cfg!(feature = "tract") => {
             tract_backend(&bytes, dir, options)?
         }
-        (_, Err(e)) => return Err(format!("ONNX Runtime is not available: {e}")),
+        (_, Err(e)) => return Err(LoadError::NoOnnxRuntime(e.clone())),
     };
     let mut signature = backend.signature().clone();
     for (overrides, specs, what) in [
@@ -476,20 +599,22 @@ pub(crate) fn prepare(
             let spec = specs
                 .iter_mut()
                 .find(|s| &s.name == tensor)
-                .ok_or_else(|| {
-                    format!(
-                        "config.toml: {what}.{tensor}: the model has no such {}",
-                        &what[..what.len() - 1]
-                    )
+                .ok_or_else(|| LoadError::NoSuchTensor {
+                    what,
+                    tensor: tensor.clone(),
                 })?;
-            let bad =
-                |why: String| format!("config.toml: {what}.{tensor}.shape {:?}: {why}", o.shape);
+            let bad = |why: ShapeError| LoadError::BadShape {
+                what,
+                tensor: tensor.clone(),
+                shape: o.shape.clone(),
+                why,
+            };
             if o.shape.iter().any(|d| *d < -1) {
-                return Err(bad("dimensions are sizes or -1".into()));
+                return Err(bad(ShapeError::Dimension));
             }
             if let Some(model) = &spec.shape {
                 if model.len() != o.shape.len() {
-                    return Err(bad(format!("the model's rank is {}", model.len())));
+                    return Err(bad(ShapeError::Rank(model.len())));
                 }
                 // An override may fix a dynamic size, never contradict a fixed one.
                 if let Some((m, _)) = model
@@ -497,7 +622,7 @@ pub(crate) fn prepare(
                     .zip(&o.shape)
                     .find(|(m, o)| **m >= 0 && **o >= 0 && m != o)
                 {
-                    return Err(bad(format!("the model fixes a dimension at {m}")));
+                    return Err(bad(ShapeError::Fixed(*m)));
                 }
             }
             spec.shape = Some(o.shape.clone());
@@ -532,16 +657,17 @@ fn prepare_llm(
     (model, version): (&str, u64),
     config: &ModelConfig,
     integrity: &crate::integrity::IntegrityPolicy,
-) -> Result<Prepared, String> {
+) -> Result<Prepared, LoadError> {
     let gguf = dir.join("model.gguf");
-    let size = std::fs::metadata(&gguf)
-        .map_err(|e| format!("cannot read {}: {e}", gguf.display()))?
-        .len();
+    let size = match std::fs::metadata(&gguf) {
+        Ok(m) => m.len(),
+        Err(source) => return Err(LoadError::Gguf { path: gguf, source }),
+    };
     if size > integrity.max_model_bytes {
-        return Err(format!(
-            "model.gguf is {size} bytes, more than --max-model-bytes allows ({})",
-            integrity.max_model_bytes
-        ));
+        return Err(LoadError::GgufTooLarge {
+            size,
+            max: integrity.max_model_bytes,
+        });
     }
     let meta_bytes = read_meta_bytes(dir)?;
     verify_signature(dir, (model, version), integrity, &|path| match path {
@@ -568,14 +694,13 @@ fn verify_signature(
     (model, version): (&str, u64),
     integrity: &crate::integrity::IntegrityPolicy,
     known: &dyn Fn(&str) -> Option<String>,
-) -> Result<(), String> {
+) -> Result<(), crate::integrity::IntegrityError> {
     if integrity.trusted_keys.is_empty() {
         return Ok(());
     }
-    let files = crate::integrity::version_files(dir, known).map_err(|e| e.to_string())?;
+    let files = crate::integrity::version_files(dir, known)?;
     let key =
-        crate::integrity::verify_version(dir, model, version, &files, &integrity.trusted_keys)
-            .map_err(|e| e.to_string())?;
+        crate::integrity::verify_version(dir, model, version, &files, &integrity.trusted_keys)?;
     tracing::info!(model, version, key, "signature verified");
     Ok(())
 }
@@ -634,47 +759,45 @@ fn tract_backend(
     bytes: &[u8],
     dir: &Path,
     options: &EngineOptions,
-) -> Result<Arc<dyn Backend>, String> {
-    ferry_model::external::check_self_contained(bytes, Some(dir)).map_err(|e| e.to_string())?;
-    Ok(Arc::new(
-        ferry_engine::TractBackend::load(bytes, options).map_err(|e| e.to_string())?,
-    ))
+) -> Result<Arc<dyn Backend>, LoadError> {
+    ferry_model::external::check_self_contained(bytes, Some(dir))?;
+    Ok(Arc::new(ferry_engine::TractBackend::load(bytes, options)?))
 }
 
 #[cfg(not(feature = "tract"))]
-fn tract_backend(_: &[u8], _: &Path, _: &EngineOptions) -> Result<Arc<dyn Backend>, String> {
-    Err("engine = \"tract\" needs a build with the `tract` feature; this build has ONNX Runtime only".into())
+fn tract_backend(_: &[u8], _: &Path, _: &EngineOptions) -> Result<Arc<dyn Backend>, LoadError> {
+    Err(LoadError::NoTract)
 }
 
 /// The bytes of a version's `ferry.json`, when it has one.
-fn read_meta_bytes(dir: &Path) -> Result<Option<Vec<u8>>, String> {
+fn read_meta_bytes(dir: &Path) -> Result<Option<Vec<u8>>, MetaError> {
     let path = dir.join("ferry.json");
     match std::fs::read(&path) {
         Ok(bytes) => Ok(Some(bytes)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         // The reason reaches clients: name the file, not where the repository lives.
-        Err(e) => Err(format!("cannot read ferry.json: {e}")),
+        Err(e) => Err(MetaError::Read(e)),
     }
 }
 
-fn parse_meta(bytes: Option<&[u8]>) -> Result<ModelMeta, String> {
+fn parse_meta(bytes: Option<&[u8]>) -> Result<ModelMeta, MetaError> {
     let Some(bytes) = bytes else {
         return Ok(ModelMeta::default());
     };
-    let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| format!("ferry.json: {e}"))?;
-    let strings = |key: &str| -> Result<Option<Vec<String>>, String> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(MetaError::Json)?;
+    let strings = |key: &str| -> Result<Option<Vec<String>>, MetaError> {
         match value.get(key) {
             None | Some(serde_json::Value::Null) => Ok(None),
-            Some(serde_json::Value::Array(items)) => items
-                .iter()
-                .map(|i| match i {
-                    serde_json::Value::String(s) => Ok(s.clone()),
-                    other => Ok(other.to_string()),
-                })
-                .collect::<Result<Vec<_>, String>>()
-                .map(Some),
-            Some(_) => Err(format!("ferry.json: `{key}` must be a list")),
+            Some(serde_json::Value::Array(items)) => Ok(Some(
+                items
+                    .iter()
+                    .map(|i| match i {
+                        serde_json::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    })
+                    .collect(),
+            )),
+            Some(_) => Err(MetaError::NotAList(key.to_string())),
         }
     };
     Ok(ModelMeta {
@@ -686,7 +809,7 @@ fn parse_meta(bytes: Option<&[u8]>) -> Result<ModelMeta, String> {
             None | Some(serde_json::Value::Null) => None,
             Some(serde_json::Value::String(s)) if s.is_empty() => None,
             Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(_) => return Err("ferry.json: `model_sha256` must be a hex string".into()),
+            Some(_) => return Err(MetaError::Sha256),
         },
     })
 }
@@ -705,6 +828,52 @@ mod tests {
         for good in ["iris", "my-model_2", "v1.2"] {
             assert!(validate_name(good).is_ok(), "{good}");
         }
+    }
+
+    #[test]
+    fn load_errors_read_as_the_reasons_they_replace() {
+        assert_eq!(
+            LoadError::NoSuchTensor {
+                what: "inputs",
+                tensor: "x".into()
+            }
+            .to_string(),
+            "config.toml: inputs.x: the model has no such input"
+        );
+        assert_eq!(
+            LoadError::BadShape {
+                what: "outputs",
+                tensor: "y".into(),
+                shape: vec![-1, 3],
+                why: ShapeError::Fixed(4),
+            }
+            .to_string(),
+            "config.toml: outputs.y.shape [-1, 3]: the model fixes a dimension at 4"
+        );
+        assert_eq!(
+            LoadError::from(crate::warmup::WarmupError::TooMany(65)).to_string(),
+            "warmup/ has 65 requests; at most 64 are run"
+        );
+        assert_eq!(
+            LoadError::from(crate::warmup::WarmupError::Request {
+                name: "a.json".into(),
+                why: crate::warmup::RequestError::Mismatch {
+                    name: "x".into(),
+                    dtype: ferry_model::DataType::F32,
+                    shape: vec![-1, 4],
+                },
+            })
+            .to_string(),
+            "warm-up request warmup/a.json failed: input `x` does not match the model (FP32 [-1, 4])"
+        );
+        assert_eq!(
+            LoadError::from(MetaError::NotAList("classes".into())).to_string(),
+            "ferry.json: `classes` must be a list"
+        );
+        assert_eq!(
+            LoadError::NoTract.to_string(),
+            "engine = \"tract\" needs a build with the `tract` feature; this build has ONNX Runtime only"
+        );
     }
 
     #[test]

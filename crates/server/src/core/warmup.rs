@@ -16,22 +16,71 @@ const MAX_REQUESTS: usize = 64;
 /// The largest recorded warm-up request read.
 const MAX_REQUEST_BYTES: u64 = 16 << 20;
 
+/// Why a version's recorded warm-up keeps it out of service (its text is the version's UNAVAILABLE reason).
+#[derive(Debug, thiserror::Error)]
+pub enum WarmupError {
+    /// The `warmup/` directory cannot be listed.
+    #[error("cannot read warmup/: {0}")]
+    ReadDir(#[source] std::io::Error),
+    /// More recorded requests than are run.
+    #[error("warmup/ has {0} requests; at most {MAX_REQUESTS} are run", MAX_REQUESTS = MAX_REQUESTS)]
+    TooMany(usize),
+    /// One recorded request failed.
+    #[error("warm-up request warmup/{name} failed: {why}")]
+    Request {
+        /// The file's name.
+        name: String,
+        /// Why.
+        why: RequestError,
+    },
+}
+
+/// Why one recorded warm-up request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The file cannot be read.
+    #[error("{0}")]
+    Io(std::io::Error),
+    /// The file is larger than [`MAX_REQUEST_BYTES`].
+    #[error("it is larger than {MAX_REQUEST_BYTES} bytes", MAX_REQUEST_BYTES = MAX_REQUEST_BYTES)]
+    TooLarge,
+    /// The file is not a KServe v2 JSON request.
+    #[error("{0}")]
+    Decode(crate::error::InferError),
+    /// The request does not fit the model's signature.
+    #[error("input `{0}` is missing")]
+    Missing(String),
+    /// An input whose type or shape the model does not take.
+    #[error("input `{name}` does not match the model ({dtype} {shape:?})")]
+    Mismatch {
+        /// The input.
+        name: String,
+        /// The model's type for it.
+        dtype: DataType,
+        /// The model's shape for it.
+        shape: Vec<i64>,
+    },
+    /// Inputs the model does not take.
+    #[error("it has inputs the model does not take")]
+    Extra,
+    /// The engine failed on it.
+    #[error("{0}")]
+    Predict(ferry_engine::EngineError),
+}
+
 /// Runs a version's warm-up requests through its backend.
-pub fn run(dir: &Path, signature: &Signature, backend: &dyn Backend) -> Result<(), String> {
+pub fn run(dir: &Path, signature: &Signature, backend: &dyn Backend) -> Result<(), WarmupError> {
     let warmup = dir.join("warmup");
     if warmup.is_dir() {
         let mut files: Vec<_> = std::fs::read_dir(&warmup)
-            .map_err(|e| format!("cannot read warmup/: {e}"))?
+            .map_err(WarmupError::ReadDir)?
             .flatten()
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|x| x == "json"))
             .collect();
         files.sort();
         if files.len() > MAX_REQUESTS {
-            return Err(format!(
-                "warmup/ has {} requests; at most {MAX_REQUESTS} are run",
-                files.len()
-            ));
+            return Err(WarmupError::TooMany(files.len()));
         }
         for file in files {
             let name = file
@@ -39,18 +88,23 @@ pub fn run(dir: &Path, signature: &Signature, backend: &dyn Backend) -> Result<(
                 .unwrap_or_default()
                 .to_string_lossy()
                 .into_owned();
-            let fail = |why: String| format!("warm-up request warmup/{name} failed: {why}");
+            let fail = |why: RequestError| WarmupError::Request {
+                name: name.clone(),
+                why,
+            };
             let size = std::fs::metadata(&file)
-                .map_err(|e| fail(e.to_string()))?
+                .map_err(|e| fail(RequestError::Io(e)))?
                 .len();
             if size > MAX_REQUEST_BYTES {
-                return Err(fail(format!("it is larger than {MAX_REQUEST_BYTES} bytes")));
+                return Err(fail(RequestError::TooLarge));
             }
-            let body = std::fs::read(&file).map_err(|e| fail(e.to_string()))?;
-            let inputs =
-                crate::codec::kserve::decode_json_inputs(&body).map_err(|e| fail(e.message))?;
+            let body = std::fs::read(&file).map_err(|e| fail(RequestError::Io(e)))?;
+            let inputs = crate::codec::kserve::decode_json_inputs(&body)
+                .map_err(|e| fail(RequestError::Decode(e)))?;
             let inputs = conform(signature, inputs).map_err(fail)?;
-            backend.predict(inputs).map_err(|e| fail(e.to_string()))?;
+            backend
+                .predict(inputs)
+                .map_err(|e| fail(RequestError::Predict(e)))?;
         }
         return Ok(());
     }
@@ -68,22 +122,21 @@ pub fn run(dir: &Path, signature: &Signature, backend: &dyn Backend) -> Result<(
 fn conform(
     signature: &Signature,
     mut inputs: Vec<NamedTensor>,
-) -> Result<Vec<NamedTensor>, String> {
+) -> Result<Vec<NamedTensor>, RequestError> {
     for spec in &signature.inputs {
         let Some(input) = inputs.iter().find(|i| i.name == spec.name) else {
-            return Err(format!("input `{}` is missing", spec.name));
+            return Err(RequestError::Missing(spec.name.clone()));
         };
         if input.tensor.dtype() != spec.dtype || !spec.accepts_shape(&input.tensor.shape) {
-            return Err(format!(
-                "input `{}` does not match the model ({} {:?})",
-                spec.name,
-                spec.dtype,
-                spec.display_shape()
-            ));
+            return Err(RequestError::Mismatch {
+                name: spec.name.clone(),
+                dtype: spec.dtype,
+                shape: spec.display_shape(),
+            });
         }
     }
     if inputs.len() != signature.inputs.len() {
-        return Err("it has inputs the model does not take".into());
+        return Err(RequestError::Extra);
     }
     inputs.sort_by_key(|i| signature.inputs.iter().position(|s| s.name == i.name));
     Ok(inputs)

@@ -177,7 +177,7 @@ fn decode(
                 let strings = std::mem::take(&mut t.string_val);
                 budget
                     .take(crate::codec::limits::decoded_strings_cost(&strings))
-                    .map_err(&err)?;
+                    .map_err(|e| err(e.to_string()))?;
                 TensorData::Bytes(strings.into())
             }
         }
@@ -186,7 +186,7 @@ fn decode(
     // the wire): what they hold is charged too, and refused when it does not fit.
     budget
         .take(crate::codec::limits::memory_cost(&data))
-        .map_err(&err)?;
+        .map_err(|e| err(e.to_string()))?;
     // TensorFlow fills a whole tensor from a single value: a few bytes may ask for a large tensor, so the filled
     // size is charged to the request's budget before anything is allocated.
     let data = if count > 1 && data.len() == 1 {

@@ -190,10 +190,10 @@ fn metadata(infer: &Infer, model: &str, selector: &VersionSelector) -> Result<Va
 /// Builds one input tensor by stacking per-instance values along a new first dimension.
 fn stack(spec: &TensorSpec, values: &[&Value]) -> Result<NamedTensor, InferError> {
     let err = |e: String| InferError::invalid(format!("input `{}`: {e}", spec.name));
-    let first = nested_shape(values[0]).map_err(err)?;
+    let first = nested_shape(values[0]).map_err(|e| err(e.to_string()))?;
     let mut items = Vec::new();
     for (i, v) in values.iter().enumerate() {
-        let shape = nested_shape(v).map_err(err)?;
+        let shape = nested_shape(v).map_err(|e| err(e.to_string()))?;
         if shape != first {
             return Err(err(format!(
                 "instance {i} has shape {shape:?} but instance 0 has {first:?}"
@@ -201,7 +201,7 @@ fn stack(spec: &TensorSpec, values: &[&Value]) -> Result<NamedTensor, InferError
         }
         leaves(v, &mut items);
     }
-    let data = decode_leaves(spec.dtype, &items, true).map_err(err)?;
+    let data = decode_leaves(spec.dtype, &items, true).map_err(|e| err(e.to_string()))?;
     let mut shape = vec![values.len()];
     shape.extend(first);
     Ok(NamedTensor::new(
@@ -320,7 +320,8 @@ fn is_b64_text(text: &str) -> bool {
 /// One input from a value whose full shape is its nesting (the columnar format).
 fn whole_tensor(spec: &TensorSpec, text: &str, budget: &Budget) -> Result<NamedTensor, InferError> {
     let err = |e: String| InferError::invalid(format!("input `{}`: {e}", spec.name));
-    let (data, shape) = decode_value(spec.dtype, text, true, budget).map_err(err)?;
+    let (data, shape) =
+        decode_value(spec.dtype, text, true, budget).map_err(|e| err(e.to_string()))?;
     Ok(NamedTensor::new(
         spec.name.clone(),
         Tensor::new(shape, data).map_err(|e| err(e.to_string()))?,

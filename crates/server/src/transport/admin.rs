@@ -137,7 +137,7 @@ async fn index(
         .manager
         .index(ready)
         .await
-        .map_err(|e| InferError::new(ErrorKind::Internal, e))?;
+        .map_err(|e| InferError::new(ErrorKind::Internal, e.to_string()))?;
     Ok(Json(rows))
 }
 

@@ -302,7 +302,8 @@ impl Server {
         manager
             .startup(&config.load_models)
             .await
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            // As text: the message is what `ferry serve` prints, without the causes it already shows.
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
         let names = store.model_names();
         tracing::info!(models = names.len(), "model repository loaded");
         health.set_loaded();
