@@ -18,9 +18,12 @@
 //! The value of a coalition S is always interventional: v(S) = mean over the background rows z of f(x_S, z_S̄),
 //! the model on the row taking x's values for the features in S and z's for the others.
 //!
+//! [`background`] reads the background sample a version keeps (`background.csv`).
+//!
 //! This crate knows nothing of engines, async runtimes or HTTP: the caller runs the model (for KernelSHAP) and
 //! chooses the background.
 
+pub mod background;
 pub mod kernel;
 pub mod linear;
 pub mod model;

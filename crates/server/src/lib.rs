@@ -27,8 +27,8 @@ pub mod transport;
 
 // The modules' paths from before the layers had folders, kept for the CLI, the tests and the fuzz targets.
 pub use crate::core::{
-    batching, explain, infer, integrity, llm, model_config, payload_log, reload, repository, rollout,
-    source, text, warmup,
+    batching, explain, infer, integrity, llm, model_config, payload_log, reload, repository,
+    rollout, source, text, warmup,
 };
 pub use metrics::{drift, shadow};
 pub use transport::{admin, auth, config, front, http, listen};

@@ -23,12 +23,9 @@ use ferry_model::{DataType, NamedTensor, Signature, Tensor, TensorData};
 
 use crate::error::{ErrorKind, InferError};
 
-/// The background sample's file in a version folder: a header of feature names, then one row per line.
-pub const BACKGROUND_FILE: &str = "background.csv";
-/// The largest background file read.
-const MAX_BACKGROUND_BYTES: u64 = 64 << 20;
-/// The most background rows kept (a larger file is refused: every explanation averages over all of them).
-pub const MAX_BACKGROUND_ROWS: usize = 1000;
+pub use ferry_explain::background::{read as read_background, Background, BACKGROUND_FILE};
+/// The largest graph read for an exact method (decoding copies its weights); larger ones get KernelSHAP.
+const MAX_GRAPH_BYTES: usize = 256 << 20;
 /// The most rows one explain request may ask about.
 pub const MAX_EXPLAIN_ROWS: usize = 1000;
 /// Rows per engine call for KernelSHAP's perturbed rows.
@@ -39,17 +36,6 @@ pub const DEFAULT_MODEL_ROWS: u64 = 1 << 20;
 pub const MAX_MODEL_ROWS: u64 = 1 << 24;
 /// The most tree nodes × background rows × explained rows one TreeSHAP request may cost.
 pub const MAX_TREE_WORK: u64 = 1 << 32;
-
-/// The background sample of a version.
-#[derive(Debug, Clone)]
-pub struct Background {
-    /// Feature names from the header.
-    pub features: Vec<String>,
-    /// Rows.
-    pub rows: usize,
-    /// Values, row-major.
-    pub values: Vec<f64>,
-}
 
 /// How a version is explained, settled when it loads.
 #[derive(Debug)]
@@ -70,7 +56,9 @@ enum Available {
     Trees(Ensemble),
     /// KernelSHAP on `output` (the first numeric output, unless the request names another); `why` says why no
     /// exact method applies.
-    Kernel { why: String },
+    Kernel {
+        why: String,
+    },
 }
 
 /// What a request may choose.
@@ -117,48 +105,6 @@ pub struct Explained {
     pub features: Vec<String>,
 }
 
-/// Reads a background file: a header of names, then rows of numbers (an empty field is a missing value, NaN).
-pub fn read_background(path: &Path) -> Result<Background, String> {
-    let shown = path.display();
-    let bytes = ferry_text::read_limited(path, MAX_BACKGROUND_BYTES).map_err(|e| format!("{shown}: {e}"))?;
-    let text = std::str::from_utf8(&bytes).map_err(|_| format!("{shown}: not UTF-8"))?;
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header = lines.next().ok_or_else(|| format!("{shown}: empty"))?;
-    let features: Vec<String> = header.split(',').map(|s| s.trim().to_string()).collect();
-    let mut values = Vec::new();
-    let mut rows = 0;
-    for (i, line) in lines.enumerate() {
-        if rows == MAX_BACKGROUND_ROWS {
-            return Err(format!("{shown}: more than {MAX_BACKGROUND_ROWS} rows"));
-        }
-        let before = values.len();
-        for field in line.split(',') {
-            let field = field.trim();
-            values.push(if field.is_empty() {
-                f64::NAN
-            } else {
-                field.parse::<f64>().map_err(|_| {
-                    format!("{shown}: line {}: `{}` is not a number", i + 2, field.escape_debug())
-                })?
-            });
-        }
-        if values.len() - before != features.len() {
-            return Err(format!(
-                "{shown}: line {} has {} fields, the header {}",
-                i + 2,
-                values.len() - before,
-                features.len()
-            ));
-        }
-        rows += 1;
-    }
-    Ok(Background {
-        features,
-        rows,
-        values,
-    })
-}
-
 impl Explainer {
     /// Works out how a version is explained: its one numeric `[rows, features]` input, the method its graph allows
     /// and its background. `None` for models explanations cannot apply to (several inputs, text, no fixed feature
@@ -181,8 +127,10 @@ impl Explainer {
             Some([_, f]) if *f > 0 && numeric => usize::try_from(*f).ok()?,
             _ => return None,
         };
-        let method = match prost::Message::decode(bytes)
-            .map_err(|e: prost::DecodeError| e.to_string())
+        let method = match (bytes.len() <= MAX_GRAPH_BYTES)
+            .then_some(bytes)
+            .ok_or_else(|| format!("the graph is over {MAX_GRAPH_BYTES} bytes, too large to read for an exact method"))
+            .and_then(|b| prost::Message::decode(b).map_err(|e: prost::DecodeError| e.to_string()))
             .and_then(|m| ferry_explain::recognise(&m).map_err(|e| e.to_string()))
         {
             Ok(Recognised::Linear(m)) if m.features == features => Available::Linear(m),
@@ -195,7 +143,7 @@ impl Explainer {
                 why: format!("the graph was not recognised: {e}"),
             },
         };
-        let background = match read_background(&dir.join(BACKGROUND_FILE)) {
+        let background = match read_background(&dir.join(BACKGROUND_FILE)).map_err(|e| e.to_string()) {
             Ok(b) if b.features.len() != features => Err(format!(
                 "{BACKGROUND_FILE} has {} columns; the model takes {features} features",
                 b.features.len()
@@ -279,7 +227,10 @@ impl Explainer {
                 )))
             }
         };
-        let background = self.background.as_ref().map_err(|e| InferError::invalid(e.clone()))?;
+        let background = self
+            .background
+            .as_ref()
+            .map_err(|e| InferError::invalid(e.clone()))?;
         let kernel_output = if method == "kernel" {
             Some(kernel_output(signature, options.output.as_deref())?)
         } else {
@@ -456,7 +407,9 @@ fn linear_outputs(m: &LinearModel, classes: Option<&[String]>) -> Vec<String> {
 
 fn tree_space(t: &Ensemble) -> String {
     let after = match t.post_transform {
-        PostTransform::None => return "the ensemble's raw output (base value + attributions = the output)".into(),
+        PostTransform::None => {
+            return "the ensemble's raw output (base value + attributions = the output)".into()
+        }
         PostTransform::Softmax => "softmax",
         PostTransform::Logistic => "logistic",
         PostTransform::SoftmaxZero => "softmax_zero",
@@ -470,7 +423,10 @@ fn tree_space(t: &Ensemble) -> String {
 
 fn tree_outputs(t: &Ensemble) -> Vec<String> {
     match &t.kind {
-        EnsembleKind::Classifier { labels, binary_single_column: true } if labels.len() == 2 => {
+        EnsembleKind::Classifier {
+            labels,
+            binary_single_column: true,
+        } if labels.len() == 2 => {
             vec![labels[1].clone()]
         }
         EnsembleKind::Classifier { labels, .. } if labels.len() == t.outputs => labels.clone(),
@@ -478,7 +434,12 @@ fn tree_outputs(t: &Ensemble) -> Vec<String> {
     }
 }
 
-fn kernel_outputs(output: &str, columns: usize, n: usize, classes: Option<&[String]>) -> Vec<String> {
+fn kernel_outputs(
+    output: &str,
+    columns: usize,
+    n: usize,
+    classes: Option<&[String]>,
+) -> Vec<String> {
     (0..n)
         .map(|k| match classes {
             Some(c) if c.len() == n => c[k].clone(),
@@ -489,19 +450,26 @@ fn kernel_outputs(output: &str, columns: usize, n: usize, classes: Option<&[Stri
 }
 
 /// The numeric output KernelSHAP explains, and its width when stated.
-fn kernel_output(signature: &Signature, named: Option<&str>) -> Result<(String, usize), InferError> {
+fn kernel_output(
+    signature: &Signature,
+    named: Option<&str>,
+) -> Result<(String, usize), InferError> {
     let numeric = |d: DataType| matches!(d, DataType::F32 | DataType::F64 | DataType::F16);
     let spec = match named {
         Some(name) => signature
             .output(name)
             .filter(|o| numeric(o.dtype))
-            .ok_or_else(|| InferError::invalid(format!("the model has no floating-point output `{name}`")))?,
+            .ok_or_else(|| {
+                InferError::invalid(format!("the model has no floating-point output `{name}`"))
+            })?,
         None => signature
             .outputs
             .iter()
             .find(|o| numeric(o.dtype) && o.shape.as_ref().is_some_and(|s| s.len() <= 2))
             .ok_or_else(|| {
-                InferError::invalid("the model has no floating-point output of one value or one row per input row")
+                InferError::invalid(
+                    "the model has no floating-point output of one value or one row per input row",
+                )
             })?,
     };
     let columns = match spec.shape.as_deref() {
@@ -556,16 +524,25 @@ fn kernel(
         let out = outputs
             .into_iter()
             .find(|o| o.name == output)
-            .ok_or_else(|| InferError::new(ErrorKind::Internal, format!("the model gave no output `{output}`")))?;
+            .ok_or_else(|| {
+                InferError::new(
+                    ErrorKind::Internal,
+                    format!("the model gave no output `{output}`"),
+                )
+            })?;
         match out.tensor.data {
             TensorData::F32(v) => Ok(v),
             TensorData::F64(v) => Ok(v.into_iter().map(|x| x as f32).collect()),
             TensorData::F16(v) => Ok(v.into_iter().map(f32::from).collect()),
-            _ => Err(InferError::invalid(format!("output `{output}` is not floating-point"))),
+            _ => Err(InferError::invalid(format!(
+                "output `{output}` is not floating-point"
+            ))),
         }
     };
-    ferry_explain::kernel::explain(&rows32, &bg32, ex.features, &kernel_options, run).map_err(|e| match e {
-        KernelError::Explain(e) => explain_error(e),
-        KernelError::Model(e) => e,
+    ferry_explain::kernel::explain(&rows32, &bg32, ex.features, &kernel_options, run).map_err(|e| {
+        match e {
+            KernelError::Explain(e) => explain_error(e),
+            KernelError::Model(e) => e,
+        }
     })
 }

@@ -41,7 +41,9 @@ pub(crate) fn options(parameters: Option<&Map<String, Value>>) -> Result<Options
                 o.coalitions = usize::try_from(count(key, v)?)
                     .ok()
                     .filter(|c| (2..=1 << 20).contains(c))
-                    .ok_or_else(|| InferError::invalid("`coalitions` must be between 2 and 1048576"))?;
+                    .ok_or_else(|| {
+                        InferError::invalid("`coalitions` must be between 2 and 1048576")
+                    })?;
             }
             "exact_max_features" => {
                 o.exact_max_features = usize::try_from(count(key, v)?)
@@ -51,12 +53,10 @@ pub(crate) fn options(parameters: Option<&Map<String, Value>>) -> Result<Options
             }
             "seed" => o.seed = count(key, v)?,
             "timeout" | "binary_data_output" => {}
-            other => {
-                return Err(InferError::invalid(format!(
-                    "unknown explain parameter `{other}` (method, output, max_model_rows, coalitions, \
+            other => return Err(InferError::invalid(format!(
+                "unknown explain parameter `{other}` (method, output, max_model_rows, coalitions, \
                      exact_max_features, seed)"
-                )))
-            }
+            ))),
         }
     }
     Ok(o)

@@ -59,7 +59,10 @@ pub fn app_with_limit(
             get(ks::version_drift),
         )
         .route("/v2/models/{model}/infer", axum::routing::post(ks::infer))
-        .route("/v2/models/{model}/explain", axum::routing::post(ks::explain))
+        .route(
+            "/v2/models/{model}/explain",
+            axum::routing::post(ks::explain),
+        )
         .route(
             "/v2/models/{model}/versions/{version}/explain",
             axum::routing::post(ks::explain_version),
