@@ -1,8 +1,9 @@
 //! `ferry baseline`: writes the drift baseline into a model version's `ferry.json`, for models that `ferry train`
 //! did not make: per-feature statistics of the training data, and the distribution of the model's own predictions on
-//! that data (run through ONNX Runtime, as `ferry serve` runs it).
+//! that data (run through ONNX Runtime, as `ferry serve` runs it); and a seeded sample of the data's rows as
+//! `background.csv`, the reference rows of feature attributions.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
@@ -28,6 +29,22 @@ pub struct BaselineArgs {
     /// Write only the feature baseline: do not run the model for the prediction baseline (`prediction_stats`).
     #[arg(long, env = "FERRY_BASELINE_NO_PREDICTIONS")]
     pub no_predictions: bool,
+
+    /// Write a seeded sample of this many of the data's rows (all of them when there are fewer) as
+    /// `background.csv`, the reference rows of feature attributions. At most 1000; 0 writes none (and leaves an
+    /// existing one as it is).
+    #[arg(
+        long,
+        env = "FERRY_BASELINE_BACKGROUND_ROWS",
+        value_name = "N",
+        default_value_t = ferry_train::background::DEFAULT_BACKGROUND_ROWS,
+        value_parser = crate::train::background_rows,
+    )]
+    pub background_rows: usize,
+
+    /// The seed of the background sample: the same data and seed give the same rows.
+    #[arg(long, env = "FERRY_BASELINE_SEED", default_value_t = 0)]
+    pub seed: u64,
 
     /// The ONNX Runtime 1.32 library, to run the model (else $ORT_DYLIB_PATH, `.ferry/lib` above the working
     /// directory or the binary, beside the binary, or a Python `onnxruntime`).
@@ -92,11 +109,19 @@ pub fn run(args: BaselineArgs) -> anyhow::Result<()> {
     if let Some(p) = &predictions {
         object.insert("prediction_stats".into(), serde_json::to_value(p)?);
     }
-    // Write beside, then rename: a server reading the directory never sees half a file.
-    let partial = args.model_dir.join(".ferry.json.partial");
-    std::fs::write(&partial, serde_json::to_string_pretty(&meta)? + "\n")
-        .with_context(|| format!("writing {}", partial.display()))?;
-    std::fs::rename(&partial, &path).with_context(|| format!("replacing {}", path.display()))?;
+    let all_rows: Vec<usize> = (0..data.rows()).collect();
+    let background =
+        ferry_train::Background::sample(&data, &all_rows, args.background_rows, args.seed);
+    let background_path = args
+        .model_dir
+        .join(ferry_train::background::BACKGROUND_FILE);
+    if let Some(b) = &background {
+        replace(&background_path, &b.to_csv())?;
+    }
+    replace(
+        &path,
+        (serde_json::to_string_pretty(&meta)? + "\n").as_bytes(),
+    )?;
     let outputs = match &predictions {
         None => String::new(),
         Some(p) if p.is_empty() => {
@@ -118,5 +143,21 @@ pub fn run(args: BaselineArgs) -> anyhow::Result<()> {
         data.rows(),
         path.display()
     );
+    if let Some(b) = &background {
+        println!(
+            "wrote {} background rows (seed {}) to {}",
+            b.rows,
+            args.seed,
+            background_path.display()
+        );
+    }
     Ok(())
+}
+
+/// Writes `bytes` beside `path`, then renames it into place: a server reading the directory never sees half a file.
+fn replace(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let partial = path.with_file_name(format!(".{name}.partial"));
+    std::fs::write(&partial, bytes).with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, path).with_context(|| format!("replacing {}", path.display()))
 }

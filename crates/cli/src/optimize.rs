@@ -181,7 +181,7 @@ pub fn run(args: OptimizeArgs) -> anyhow::Result<()> {
 }
 
 fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
-    use ferry_train::export::{read_metadata, Destination, MODEL_FILE};
+    use ferry_train::export::{read_metadata, Destination, BACKGROUND_FILE, MODEL_FILE};
     let engine = ferry_engine::OrtEngine::init(args.onnxruntime_lib.as_deref())
         .context("starting ONNX Runtime")?;
     let mut meta = read_metadata(&args.model_dir).context("reading the model's ferry.json")?;
@@ -228,9 +228,19 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
         c.float_bytes
     );
     meta.quantization = Some(c);
+    // The int8 model takes the same inputs: it keeps the float model's background rows.
+    let background_path = args.model_dir.join(BACKGROUND_FILE);
+    let background = if background_path.is_file() {
+        Some(
+            ferry_train::read_background(&background_path)
+                .context("reading the model's background")?,
+        )
+    } else {
+        None
+    };
     let destination = Destination::from_flags(args.out.as_deref(), args.publish.as_deref())
         .expect("clap requires --out or --publish")
-        .save(&int8, &meta)
+        .save(&int8, &meta, background.as_ref())
         .context("writing the model")?;
     if !args.json {
         println!("wrote {}", destination.display());

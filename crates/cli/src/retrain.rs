@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use ferry_repo::rollout::{RolloutState, PLAN_FILE};
 use ferry_repo::source::Repository;
-use ferry_train::export::{metadata, metadata_json, onnx_model, read_metadata, Metadata};
+use ferry_train::export::{
+    metadata, metadata_json, onnx_model, read_metadata, training_background, Metadata,
+};
 use ferry_train::gate::{headline, holdout_split, rows_for, score, GateRecord};
 use ferry_train::{CsvSource, ModelKind};
 
@@ -373,13 +375,15 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
             p.state.name()
         ));
     }
-    let mut files = vec![
-        (
-            ferry_train::export::METADATA_FILE.to_string(),
-            metadata_json(&onnx, &meta),
-        ),
-        (ferry_train::export::MODEL_FILE.to_string(), onnx),
-    ];
+    let mut files = vec![(
+        ferry_train::export::METADATA_FILE.to_string(),
+        metadata_json(&onnx, &meta),
+    )];
+    // The background: the candidate's training split, never its validation rows or the holdout.
+    if let Some(b) = training_background(&trained, &train, args.settings.background_rows) {
+        files.push((ferry_train::export::BACKGROUND_FILE.to_string(), b.to_csv()));
+    }
+    files.push((ferry_train::export::MODEL_FILE.to_string(), onnx));
     if let Some(key) = &sign_key {
         let sig = ferry_repo::integrity::sign_files(&model, version, &files, key)?;
         files.push((ferry_repo::integrity::SIGNATURE_FILE.to_string(), sig));

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use ferry_train::export::{metadata, onnx_model, Destination};
+use ferry_train::export::{metadata, onnx_model, training_background, Destination};
 use ferry_train::fit::{EpochLog, Report};
 use ferry_train::network::Activation;
 use ferry_train::optim::{OptimizerKind, Schedule};
@@ -79,7 +79,8 @@ pub struct TrainArgs {
 }
 
 /// The training settings `ferry train`, `ferry optimize search` and `ferry retrain` share: what to read from the
-/// data, and how to fit (every `FERRY_TRAIN_*` variable but the family and the destination).
+/// data, how to fit, and what to keep of the data (every `FERRY_TRAIN_*` variable but the family and the
+/// destination).
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainSettings {
     /// The target column (default: the last column). Labels that are not numbers become classes in order of
@@ -169,6 +170,27 @@ pub struct TrainSettings {
     /// model bit for bit.
     #[arg(long, env = "FERRY_TRAIN_SEED", default_value_t = 0)]
     pub seed: u64,
+
+    /// Keep a seeded sample of this many training rows (drawn with --seed from the training split, never the
+    /// validation rows; all of them when there are fewer) with the model as `background.csv`, the reference rows of
+    /// feature attributions. At most 1000; 0 writes none.
+    #[arg(
+        long,
+        env = "FERRY_TRAIN_BACKGROUND_ROWS",
+        value_name = "N",
+        default_value_t = ferry_train::background::DEFAULT_BACKGROUND_ROWS,
+        value_parser = background_rows,
+    )]
+    pub background_rows: usize,
+}
+
+/// Parses `--background-rows`: 0 to [`MAX_BACKGROUND_ROWS`](ferry_train::background::MAX_BACKGROUND_ROWS).
+pub fn background_rows(s: &str) -> Result<usize, String> {
+    let max = ferry_train::background::MAX_BACKGROUND_ROWS;
+    match s.parse::<usize>() {
+        Ok(n) if n <= max => Ok(n),
+        _ => Err(format!("expected a number of rows from 0 to {max}")),
+    }
 }
 
 impl TrainSettings {
@@ -365,9 +387,11 @@ pub fn train_and_write(
     let trained = fit_with_progress(dataset, options, args.quiet || args.json)?;
     let meta = metadata(&trained, dataset, args.settings.impute);
     let onnx = onnx_model(&trained, dataset.imputed.as_deref());
+    let background = training_background(&trained, dataset, args.settings.background_rows);
+    let background_rows = background.as_ref().map_or(0, |b| b.rows);
     let destination = Destination::from_flags(args.out.as_deref(), args.publish.as_deref())
         .expect("clap requires --out or --publish")
-        .save(&onnx, &meta)
+        .save(&onnx, &meta, background.as_ref())
         .context("writing the model")?;
     let (key, score) = match &trained.validation {
         Report::Classification(r) => ("accuracy", r.accuracy),
@@ -383,6 +407,7 @@ pub fn train_and_write(
             "epochs_run": trained.curve.len(),
             "best_epoch": trained.best_epoch,
             "training_seconds": trained.seconds,
+            "background_rows": background_rows,
             "hyper_parameters": trained.hyper,
             "validation": trained.validation,
         });
@@ -401,7 +426,14 @@ pub fn train_and_write(
             trained.curve.len(),
             trained.best_epoch
         );
-        println!("wrote {}", destination.display());
+        if background_rows > 0 {
+            println!(
+                "wrote {} (with {background_rows} background rows)",
+                destination.display()
+            );
+        } else {
+            println!("wrote {}", destination.display());
+        }
     }
     Ok(())
 }

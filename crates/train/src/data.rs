@@ -84,6 +84,8 @@ pub struct Dataset {
     pub sha256: String,
     /// The value each feature's missing cells were filled with, when imputation was asked for.
     pub imputed: Option<Vec<f64>>,
+    /// Per feature, the rows (ascending) whose cell was missing and filled by imputation; all empty without it.
+    pub missing: Vec<Vec<usize>>,
 }
 
 /// Classification labels resolved from a [`Target`].
@@ -131,6 +133,15 @@ impl Dataset {
         }
     }
 
+    /// The value of feature `col` in row `row` as the file gave it: NaN where the cell was missing (and filled).
+    pub fn raw_value(&self, row: usize, col: usize) -> f64 {
+        if self.missing[col].binary_search(&row).is_ok() {
+            f64::NAN
+        } else {
+            self.x[[row, col]]
+        }
+    }
+
     /// The rows `rows` of this dataset (same columns and class labels), for cross-validation.
     pub fn subset(&self, rows: &[usize]) -> Dataset {
         let target = match &self.target {
@@ -151,6 +162,17 @@ impl Dataset {
             target,
             sha256: self.sha256.clone(),
             imputed: self.imputed.clone(),
+            missing: self
+                .missing
+                .iter()
+                .map(|col| {
+                    rows.iter()
+                        .enumerate()
+                        .filter(|(_, r)| col.binary_search(r).is_ok())
+                        .map(|(i, _)| i)
+                        .collect()
+                })
+                .collect(),
         }
     }
 
@@ -231,6 +253,19 @@ fn is_missing(cell: &str) -> bool {
         cell.trim(),
         "" | "NA" | "N/A" | "na" | "n/a" | "null" | "NULL" | "?" | "NaN" | "nan"
     )
+}
+
+/// Reads the next record into `record`: false at the end, or the error's message, led by its line when known.
+pub(crate) fn read_record<R: Read>(
+    reader: &mut csv::Reader<R>,
+    record: &mut csv::StringRecord,
+) -> Result<bool, String> {
+    reader.read_record(record).map_err(|e| {
+        let line = e
+            .position()
+            .map_or(String::new(), |p| format!("line {}: ", p.line()));
+        format!("{line}{e}")
+    })
 }
 
 /// Where CSV text comes from: a file, or text made in memory (payload logs joined with their labels).
@@ -378,15 +413,8 @@ fn load_reader(
             }
             codes.reserve(more);
         }
-        match reader.read_record(&mut record) {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(e) => {
-                let line = e
-                    .position()
-                    .map_or(String::new(), |p| format!("line {}: ", p.line()));
-                return Err(err(format!("{line}{e}")));
-            }
+        if !read_record(&mut reader, &mut record).map_err(err)? {
+            break;
         }
         let line = record.position().map_or(row as u64 + 2, |p| p.line());
         for (j, &c) in feature_cols.iter().enumerate() {
@@ -506,6 +534,7 @@ fn load_reader(
         target,
         sha256,
         imputed,
+        missing,
     })
 }
 

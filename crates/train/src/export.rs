@@ -1,5 +1,6 @@
-//! Export: the ONNX graph of a [`Trained`] model and its `ferry.json`, written to a directory or published as
-//! the next version of a model in a repository (`<repo>/<model>/<version>/`).
+//! Export: the ONNX graph of a [`Trained`] model, its `ferry.json` and its `background.csv` (see
+//! [`background`](crate::background)), written to a directory or published as the next version of a model in a
+//! repository (`<repo>/<model>/<version>/`).
 //!
 //! The graph takes raw features: imputation (when asked for) is an `IsNaN`/`Where` pair, and standardization is
 //! folded into the first layer's weights (W' = W / σ, b' = b − (μ / σ)·W), the target scale of a regressor into
@@ -19,6 +20,7 @@ use ferry_model::DataType;
 use ndarray::{Array1, Array2};
 use sha2::{Digest, Sha256};
 
+use crate::background::Background;
 use crate::data::{Dataset, Impute};
 use crate::fit::{EpochLog, HyperParameters, Report, Task, Trained};
 use crate::network::{Activation, Head};
@@ -29,6 +31,7 @@ use crate::TrainError;
 pub const MODEL_FILE: &str = "model.onnx";
 /// See [`MODEL_FILE`].
 pub const METADATA_FILE: &str = "ferry.json";
+pub use crate::background::BACKGROUND_FILE;
 
 /// Everything `ferry.json` records about a model.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -331,23 +334,57 @@ pub fn metadata_json(onnx: &[u8], metadata: &Metadata) -> Vec<u8> {
     json
 }
 
-/// Writes `model.onnx` and `ferry.json` (with the model's sha256 filled in) into `dir`, creating it.
-pub fn write_model(dir: &Path, onnx: &[u8], metadata: &Metadata) -> Result<(), TrainError> {
+/// The background sample `ferry train` keeps: up to `n` of the training split's rows (never the validation rows),
+/// drawn with the training seed; `None` when `n` is 0.
+pub fn training_background(trained: &Trained, dataset: &Dataset, n: usize) -> Option<Background> {
+    Background::sample(
+        dataset,
+        &trained.training_row_indices,
+        n,
+        trained.hyper.seed,
+    )
+}
+
+/// Writes `model.onnx`, `ferry.json` (with the model's sha256 filled in) and, when given, `background.csv` into
+/// `dir`, creating it. A `background.csv` already there is removed when none is given, so that a directory never
+/// pairs a model with another model's background.
+pub fn write_model(
+    dir: &Path,
+    onnx: &[u8],
+    metadata: &Metadata,
+    background: Option<&Background>,
+) -> Result<(), TrainError> {
     std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
     let json = metadata_json(onnx, metadata);
     write_synced(&dir.join(MODEL_FILE), onnx)?;
     write_synced(&dir.join(METADATA_FILE), &json)?;
+    let background_path = dir.join(BACKGROUND_FILE);
+    match background {
+        Some(b) => write_synced(&background_path, &b.to_csv())?,
+        None => match std::fs::remove_file(&background_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(TrainError::io(&background_path, e))
+            }
+            _ => {}
+        },
+    }
     sync_dir(dir)
 }
 
-/// Publishes a model as the next version of `<repository>/<model>` and returns the version directory.
-pub fn publish(model_dir: &Path, onnx: &[u8], metadata: &Metadata) -> Result<PathBuf, TrainError> {
+/// Publishes a model (and its background, when given) as the next version of `<repository>/<model>` and returns
+/// the version directory.
+pub fn publish(
+    model_dir: &Path,
+    onnx: &[u8],
+    metadata: &Metadata,
+    background: Option<&Background>,
+) -> Result<PathBuf, TrainError> {
     std::fs::create_dir_all(model_dir).map_err(|e| TrainError::io(model_dir, e))?;
     let staging = model_dir.join(format!(".ferry-publish-{}", std::process::id()));
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(|e| TrainError::io(&staging, e))?;
     }
-    write_model(&staging, onnx, metadata)?;
+    write_model(&staging, onnx, metadata, background)?;
     let mut version = latest_version(model_dir)? + 1;
     loop {
         let target = model_dir.join(version.to_string());
@@ -382,11 +419,18 @@ impl<'a> Destination<'a> {
             .or(publish.map(Destination::Publish))
     }
 
-    /// Writes or publishes the model and returns the directory it went to.
-    pub fn save(self, onnx: &[u8], metadata: &Metadata) -> Result<PathBuf, TrainError> {
+    /// Writes or publishes the model (and its background, when given) and returns the directory it went to.
+    pub fn save(
+        self,
+        onnx: &[u8],
+        metadata: &Metadata,
+        background: Option<&Background>,
+    ) -> Result<PathBuf, TrainError> {
         match self {
-            Destination::Dir(dir) => write_model(dir, onnx, metadata).map(|()| dir.to_path_buf()),
-            Destination::Publish(model_dir) => publish(model_dir, onnx, metadata),
+            Destination::Dir(dir) => {
+                write_model(dir, onnx, metadata, background).map(|()| dir.to_path_buf())
+            }
+            Destination::Publish(model_dir) => publish(model_dir, onnx, metadata, background),
         }
     }
 }
@@ -431,6 +475,51 @@ mod tests {
     }
 
     #[test]
+    fn the_background_is_a_seeded_sample_of_the_training_split_only() {
+        let dir = std::env::temp_dir().join(format!("ferry-background-fit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // The first feature is the row number, so the sample says which rows it took.
+        let mut text = String::from("row,x,y\n");
+        for r in 0..300 {
+            text.push_str(&format!("{r},{},{}\n", (r % 7) as f64 * 0.1, r % 2));
+        }
+        let data = dir.join("data.csv");
+        std::fs::write(&data, text).unwrap();
+        let dataset = crate::load_csv(&data, &Default::default()).unwrap();
+        let mut options = crate::TrainOptions::new(crate::ModelKind::Logistic);
+        options.epochs = Some(2);
+        options.validation_fraction = 0.3;
+        options.seed = 5;
+        let trained = crate::fit(&dataset, &options, &mut |_| {}).unwrap();
+        assert_eq!(trained.training_row_indices.len(), trained.training_rows);
+        let background = training_background(&trained, &dataset, 100).unwrap();
+        assert_eq!(background.rows, 100);
+        assert_eq!(background.features, ["row", "x"]);
+        let rows: Vec<usize> = (0..100).map(|r| background.row(r)[0] as usize).collect();
+        assert!(rows
+            .iter()
+            .all(|r| trained.training_row_indices.binary_search(r).is_ok()));
+        // Not just the first rows of the split: a draw across it.
+        assert_ne!(rows, trained.training_row_indices[..100]);
+        // The same data and seed, the same rows; another seed, others.
+        let again = crate::fit(&dataset, &options, &mut |_| {}).unwrap();
+        assert_eq!(training_background(&again, &dataset, 100), Some(background));
+        options.seed = 6;
+        let other = crate::fit(&dataset, &options, &mut |_| {}).unwrap();
+        assert_ne!(
+            training_background(&other, &dataset, 100).unwrap().values,
+            training_background(&trained, &dataset, 100).unwrap().values
+        );
+        // Fewer training rows than asked for: all of them; 0: none.
+        assert_eq!(
+            training_background(&trained, &dataset, 1000).unwrap().rows,
+            trained.training_rows
+        );
+        assert!(training_background(&trained, &dataset, 0).is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn publish_takes_the_next_number_and_leaves_no_staging_folder() {
         let dir = std::env::temp_dir().join(format!("ferry-publish-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -440,13 +529,23 @@ mod tests {
             r#"{"task":"regression","model":"linear","target":"y","features":["x"]}"#,
         )
         .unwrap();
-        let first = publish(&dir, b"onnx", &meta).unwrap();
+        let first = publish(&dir, b"onnx", &meta, None).unwrap();
         assert_eq!(first, dir.join("4"));
-        let second = publish(&dir, b"onnx", &meta).unwrap();
+        assert!(!first.join(BACKGROUND_FILE).exists());
+        let background = Background {
+            features: vec!["x".into()],
+            rows: 2,
+            values: vec![0.25, f64::NAN],
+        };
+        let second = publish(&dir, b"onnx", &meta, Some(&background)).unwrap();
         assert_eq!(second, dir.join("5"));
         let written = read_metadata(&second).unwrap();
         assert_eq!(written.model_sha256, sha256_hex(b"onnx"));
         assert_eq!(std::fs::read(second.join(MODEL_FILE)).unwrap(), b"onnx");
+        let read = crate::background::read_background(&second.join(BACKGROUND_FILE)).unwrap();
+        assert_eq!(read.features, written.features);
+        assert_eq!(read.values[0], 0.25);
+        assert!(read.values[1].is_nan());
         let hidden = std::fs::read_dir(&dir)
             .unwrap()
             .filter(|e| {

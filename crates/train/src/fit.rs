@@ -189,6 +189,8 @@ pub struct Trained {
     pub validation: Report,
     /// Rows trained on.
     pub training_rows: usize,
+    /// The dataset's rows trained on, ascending (the training split, without the validation rows).
+    pub training_row_indices: Vec<usize>,
     /// Rows held out.
     pub validation_rows: usize,
     /// Per-feature statistics of the training rows.
@@ -609,6 +611,7 @@ pub fn fit(
         best_epoch,
         validation: Report::Regression(metrics::regression(&[], &[])),
         training_rows: train_idx.len(),
+        training_row_indices: Vec::new(),
         validation_rows: valid_idx.len(),
         feature_stats,
         prediction_stats: Vec::new(),
@@ -633,6 +636,7 @@ pub fn fit(
             Report::Regression(metrics::regression(&truth, &predicted.column(0).to_vec()))
         }
     };
+    trained.training_row_indices = train_idx;
     trained.seconds = started.elapsed().as_secs_f64();
     Ok(trained)
 }

@@ -8,6 +8,8 @@
 //! - [`fit()`]: the training loop with early stopping, turning [`TrainOptions`] into a [`Trained`] model.
 //! - [`export`]: the ONNX graph (standardization folded in) and the `ferry.json` metadata, written to a
 //!   directory or published as the next version in a model repository.
+//! - [`background`]: the seeded sample of training rows kept with a version as `background.csv` (the reference
+//!   rows of feature attributions), and [`read_background`], which reads and checks one.
 //! - [`evaluate`](mod@evaluate): runs an exported model through the serving engine and scores it ([`metrics`]).
 //! - [`gate`]: the retraining gate, a candidate and the live version scored on the same seeded holdout rows.
 //! - [`payload`]: training rows from the server's payload logs joined with labels by request id.
@@ -16,6 +18,7 @@
 //!
 //! This crate knows nothing of async runtimes, HTTP or the command line.
 
+pub mod background;
 pub mod data;
 mod error;
 pub mod evaluate;
@@ -30,6 +33,7 @@ pub mod quantize;
 pub mod search;
 pub mod stats;
 
+pub use background::{read_background, Background};
 pub use data::{load_csv, split, CsvSource, Dataset, Impute, LoadOptions};
 pub use error::TrainError;
 pub use fit::{fit, HyperParameters, ModelKind, Task, TrainOptions, Trained};

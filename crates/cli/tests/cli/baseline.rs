@@ -1,6 +1,9 @@
-//! `ferry baseline` writes per-feature statistics into a model's ferry.json and keeps what was there.
+//! `ferry baseline` writes per-feature statistics into a model's ferry.json and keeps what was there, and a seeded
+//! sample of the data's rows as background.csv.
 
 use std::process::Command;
+
+use super::common::ferry;
 
 #[test]
 fn baseline_adds_feature_stats_and_keeps_other_keys() {
@@ -41,6 +44,36 @@ fn baseline_adds_feature_stats_and_keeps_other_keys() {
             .sum::<u64>(),
         4
     );
+    // Fewer rows than the default 100: all of them, in the model's feature order.
+    let background = ferry_train::read_background(&dir.join("background.csv")).unwrap();
+    assert_eq!(background.features, ["x", "y"]);
+    assert_eq!(
+        background.values,
+        [1.0, 10.0, 2.0, 20.0, 3.0, 30.0, 4.0, 40.0]
+    );
+    // A seeded sample: the same seed, the same rows.
+    let baseline = |rows: &str, seed: &str| {
+        let (dir, data) = (dir.to_str().unwrap(), data.to_str().unwrap());
+        ferry(&[
+            "baseline",
+            dir,
+            data,
+            "--background-rows",
+            rows,
+            "--seed",
+            seed,
+        ])
+    };
+    let sample = |seed: &str| {
+        assert!(baseline("2", seed).status.success());
+        ferry_train::read_background(&dir.join("background.csv")).unwrap()
+    };
+    let first = sample("3");
+    assert_eq!(first.rows, 2);
+    assert_eq!(sample("3"), first);
+    let out = baseline("1001", "0");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("from 0 to 1000"));
     // A missing directory is a clear error.
     let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args([

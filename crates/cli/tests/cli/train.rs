@@ -69,6 +69,26 @@ fn train_then_evaluate_a_classifier() {
         .map(|c| c.as_u64().unwrap())
         .sum();
     assert_eq!(predicted, 135);
+    // The background: 100 of the 135 training rows, in the model's feature order, as the file gave them.
+    assert_eq!(trained["background_rows"], 100);
+    let background = ferry_train::read_background(&out.join("background.csv")).unwrap();
+    assert_eq!(
+        serde_json::json!(background.features),
+        meta["features"],
+        "the header names ferry.json's features"
+    );
+    assert_eq!(background.rows, 100);
+    let iris = std::fs::read_to_string(example("iris.csv")).unwrap();
+    let first = background
+        .row(0)
+        .iter()
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    assert!(
+        iris.lines().any(|l| l.starts_with(&format!("{first},"))),
+        "{first} is an iris row"
+    );
     let evaluated = json(&ferry(&[
         "evaluate",
         out.to_str().unwrap(),
