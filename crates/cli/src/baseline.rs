@@ -111,7 +111,7 @@ pub fn run(args: BaselineArgs) -> anyhow::Result<()> {
     }
     let all_rows: Vec<usize> = (0..data.rows()).collect();
     let background =
-        ferry_train::Background::sample(&data, &all_rows, args.background_rows, args.seed);
+        ferry_train::background::sample(&data, &all_rows, args.background_rows, args.seed);
     let background_path = args
         .model_dir
         .join(ferry_train::background::BACKGROUND_FILE);

@@ -337,7 +337,7 @@ pub fn metadata_json(onnx: &[u8], metadata: &Metadata) -> Vec<u8> {
 /// The background sample `ferry train` keeps: up to `n` of the training split's rows (never the validation rows),
 /// drawn with the training seed; `None` when `n` is 0.
 pub fn training_background(trained: &Trained, dataset: &Dataset, n: usize) -> Option<Background> {
-    Background::sample(
+    crate::background::sample(
         dataset,
         &trained.training_row_indices,
         n,

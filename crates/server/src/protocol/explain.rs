@@ -53,10 +53,12 @@ pub(crate) fn options(parameters: Option<&Map<String, Value>>) -> Result<Options
             }
             "seed" => o.seed = count(key, v)?,
             "timeout" | "binary_data_output" => {}
-            other => return Err(InferError::invalid(format!(
+            other => {
+                return Err(InferError::invalid(format!(
                 "unknown explain parameter `{other}` (method, output, max_model_rows, coalitions, \
                      exact_max_features, seed)"
-            ))),
+            )))
+            }
         }
     }
     Ok(o)
