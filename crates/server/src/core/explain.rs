@@ -397,10 +397,16 @@ fn linear_space(m: &LinearModel) -> String {
 }
 
 fn linear_outputs(m: &LinearModel, classes: Option<&[String]>) -> Vec<String> {
+    let name = match &m.space {
+        LinearSpace::Output { output } => output,
+        LinearSpace::Softmax { logits, .. } | LinearSpace::Sigmoid { logits, .. } => logits,
+        LinearSpace::Margin { margin } => margin,
+    };
     (0..m.outputs)
         .map(|k| match classes {
             Some(c) if c.len() == m.outputs => c[k].clone(),
-            _ => format!("{k}"),
+            _ if m.outputs == 1 => name.clone(),
+            _ => format!("{name}[{k}]"),
         })
         .collect()
 }
