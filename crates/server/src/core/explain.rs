@@ -8,7 +8,7 @@
 //! `[rows, features]` input, whose perturbed rows run on the version's engine in batches of up to
 //! [`KERNEL_ROWS_PER_CALL`].
 //!
-//! The explain lane: one explanation runs at a time per server ([`lane`]), on the blocking pool, calling the
+//! The explain lane: one explanation runs at a time per server (`lane`), on the blocking pool, calling the
 //! engine directly rather than through the version's queue; predictions keep the queue and the worker threads.
 //! On a machine of N cores an explanation takes at most one of them.
 

@@ -228,7 +228,7 @@ pub enum LlmConfigError {
 /// Why `config.toml` is refused; each message names the offending key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    /// Not TOML, or not the shape `config.toml` has: the parser's message and where (see [`locate`]).
+    /// Not TOML, or not the shape `config.toml` has: the parser's message and where (see [`ferry_repo::toml_error_position`]).
     #[error("{message}{at}")]
     Toml {
         /// The parser's message.

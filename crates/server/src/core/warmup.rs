@@ -41,7 +41,7 @@ pub enum RequestError {
     /// The file cannot be read.
     #[error("{0}")]
     Io(std::io::Error),
-    /// The file is larger than [`MAX_REQUEST_BYTES`].
+    /// The file is larger than `MAX_REQUEST_BYTES`.
     #[error("it is larger than {MAX_REQUEST_BYTES} bytes", MAX_REQUEST_BYTES = MAX_REQUEST_BYTES)]
     TooLarge,
     /// The file is not a KServe v2 JSON request.
