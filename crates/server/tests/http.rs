@@ -723,7 +723,7 @@ async fn tfserving_bad_requests() {
             vec!["unavailable"],
         ),
         (
-            "/v1/models/affine:explain",
+            "/v1/models/affine:detect",
             json!({"instances": [[1.0]]}),
             400,
             vec!["Malformed request"],
