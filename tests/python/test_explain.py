@@ -236,3 +236,56 @@ def test_explain_refusals_are_clear_and_leave_predictions_alone(explained):
     got, base = attributions(r.json())
     probs = np.array(next(o for o in r.json()["outputs"] if o["name"] == "probabilities")["data"]).reshape(2, 3)
     close(base + got.sum(axis=2), probs, tol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def importance_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("importance_repo")
+    for name in ["steady", "shifted"]:
+        shutil.copytree(os.path.join(ROOT, "examples", "models", "iris", "1"), root / name / "1")
+    server = start_ferry(str(root), str(tmp_path_factory.mktemp("importance_log") / "ferry.log"))
+    yield server
+    server.stop()
+
+
+def test_importance_attributes_a_shifted_features_drift_and_not_steady_traffic(importance_server):
+    server = importance_server
+    x, _ = load("iris.csv")
+    rng = np.random.default_rng(11)
+    rows = x[rng.choice(len(x), 300)]
+    shifted = rows.copy()
+    shifted[:, 2] += 2.5  # petal length, 2.5 cm longer
+    for name, data in [("steady", rows), ("shifted", shifted)]:
+        for chunk in np.array_split(data, 30):
+            r = requests.post(f"{server.url}/v2/models/{name}/infer", timeout=30, json={"inputs": [
+                {"name": "features", "shape": list(chunk.shape), "datatype": "FP32", "data": chunk.ravel().tolist()}]})
+            assert r.status_code == 200, r.text
+    answers = {}
+    for name in ["steady", "shifted"]:
+        r = requests.get(f"{server.url}/v2/models/{name}/importance", timeout=60)
+        assert r.status_code == 200, r.text
+        answers[name] = r.json()
+    a = answers["shifted"]
+    assert a["method"] == "linear" and a["live"]["rows"] == 256 and a["background"]["rows"] == 100
+    assert a["features"] == ["sepal_length_cm", "sepal_width_cm", "petal_length_cm", "petal_width_cm"]
+    drift = {d["feature"]: d for d in a["drift"]}
+    top = max(drift.values(), key=lambda d: d["abs_attribution"])
+    assert top["feature"] == "petal_length_cm" and top["drifted"], a["drift"]
+    others = [d["abs_attribution"] for d in a["drift"] if d["feature"] != "petal_length_cm"]
+    assert top["abs_attribution"] > 3 * max(others), a["drift"]
+    # The signed attributions add up to the shift of the mean logit (additivity, averaged).
+    for k in range(3):
+        assert abs(sum(d["attribution"][k] for d in a["drift"]) - a["live"]["prediction_shift"][k]) < 1e-6
+    # Steady traffic: no feature drifts, and no drift attribution stands out against the features' importance.
+    s = answers["steady"]
+    assert not any(d["drifted"] for d in s["drift"]), s["drift"]
+    background_importance = np.array(s["background"]["importance"]).sum(axis=0)
+    steady_attr = np.array([d["abs_attribution"] for d in s["drift"]])
+    assert np.all(steady_attr < 0.35 * background_importance), (steady_attr, background_importance)
+    assert drift["petal_length_cm"]["abs_attribution"] > 5 * steady_attr.max()
+    # The same figures as gauges.
+    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    line = next(l for l in text.splitlines() if l.startswith("ferry_feature_drift_attribution{")
+                and 'model="shifted"' in l and 'feature="petal_length_cm"' in l)
+    assert abs(float(line.split()[-1]) - top["abs_attribution"]) < 1e-9 * max(1.0, top["abs_attribution"])
+    assert 'ferry_feature_importance{model="steady",version="1",feature="sepal_length_cm",source="live"}' in text

@@ -210,6 +210,20 @@ pub const PREDICTION_DRIFT_KS: MetricDef = def(
     "Kolmogorov-Smirnov statistic of a numeric output's recent predictions against the model's predictions on its training data",
     &["model", "version", "output"],
 );
+/// Global feature importance: mean absolute attribution, summed over the explained outputs.
+pub const FEATURE_IMPORTANCE: MetricDef = def(
+    "ferry_feature_importance",
+    "gauge",
+    "Mean absolute attribution of a feature (summed over the explained outputs), over the background sample or the recent live rows, as of the last importance computation",
+    &["model", "version", "feature", "source"],
+);
+/// Drift attribution: how much a feature moved the mean prediction of the recent live rows away from the background's.
+pub const DRIFT_ATTRIBUTION: MetricDef = def(
+    "ferry_feature_drift_attribution",
+    "gauge",
+    "Absolute mean attribution of a feature over the recent live rows (summed over the explained outputs): its share of the shift of the mean prediction from the background's",
+    &["model", "version", "feature"],
+);
 /// Payload log records.
 pub const PAYLOAD_RECORDS: MetricDef = def(
     "ferry_payload_log_records_total",
@@ -315,6 +329,8 @@ pub const ALL: &[MetricDef] = &[
     DRIFT_KS,
     PREDICTION_DRIFT_PSI,
     PREDICTION_DRIFT_KS,
+    FEATURE_IMPORTANCE,
+    DRIFT_ATTRIBUTION,
     ROLLOUT_DECISIONS,
     ROLLOUT_STATE,
     ROLLOUT_WEIGHT,

@@ -48,6 +48,50 @@ pub struct Explainer {
     pub feature_names: Vec<String>,
     method: Available,
     background: Result<Background, String>,
+    /// The figures of the last importance computation, which the metrics show.
+    last: parking_lot::Mutex<Option<Arc<crate::metrics::ImportanceFigures>>>,
+}
+
+/// The most background rows explained for global importance (the first ones of the file).
+pub const IMPORTANCE_BACKGROUND_ROWS: usize = 200;
+
+/// Global feature importance of a version: over its background sample and over its recent live rows.
+#[derive(Debug)]
+pub struct Importance {
+    /// How attributions were computed (`linear`, `tree_interventional`, `kernel_exact`, `kernel_sampled`).
+    pub method: &'static str,
+    /// What the attributions add up to.
+    pub space: String,
+    /// Feature names.
+    pub features: Vec<String>,
+    /// Explained outputs.
+    pub outputs: Vec<String>,
+    /// Background rows explained.
+    pub background_rows: usize,
+    /// `[output][feature]`: mean |attribution| over the background rows.
+    pub background: Vec<Vec<f64>>,
+    /// Live rows explained (the recent sampled rows of the drift window).
+    pub live_rows: usize,
+    /// `[output][feature]`: mean |attribution| over the live rows.
+    pub live: Option<Vec<Vec<f64>>>,
+    /// `[output][feature]`: mean attribution over the live rows, signed: since each row's attributions add up to
+    /// its output minus the background's mean output, these add up to the shift of the mean prediction, split by
+    /// feature (drift attribution).
+    pub shift: Option<Vec<Vec<f64>>>,
+    /// Per output: the live rows' mean output minus the background's (the sum of `shift`).
+    pub prediction_shift: Option<Vec<f64>>,
+}
+
+/// `[output][feature]` means of `f(attribution)` over an explanation's rows.
+fn means(e: &Explanation, f: impl Fn(f64) -> f64) -> Vec<Vec<f64>> {
+    let n = e.rows.len().max(1) as f64;
+    (0..e.outputs)
+        .map(|k| {
+            (0..e.features)
+                .map(|j| e.rows.iter().map(|r| f(r[k].values[j])).sum::<f64>() / n)
+                .collect()
+        })
+        .collect()
 }
 
 #[derive(Debug)]
@@ -167,7 +211,70 @@ impl Explainer {
             feature_names,
             method,
             background,
+            last: parking_lot::Mutex::new(None),
         })
+    }
+
+    /// The figures of the last importance computation, if any.
+    pub fn last(&self) -> Option<Arc<crate::metrics::ImportanceFigures>> {
+        self.last.lock().clone()
+    }
+
+    /// Global importance: the attributions of (up to [`IMPORTANCE_BACKGROUND_ROWS`] of) the background rows and of
+    /// the `live` rows (row-major, as the drift window kept them), each averaged; the gauges show the result.
+    pub async fn importance(
+        self: &Arc<Self>,
+        backend: Arc<dyn ferry_engine::Backend>,
+        signature: &Signature,
+        classes: Option<&[String]>,
+        live: (usize, Vec<f64>),
+        deadline: Instant,
+    ) -> Result<Importance, InferError> {
+        let background = self.background.as_ref().map_err(|e| InferError::invalid(e.clone()))?;
+        let rows = background.rows.min(IMPORTANCE_BACKGROUND_ROWS);
+        let sample = background.values[..rows * self.features].to_vec();
+        let bg = self
+            .explain(backend.clone(), signature, classes, sample, Options::default(), deadline)
+            .await?;
+        let live = if live.0 > 0 {
+            Some(
+                self.explain(backend, signature, classes, live.1, Options::default(), deadline)
+                    .await?,
+            )
+        } else {
+            None
+        };
+        let total = |f: &[Vec<f64>]| -> Vec<f64> {
+            (0..self.features).map(|j| f.iter().map(|o| o[j]).sum()).collect()
+        };
+        let importance = Importance {
+            method: bg.explanation.method.name(),
+            space: bg.space.clone(),
+            features: bg.features.clone(),
+            outputs: bg.outputs.clone(),
+            background_rows: rows,
+            background: means(&bg.explanation, f64::abs),
+            live_rows: live.as_ref().map_or(0, |l| l.explanation.rows.len()),
+            live: live.as_ref().map(|l| means(&l.explanation, f64::abs)),
+            shift: live.as_ref().map(|l| means(&l.explanation, |v| v)),
+            prediction_shift: live.as_ref().map(|l| {
+                let n = l.explanation.rows.len().max(1) as f64;
+                (0..l.explanation.outputs)
+                    .map(|k| l.explanation.rows.iter().map(|r| r[k].values.iter().sum::<f64>()).sum::<f64>() / n)
+                    .collect()
+            }),
+        };
+        *self.last.lock() = Some(Arc::new(crate::metrics::ImportanceFigures {
+            features: importance.features.clone(),
+            background: total(&importance.background),
+            live: importance.live.as_deref().map(total),
+            drift: importance.shift.as_deref().map(|s| {
+                (0..self.features)
+                    .map(|j| s.iter().map(|o| o[j].abs()).sum())
+                    .collect()
+            }),
+        }));
+        Ok(importance)
     }
 
     /// The method chosen automatically: `linear`, `tree` or `kernel`.
@@ -236,10 +343,20 @@ impl Explainer {
         } else {
             None
         };
+        // A bounded line: explanations waiting hold admission slots, so a flood of them must not fill the server's
+        // `--max-concurrent-requests` and starve predictions.
+        let waiting = Waiting::enter().ok_or_else(|| {
+            InferError::new(
+                ErrorKind::Overloaded,
+                format!("{MAX_WAITING} explanations are already waiting; try again later"),
+            )
+            .with_retry_after(1)
+        })?;
         let permit = tokio::time::timeout_at(deadline.into(), lane().acquire())
             .await
             .map_err(|_| late())?
             .map_err(|_| InferError::unavailable("server shutting down"))?;
+        drop(waiting);
         let this = self.clone();
         let classes = classes.map(<[String]>::to_vec);
         let background = background.clone();
@@ -311,6 +428,32 @@ impl Explainer {
         .await
         .map_err(|_| InferError::new(ErrorKind::Internal, "the explanation failed"))??;
         Ok(explained)
+    }
+}
+
+/// The most explanations that may wait for the lane; more are refused with 429.
+pub const MAX_WAITING: usize = 8;
+
+/// One explanation waiting for the lane (counted until it runs or gives up).
+struct Waiting;
+
+static WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Waiting {
+    fn enter() -> Option<Waiting> {
+        use std::sync::atomic::Ordering;
+        let before = WAITING.fetch_add(1, Ordering::AcqRel);
+        if before >= MAX_WAITING {
+            WAITING.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Waiting)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        WAITING.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

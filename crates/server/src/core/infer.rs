@@ -384,6 +384,24 @@ impl Infer {
         out
     }
 
+    /// The last feature importance of every loaded version that has one, for the metrics exposition.
+    pub fn importance_for_metrics(
+        &self,
+    ) -> Vec<(String, u64, Arc<crate::metrics::ImportanceFigures>)> {
+        let mut out = Vec::new();
+        for name in self.store.model_names() {
+            if let Some(record) = self.store.model(&name) {
+                for (v, slot) in &record.versions {
+                    let figures = slot.loaded.as_ref().and_then(|l| l.explainer.as_ref()).and_then(|e| e.last());
+                    if let Some(f) = figures {
+                        out.push((name.clone(), *v, f));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// The state of every version, with its queue depth when loaded, for the metrics exposition.
     pub fn versions_for_metrics(&self) -> Vec<(String, u64, &'static str, Option<usize>)> {
         let mut out = Vec::new();

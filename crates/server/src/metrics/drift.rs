@@ -26,6 +26,32 @@ pub const MIN_WINDOW_ROWS: usize = 100;
 /// Values binned on the stack before they go into a window (larger requests allocate).
 const SMALL: usize = 256;
 
+/// The most recent sampled input rows kept as values (not only bins), for feature importance over live traffic.
+pub const RECENT_ROWS: usize = 256;
+
+/// The last [`RECENT_ROWS`] sampled input rows, as values: a ring.
+#[derive(Debug)]
+struct Recent {
+    width: usize,
+    values: Vec<f64>,
+    next: usize,
+    filled: usize,
+}
+
+impl Recent {
+    fn push(&mut self, row: impl Iterator<Item = f64>) {
+        let start = self.next * self.width;
+        if self.values.len() < start + self.width {
+            self.values.resize(start + self.width, f64::NAN);
+        }
+        for (slot, v) in self.values[start..start + self.width].iter_mut().zip(row) {
+            *slot = v;
+        }
+        self.next = (self.next + 1) % RECENT_ROWS;
+        self.filled = (self.filled + 1).min(RECENT_ROWS);
+    }
+}
+
 /// A feature's training distribution: bin edges and the share of training rows in each bin.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FeatureBaseline {
@@ -284,6 +310,7 @@ struct InputWindow {
     baseline: Vec<FeatureBaseline>,
     input: String,
     window: Mutex<Window>,
+    recent: Mutex<Recent>,
 }
 
 /// One tracked output.
@@ -445,6 +472,12 @@ impl Drift {
             seen: AtomicU64::new(0),
             inputs: inputs.map(|(baseline, input)| InputWindow {
                 window: Mutex::new(Window::new(window, baseline.iter().map(|b| b.shares.len()))),
+                recent: Mutex::new(Recent {
+                    width: baseline.len(),
+                    values: Vec::new(),
+                    next: 0,
+                    filled: 0,
+                }),
                 baseline,
                 input,
             }),
@@ -511,6 +544,21 @@ impl Drift {
             std::borrow::Cow::Owned((0..n).map(bin).collect())
         };
         side.window.lock().push(&bins);
+        // The values of the last rows (at most RECENT_ROWS of this request), for importance over live traffic.
+        let rows = input.tensor.shape[0];
+        let mut recent = side.recent.lock();
+        for r in rows.saturating_sub(RECENT_ROWS)..rows {
+            recent.push((r * width..(r + 1) * width).map(value));
+        }
+    }
+
+    /// The values of the last sampled input rows (at most [`RECENT_ROWS`]), row-major, and how many rows.
+    pub fn recent_rows(&self) -> (usize, Vec<f64>) {
+        let Some(side) = &self.inputs else {
+            return (0, Vec::new());
+        };
+        let recent = side.recent.lock();
+        (recent.filled, recent.values[..recent.filled * recent.width].to_vec())
     }
 
     /// Records the tracked outputs of a sampled request (outputs of another kind or shape are ignored).

@@ -462,6 +462,21 @@ pub struct Snapshot {
     pub payload: Option<(u64, u64)>,
     /// (model, candidate, state, candidate weight) of every canary rollout.
     pub rollouts: Vec<(String, u64, &'static str, f64)>,
+    /// (model, version, figures) of every loaded version whose importance was computed.
+    pub importance: Vec<(String, u64, std::sync::Arc<ImportanceFigures>)>,
+}
+
+/// A version's last feature importance, as its gauges show it: per feature, summed over the explained outputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImportanceFigures {
+    /// Feature names.
+    pub features: Vec<String>,
+    /// Mean |attribution| over the background sample.
+    pub background: Vec<f64>,
+    /// Mean |attribution| over the recent live rows, when there were any.
+    pub live: Option<Vec<f64>>,
+    /// |mean attribution| over the recent live rows: each feature's part in the shift of the mean prediction.
+    pub drift: Option<Vec<f64>>,
 }
 
 impl Metrics {
@@ -620,6 +635,16 @@ mod tests {
             drift,
             payload: Some((3, 1)),
             rollouts: vec![("iris".into(), 2, "running", 25.0)],
+            importance: vec![(
+                "iris".into(),
+                1,
+                std::sync::Arc::new(ImportanceFigures {
+                    features: vec!["petal".into()],
+                    background: vec![0.5],
+                    live: Some(vec![0.75]),
+                    drift: Some(vec![0.25]),
+                }),
+            )],
         };
         (m, now)
     }

@@ -285,6 +285,24 @@ impl Metrics {
             }
         }
 
+        out.header(&FEATURE_IMPORTANCE);
+        for (model, version, figures) in &now.importance {
+            let sources = [("background", Some(&figures.background)), ("live", figures.live.as_ref())];
+            for (source, values) in sources {
+                for (name, v) in figures.features.iter().zip(values.into_iter().flatten()) {
+                    let labels = [model.clone(), version.to_string(), name.clone(), source.to_string()];
+                    out.sample(FEATURE_IMPORTANCE.name, FEATURE_IMPORTANCE.labels, &labels, None, Float(*v));
+                }
+            }
+        }
+        out.header(&DRIFT_ATTRIBUTION);
+        for (model, version, figures) in &now.importance {
+            for (name, v) in figures.features.iter().zip(figures.drift.iter().flatten()) {
+                let labels = [model.clone(), version.to_string(), name.clone()];
+                out.sample(DRIFT_ATTRIBUTION.name, DRIFT_ATTRIBUTION.labels, &labels, None, Float(*v));
+            }
+        }
+
         out.counters(&ROLLOUT_DECISIONS, &self.rollout_decisions, true);
         out.header(&ROLLOUT_STATE);
         for (model, version, state, _) in &now.rollouts {

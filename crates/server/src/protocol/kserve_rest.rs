@@ -156,6 +156,91 @@ fn drift_report(
     })))
 }
 
+/// `GET /v2/models/{m}/importance`: global feature importance of the latest version, over its background sample
+/// and its recent live rows, with drift attribution.
+pub async fn model_importance(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, InferError> {
+    importance(&state.infer, &model, None, &headers).await
+}
+
+/// `GET /v2/models/{m}/versions/{v}/importance`.
+pub async fn version_importance(
+    State(state): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, InferError> {
+    importance(&state.infer, &model, Some(&version), &headers).await
+}
+
+/// Importance over the background and the live rows the drift window kept, and for each feature its drift (PSI)
+/// beside its part in the shift of the mean prediction.
+async fn importance(
+    infer: &Infer,
+    model: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Json<Value>, InferError> {
+    let loaded = infer.resolve(model, &selector(version)?)?;
+    let explainer = loaded.explainer.clone().ok_or_else(|| {
+        InferError::invalid(format!(
+            "model `{model}` cannot be explained: explanations take models of one numeric input of shape [rows, \
+             features]"
+        ))
+    })?;
+    let live = loaded
+        .drift
+        .as_ref()
+        .map_or((0, Vec::new()), |d| d.recent_rows());
+    let deadline = infer.deadline(std::time::Instant::now(), client_deadline(headers)?);
+    let i = explainer
+        .importance(
+            loaded.backend.clone(),
+            &loaded.tensor_signature,
+            loaded.meta.classes.as_deref(),
+            live,
+            deadline,
+        )
+        .await?;
+    let report = loaded.drift.as_ref().map(|d| d.report());
+    let drift: Vec<Value> = i
+        .features
+        .iter()
+        .enumerate()
+        .map(|(j, name)| {
+            let psi = report
+                .as_ref()
+                .and_then(|r| r.features.iter().find(|f| &f.name == name));
+            let shift: Option<Vec<f64>> = i.shift.as_ref().map(|s| s.iter().map(|o| o[j]).collect());
+            serde_json::json!({
+                "feature": name,
+                "psi": psi.map(|f| f.psi),
+                "drifted": psi.map(|f| f.drifted),
+                "attribution": shift,
+                "abs_attribution": shift.as_ref().map(|s| s.iter().map(|v| v.abs()).sum::<f64>()),
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "model_name": loaded.model,
+        "model_version": loaded.version.to_string(),
+        "method": i.method,
+        "space": i.space,
+        "features": i.features,
+        "outputs": i.outputs,
+        "background": {"rows": i.background_rows, "importance": i.background},
+        "live": {
+            "rows": i.live_rows,
+            "importance": i.live,
+            "prediction_shift": i.prediction_shift,
+        },
+        "drift": drift,
+        "drift_status": report.as_ref().map(|r| r.status.as_deref().unwrap_or("ok")),
+    })))
+}
+
 /// `GET /v2/models/{m}`.
 pub async fn model_metadata(
     State(state): State<AppState>,

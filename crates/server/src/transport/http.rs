@@ -54,6 +54,11 @@ pub fn app_with_limit(
         .route("/v2/models/{model}", get(ks::model_metadata))
         .route("/v2/models/{model}/ready", get(ks::model_ready))
         .route("/v2/models/{model}/drift", get(ks::model_drift))
+        .route("/v2/models/{model}/importance", get(ks::model_importance))
+        .route(
+            "/v2/models/{model}/versions/{version}/importance",
+            get(ks::version_importance),
+        )
         .route(
             "/v2/models/{model}/versions/{version}/drift",
             get(ks::version_drift),
@@ -118,6 +123,7 @@ async fn metrics(
             )
         }),
         rollouts: infer.rollouts_for_metrics(),
+        importance: infer.importance_for_metrics(),
     };
     let text = infer.metrics.render(&now, format);
     (
