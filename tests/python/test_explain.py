@@ -56,6 +56,7 @@ def explained(tmp_path_factory):
     models["iris"] = bg_iris
     # The same model without a background: explanations are refused, predictions are not.
     shutil.copytree(os.path.join(ROOT, "examples", "models", "iris", "1"), root / "nobg" / "1")
+    os.remove(root / "nobg" / "1" / "background.csv")
 
     bg_diab = x_diab[rng.choice(len(x_diab), BACKGROUND_ROWS, replace=False)]
     gbr = GradientBoostingRegressor(n_estimators=30, max_depth=3, random_state=0).fit(x_diab, y_diab)

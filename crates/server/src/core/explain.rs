@@ -230,22 +230,41 @@ impl Explainer {
         live: (usize, Vec<f64>),
         deadline: Instant,
     ) -> Result<Importance, InferError> {
-        let background = self.background.as_ref().map_err(|e| InferError::invalid(e.clone()))?;
+        let background = self
+            .background
+            .as_ref()
+            .map_err(|e| InferError::invalid(e.clone()))?;
         let rows = background.rows.min(IMPORTANCE_BACKGROUND_ROWS);
         let sample = background.values[..rows * self.features].to_vec();
         let bg = self
-            .explain(backend.clone(), signature, classes, sample, Options::default(), deadline)
+            .explain(
+                backend.clone(),
+                signature,
+                classes,
+                sample,
+                Options::default(),
+                deadline,
+            )
             .await?;
         let live = if live.0 > 0 {
             Some(
-                self.explain(backend, signature, classes, live.1, Options::default(), deadline)
-                    .await?,
+                self.explain(
+                    backend,
+                    signature,
+                    classes,
+                    live.1,
+                    Options::default(),
+                    deadline,
+                )
+                .await?,
             )
         } else {
             None
         };
         let total = |f: &[Vec<f64>]| -> Vec<f64> {
-            (0..self.features).map(|j| f.iter().map(|o| o[j]).sum()).collect()
+            (0..self.features)
+                .map(|j| f.iter().map(|o| o[j]).sum())
+                .collect()
         };
         let importance = Importance {
             method: bg.explanation.method.name(),
@@ -260,7 +279,14 @@ impl Explainer {
             prediction_shift: live.as_ref().map(|l| {
                 let n = l.explanation.rows.len().max(1) as f64;
                 (0..l.explanation.outputs)
-                    .map(|k| l.explanation.rows.iter().map(|r| r[k].values.iter().sum::<f64>()).sum::<f64>() / n)
+                    .map(|k| {
+                        l.explanation
+                            .rows
+                            .iter()
+                            .map(|r| r[k].values.iter().sum::<f64>())
+                            .sum::<f64>()
+                            / n
+                    })
                     .collect()
             }),
         };

@@ -392,7 +392,11 @@ impl Infer {
         for name in self.store.model_names() {
             if let Some(record) = self.store.model(&name) {
                 for (v, slot) in &record.versions {
-                    let figures = slot.loaded.as_ref().and_then(|l| l.explainer.as_ref()).and_then(|e| e.last());
+                    let figures = slot
+                        .loaded
+                        .as_ref()
+                        .and_then(|l| l.explainer.as_ref())
+                        .and_then(|e| e.last());
                     if let Some(f) = figures {
                         out.push((name.clone(), *v, f));
                     }

@@ -558,7 +558,10 @@ impl Drift {
             return (0, Vec::new());
         };
         let recent = side.recent.lock();
-        (recent.filled, recent.values[..recent.filled * recent.width].to_vec())
+        (
+            recent.filled,
+            recent.values[..recent.filled * recent.width].to_vec(),
+        )
     }
 
     /// Records the tracked outputs of a sampled request (outputs of another kind or shape are ignored).

@@ -287,11 +287,25 @@ impl Metrics {
 
         out.header(&FEATURE_IMPORTANCE);
         for (model, version, figures) in &now.importance {
-            let sources = [("background", Some(&figures.background)), ("live", figures.live.as_ref())];
+            let sources = [
+                ("background", Some(&figures.background)),
+                ("live", figures.live.as_ref()),
+            ];
             for (source, values) in sources {
                 for (name, v) in figures.features.iter().zip(values.into_iter().flatten()) {
-                    let labels = [model.clone(), version.to_string(), name.clone(), source.to_string()];
-                    out.sample(FEATURE_IMPORTANCE.name, FEATURE_IMPORTANCE.labels, &labels, None, Float(*v));
+                    let labels = [
+                        model.clone(),
+                        version.to_string(),
+                        name.clone(),
+                        source.to_string(),
+                    ];
+                    out.sample(
+                        FEATURE_IMPORTANCE.name,
+                        FEATURE_IMPORTANCE.labels,
+                        &labels,
+                        None,
+                        Float(*v),
+                    );
                 }
             }
         }
@@ -299,7 +313,13 @@ impl Metrics {
         for (model, version, figures) in &now.importance {
             for (name, v) in figures.features.iter().zip(figures.drift.iter().flatten()) {
                 let labels = [model.clone(), version.to_string(), name.clone()];
-                out.sample(DRIFT_ATTRIBUTION.name, DRIFT_ATTRIBUTION.labels, &labels, None, Float(*v));
+                out.sample(
+                    DRIFT_ATTRIBUTION.name,
+                    DRIFT_ATTRIBUTION.labels,
+                    &labels,
+                    None,
+                    Float(*v),
+                );
             }
         }
 

@@ -213,7 +213,8 @@ async fn importance(
             let psi = report
                 .as_ref()
                 .and_then(|r| r.features.iter().find(|f| &f.name == name));
-            let shift: Option<Vec<f64>> = i.shift.as_ref().map(|s| s.iter().map(|o| o[j]).collect());
+            let shift: Option<Vec<f64>> =
+                i.shift.as_ref().map(|s| s.iter().map(|o| o[j]).collect());
             serde_json::json!({
                 "feature": name,
                 "psi": psi.map(|f| f.psi),
