@@ -73,7 +73,7 @@ def test_only_versions_signed_by_a_trusted_key_load(tmp_path):
         copy_iris(root, model)
     for model in ("signed", "flipped", "edited", "extra_file"):
         out = ferry("sign", os.path.join(root, model, "1"), "--key", str(tmp_path / "trusted.key"))
-        assert f"signed {model} version 1 (2 files)" in out.stdout, out.stdout
+        assert f"signed {model} version 1 (3 files)" in out.stdout, out.stdout
     ferry("sign", os.path.join(root, "other_key", "1"), "--key", str(tmp_path / "other.key"))
     flip_byte(os.path.join(root, "flipped", "1", "model.onnx"))
     meta_path = os.path.join(root, "edited", "1", "ferry.json")
@@ -223,14 +223,14 @@ def test_signed_versions_from_s3(tmp_path, s3):  # noqa: F811  (the fixture)
     staged = tmp_path / "staged"
     version = copy_iris(str(staged), "iris")
     files, server = sign_upload_and_serve(tmp_path, s3, pub, version, "iris",
-                                          ("ferry.json", "ferry.sig", "model.onnx"))
+                                          ("background.csv", "ferry.json", "ferry.sig", "model.onnx"))
     try:
         assert infer(server, "iris").json()["model_version"] == "1"
         # Version 2 on S3: version 1's files, signature included, with one byte of the model flipped.
         tampered = bytearray(files["model.onnx"])
         tampered[-1] ^= 0x01
-        for name, data in [("ferry.json", files["ferry.json"]), ("ferry.sig", files["ferry.sig"]),
-                           ("model.onnx", bytes(tampered))]:
+        for name, data in [("background.csv", files["background.csv"]), ("ferry.json", files["ferry.json"]),
+                           ("ferry.sig", files["ferry.sig"]), ("model.onnx", bytes(tampered))]:
             client.put_object(Bucket="models", Key=f"team/iris/2/{name}", Body=data)
         wait_for(lambda: status(server, "iris").get(2, ("", ""))[0] == "END", 30, what="tampered v2 refused")
         reason = status(server, "iris")[2][1]
