@@ -481,3 +481,67 @@ def test_text_metrics_count_tokens_padding_and_tokenizing(text_server, minilm_to
     assert after["padding"] - before["padding"] == max(lens) - min(lens)
     assert metric(server, "ferry_text_request_tokens_count", model="minilm") == requests_before + 1
     assert metric(server, "ferry_text_tokenize_duration_seconds_count", model="minilm") == tokenize_before + 1
+
+
+def test_token_attributions_of_a_classifier_are_the_exact_shapley_values(text_server, minilm_tokenizer):
+    """KServe v2 /explain on a text classifier: Ferry's token attributions (KernelSHAP over every coalition of a
+    short text's tokens, a hidden token replaced by [MASK]) against exact Shapley values computed from the NumPy
+    reference by enumeration; a long text's sampled attributions still add up to its logits."""
+    import itertools
+    import math
+
+    server, tiny = text_server
+    weights, cfg = tiny["classifier"]
+    mask = minilm_tokenizer.token_to_id("[MASK]")
+
+    def logits(ids):
+        ids = np.array([ids], dtype=np.int64)
+        return reference(weights, cfg, ids, np.ones_like(ids), np.zeros_like(ids))[1][0]
+
+    def body(texts, **parameters):
+        b = {"inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": texts}]}
+        if parameters:
+            b["parameters"] = parameters
+        return b
+
+    text = "the ferry crossed a calm sea"
+    r = post(server, "/v2/models/classifier/explain", body([text]))
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    info, row = answer["explanations"], answer["explanations"]["rows"][0]
+    assert info["outputs"] == ["negative", "neutral", "positive"] and row["method"] == "kernel_exact"
+    ids = minilm_tokenizer.encode(text).ids
+    words = list(range(1, len(ids) - 1))
+    assert [t["id"] for t in row["tokens"]] == ids[1:-1]
+    assert [t["text"] for t in row["tokens"]] == [text[t["start"]:t["stop"]] for t in row["tokens"]]
+    n = len(words)
+    value = {}
+    for keep in itertools.product([0, 1], repeat=n):
+        masked = [i if (k not in words or keep[words.index(k)]) else mask for k, i in enumerate(ids)]
+        value[keep] = logits(masked)
+    want = np.zeros((3, n))
+    for j in range(n):
+        for keep, v in value.items():
+            if keep[j]:
+                continue
+            s = sum(keep)
+            w = math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n)
+            with_j = keep[:j] + (1,) + keep[j + 1:]
+            want[:, j] += w * (value[with_j] - v)
+    assert np.allclose(row["attributions"], want, atol=1e-4), (row["attributions"], want)
+    assert np.allclose(row["base_values"], value[(0,) * n], atol=1e-4)
+    # The prediction is answered beside the explanation.
+    assert {o["name"] for o in answer["outputs"]} == {"probabilities", "label"}
+
+    long = "Ferry serves transformer models without Python in the request path, batching texts by tokens. " * 2
+    r = post(server, "/v2/models/classifier/explain", body([long], coalitions=300, seed=1))
+    assert r.status_code == 200, r.text
+    row = r.json()["explanations"]["rows"][0]
+    assert row["method"] == "kernel_sampled"
+    total = np.array(row["base_values"]) + np.array(row["attributions"]).sum(axis=1)
+    assert np.allclose(total, logits(minilm_tokenizer.encode(long).ids), atol=1e-4)
+    # Embedding models have no scores to attribute; too many texts are refused.
+    r = post(server, "/v2/models/minilm/explain", body(["hello"]))
+    assert r.status_code == 400 and "embedding model" in r.json()["error"]
+    r = post(server, "/v2/models/classifier/explain", body(["a"] * 17))
+    assert r.status_code == 400 and "between 1 and 16" in r.json()["error"]

@@ -327,6 +327,14 @@ impl TextModel {
             .collect())
     }
 
+    /// The id that stands for a hidden token: the vocabulary's mask token (`[MASK]`, `<mask>`), else its unknown
+    /// token (`[UNK]`, `<unk>`); what token attributions put in place of the tokens they leave out.
+    pub fn mask_id(&self) -> Option<u32> {
+        ["[MASK]", "<mask>", "[UNK]", "<unk>"]
+            .iter()
+            .find_map(|t| self.plain.token_to_id(t))
+    }
+
     /// Turns ids back into text.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TextError> {
         let n = self.vocab_size();

@@ -721,3 +721,145 @@ fn kernel(
         }
     })
 }
+
+/// The most texts one explain request of a text model may hold (each costs up to `coalitions` engine rows).
+pub const MAX_EXPLAIN_TEXTS: usize = 16;
+/// Sequences per engine call when token attributions run their masked texts.
+const TEXT_ROWS_PER_CALL: usize = 64;
+
+/// The token attributions of one text.
+#[derive(Debug)]
+pub struct TextExplained {
+    /// The text's tokens that were attributed (special tokens are kept in every masked text and get none).
+    pub tokens: Vec<ferry_text::TokenInfo>,
+    /// One row: per output, the base value (every token masked) and one attribution per token.
+    pub explanation: Explanation,
+}
+
+/// Token attributions for a text classifier or re-ranker: KernelSHAP over the text's tokens, a token left out
+/// replaced by the vocabulary's mask token (else its unknown token), special tokens always kept. The base value is
+/// the model on the text with every token masked; base value + attributions = the model's raw scores (logits) on
+/// the text. Runs in the explain lane, calling the engine directly.
+pub async fn explain_texts(
+    version: &Arc<crate::repository::LoadedVersion>,
+    texts: Vec<String>,
+    options: Options,
+    deadline: Instant,
+) -> Result<(Vec<TextExplained>, Vec<String>, String), InferError> {
+    let model = crate::text::text_of(version)?.clone();
+    let settings = model.settings();
+    if settings.task == ferry_text::Task::Embedding {
+        return Err(InferError::invalid(format!(
+            "model `{}` is an embedding model: token attributions explain classifiers' scores",
+            version.model
+        )));
+    }
+    if texts.is_empty() || texts.len() > MAX_EXPLAIN_TEXTS {
+        return Err(InferError::invalid(format!(
+            "{} texts to explain; between 1 and {MAX_EXPLAIN_TEXTS} in one request",
+            texts.len()
+        )));
+    }
+    if options.max_model_rows == 0 || options.max_model_rows > MAX_MODEL_ROWS {
+        return Err(InferError::invalid(format!(
+            "`max_model_rows` must be between 1 and {MAX_MODEL_ROWS}"
+        )));
+    }
+    let mask = model.mask_id().ok_or_else(|| {
+        InferError::invalid("the tokenizer has no mask or unknown token to hide tokens with")
+    })?;
+    let outputs = if settings.labels.is_empty() {
+        vec!["score".to_string()]
+    } else {
+        settings.labels.clone()
+    };
+    let space = "the model's raw scores (logits, before softmax or sigmoid): base value (every token masked) + \
+                 attributions = the text's scores"
+        .to_string();
+    let waiting = Waiting::enter().ok_or_else(|| {
+        InferError::new(
+            ErrorKind::Overloaded,
+            format!("{MAX_WAITING} explanations are already waiting; try again later"),
+        )
+        .with_retry_after(1)
+    })?;
+    let permit = tokio::time::timeout_at(deadline.into(), lane().acquire())
+        .await
+        .map_err(|_| late())?
+        .map_err(|_| InferError::unavailable("server shutting down"))?;
+    drop(waiting);
+    let version = version.clone();
+    let explained = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let runner = version.scheduler.text_runner().ok_or_else(|| {
+            InferError::new(ErrorKind::Internal, "a text model without its runner")
+        })?;
+        let mut out = Vec::with_capacity(texts.len());
+        for (i, text) in texts.iter().enumerate() {
+            let prefix = |e: InferError| e.with_prefix(&format!("text {i}: "));
+            let encoded = model
+                .encode(text, None, None)
+                .map_err(|e| prefix(crate::text::text_error(e)))?;
+            let infos = model
+                .tokenize(text, true, None)
+                .map_err(|e| prefix(crate::text::text_error(e)))?;
+            let positions: Vec<usize> = (0..infos.len()).filter(|k| !infos[*k].special).collect();
+            if positions.is_empty() || infos.len() != encoded.ids.len() {
+                return Err(prefix(InferError::invalid(
+                    "the text has no tokens to attribute",
+                )));
+            }
+            let n = positions.len();
+            let kernel_options = KernelOptions {
+                exact_max_features: options.exact_max_features,
+                coalitions: options.coalitions,
+                max_rows_per_call: TEXT_ROWS_PER_CALL,
+                max_model_rows: options.max_model_rows,
+                seed: options.seed,
+            };
+            let run = |batch: &[f32], rows: usize| -> Result<Vec<f32>, InferError> {
+                if Instant::now() >= deadline {
+                    return Err(late());
+                }
+                let seqs: Vec<ferry_text::Tokens> = (0..rows)
+                    .map(|r| {
+                        let keep = &batch[r * n..(r + 1) * n];
+                        let mut ids = encoded.ids.clone();
+                        for (f, k) in positions.iter().enumerate() {
+                            if keep[f] < 0.5 {
+                                ids[*k] = mask;
+                            }
+                        }
+                        ferry_text::Tokens {
+                            ids,
+                            type_ids: encoded.type_ids.clone(),
+                        }
+                    })
+                    .collect();
+                let refs: Vec<&ferry_text::Tokens> = seqs.iter().collect();
+                let rows =
+                    crate::batching::text::run_direct(runner, version.backend.as_ref(), &refs)?;
+                Ok(rows.into_iter().flatten().collect())
+            };
+            let explanation = ferry_explain::kernel::explain(
+                &vec![1.0; n],
+                &vec![0.0; n],
+                n,
+                &kernel_options,
+                run,
+            )
+            .map_err(|e| match e {
+                KernelError::Explain(e) => prefix(explain_error(e)),
+                KernelError::Model(e) => e,
+            })?;
+            out.push(TextExplained {
+                tokens: positions.iter().map(|k| infos[*k].clone()).collect(),
+                explanation,
+            });
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|_| InferError::new(ErrorKind::Internal, "the explanation failed"))??;
+    Ok((explained, outputs, space))
+}

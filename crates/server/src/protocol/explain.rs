@@ -85,9 +85,102 @@ fn rows_of(inputs: &[NamedTensor], input: &str) -> Result<Vec<f64>, InferError> 
     })
 }
 
+/// An explanation as the routes answer it: what it says of itself, and one entry per explained row or text.
+pub(crate) struct Answer {
+    /// `method`, `space`, `features` (absent for texts), `outputs`, `background_rows`, `model_rows`, ...
+    pub info: Map<String, Value>,
+    /// Per row: `base_values` and `attributions`; per text also its `tokens`.
+    pub rows: Vec<Value>,
+}
+
 /// Predicts and explains `inputs` on `loaded`: the prediction as any inference request makes it (queued, counted),
-/// then the attributions in the explain lane, both under the client's `deadline` and `--request-timeout`.
+/// then the attributions in the explain lane, both under the client's `deadline` and `--request-timeout`. A text
+/// model's texts get token attributions ([`crate::explain::explain_texts`]).
 pub(crate) async fn run(
+    call: &mut Call<'_>,
+    loaded: &Arc<LoadedVersion>,
+    inputs: Vec<NamedTensor>,
+    parameters: Option<&Map<String, Value>>,
+    id: Option<String>,
+    deadline: Option<Instant>,
+) -> Result<(Vec<NamedTensor>, Answer), InferError> {
+    if loaded.text.is_some() {
+        let options = options(parameters)?;
+        let texts = texts_of(&inputs)?;
+        let until = call.deadline(deadline);
+        let outputs = call.predict(inputs, None, id, deadline).await?;
+        let (explained, names, space) =
+            crate::core::explain::explain_texts(loaded, texts, options, until).await?;
+        let mut info = Map::new();
+        let first = explained.first().map(|e| &e.explanation);
+        info.insert("method".into(), json!(first.map(|e| e.method.name())));
+        info.insert("space".into(), json!(space));
+        info.insert("outputs".into(), json!(names));
+        info.insert(
+            "model_rows".into(),
+            json!(explained
+                .iter()
+                .map(|e| e.explanation.model_rows)
+                .sum::<u64>()),
+        );
+        let rows = explained
+            .iter()
+            .map(|e| {
+                let row = &e.explanation.rows[0];
+                json!({
+                    "tokens": e.tokens.iter().map(|t| json!({
+                        "id": t.id,
+                        "text": t.text,
+                        "start": t.span.map(|s| s.0),
+                        "stop": t.span.map(|s| s.1),
+                    })).collect::<Vec<_>>(),
+                    "method": e.explanation.method.name(),
+                    "base_values": row.iter().map(|a| a.base_value).collect::<Vec<_>>(),
+                    "attributions": row.iter().map(|a| &a.values).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        return Ok((outputs, Answer { info, rows }));
+    }
+    let (outputs, explained) = run_features(call, loaded, inputs, parameters, id, deadline).await?;
+    Ok((
+        outputs,
+        Answer {
+            info: info(&explained),
+            rows: rows(&explained),
+        },
+    ))
+}
+
+/// The texts of a text model's `text` input.
+fn texts_of(inputs: &[NamedTensor]) -> Result<Vec<String>, InferError> {
+    let input = inputs
+        .iter()
+        .find(|t| t.name == crate::text::TEXT_INPUT)
+        .ok_or_else(|| {
+            InferError::invalid(format!(
+                "token attributions explain the input `{}` (BYTES, one text per row)",
+                crate::text::TEXT_INPUT
+            ))
+        })?;
+    let TensorData::Bytes(strings) = &input.tensor.data else {
+        return Err(InferError::invalid(format!(
+            "input `{}` must be BYTES",
+            crate::text::TEXT_INPUT
+        )));
+    };
+    strings
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            String::from_utf8(s.to_vec())
+                .map_err(|_| InferError::invalid(format!("text {i} is not valid UTF-8")))
+        })
+        .collect()
+}
+
+/// Predicts and explains the rows of a model of one numeric input.
+async fn run_features(
     call: &mut Call<'_>,
     loaded: &Arc<LoadedVersion>,
     inputs: Vec<NamedTensor>,
@@ -120,7 +213,7 @@ pub(crate) async fn run(
 }
 
 /// What an explanation says of itself: method, space, names and costs.
-pub(crate) fn info(e: &Explained) -> Map<String, Value> {
+fn info(e: &Explained) -> Map<String, Value> {
     let x = &e.explanation;
     let mut m = Map::new();
     m.insert("method".into(), json!(x.method.name()));
@@ -134,7 +227,7 @@ pub(crate) fn info(e: &Explained) -> Map<String, Value> {
 }
 
 /// One row's attributions: `base_values` (one per output) and `attributions` (per output, one per feature).
-pub(crate) fn rows(e: &Explained) -> Vec<Value> {
+fn rows(e: &Explained) -> Vec<Value> {
     e.explanation
         .rows
         .iter()

@@ -537,7 +537,7 @@ async fn explain(
                 .map_err(|_| InferError::invalid("`parameters` must be an object"))?,
         ),
     };
-    let (outputs, explained) =
+    let (outputs, answer) =
         super::explain::run(call, &loaded, inputs, parameters.as_ref(), None, deadline).await?;
     let batch = outputs
         .first()
@@ -548,10 +548,10 @@ async fn explain(
         batch,
     })
     .map_err(internal)?;
-    let mut answer = predictions;
-    answer["explanations"] = Value::from(super::explain::rows(&explained));
-    answer["explanation_info"] = Value::Object(super::explain::info(&explained));
-    Ok(axum::Json(answer).into_response())
+    let mut json = predictions;
+    json["explanations"] = Value::from(answer.rows);
+    json["explanation_info"] = Value::Object(answer.info);
+    Ok(axum::Json(json).into_response())
 }
 
 /// Serializes a response body straight from the tensors (no intermediate JSON tree, so FP32 values keep their

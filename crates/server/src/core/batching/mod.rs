@@ -212,6 +212,11 @@ impl Scheduler {
         Ok(receiver)
     }
 
+    /// How a text model's graph is fed and read, for a text model's scheduler.
+    pub fn text_runner(&self) -> Option<&text::Runner> {
+        self.shared.text.as_ref()
+    }
+
     /// Queues tokenized texts of a text model; the answer holds one row per text (its pooled embedding or its
     /// scores) in one output. Refused at once when the queue is full.
     pub fn submit_texts(

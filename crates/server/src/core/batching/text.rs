@@ -237,6 +237,16 @@ fn collect(
     Ok(NamedTensor::new(OUTPUT, tensor))
 }
 
+/// Runs `seqs` on the engine as one padded batch and reads one row per text (pooled, or a classifier's scores):
+/// for callers outside the queue (token attributions).
+pub fn run_direct(
+    runner: &Runner,
+    backend: &dyn Backend,
+    seqs: &[&Tokens],
+) -> Result<Vec<Vec<f32>>, InferError> {
+    run_once(runner, backend, seqs, &vec![false; seqs.len()])
+}
+
 /// Pads `seqs` to the longest, runs the engine once, and reads one row per text: pooled, or (where `per_token` says)
 /// the text's token vectors one after another, padding left out.
 fn run_once(
