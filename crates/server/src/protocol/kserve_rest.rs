@@ -436,7 +436,7 @@ async fn explain_request(
         let (request, inputs) = decode_request(headers, &body, call.limits())?;
         drop(body);
         let deadline = client_deadline(headers)?;
-        let (outputs, answer) = super::explain::run(
+        let (outputs, explained) = super::explain::run(
             &mut call,
             &loaded,
             inputs,
@@ -463,8 +463,8 @@ async fn explain_request(
         };
         let mut json = serde_json::to_value(&answer)
             .map_err(|e| InferError::new(ErrorKind::Internal, e.to_string()))?;
-        let mut explanations = answer.info;
-        explanations.insert("rows".into(), Value::from(answer.rows));
+        let mut explanations = explained.info;
+        explanations.insert("rows".into(), Value::from(explained.rows));
         json["explanations"] = Value::Object(explanations);
         Ok(Json(json).into_response())
     }
