@@ -57,6 +57,12 @@ def explained(tmp_path_factory):
     # The same model without a background: explanations are refused, predictions are not.
     shutil.copytree(os.path.join(ROOT, "examples", "models", "iris", "1"), root / "nobg" / "1")
     os.remove(root / "nobg" / "1" / "background.csv")
+    # A background named in config.toml.
+    shutil.copytree(os.path.join(ROOT, "examples", "models", "iris", "1"), root / "named_bg" / "1")
+    os.remove(root / "named_bg" / "1" / "background.csv")
+    write_background(root / "named_bg" / "1", [f"f{i}" for i in range(4)], bg_iris[:7])
+    os.rename(root / "named_bg" / "1" / "background.csv", root / "named_bg" / "1" / "reference.csv")
+    (root / "named_bg" / "config.toml").write_text('[explain]\nbackground = "reference.csv"\n')
 
     bg_diab = x_diab[rng.choice(len(x_diab), BACKGROUND_ROWS, replace=False)]
     gbr = GradientBoostingRegressor(n_estimators=30, max_depth=3, random_state=0).fit(x_diab, y_diab)
@@ -84,7 +90,7 @@ def explained(tmp_path_factory):
 
 
 def explain(server, model, rows, **parameters):
-    body = {"inputs": [{"name": "features" if model in ("iris", "nobg") else "X", "shape": list(rows.shape),
+    body = {"inputs": [{"name": "features" if model in ("iris", "nobg", "named_bg") else "X", "shape": list(rows.shape),
                         "datatype": "FP32", "data": rows.ravel().tolist()}]}
     if parameters:
         body["parameters"] = parameters
@@ -209,6 +215,13 @@ def test_kserve_v1_explain_answers_predictions_and_explanations(explained):
     assert a["explanation_info"]["method"] == "linear"
     v2 = explain(server, "iris", rows).json()["explanations"]["rows"]
     assert a["explanations"] == v2
+
+
+def test_config_toml_names_the_background(explained):
+    server, _, x_iris, _ = explained
+    r = explain(server, "named_bg", x_iris[:1])
+    assert r.status_code == 200, r.text
+    assert r.json()["explanations"]["background_rows"] == 7
 
 
 def test_explain_refusals_are_clear_and_leave_predictions_alone(explained):

@@ -159,7 +159,9 @@ impl Explainer {
         bytes: &[u8],
         signature: &Signature,
         feature_names: Option<&[String]>,
+        background_file: Option<&str>,
     ) -> Option<Explainer> {
+        let background_file = background_file.unwrap_or(BACKGROUND_FILE);
         let [input] = signature.inputs.as_slice() else {
             return None;
         };
@@ -187,15 +189,15 @@ impl Explainer {
                 why: format!("the graph was not recognised: {e}"),
             },
         };
-        let background = match read_background(&dir.join(BACKGROUND_FILE)).map_err(|e| e.to_string()) {
+        let background = match read_background(&dir.join(background_file)).map_err(|e| e.to_string()) {
             Ok(b) if b.features.len() != features => Err(format!(
-                "{BACKGROUND_FILE} has {} columns; the model takes {features} features",
+                "{background_file} has {} columns; the model takes {features} features",
                 b.features.len()
             )),
-            Ok(b) if b.rows == 0 => Err(format!("{BACKGROUND_FILE} has no rows")),
+            Ok(b) if b.rows == 0 => Err(format!("{background_file} has no rows")),
             Ok(b) => Ok(b),
-            Err(e) if !dir.join(BACKGROUND_FILE).exists() => Err(format!(
-                "the version has no background sample ({BACKGROUND_FILE}: `ferry train` writes one, `ferry baseline \
+            Err(e) if !dir.join(background_file).exists() => Err(format!(
+                "the version has no background sample ({background_file}: `ferry train` writes one, `ferry baseline \
                  --background-rows` for models made elsewhere): attributions need rows to compare against ({e})"
             )),
             Err(e) => Err(e),

@@ -26,6 +26,8 @@
 //! normalize = true                     # L2-normalize embeddings unless the request says otherwise
 //! prompts = { query = "query: " }      # named prompts put before texts (sentence-transformers' `prompts`)
 //! default_prompt_name = "query"        # the prompt used when a request names none
+//! [explain]                          # explanations
+//! background = "reference.csv"         # the background sample's file in each version folder (default background.csv)
 //! [llm]                              # language models (model.gguf): limits of generation
 //! max_total_tokens = 16384             # the KV-cache budget in tokens, shared by running sequences
 //! max_sequences = 32                   # sequences decoded together
@@ -135,6 +137,16 @@ pub struct ModelConfig {
     pub batch_size_given: bool,
     /// `[llm]`: a language model's limits.
     pub llm: LlmConfig,
+    /// `[explain]`: where explanations take their background.
+    pub explain: ExplainConfig,
+}
+
+/// `config.toml`'s `[explain]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExplainConfig {
+    /// The background file, a plain file name inside each version folder (default `background.csv`).
+    pub background: Option<String>,
 }
 
 /// `config.toml`'s `[llm]` table: a language model's limits, each defaulting to [`ferry_llm::Settings`]'s.
@@ -313,6 +325,9 @@ pub enum ConfigError {
     /// `shadow.version = 0`.
     #[error("shadow.version: versions start at 1")]
     ShadowVersion,
+    /// `explain.background` is not a plain file name.
+    #[error("explain.background must be a file name inside the version folder (letters, digits, `-`, `_`, `.`), got `{}`", .0.escape_debug())]
+    ExplainBackground(String),
     /// `shadow.fraction` outside 0..=1.
     #[error("shadow.fraction must be between 0 and 1")]
     ShadowFraction,
@@ -361,6 +376,7 @@ impl ModelConfig {
             || self.drift_sample_every != other.drift_sample_every
             || self.text != other.text
             || self.llm != other.llm
+            || self.explain != other.explain
     }
 
     /// The batching limits of a text model: as configured, but batching by default.
@@ -403,6 +419,8 @@ struct RawConfig {
     text: ferry_text::Overrides,
     #[serde(default)]
     llm: LlmConfig,
+    #[serde(default)]
+    explain: ExplainConfig,
 }
 
 /// The queue limits of a model without batching settings: no batching, at most 1024 waiting requests.
@@ -487,6 +505,7 @@ impl ModelConfig {
             text: ferry_text::Overrides::default(),
             batch_size_given: false,
             llm: LlmConfig::default(),
+            explain: ExplainConfig::default(),
         }
     }
 
@@ -622,7 +641,14 @@ impl ModelConfig {
             }
         }
         raw.llm.settings()?;
+        if let Some(name) = &raw.explain.background {
+            // A file of the version folder: a plain name, so it can never lead outside it.
+            if ferry_repo::validate_name(name).is_err() {
+                return Err(ConfigError::ExplainBackground(name.clone()));
+            }
+        }
         Ok(ModelConfig {
+            explain: raw.explain,
             llm: raw.llm,
             batch_size_given: raw.max_batch_size.is_some(),
             text: raw.text,
@@ -647,6 +673,20 @@ mod tests {
 
     fn parse(text: &str) -> Result<ModelConfig, ConfigError> {
         ModelConfig::parse(text, &EngineOptions::default())
+    }
+
+    #[test]
+    fn the_explain_background_is_a_file_of_the_version_folder() {
+        let c = parse("[explain]\nbackground = \"reference.csv\"\n").unwrap();
+        assert_eq!(c.explain.background.as_deref(), Some("reference.csv"));
+        for bad in ["../../etc/passwd", "/etc/passwd", "a/b.csv", ".hidden"] {
+            let e = parse(&format!("[explain]\nbackground = \"{bad}\"\n")).unwrap_err();
+            assert!(
+                e.to_string().starts_with("explain.background must be"),
+                "{bad}: {e}"
+            );
+        }
+        assert!(parse("[explain]\nbackgrond = \"x.csv\"\n").is_err());
     }
 
     #[test]

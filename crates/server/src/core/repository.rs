@@ -635,8 +635,14 @@ pub(crate) fn prepare(
     };
     crate::warmup::run(dir, &signature, backend.as_ref())?;
     let explainer = if text.is_none() {
-        crate::explain::Explainer::prepare(dir, &bytes, &signature, meta.features.as_deref())
-            .map(Arc::new)
+        crate::explain::Explainer::prepare(
+            dir,
+            &bytes,
+            &signature,
+            meta.features.as_deref(),
+            config.explain.background.as_deref(),
+        )
+        .map(Arc::new)
     } else {
         None
     };
